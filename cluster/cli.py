@@ -1,0 +1,104 @@
+"""The ``terrahash`` command: one subcommand per job, each a thin layer over a library function.
+
+Heavy imports (torch, transformers) happen inside the subcommand that needs them, so
+``terrahash --help`` is instant and serving commands never load torch.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_DATA = os.environ.get("TERRAHASH_DATA", "../shared/data/ucm_captions")
+DEFAULT_CACHE = os.environ.get("TERRAHASH_CACHE", ".cache/terrahash/features")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.train import fit
+
+    config = load_config(args.config)
+    if args.bits is not None:
+        config.train.bits = args.bits
+    if args.epochs is not None:
+        config.train.epochs = args.epochs
+    if args.seed is not None:
+        config.train.seed = args.seed
+    if args.device is not None:
+        config.train.device = args.device
+    out = args.out or f"runs/{config.name}-{config.train.bits}"
+    metrics = fit(config, args.data, out, cache_dir=None if args.no_cache else args.cache_dir)
+    print(f"trained {config.name} at {config.train.bits} bits in {metrics['train_seconds']} s; "
+          f"best val epoch {metrics['best_epoch']}; checkpoint in {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from evaluation.evaluate import run_eval
+
+    run_eval(args.model, args.data, args.split, args.json, cache_dir=None if args.no_cache else args.cache_dir,
+             device=args.device or "auto")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="terrahash",
+        description="Binary hash codes for remote sensing images and text: train, evaluate, search.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", default=DEFAULT_DATA,
+                        help="dataset folder holding one Karpathy-style dataset*.json (default: %(default)s, "
+                             "or $TERRAHASH_DATA)")
+    common.add_argument("--cache-dir", default=DEFAULT_CACHE,
+                        help="where features of frozen encoders are cached (default: %(default)s, or $TERRAHASH_CACHE)")
+    common.add_argument("--no-cache", action="store_true", help="recompute features instead of caching them")
+    common.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default: the config's, auto)")
+
+    train = sub.add_parser("train", parents=[common], help="train the image and text hashing towers",
+                           description="Train the asymmetric hashing model on one process (CPU or one GPU). "
+                                       "The checkpoint is chosen on the val split; writes checkpoint.pt, config.yaml "
+                                       "and metrics.json to --out.")
+    train.add_argument("--config", required=True,
+                       help="YAML config file, or a shipped config name: fast (frozen backbones, cached features, "
+                            "minutes on a CPU) or full (fine-tuned backbones, for a GPU)")
+    train.add_argument("--out", help="output folder (default: runs/<config>-<bits>)")
+    train.add_argument("--bits", type=int, help="code length, overriding the config (16 to 128)")
+    train.add_argument("--epochs", type=int, help="number of epochs, overriding the config")
+    train.add_argument("--seed", type=int, help="random seed, overriding the config")
+    train.set_defaults(handler=_train)
+
+    evaluate = sub.add_parser("eval", parents=[common], help="retrieval figures of a trained model",
+                              description="Rank with binary codes: queries are the split's images and captions, "
+                                          "the database every other split (class relevance: mAP, P@10); R@1/5/10 "
+                                          "and mR on the split alone. Prints a table (binary and float) and writes JSON.")
+    evaluate.add_argument("--model", required=True, help="folder written by `terrahash train`")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="query split (default: test)")
+    evaluate.add_argument("--json", help="write the figures to this JSON file")
+    evaluate.set_defaults(handler=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "data") and not Path(args.data).exists():
+        print(f"terrahash: dataset {args.data!r} not found (give --data or set TERRAHASH_DATA)", file=sys.stderr)
+        return 2
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as err:
+        # Known user errors (bad config key, missing file, corrupt image...) end with one clear line.
+        logging.getLogger("terrahash").debug("error detail", exc_info=True)
+        print(f"terrahash {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

