@@ -1,0 +1,1 @@
+"""Commands that run TerraHash jobs: the `terrahash` CLI and setup scripts."""

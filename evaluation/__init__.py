@@ -1,0 +1,1 @@
+"""Retrieval metrics, the evaluation protocol and the `terrahash eval` command."""

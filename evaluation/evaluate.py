@@ -32,8 +32,9 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "te
     query_rows = index.rows(split)
     if len(query_rows) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no images")
-    figures = evaluate_split(index, images, captions, query_rows, index.database_rows(split))
-    return {"bits": config.train.bits, **figures["binary"], "float": figures["float"], "split": split,
+    figures = evaluate_split(index, images, captions, query_rows, index.database_rows(split), pr_curve=True)
+    return {"bits": config.train.bits, **figures["binary"], "float": figures["float"],
+            "pr_curve_image_to_image": figures["pr_curve"], "split": split,
             "dataset": index.dataset.name, "dataset_fingerprint": index.dataset.fingerprint(),
             "model": str(model_dir), "config": config.name, "checkpoint_epoch": state["epoch"]}
 

@@ -83,6 +83,13 @@ def retrieval_figures(query: SplitCodes, database: SplitCodes, binary: bool = Tr
     }
 
 
+def image_pr_curve(query: SplitCodes, database: SplitCodes) -> dict:
+    """Image-to-image precision and recall at each Hamming radius, as lists (for JSON and plots)."""
+    relevance = metrics.relevance_from_labels(query.image_labels, database.image_labels)
+    curve = metrics.precision_recall_curve(query.images, database.images, relevance)
+    return {name: np.asarray(values).tolist() for name, values in curve.items()}
+
+
 def format_table(binary: dict, floats: dict | None = None, title: str = "") -> str:
     """The figures as a plain-text table, binary beside float when given."""
     rows = [(f"{task}.{name}", value) for task in TASKS for name, value in binary[task].items()]

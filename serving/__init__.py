@@ -1,0 +1,1 @@
+"""Search service over sharded binary indexes (no torch dependency)."""

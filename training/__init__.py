@@ -1,0 +1,1 @@
+"""Asymmetric vision-language hashing: encoders, hash heads, losses and training."""

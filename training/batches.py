@@ -49,6 +49,9 @@ class CachedBatches:
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)
 
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.generator).to(like.device) * self.noise_scale
+
     def __iter__(self):
         order = self.rng.permutation(self.rows)
         views = self.features.shape[0]
@@ -60,8 +63,10 @@ class CachedBatches:
             index = torch.as_tensor(rows)
             weak = self.features[torch.as_tensor(weak_view), index]  # (B, D)
             strong = self.features[torch.as_tensor(strong_view), index]  # (B, D)
-            noise = torch.randn(strong.shape, generator=self.generator).to(strong.device)
-            strong = strong + noise * self.noise_scale
+            # Both views get independent noise (the weak one half as much): a frozen backbone
+            # sees each image under few views, and noise is what keeps the heads from memorising them.
+            weak = weak + 0.5 * self._noise(weak)
+            strong = strong + self._noise(strong)
             yield Batch(weak, strong, torch.as_tensor(sample_captions(rows, self.captions_of, self.rng)),
                         self.labels[index], index)
 

@@ -24,7 +24,14 @@ class ImageTowerConfig:
     image_size: int = 240  # square input side; images are resized to it (no crop: scenes have no centre)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on [-1, 1] inputs
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # Also pool these intermediate outputs (timm forward_intermediates indices with extra_blocks:
+    # 0 is the stem, i the i-th block stage) and concatenate them with the final features.
+    # Mid-level features carry the textures aerial scenes are told apart by.
+    pool_levels: tuple[int, ...] = ()
     freeze_backbone: bool = True  # frozen: features are computed once and cached
+    # Dihedral views an image is encoded under at retrieval time; its code is the sign of the mean
+    # continuous code. More views: codes that do not depend on how the scene was oriented.
+    encode_views: tuple[int, ...] = (0,)
     head_hidden: tuple[int, ...] = (1024, 1024)  # the heavy side: a deeper hash head than the text one
     dropout: float = 0.2
 
@@ -52,6 +59,10 @@ class LossConfig:
         "bit_balance": 0.1,
         "decorrelation": 0.1,
     })
+    # How much of the cross-modal terms' gradient reaches the image codes (0: none). The image
+    # tower defines the code space; the light text tower learns to map into it. A small value lets
+    # captions refine instance detail in image codes without pulling classes together.
+    image_grad_from_text: float = 1.0
     proxy_temperature: float = 0.2
     contrastive_temperature: float = 0.07
     margin: float = 0.2
@@ -70,9 +81,11 @@ class TrainConfig:
     warmup_epochs: int = 2
     seed: int = 0
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    num_views: int = 2  # cached image views (dihedral transforms) when the backbone is frozen
+    views: tuple[int, ...] = (0, 5)  # dihedral views cached when the backbone is frozen (5: rot90 + flip)
     feature_noise: float = 0.1  # std of Gaussian noise on the strong view's cached features
     eval_every: int = 5  # epochs between val evaluations (checkpoint selection)
+    selection: str = "class_and_instance"  # val figure the checkpoint is chosen by (see train.SELECTION)
+    ema_decay: float = 0.0  # exponential moving average of the head weights; 0 turns it off
     loader_workers: int = 0  # DataLoader workers when images are decoded on the fly
     amp: bool = False  # mixed precision on CUDA
 

@@ -99,7 +99,7 @@ def image_features(encoder: nn.Module, paths: list[Path], image_size: int, mean,
     cache = cache or FeatureCache(None)
     fingerprint = module_fingerprint(encoder)
     keys = {v: FeatureCache.key(kind="image", encoder=fingerprint, size=image_size, mean=list(mean),
-                                std=list(std), view=v, paths=[str(p) for p in paths]) for v in views}
+                                std=list(std), view=v, paths=[str(Path(p).resolve()) for p in paths]) for v in views}
     found = {v: cache.get(keys[v]) for v in views}
     missing = tuple(v for v in views if found[v] is None)
     if missing:

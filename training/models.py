@@ -25,7 +25,8 @@ class HashHead(nn.Module):
 
     def __init__(self, in_dim: int, nbits: int, hidden: tuple[int, ...] = (), dropout: float = 0.0):
         super().__init__()
-        layers: list[nn.Module] = []
+        # Standardise the input: features pooled from several levels differ in scale.
+        layers: list[nn.Module] = [nn.BatchNorm1d(in_dim)] if hidden else []
         width = in_dim
         for size in hidden:
             layers += [nn.Linear(width, size), nn.BatchNorm1d(size), nn.GELU(), nn.Dropout(dropout)]
@@ -50,8 +51,12 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0)
-        self.feature_dim = self.backbone.num_features
+        self.pool_levels = list(config.pool_levels)
         self._load_weights(config.weights)
+        with torch.no_grad():  # the width of the concatenated features, from one tiny forward pass
+            was_training = self.backbone.training
+            self.feature_dim = self.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+            self.backbone.train(was_training)
 
     def _load_weights(self, weights: str) -> None:
         if weights == "none":
@@ -71,7 +76,11 @@ class ImageEncoder(nn.Module):
         self.backbone.load_state_dict(state, strict=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)  # (B, feature_dim)
+        if not self.pool_levels:
+            return self.backbone(images)  # (B, feature_dim)
+        final, levels = self.backbone.forward_intermediates(images, indices=self.pool_levels, extra_blocks=True)
+        pooled = [self.backbone.forward_head(final, pre_logits=True)] + [f.mean(dim=(2, 3)) for f in levels]
+        return torch.cat(pooled, dim=1)  # (B, feature_dim)
 
 
 def mean_pool(token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,13 @@ from .losses import (BCEQuantizationLoss, BitBalanceLoss, BitDecorrelationLoss, 
                      SelfDistilledHashingLoss, total_loss)
 
 
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass."""
+    if scale == 1.0:
+        return x
+    return x.detach() + scale * (x - x.detach())
+
+
 class HashingObjective(nn.Module):
     def __init__(self, config: LossConfig, num_classes: int, nbits: int):
         super().__init__()
@@ -42,20 +49,22 @@ class HashingObjective(nn.Module):
         """Named loss terms. Shapes: codes (B, nbits), labels (B,) class ids, caption_features (B, D)."""
         w = self.config.weights
         terms: dict[str, torch.Tensor] = {}
+        h_image = scale_gradient(h_weak, self.config.image_grad_from_text)  # image codes as the text terms see them
         if w.get("hash_proxy", 0):
             terms["hash_proxy"] = (self.proxy(h_weak, labels) + self.proxy(h_strong, labels)) / 2
         if w.get("text_hash_proxy", 0):
-            terms["text_hash_proxy"] = self.proxy(h_text, labels, proxies=self.proxy.proxies)
+            proxies = scale_gradient(self.proxy.proxies, self.config.image_grad_from_text)
+            terms["text_hash_proxy"] = self.proxy(h_text, labels, proxies=proxies)
         if w.get("self_distill", 0):
             terms["self_distill"] = self.self_distill(h_weak, h_strong)
         if w.get("quantization", 0):
             terms["quantization"] = self.quantization(torch.cat([h_weak, h_strong, h_text]))
         if w.get("contrastive", 0):
-            terms["contrastive"] = self.contrastive(h_weak, h_text)
+            terms["contrastive"] = self.contrastive(h_image, h_text)
         if w.get("margin", 0):
-            terms["margin"] = self.margin(h_weak, h_text, self.relatedness(labels, caption_features))
+            terms["margin"] = self.margin(h_image, h_text, self.relatedness(labels, caption_features))
         if w.get("alignment", 0):
-            terms["alignment"] = self.alignment(h_weak, h_text)
+            terms["alignment"] = self.alignment(h_image, h_text)
         if w.get("bit_balance", 0):
             terms["bit_balance"] = self.balance(torch.cat([h_weak, h_text]))
         if w.get("decorrelation", 0):

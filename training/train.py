@@ -6,6 +6,7 @@ writes ``checkpoint.pt``, ``config.yaml`` and ``metrics.json`` to the output fol
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evaluation.retrieval import SplitCodes, retrieval_figures
+from evaluation.retrieval import SplitCodes, image_pr_curve, retrieval_figures
 
 from .batches import Batch, CachedBatches, ImageBatches
 from .config import ExperimentConfig, save_config, to_dict
@@ -109,9 +110,13 @@ def head_codes(head: torch.nn.Module, features: np.ndarray, device: torch.device
 
 
 def dataset_codes(encoders: Encoders) -> tuple[np.ndarray, np.ndarray]:
-    """Continuous codes of every image (N, nbits) and every caption (M, nbits)."""
+    """Continuous codes of every image (N, nbits) and every caption (M, nbits).
+
+    An image's code is the mean of its codes under the configured dihedral views.
+    """
     model, device = encoders.model, encoders.device
-    images = head_codes(model.image_head, encoders.image_features()[0], device)
+    views = encoders.image_features(encoders.config.image.encode_views)  # (V, N, D)
+    images = np.mean([head_codes(model.image_head, view, device) for view in views], axis=0)  # (N, nbits)
     captions = head_codes(model.text_head, encoders.text_features(), device)
     return images, captions
 
@@ -124,21 +129,34 @@ def split_codes(index: DatasetIndex, images: np.ndarray, captions: np.ndarray, r
     return SplitCodes(images[rows], index.labels[rows], captions[caption_rows], owner)
 
 
+def _signs(codes: SplitCodes) -> SplitCodes:
+    sign = lambda x: np.where(x >= 0, 1, -1).astype(np.int8)  # as models.binarize: 0 -> +1
+    return SplitCodes(sign(codes.images), codes.image_labels, sign(codes.captions), codes.caption_owner)
+
+
 def evaluate_split(index: DatasetIndex, images: np.ndarray, captions: np.ndarray,
-                   query_rows: np.ndarray, db_rows: np.ndarray) -> dict:
-    """Binary and float figures for the query rows against the database rows."""
+                   query_rows: np.ndarray, db_rows: np.ndarray, pr_curve: bool = False) -> dict:
+    """Binary and float figures for the query rows against the database rows (continuous codes in)."""
     query = split_codes(index, images, captions, query_rows)
     database = split_codes(index, images, captions, db_rows)
-    binary = lambda s: SplitCodes(np.sign(s.images) + (s.images == 0), s.image_labels,
-                                  np.sign(s.captions) + (s.captions == 0), s.caption_owner)
-    return {"binary": retrieval_figures(binary(query), binary(database), binary=True),
-            "float": retrieval_figures(query, database, binary=False)}
+    figures = {"binary": retrieval_figures(_signs(query), _signs(database), binary=True),
+               "float": retrieval_figures(query, database, binary=False)}
+    if pr_curve:
+        figures["pr_curve"] = image_pr_curve(_signs(query), _signs(database))
+    return figures
 
 
-def selection_score(figures: dict) -> float:
-    """Val figure the best checkpoint is chosen by: class mAP of both directions and instance mR."""
-    b = figures["binary"]
-    return (b["image_to_image"]["map_all"] + b["text_to_image"]["map_all"] + b["mr"] / 100) / 3
+# Val figures a checkpoint can be chosen by, by name (binary codes).
+SELECTION = {
+    "class": lambda b: (b["image_to_image"]["map_all"] + b["text_to_image"]["map_all"]) / 2,
+    "class_and_instance": lambda b: (b["image_to_image"]["map_all"] + b["text_to_image"]["map_all"] + b["mr"] / 100) / 3,
+}
+
+
+def selection_score(figures: dict, selection: str) -> float:
+    if selection not in SELECTION:
+        raise KeyError(f"unknown selection {selection!r}; known: {sorted(SELECTION)}")
+    return SELECTION[selection](figures["binary"])
 
 
 def _lr_lambda(config: ExperimentConfig, steps_per_epoch: int):
@@ -182,8 +200,7 @@ class Trainer:
     def batches(self, rows: np.ndarray):
         t = self.config.train
         if self.config.image.freeze_backbone:
-            views = tuple(range(t.num_views))
-            features = torch.as_tensor(self.encoders.image_features(views), device=self.device)
+            features = torch.as_tensor(self.encoders.image_features(t.views), device=self.device)
             return CachedBatches(features, rows, self.index.labels, self.index.captions_of, t.batch_size,
                                  t.feature_noise, t.seed)
         paths = [r.path for r in self.index.dataset.records]
@@ -225,6 +242,20 @@ class Trainer:
         return evaluate_split(self.index, images, captions, self.index.rows(query_split), db_rows)
 
 
+@contextlib.contextmanager
+def averaged_heads(heads: torch.nn.Module, ema: torch.optim.swa_utils.AveragedModel | None):
+    """Temporarily load the moving-average weights into ``heads`` (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    current = {k: v.clone() for k, v in heads.state_dict().items()}
+    heads.load_state_dict(ema.module.state_dict())
+    try:
+        yield
+    finally:
+        heads.load_state_dict(current)
+
+
 def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
         cache_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Train, select on val, write the checkpoint, config and metrics; return the metrics dict."""
@@ -236,7 +267,12 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
     device = default_device(t.device)
     index = DatasetIndex.build(load_dataset(data_dir))
     cache = FeatureCache(Path(cache_dir) if cache_dir else None)
+    if t.selection not in SELECTION:
+        raise KeyError(f"config.train.selection: unknown {t.selection!r}; known: {sorted(SELECTION)}")
     trainer = Trainer(config, index, device, cache)
+    heads = torch.nn.ModuleDict({"image": trainer.model.image_head, "text": trainer.model.text_head})
+    ema = (torch.optim.swa_utils.AveragedModel(heads, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay),
+                                               use_buffers=True) if t.ema_decay else None)
     train_rows = index.rows("train")
     val_db = train_rows  # val queries are ranked against train only: no test data is ever seen
     batches = trainer.batches(train_rows)
@@ -256,16 +292,19 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(heads)
             for name, value in {"total": loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
         record = {"epoch": epoch + 1, "loss": {k: v / len(batches) for k, v in sums.items()}}
         if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-            figures = trainer.evaluate("val", val_db)
-            record["val"] = figures
-            score = selection_score(figures)
-            if best is None or score > best["score"]:
-                best = {"epoch": epoch + 1, "score": score, "val": figures}
-                save_checkpoint(out / CHECKPOINT, trainer, index, best)
+            with averaged_heads(heads, ema):  # evaluate and save what will be used: the averaged heads
+                figures = trainer.evaluate("val", val_db)
+                record["val"] = figures
+                score = selection_score(figures, t.selection)
+                if best is None or score > best["score"]:
+                    best = {"epoch": epoch + 1, "score": score, "val": figures}
+                    save_checkpoint(out / CHECKPOINT, trainer, index, best)
             bar.set_postfix(loss=f"{record['loss']['total']:.3f}", val=f"{score:.4f}", best=best["epoch"])
         history.append(record)
 

@@ -1,0 +1,61 @@
+"""The training objective: named terms, shared proxies, and the asymmetric gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.config import LossConfig
+from training.objective import HashingObjective, scale_gradient
+
+
+def codes(*shape, seed=0):
+    torch.manual_seed(seed)
+    return torch.tanh(torch.randn(*shape)).requires_grad_(True)
+
+
+def test_scale_gradient_keeps_values_and_scales_gradients():
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    y = scale_gradient(x, 0.25)
+    assert torch.equal(y, x)
+    (y * torch.tensor([4.0, 8.0])).sum().backward()
+    assert x.grad.tolist() == [1.0, 2.0]
+
+
+def test_every_weighted_term_is_returned_and_zero_weight_terms_are_not():
+    weights = dict(LossConfig().weights, decorrelation=0.0)
+    objective = HashingObjective(LossConfig(weights=weights), num_classes=3, nbits=8)
+    labels = torch.tensor([0, 1, 2, 0])
+    terms = objective(codes(4, 8), codes(4, 8, seed=1), codes(4, 8, seed=2), labels, torch.randn(4, 5))
+    assert set(terms) == {k for k, w in weights.items() if w}
+    assert all(t.ndim == 0 and torch.isfinite(t) for t in terms.values())
+    expected = sum(weights[k] * v for k, v in terms.items())
+    torch.testing.assert_close(objective.total(terms), expected)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_text_terms_reach_the_image_side_only_as_far_as_configured(scale):
+    text_only = {k: 0.0 for k in LossConfig().weights}
+    text_only.update(text_hash_proxy=1.0, contrastive=1.0, margin=1.0, alignment=1.0)
+    objective = HashingObjective(LossConfig(weights=text_only, image_grad_from_text=scale), 3, 8)
+    h_image, h_text = codes(4, 8), codes(4, 8, seed=2)
+    terms = objective(h_image, h_image.detach(), h_text, torch.tensor([0, 1, 2, 0]), torch.randn(4, 5))
+    objective.total(terms).backward()
+    assert h_text.grad.abs().sum() > 0
+    if scale == 0.0:
+        assert h_image.grad is None or h_image.grad.abs().sum() == 0
+        assert objective.proxy.proxies.grad is None or objective.proxy.proxies.grad.abs().sum() == 0
+    else:
+        assert h_image.grad.abs().sum() > 0 and objective.proxy.proxies.grad.abs().sum() > 0
+
+
+def test_relatedness_is_one_for_same_class_and_grows_with_caption_similarity():
+    objective = HashingObjective(LossConfig(caption_relatedness=0.8), 2, 8)
+    labels = torch.tensor([0, 0, 1, 1])
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    r = objective.relatedness(labels, features)
+    assert r[0, 1] == 1.0  # same class, dissimilar captions
+    assert r[0, 2] == pytest.approx(1.0)  # other class, identical captions
+    assert r[1, 2] == 0.0  # other class, orthogonal captions (cos 0 < 0.8)
+    assert r[0, 3] == 0.0  # cos 0.6 is below the threshold
+    torch.testing.assert_close(r, r.T)
+    torch.testing.assert_close(r.diagonal(), torch.ones(4))
