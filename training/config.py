@@ -87,7 +87,6 @@ class TrainConfig:
     selection: str = "class_and_instance"  # val figure the checkpoint is chosen by (see train.SELECTION)
     ema_decay: float = 0.0  # exponential moving average of the head weights; 0 turns it off
     loader_workers: int = 0  # DataLoader workers when images are decoded on the fly
-    amp: bool = False  # mixed precision on CUDA
 
 
 @dataclass

@@ -155,8 +155,8 @@ def test_top_level_not_a_mapping():
         ({"train": {"epochs": False}}, "config.train.epochs"),
         ({"train": {"lr": "1e-3"}}, "config.train.lr"),  # PyYAML reads 1e-3 as a string
         ({"train": {"lr": True}}, "config.train.lr"),
-        ({"train": {"amp": 1}}, "config.train.amp"),
-        ({"train": {"amp": "yes"}}, "config.train.amp"),
+        ({"text": {"freeze_encoder": 1}}, "config.text.freeze_encoder"),
+        ({"text": {"freeze_encoder": "yes"}}, "config.text.freeze_encoder"),
         ({"train": {"device": None}}, "config.train.device"),
         ({"name": 5}, "config.name"),
         ({"image": {"image_size": None}}, "config.image.image_size"),
@@ -180,9 +180,9 @@ def test_int_accepted_for_float():
 
 
 def test_float_and_bool_values_kept():
-    config = config_from_dict({"train": {"lr": 0.5, "amp": True}, "image": {"freeze_backbone": False}})
+    config = config_from_dict({"train": {"lr": 0.5}, "text": {"freeze_encoder": False}, "image": {"freeze_backbone": False}})
     assert config.train.lr == 0.5
-    assert config.train.amp is True
+    assert config.text.freeze_encoder is False
     assert config.image.freeze_backbone is False
 
 
@@ -206,7 +206,7 @@ def custom_config() -> ExperimentConfig:
             "image": {"head_hidden": [64], "mean": [0.4, 0.5, 0.6], "freeze_backbone": False},
             "text": {"max_length": 32},
             "loss": {"weights": {"hash_proxy": 1.5, "contrastive": 0.0}, "margin": 0.3},
-            "train": {"bits": 16, "lr": 0.01, "amp": True, "device": "cpu"},
+            "train": {"bits": 16, "lr": 0.01, "ema_decay": 0.9, "device": "cpu"},
         }
     )
 

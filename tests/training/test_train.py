@@ -21,9 +21,10 @@ def tiny_config(text_folder, freeze: bool = True, epochs: int = 4) -> dict:
     return {
         "name": "tiny",
         "image": {"backbone": "test_efficientnet", "weights": "none", "image_size": 64,
-                  "freeze_backbone": freeze, "head_hidden": [32], "pool_levels": [1, 2]},
+                  "freeze_backbone": freeze, "head_hidden": [32], "pool_levels": [1, 2],
+                  "encode_views": [0, 5]},
         "text": {"encoder": str(text_folder), "freeze_encoder": freeze, "head_hidden": [16], "max_length": 16},
-        "train": {"bits": 16, "epochs": epochs, "batch_size": 8, "eval_every": 2,
+        "train": {"bits": 16, "epochs": epochs, "batch_size": 8, "eval_every": 2, "views": [0, 5], "ema_decay": 0.9,
                   "warmup_epochs": 1, "device": "cpu"},
     }
 
