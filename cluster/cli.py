@@ -29,7 +29,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.device is not None:
         config.train.device = args.device
     out = args.out or f"runs/{config.name}-{config.train.bits}"
-    metrics = fit(config, args.data, out, cache_dir=None if args.no_cache else args.cache_dir)
+    metrics = fit(config, args.data, out, cache_dir=None if args.no_cache else args.cache_dir,
+                  skip_bad_images=args.skip_bad_images)
     print(f"trained {config.name} at {config.train.bits} bits in {metrics['train_seconds']} s; "
           f"best val epoch {metrics['best_epoch']}; checkpoint in {out}")
     return 0
@@ -39,7 +40,7 @@ def _eval(args: argparse.Namespace) -> int:
     from evaluation.evaluate import run_eval
 
     run_eval(args.model, args.data, args.split, args.json, cache_dir=None if args.no_cache else args.cache_dir,
-             device=args.device or "auto")
+             device=args.device or "auto", skip_bad_images=args.skip_bad_images)
     return 0
 
 
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", default=DEFAULT_CACHE,
                         help="where features of frozen encoders are cached (default: %(default)s, or $TERRAHASH_CACHE)")
     common.add_argument("--no-cache", action="store_true", help="recompute features instead of caching them")
+    common.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out missing or undecodable images (counted, logged and listed in the output) "
+                             "instead of stopping")
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default: the config's, auto)")
 
     train = sub.add_parser("train", parents=[common], help="train the image and text hashing towers",

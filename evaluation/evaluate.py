@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "test",
-                   cache_dir: str | Path | None = None, device: str = "auto") -> dict:
+                   cache_dir: str | Path | None = None, device: str = "auto", skip_bad_images: bool = False) -> dict:
     """Figures of the model in ``model_dir`` on ``split`` of the dataset in ``data_dir``."""
     from training.data import load_dataset
     from training.features import FeatureCache, default_device
@@ -23,7 +23,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "te
 
     torch_device = default_device(device)
     model, config, state = load_trained(model_dir, torch_device)
-    index = DatasetIndex.build(load_dataset(data_dir))
+    index = DatasetIndex.build(load_dataset(data_dir, skip_bad_images=skip_bad_images))
     if list(index.dataset.classes) != state["classes"]:
         raise ValueError(f"{data_dir}: classes {list(index.dataset.classes)[:5]}... differ from the model's "
                          f"{state['classes'][:5]}...; evaluate on the dataset the model was trained for")
@@ -36,12 +36,14 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "te
     return {"bits": config.train.bits, **figures["binary"], "float": figures["float"],
             "pr_curve_image_to_image": figures["pr_curve"], "split": split,
             "dataset": index.dataset.name, "dataset_fingerprint": index.dataset.fingerprint(),
+            "skipped_images": list(index.dataset.skipped),
             "model": str(model_dir), "config": config.name, "checkpoint_epoch": state["epoch"]}
 
 
-def run_eval(model_dir, data_dir, split: str, json_out: str | Path | None, cache_dir=None, device="auto") -> dict:
+def run_eval(model_dir, data_dir, split: str, json_out: str | Path | None, cache_dir=None, device="auto",
+             skip_bad_images: bool = False) -> dict:
     """Evaluate, write the JSON, print the table; returns the figures."""
-    report = evaluate_model(model_dir, data_dir, split, cache_dir, device)
+    report = evaluate_model(model_dir, data_dir, split, cache_dir, device, skip_bad_images)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(report, indent=2))

@@ -53,6 +53,8 @@ class ImageEncoder(nn.Module):
         self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0)
         self.pool_levels = list(config.pool_levels)
         self._load_weights(config.weights)
+        # Channels-last convolutions are about twice as fast on CPU (and what AMP wants on GPU).
+        self.backbone.to(memory_format=torch.channels_last)
         with torch.no_grad():  # the width of the concatenated features, from one tiny forward pass
             was_training = self.backbone.training
             self.feature_dim = self.eval()(torch.zeros(1, 3, 64, 64)).shape[1]

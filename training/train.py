@@ -257,15 +257,19 @@ def averaged_heads(heads: torch.nn.Module, ema: torch.optim.swa_utils.AveragedMo
 
 
 def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
-        cache_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Train, select on val, write the checkpoint, config and metrics; return the metrics dict."""
+        cache_dir: str | Path | None = None, progress: bool = True, skip_bad_images: bool = False) -> dict:
+    """Train, select on val, write the checkpoint, config and metrics; return the metrics dict.
+
+    With ``skip_bad_images`` unreadable images are left out and listed in the metrics file;
+    otherwise the first one stops the run before training starts.
+    """
     started = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t = config.train
     seed_everything(t.seed)
     device = default_device(t.device)
-    index = DatasetIndex.build(load_dataset(data_dir))
+    index = DatasetIndex.build(load_dataset(data_dir, skip_bad_images=skip_bad_images))
     cache = FeatureCache(Path(cache_dir) if cache_dir else None)
     if t.selection not in SELECTION:
         raise KeyError(f"config.train.selection: unknown {t.selection!r}; known: {sorted(SELECTION)}")
@@ -309,7 +313,8 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
         history.append(record)
 
     metrics = {"config": config.name, "bits": t.bits, "dataset": index.dataset.name,
-               "dataset_fingerprint": index.dataset.fingerprint(), "best_epoch": best["epoch"],
+               "dataset_fingerprint": index.dataset.fingerprint(), "skipped_images": list(index.dataset.skipped),
+               "best_epoch": best["epoch"],
                "selection_score": best["score"], "val": best["val"], "history": history,
                "train_seconds": round(time.time() - started, 1), "device": str(device)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

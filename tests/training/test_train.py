@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,27 @@ def test_shipped_configs_differ_where_they_should():
     fast, full = load_config("fast"), load_config("full")
     assert fast.image.freeze_backbone and not full.image.freeze_backbone
     assert fast.train.bits == full.train.bits == 64
+
+
+def test_cli_corrupt_image_stops_or_is_skipped_and_listed(subset, tiny_text_encoder, tmp_path, capsys):
+    document = json.loads((subset / "dataset_subset.json").read_text())
+    victim = document["images"][0]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    data = (Path(victim["filepath"]) / victim["filename"]).read_bytes()
+    (broken / victim["filename"]).write_bytes(data[: len(data) // 2])  # truncated mid-scan
+    victim["filepath"] = str(broken)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "dataset_broken.json").write_text(json.dumps(document))
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(tiny_text_encoder, epochs=2)))
+
+    args = ["train", "--config", str(config_file), "--data", str(data_dir), "--no-cache"]
+    assert main(args + ["--out", str(tmp_path / "stopped")]) == 2
+    assert str(broken / victim["filename"]) in capsys.readouterr().err
+    assert not (tmp_path / "stopped" / CHECKPOINT).exists()
+
+    assert main(args + ["--out", str(tmp_path / "run"), "--skip-bad-images"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [path for path, _ in metrics["skipped_images"]] == [str(broken / victim["filename"])]
