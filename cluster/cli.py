@@ -44,6 +44,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summarize(args: argparse.Namespace) -> int:
+    from evaluation.summary import summarize
+
+    print(summarize(args.reports))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="terrahash",
@@ -85,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="query split (default: test)")
     evaluate.add_argument("--json", help="write the figures to this JSON file")
     evaluate.set_defaults(handler=_eval)
+
+    summary = sub.add_parser("summarize", help="a Markdown table over several eval JSON reports",
+                             description="Print one Markdown row per `terrahash eval --json` report.")
+    summary.add_argument("reports", nargs="+", help="JSON files written by `terrahash eval --json`")
+    summary.set_defaults(handler=_summarize)
     return parser
 
 

@@ -77,7 +77,7 @@ def build_model(config: ExperimentConfig, num_classes: int) -> tuple[HashingMode
 
 
 class Encoders:
-    """Features for any dataset rows: from the cache for frozen towers, live otherwise."""
+    """Features of every image and caption of a dataset: from the cache for frozen towers, live otherwise."""
 
     def __init__(self, model: HashingModel, config: ExperimentConfig, index: DatasetIndex,
                  cache: FeatureCache, device: torch.device):

@@ -106,6 +106,12 @@ def test_cli_train_and_eval(subset, tiny_text_encoder, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "image_to_image.map_all" in table and "float" in table
 
+    assert main(["summarize", str(tmp_path / "eval.json")]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split(" | ")
+    assert row[0] == "| tiny" and row[1] == "32"
+    assert row[2] == f"{report['image_to_image']['map_all']:.4f}"
+    assert row[-1] == f"{report['float']['mr']:.1f} |"
+
 
 def test_cli_reports_bad_config_key_clearly(tmp_path, subset, capsys):
     config_file = tmp_path / "bad.yaml"
