@@ -289,7 +289,7 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
     for epoch in bar:
         trainer.train_mode(True)
         sums: dict[str, float] = {}
-        for batch in batches:
+        for batch in tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress):
             terms = trainer.step(batch)
             loss = trainer.objective.total(terms)
             optimizer.zero_grad(set_to_none=True)
