@@ -28,11 +28,17 @@ def _train(args: argparse.Namespace) -> int:
         config.train.seed = args.seed
     if args.device is not None:
         config.train.device = args.device
+    if args.no_track:
+        config.tracking.enabled = False
+    if args.tracking_uri is not None:
+        config.tracking.tracking_uri = args.tracking_uri
     out = args.out or f"runs/{config.name}-{config.train.bits}"
     metrics = fit(config, args.data, out, cache_dir=None if args.no_cache else args.cache_dir,
                   skip_bad_images=args.skip_bad_images)
     print(f"trained {config.name} at {config.train.bits} bits in {metrics['train_seconds']} s; "
           f"best val epoch {metrics['best_epoch']}; checkpoint in {out}")
+    if metrics["mlflow_run_id"]:
+        print(f"MLflow run {metrics['mlflow_run_id']}")
     return 0
 
 
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", parents=[common], help="train the image and text hashing towers",
                            description="Train the asymmetric hashing model on one process (CPU or one GPU). "
                                        "The checkpoint is chosen on the val split; writes checkpoint.pt, config.yaml "
-                                       "and metrics.json to --out.")
+                                       "and metrics.json to --out, and logs the run to MLflow with its energy and CO2.")
     train.add_argument("--config", required=True,
                        help="YAML config file, or a shipped config name: fast (frozen backbones, cached features, "
                             "minutes on a CPU) or full (fine-tuned backbones, for a GPU)")
@@ -82,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bits", type=int, help="code length, overriding the config (16 to 128)")
     train.add_argument("--epochs", type=int, help="number of epochs, overriding the config")
     train.add_argument("--seed", type=int, help="random seed, overriding the config")
+    train.add_argument("--no-track", action="store_true",
+                       help="do not log the run to MLflow nor measure its energy (tracking is on by default "
+                            "and needs `pip install terrahash[track]`)")
+    train.add_argument("--tracking-uri", metavar="URI",
+                       help="MLflow tracking URI, overriding the config: a server (http://host:5000) or a database "
+                            "(sqlite:///path.db). Default: the config's, else $MLFLOW_TRACKING_URI, else ./mlruns.db "
+                            "with artifacts in ./mlartifacts/")
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser("eval", parents=[common], help="retrieval figures of a trained model",

@@ -51,3 +51,23 @@ def tiny_text_encoder(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_config(text_folder, freeze: bool = True, epochs: int = 4, tracking: dict | None = None) -> dict:
+    """A config of tiny random towers over 64-pixel images; MLflow tracking off unless ``tracking`` is given."""
+    return {
+        "name": "tiny",
+        "image": {"backbone": "test_efficientnet", "weights": "none", "image_size": 64,
+                  "freeze_backbone": freeze, "head_hidden": [32], "pool_levels": [1, 2],
+                  "encode_views": [0, 5]},
+        "text": {"encoder": str(text_folder), "freeze_encoder": freeze, "head_hidden": [16], "max_length": 16},
+        "train": {"bits": 16, "epochs": epochs, "batch_size": 8, "eval_every": 2, "views": [0, 5], "ema_decay": 0.9,
+                  "warmup_epochs": 1, "device": "cpu"},
+        "tracking": tracking or {"enabled": False},
+    }
+
+
+@pytest.fixture(scope="session")
+def subset(ucm_dir, tmp_path_factory) -> Path:
+    """A few real UCM images: 3 classes x (4 train, 2 val, 2 test)."""
+    return write_subset(ucm_dir, tmp_path_factory.mktemp("ucm_subset"))

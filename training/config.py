@@ -90,12 +90,26 @@ class TrainConfig:
 
 
 @dataclass
+class TrackingConfig:
+    enabled: bool = True  # log the run to MLflow (needs the `track` extra)
+    # MLflow tracking URI: "http://host:5000" for a server, "sqlite:///path.db" for a database.
+    # Empty: $MLFLOW_TRACKING_URI if set, else the SQLite database ./mlruns.db with artifacts in
+    # ./mlartifacts/, both in the working directory.
+    tracking_uri: str = ""
+    experiment: str = "terrahash"  # MLflow experiment the run is filed under
+    country_iso_code: str = "FRA"  # 3-letter code of the grid whose carbon intensity turns kWh into CO2
+    pue: float = 1.0  # power usage effectiveness of the data centre (facility energy / IT energy)
+    system_metrics: bool = True  # also sample CPU, memory, disk, network (and GPU) use into system/* metrics
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "fast"
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def _build(cls, data: typing.Any, where: str):

@@ -27,6 +27,7 @@ from .data import CaptionDataset, load_dataset
 from .features import FeatureCache, default_device, image_features, module_fingerprint, normalize, text_features
 from .models import HashingModel, ImageEncoder, TextEncoder, build_heads
 from .objective import HashingObjective
+from .tracking import NoTracker, Tracker, check_tracking, track_run
 
 log = logging.getLogger(__name__)
 
@@ -261,18 +262,42 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
     """Train, select on val, write the checkpoint, config and metrics; return the metrics dict.
 
     With ``skip_bad_images`` unreadable images are left out and listed in the metrics file;
-    otherwise the first one stops the run before training starts.
+    otherwise the first one stops the run before training starts. With ``config.tracking.enabled``
+    the run is logged to MLflow (``tracking.track_run``) and ``metrics["mlflow_run_id"]`` names it.
     """
     started = time.time()
+    t = config.train
+    if t.selection not in SELECTION:
+        raise KeyError(f"config.train.selection: unknown {t.selection!r}; known: {sorted(SELECTION)}")
+    if config.tracking.enabled:
+        check_tracking(config.tracking)  # a missing package stops the run before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t = config.train
     seed_everything(t.seed)
     device = default_device(t.device)
     index = DatasetIndex.build(load_dataset(data_dir, skip_bad_images=skip_bad_images))
     cache = FeatureCache(Path(cache_dir) if cache_dir else None)
-    if t.selection not in SELECTION:
-        raise KeyError(f"config.train.selection: unknown {t.selection!r}; known: {sorted(SELECTION)}")
+    images_processed = len(index.rows("train")) * t.epochs
+    with track_run(config, out, index.dataset, images_processed) as tracker:
+        best, history = train_and_select(config, index, device, cache, out, progress, tracker)
+        metrics = {"config": config.name, "bits": t.bits, "dataset": index.dataset.name,
+                   "dataset_fingerprint": index.dataset.fingerprint(), "skipped_images": list(index.dataset.skipped),
+                   "best_epoch": best["epoch"],
+                   "selection_score": best["score"], "val": best["val"], "history": history,
+                   "train_seconds": round(time.time() - started, 1), "device": str(device),
+                   "mlflow_run_id": tracker.run_id}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("best val epoch %d (score %.4f); wrote %s", best["epoch"], best["score"], out)
+    return metrics
+
+
+def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torch.device, cache: FeatureCache,
+                     out: Path, progress: bool, tracker: Tracker | NoTracker) -> tuple[dict, list[dict]]:
+    """The epoch loop: train, evaluate on val every few epochs, save the best checkpoint so far.
+
+    Returns the best evaluation (epoch, score, val figures) and the per-epoch history.
+    """
+    t = config.train
     trainer = Trainer(config, index, device, cache)
     heads = torch.nn.ModuleDict({"image": trainer.model.image_head, "text": trainer.model.text_head})
     ema = (torch.optim.swa_utils.AveragedModel(heads, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay),
@@ -310,16 +335,9 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
                     best = {"epoch": epoch + 1, "score": score, "val": figures}
                     save_checkpoint(out / CHECKPOINT, trainer, index, best)
             bar.set_postfix(loss=f"{record['loss']['total']:.3f}", val=f"{score:.4f}", best=best["epoch"])
+        tracker.log_epoch(record["epoch"], record["loss"], record.get("val"))
         history.append(record)
-
-    metrics = {"config": config.name, "bits": t.bits, "dataset": index.dataset.name,
-               "dataset_fingerprint": index.dataset.fingerprint(), "skipped_images": list(index.dataset.skipped),
-               "best_epoch": best["epoch"],
-               "selection_score": best["score"], "val": best["val"], "history": history,
-               "train_seconds": round(time.time() - started, 1), "device": str(device)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    log.info("best val epoch %d (score %.4f); wrote %s", best["epoch"], best["score"], out)
-    return metrics
+    return best, history
 
 
 def save_checkpoint(path: Path, trainer: Trainer, index: DatasetIndex, best: dict) -> None:

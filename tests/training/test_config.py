@@ -131,7 +131,7 @@ def test_subset_of_loss_terms_accepted():
     assert config.loss.weights == {"hash_proxy": 2, "quantization": 0.0}
 
 
-@pytest.mark.parametrize("section", ["image", "text", "loss", "train"])
+@pytest.mark.parametrize("section", ["image", "text", "loss", "train", "tracking"])
 @pytest.mark.parametrize("value", [3, "fast", [1, 2], None])
 def test_section_not_a_mapping(section, value):
     with pytest.raises(ConfigError, match=f"config.{section}.*expected a mapping"):

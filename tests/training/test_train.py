@@ -11,28 +11,11 @@ import yaml
 
 from cluster.cli import main
 from evaluation.evaluate import evaluate_model
-from tests.conftest import write_subset
+from tests.conftest import tiny_config
 from training.config import config_from_dict, load_config
 from training.train import CHECKPOINT, fit, load_trained
 
 TASKS = ("image_to_image", "text_to_image", "image_to_text")
-
-
-def tiny_config(text_folder, freeze: bool = True, epochs: int = 4) -> dict:
-    return {
-        "name": "tiny",
-        "image": {"backbone": "test_efficientnet", "weights": "none", "image_size": 64,
-                  "freeze_backbone": freeze, "head_hidden": [32], "pool_levels": [1, 2],
-                  "encode_views": [0, 5]},
-        "text": {"encoder": str(text_folder), "freeze_encoder": freeze, "head_hidden": [16], "max_length": 16},
-        "train": {"bits": 16, "epochs": epochs, "batch_size": 8, "eval_every": 2, "views": [0, 5], "ema_decay": 0.9,
-                  "warmup_epochs": 1, "device": "cpu"},
-    }
-
-
-@pytest.fixture(scope="module")
-def subset(ucm_dir, tmp_path_factory):
-    return write_subset(ucm_dir, tmp_path_factory.mktemp("ucm_subset"))
 
 
 def check_figures(figures: dict) -> None:
