@@ -33,8 +33,16 @@ def _train(args: argparse.Namespace) -> int:
     if args.tracking_uri is not None:
         config.tracking.tracking_uri = args.tracking_uri
     out = args.out or f"runs/{config.name}-{config.train.bits}"
-    metrics = fit(config, args.data, out, cache_dir=None if args.no_cache else args.cache_dir,
-                  skip_bad_images=args.skip_bad_images)
+    cache_dir = None if args.no_cache else args.cache_dir
+    if args.workers:
+        from training.distributed import fit_distributed
+
+        metrics = fit_distributed(config, args.data, out, num_workers=args.workers, use_gpu=args.device == "cuda",
+                                  cpus_per_worker=args.cpus_per_worker, address=args.address,
+                                  storage_path=args.storage, cache_dir=cache_dir, max_failures=args.max_failures,
+                                  skip_bad_images=args.skip_bad_images)
+    else:
+        metrics = fit(config, args.data, out, cache_dir=cache_dir, skip_bad_images=args.skip_bad_images)
     print(f"trained {config.name} at {config.train.bits} bits in {metrics['train_seconds']} s; "
           f"best val epoch {metrics['best_epoch']}; checkpoint in {out}")
     if metrics["mlflow_run_id"]:
@@ -95,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MLflow tracking URI, overriding the config: a server (http://host:5000) or a database "
                             "(sqlite:///path.db). Default: the config's, else $MLFLOW_TRACKING_URI, else ./mlruns.db "
                             "with artifacts in ./mlartifacts/")
+    ray_options = train.add_argument_group("Ray Train (data-parallel workers, DDP)")
+    ray_options.add_argument("--workers", type=int, default=0,
+                             help="run as a Ray Train job on N workers, each training on its shard of the data "
+                                  "(default: 0, one plain process without Ray)")
+    ray_options.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default: 1)")
+    ray_options.add_argument("--address", default=None,
+                             help="Ray cluster to join (default: $RAY_ADDRESS, else start Ray locally)")
+    ray_options.add_argument("--storage", default=None,
+                             help="where Ray Train persists reported checkpoints: a folder or s3://bucket/prefix "
+                                  "(default: ~/ray_results)")
+    ray_options.add_argument("--max-failures", type=int, default=0,
+                             help="worker failures to survive: the worker group is restarted and trains again from the "
+                                  "start (resuming from the last checkpoint is not implemented yet; default: 0)")
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser("eval", parents=[common], help="retrieval figures of a trained model",

@@ -243,6 +243,44 @@ class Trainer:
         return evaluate_split(self.index, images, captions, self.index.rows(query_split), db_rows)
 
 
+@dataclass
+class LoopContext:
+    """Where the epoch loop runs: one plain process by default. ``training/distributed.py``
+    subclasses it for a Ray Train worker; these few methods are the loop's only Ray touch-points."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_chief(self) -> bool:
+        """The one process that evaluates, writes files and logs."""
+        return self.rank == 0
+
+    def shard(self, rows: np.ndarray) -> np.ndarray:
+        """This worker's share of the training rows (every world_size-th, from its rank)."""
+        return rows[self.rank::self.world_size]
+
+    def prepare(self, step: torch.nn.Module) -> torch.nn.Module:
+        """Wrap the training step for data parallelism (identity in one process)."""
+        return step
+
+    def report(self, epoch: int, metrics: dict, out: Path) -> None:
+        """Called by every worker after each evaluated epoch, once the chief has written ``out``."""
+
+
+class TrainStep(torch.nn.Module):
+    """One batch through both towers and the objective: the module data parallelism wraps, so that
+    gradients of every trainable part (heads, proxies, fine-tuned encoders) are averaged."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.model, self.objective = trainer.model, trainer.objective
+        self.run = trainer.step  # uses the same modules registered above
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.run(batch)
+
+
 @contextlib.contextmanager
 def averaged_heads(heads: torch.nn.Module, ema: torch.optim.swa_utils.AveragedModel | None):
     """Temporarily load the moving-average weights into ``heads`` (no-op without EMA)."""
@@ -258,7 +296,8 @@ def averaged_heads(heads: torch.nn.Module, ema: torch.optim.swa_utils.AveragedMo
 
 
 def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
-        cache_dir: str | Path | None = None, progress: bool = True, skip_bad_images: bool = False) -> dict:
+        cache_dir: str | Path | None = None, progress: bool = True, skip_bad_images: bool = False,
+        context: LoopContext | None = None) -> dict:
     """Train, select on val, write the checkpoint, config and metrics; return the metrics dict.
 
     With ``skip_bad_images`` unreadable images are left out and listed in the metrics file;
@@ -277,22 +316,29 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
     device = default_device(t.device)
     index = DatasetIndex.build(load_dataset(data_dir, skip_bad_images=skip_bad_images))
     cache = FeatureCache(Path(cache_dir) if cache_dir else None)
+    context = context or LoopContext()
     images_processed = len(index.rows("train")) * t.epochs
-    with track_run(config, out, index.dataset, images_processed) as tracker:
-        best, history = train_and_select(config, index, device, cache, out, progress, tracker)
+    with track_run(config, out, index.dataset, images_processed, rank=context.rank) as tracker:
+        best, history = train_and_select(config, index, device, cache, out, progress and context.is_chief,
+                                         tracker, context)
+        if not context.is_chief:  # only the chief evaluates and writes; the others trained their shard
+            return {"rank": context.rank, "world_size": context.world_size, "history": history}
         metrics = {"config": config.name, "bits": t.bits, "dataset": index.dataset.name,
                    "dataset_fingerprint": index.dataset.fingerprint(), "skipped_images": list(index.dataset.skipped),
                    "best_epoch": best["epoch"],
                    "selection_score": best["score"], "val": best["val"], "history": history,
                    "train_seconds": round(time.time() - started, 1), "device": str(device),
+                   "world_size": context.world_size, "rows_per_worker": len(context.shard(index.rows("train"))),
                    "mlflow_run_id": tracker.run_id}
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if context.is_chief:
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("best val epoch %d (score %.4f); wrote %s", best["epoch"], best["score"], out)
     return metrics
 
 
 def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torch.device, cache: FeatureCache,
-                     out: Path, progress: bool, tracker: Tracker | NoTracker) -> tuple[dict, list[dict]]:
+                     out: Path, progress: bool, tracker: Tracker | NoTracker,
+                     context: LoopContext) -> tuple[dict, list[dict]]:
     """The epoch loop: train, evaluate on val every few epochs, save the best checkpoint so far.
 
     Returns the best evaluation (epoch, score, val figures) and the per-epoch history.
@@ -304,10 +350,12 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
                                                use_buffers=True) if t.ema_decay else None)
     train_rows = index.rows("train")
     val_db = train_rows  # val queries are ranked against train only: no test data is ever seen
-    batches = trainer.batches(train_rows)
+    batches = trainer.batches(context.shard(train_rows))
+    step = context.prepare(TrainStep(trainer))
     optimizer = _optimizer(trainer.model, trainer.objective, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(batches)))
-    save_config(config, out / "config.yaml")
+    if context.is_chief:
+        save_config(config, out / "config.yaml")
 
     history, best = [], None
     bar = tqdm(range(t.epochs), desc=f"train {config.name} {t.bits} bits", unit="epoch", disable=not progress)
@@ -315,7 +363,7 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
         trainer.train_mode(True)
         sums: dict[str, float] = {}
         for batch in tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress):
-            terms = trainer.step(batch)
+            terms = step(batch)
             loss = trainer.objective.total(terms)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -327,14 +375,16 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
         record = {"epoch": epoch + 1, "loss": {k: v / len(batches) for k, v in sums.items()}}
         if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-            with averaged_heads(heads, ema):  # evaluate and save what will be used: the averaged heads
-                figures = trainer.evaluate("val", val_db)
-                record["val"] = figures
-                score = selection_score(figures, t.selection)
-                if best is None or score > best["score"]:
-                    best = {"epoch": epoch + 1, "score": score, "val": figures}
-                    save_checkpoint(out / CHECKPOINT, trainer, index, best)
-            bar.set_postfix(loss=f"{record['loss']['total']:.3f}", val=f"{score:.4f}", best=best["epoch"])
+            if context.is_chief:
+                with averaged_heads(heads, ema):  # evaluate and save what will be used: the averaged heads
+                    figures = trainer.evaluate("val", val_db)
+                    record["val"] = figures
+                    score = selection_score(figures, t.selection)
+                    if best is None or score > best["score"]:
+                        best = {"epoch": epoch + 1, "score": score, "val": figures}
+                        save_checkpoint(out / CHECKPOINT, trainer, index, best)
+                bar.set_postfix(loss=f"{record['loss']['total']:.3f}", val=f"{score:.4f}", best=best["epoch"])
+            context.report(epoch + 1, record, out)
         tracker.log_epoch(record["epoch"], record["loss"], record.get("val"))
         history.append(record)
     return best, history

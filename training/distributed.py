@@ -1,0 +1,111 @@
+"""Training as a Ray Train job: the same epoch loop, on N data-parallel workers (DDP).
+
+``fit_distributed`` starts (or joins) Ray, runs ``train_loop_per_worker`` on each worker through
+``TorchTrainer``, and leaves the chief's checkpoint, config and metrics in ``out_dir``. Every
+evaluated epoch is also reported to Ray Train as a checkpoint under the run's storage path, so
+the outputs survive on shared storage in a real cluster.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ExperimentConfig, config_from_dict, to_dict
+from .train import LoopContext, fit
+
+log = logging.getLogger(__name__)
+
+
+class RayContext(LoopContext):
+    """The loop's view of a Ray Train worker: its rank, DDP, and checkpoint reporting."""
+
+    def __init__(self):
+        import ray.train
+
+        context = ray.train.get_context()
+        super().__init__(rank=context.get_world_rank(), world_size=context.get_world_size())
+
+    def prepare(self, step: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size == 1:
+            return step
+        from ray.train.torch import prepare_model
+
+        # Some parameters get no gradient in a given step (a loss term weighted 0, a frozen
+        # tower's head input); DDP must not wait for them.
+        return prepare_model(step, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    def report(self, epoch: int, metrics: dict, out: Path) -> None:
+        import ray.train
+
+        flat = {"epoch": epoch, **{f"loss/{k}": v for k, v in metrics["loss"].items()}}
+        checkpoint = ray.train.Checkpoint.from_directory(str(out)) if self.is_chief else None
+        ray.train.report(flat, checkpoint=checkpoint)  # every worker calls it: it is a barrier
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What each Ray Train worker runs: the plain ``fit`` with a RayContext."""
+    config = config_from_dict(loop_config["config"])
+    context = RayContext()
+    # Relative defaults (the embedded MLflow store) mean the same place as for `terrahash train`.
+    os.chdir(loop_config["cwd"])
+    # Workers other than the chief write nothing the user sees; they get a scratch folder.
+    out = Path(loop_config["out_dir"]) if context.is_chief else Path(tempfile.mkdtemp(prefix=f"terrahash-rank{context.rank}-"))
+    torch.set_num_threads(max(1, int(loop_config["threads_per_worker"])))
+    fit(config, loop_config["data_dir"], out, cache_dir=loop_config["cache_dir"], progress=context.is_chief,
+        skip_bad_images=loop_config["skip_bad_images"], context=context)
+    if not context.is_chief:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, num_workers: int = 2,
+                    use_gpu: bool = False, cpus_per_worker: float = 1.0, address: str | None = None,
+                    storage_path: str | Path | None = None, cache_dir: str | Path | None = None,
+                    max_failures: int = 0, skip_bad_images: bool = False) -> dict:
+    """Train on ``num_workers`` Ray Train workers; returns the chief's metrics (as ``fit`` does).
+
+    Ray starts locally unless ``address`` (or ``$RAY_ADDRESS``) names a running cluster. Paths are
+    made absolute so that workers, which run in other processes, find them.
+    """
+    import json
+
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    loop_config = {
+        "config": to_dict(config),
+        "data_dir": str(Path(data_dir).resolve()),
+        "out_dir": str(out),
+        "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
+        "skip_bad_images": skip_bad_images,
+        "threads_per_worker": cpus_per_worker,
+        "cwd": os.getcwd(),
+    }
+    # Ray Train's own storage (reported checkpoints, run state): a local folder, s3://, or
+    # Ray's default (~/ray_results) when not given.
+    storage = None if storage_path is None else (
+        str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve()))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=f"{config.name}-{config.train.bits}bits", storage_path=storage,
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    return metrics
