@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="where Ray Train persists reported checkpoints: a folder or s3://bucket/prefix "
                                   "(default: ~/ray_results)")
     ray_options.add_argument("--max-failures", type=int, default=0,
-                             help="worker failures to survive: the worker group is restarted and trains again from the "
-                                  "start (resuming from the last checkpoint is not implemented yet; default: 0)")
+                             help="worker failures to survive: the worker group is restarted and resumes from the last "
+                                  "reported checkpoint (default: 0)")
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser("eval", parents=[common], help="retrieval figures of a trained model",

@@ -49,6 +49,14 @@ class CachedBatches:
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)
 
+    def state_dict(self) -> dict:
+        """Random state, so a resumed run draws the same batches as an uninterrupted one."""
+        return {"numpy": self.rng.bit_generator.state, "torch": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["numpy"]
+        self.generator.set_state(state["torch"])
+
     def _noise(self, like: torch.Tensor) -> torch.Tensor:
         return torch.randn(like.shape, generator=self.generator).to(like.device) * self.noise_scale
 
@@ -112,6 +120,13 @@ class ImageBatches:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def state_dict(self) -> dict:
+        return {"numpy": self.rng.bit_generator.state, "torch": self.loader.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["numpy"]
+        self.loader.generator.set_state(state["torch"])
 
     def __iter__(self):
         for weak, strong, local in self.loader:

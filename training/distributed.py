@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from .config import ExperimentConfig, config_from_dict, to_dict
-from .train import LoopContext, fit
+from .train import CHECKPOINT, LoopContext, fit
+
+RESUME = "resume.pt"  # shared training state in a reported checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,39 @@ class RayContext(LoopContext):
         # tower's head input); DDP must not wait for them.
         return prepare_model(step, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
 
-    def report(self, epoch: int, metrics: dict, out: Path) -> None:
+    def report(self, epoch: int, record: dict, out: Path, state) -> None:
+        """Report the epoch's losses, with a checkpoint: every worker adds its own random state,
+        the chief the shared training state and its output files. Ray Train merges the workers'
+        folders into one checkpoint, and every worker must call this (it is a barrier)."""
         import ray.train
 
-        flat = {"epoch": epoch, **{f"loss/{k}": v for k, v in metrics["loss"].items()}}
-        checkpoint = ray.train.Checkpoint.from_directory(str(out)) if self.is_chief else None
-        ray.train.report(flat, checkpoint=checkpoint)  # every worker calls it: it is a barrier
+        metrics = {"epoch": epoch, **{f"loss/{k}": v for k, v in record["loss"].items()}}
+        snapshot = state()
+        with tempfile.TemporaryDirectory(prefix="terrahash-ckpt-") as folder:
+            folder = Path(folder)
+            torch.save(snapshot["own"], folder / f"rank{self.rank}.pt")
+            if self.is_chief:
+                torch.save(snapshot["shared"], folder / RESUME)
+                for name in (CHECKPOINT, "config.yaml"):
+                    if (out / name).exists():
+                        shutil.copyfile(out / name, folder / name)
+            # One folder name for all workers, so Ray Train merges their files into one checkpoint.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                             checkpoint_dir_name=f"epoch-{epoch:04d}")
+
+    def resume(self):
+        """The latest reported checkpoint, when Ray Train restarted this worker group after a failure."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        local = Path(tempfile.mkdtemp(prefix="terrahash-resume-"))
+        with checkpoint.as_directory() as folder:
+            shutil.copytree(folder, local, dirs_exist_ok=True)
+        shared = torch.load(local / RESUME, map_location="cpu", weights_only=False)
+        own = torch.load(local / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
+        return shared, own, local
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +77,8 @@ class FeatureCache:
         if self.root is None:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{key}.tmp.npy"
+        # A temporary name of this process's own: data-parallel workers may fill the same entry at once.
+        tmp = self.root / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy"
         np.save(tmp, array)
         tmp.replace(self.root / f"{key}.npy")  # atomic: a killed run leaves no half-written entry
 

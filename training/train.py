@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,8 +266,13 @@ class LoopContext:
         """Wrap the training step for data parallelism (identity in one process)."""
         return step
 
-    def report(self, epoch: int, metrics: dict, out: Path) -> None:
-        """Called by every worker after each evaluated epoch, once the chief has written ``out``."""
+    def report(self, epoch: int, record: dict, out: Path, state: Callable[[], dict]) -> None:
+        """Called by every worker after each evaluated epoch, once the chief has written ``out``.
+        ``state()`` gives what resuming needs: {"shared": ... (chief only), "own": this worker's}."""
+
+    def resume(self) -> tuple[dict, dict, Path] | None:
+        """(shared state, this worker's state, folder with the best checkpoint) to resume from, or None."""
+        return None
 
 
 class TrainStep(torch.nn.Module):
@@ -319,8 +326,8 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
     context = context or LoopContext()
     images_processed = len(index.rows("train")) * t.epochs
     with track_run(config, out, index.dataset, images_processed, rank=context.rank) as tracker:
-        best, history = train_and_select(config, index, device, cache, out, progress and context.is_chief,
-                                         tracker, context)
+        best, history, start = train_and_select(config, index, device, cache, out, progress and context.is_chief,
+                                                tracker, context)
         if not context.is_chief:  # only the chief evaluates and writes; the others trained their shard
             return {"rank": context.rank, "world_size": context.world_size, "history": history}
         metrics = {"config": config.name, "bits": t.bits, "dataset": index.dataset.name,
@@ -328,7 +335,7 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
                    "best_epoch": best["epoch"],
                    "selection_score": best["score"], "val": best["val"], "history": history,
                    "train_seconds": round(time.time() - started, 1), "device": str(device),
-                   "world_size": context.world_size, "rows_per_worker": len(context.shard(index.rows("train"))),
+                   "world_size": context.world_size, "resumed_from_epoch": start, "rows_per_worker": len(context.shard(index.rows("train"))),
                    "mlflow_run_id": tracker.run_id}
         if context.is_chief:
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -338,10 +345,11 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
 
 def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torch.device, cache: FeatureCache,
                      out: Path, progress: bool, tracker: Tracker | NoTracker,
-                     context: LoopContext) -> tuple[dict, list[dict]]:
+                     context: LoopContext) -> tuple[dict, list[dict], int]:
     """The epoch loop: train, evaluate on val every few epochs, save the best checkpoint so far.
 
-    Returns the best evaluation (epoch, score, val figures) and the per-epoch history.
+    Returns the best evaluation (epoch, score, val figures), the per-epoch history, and the epoch
+    it resumed after (0 for a fresh start).
     """
     t = config.train
     trainer = Trainer(config, index, device, cache)
@@ -357,8 +365,32 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
     if context.is_chief:
         save_config(config, out / "config.yaml")
 
-    history, best = [], None
-    bar = tqdm(range(t.epochs), desc=f"train {config.name} {t.bits} bits", unit="epoch", disable=not progress)
+    def state() -> dict:
+        own = {"batches": batches.state_dict(), "torch": torch.get_rng_state()}
+        if not context.is_chief:
+            return {"own": own}
+        shared = {"epoch": epoch + 1, "best": best, "history": history + [record],
+                  "trainable": trainable_state(trainer), "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None}
+        return {"shared": shared, "own": own}
+
+    history, best, start = [], None, 0
+    resumed = context.resume()
+    if resumed:
+        shared, own, folder = resumed
+        load_trainable_state(trainer, shared["trainable"])
+        optimizer.load_state_dict(shared["optimizer"])
+        scheduler.load_state_dict(shared["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(shared["ema"])
+        batches.load_state_dict(own["batches"])
+        torch.set_rng_state(own["torch"])
+        start, best, history = shared["epoch"], shared["best"], shared["history"]
+        if context.is_chief and (folder / CHECKPOINT).exists():
+            shutil.copyfile(folder / CHECKPOINT, out / CHECKPOINT)
+        log.info("rank %d resumed after epoch %d", context.rank, start)
+    bar = tqdm(range(start, t.epochs), initial=start, total=t.epochs, desc=f"train {config.name} {t.bits} bits",
+               unit="epoch", disable=not progress)
     for epoch in bar:
         trainer.train_mode(True)
         sums: dict[str, float] = {}
@@ -384,10 +416,29 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
                         best = {"epoch": epoch + 1, "score": score, "val": figures}
                         save_checkpoint(out / CHECKPOINT, trainer, index, best)
                 bar.set_postfix(loss=f"{record['loss']['total']:.3f}", val=f"{score:.4f}", best=best["epoch"])
-            context.report(epoch + 1, record, out)
+            context.report(epoch + 1, record, out, state)
         tracker.log_epoch(record["epoch"], record["loss"], record.get("val"))
         history.append(record)
-    return best, history
+    return best, history, start
+
+
+def trainable_state(trainer: Trainer) -> dict:
+    """Weights of everything that trains: heads, proxies, and encoders that are not frozen."""
+    model, config = trainer.model, trainer.config
+    return {"image_head": model.image_head.state_dict(), "text_head": model.text_head.state_dict(),
+            "objective": trainer.objective.state_dict(),
+            "image_encoder": None if config.image.freeze_backbone else model.image_encoder.state_dict(),
+            "text_encoder": None if config.text.freeze_encoder else model.text_encoder.state_dict()}
+
+
+def load_trainable_state(trainer: Trainer, state: dict) -> None:
+    model = trainer.model
+    model.image_head.load_state_dict(state["image_head"])
+    model.text_head.load_state_dict(state["text_head"])
+    trainer.objective.load_state_dict(state["objective"])
+    for name, tower in (("image_encoder", model.image_encoder), ("text_encoder", model.text_encoder)):
+        if state[name] is not None:
+            tower.load_state_dict(state[name])
 
 
 def save_checkpoint(path: Path, trainer: Trainer, index: DatasetIndex, best: dict) -> None:

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +44,68 @@ def test_two_workers_shard_the_data_and_leave_a_usable_checkpoint(local_ray, sub
     report = evaluate_model(tmp_path / "run", subset, "test", cache_dir=tmp_path / "cache", device="cpu")
     assert 0.0 <= report["image_to_image"]["map_all"] <= 1.0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue  # the process ended while we looked
+    return sorted(pids)
+
+
+def registered_checkpoints(storage: Path) -> int:
+    """How many checkpoints Ray Train's controller has registered for the run under ``storage``."""
+    for snapshot in storage.rglob("checkpoint_manager_snapshot.json"):
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0  # being written
+    return 0
+
+
+def kill_a_worker_after_first_checkpoint(storage: Path, killed: list, timeout: float = 120.0) -> None:
+    """Wait until a checkpoint is registered, then SIGKILL one Ray Train worker process."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if registered_checkpoints(storage) >= 1:
+            pids = train_worker_pids()
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
+                return
+        time.sleep(0.05)
+
+
+def test_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(local_ray, subset, tiny_text_encoder,
+                                                                              tmp_path):
+    from training.distributed import fit_distributed
+
+    data = tiny_config(tiny_text_encoder, epochs=16)
+    data["train"]["eval_every"] = 2
+    config = config_from_dict(data)
+    common = dict(num_workers=2, cache_dir=tmp_path / "cache")
+    baseline = fit_distributed(config, subset, tmp_path / "baseline", storage_path=tmp_path / "ray_a", **common)
+
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(tmp_path / "ray_b", killed))
+    killer.start()
+    recovered = fit_distributed(config, subset, tmp_path / "recovered", storage_path=tmp_path / "ray_b",
+                                max_failures=1, **common)
+    killer.join()
+
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    assert recovered["resumed_from_epoch"] >= 2  # restarted from a reported checkpoint, not from scratch
+    assert baseline["resumed_from_epoch"] == 0
+    # Same seed, same data: the interrupted run ends where the uninterrupted one does.
+    assert recovered["best_epoch"] == baseline["best_epoch"]
+    for task in ("image_to_image", "text_to_image"):
+        assert recovered["val"]["binary"][task]["map_all"] == pytest.approx(
+            baseline["val"]["binary"][task]["map_all"], abs=0.02)
+    assert recovered["history"][-1]["loss"]["total"] == pytest.approx(baseline["history"][-1]["loss"]["total"],
+                                                                      rel=0.05)
