@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="Ray cluster to join (default: $RAY_ADDRESS, else start Ray locally)")
     ray_options.add_argument("--storage", default=None,
                              help="where Ray Train persists reported checkpoints: a folder or s3://bucket/prefix "
-                                  "(default: ~/ray_results)")
+                                  "($AWS_ENDPOINT_URL for an S3-compatible endpoint; default: ~/ray_results)")
     ray_options.add_argument("--max-failures", type=int, default=0,
                              help="worker failures to survive: the worker group is restarted and resumes from the last "
                                   "reported checkpoint (default: 0)")

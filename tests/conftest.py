@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import os
 from pathlib import Path
 
@@ -71,3 +72,28 @@ def tiny_config(text_folder, freeze: bool = True, epochs: int = 4, tracking: dic
 def subset(ucm_dir, tmp_path_factory) -> Path:
     """A few real UCM images: 3 classes x (4 train, 2 val, 2 test)."""
     return write_subset(ucm_dir, tmp_path_factory.mktemp("ucm_subset"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint (moto's server mode) on 127.0.0.1, with one bucket."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="terrahash-test")
+        yield endpoint
+    server.stop()

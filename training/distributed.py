@@ -91,6 +91,37 @@ def train_loop_per_worker(loop_config: dict) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def ray_storage(storage_path: str | Path | None):
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig.
+
+    A local folder (made absolute), Ray's default ``~/ray_results`` for None, or ``s3://bucket/prefix``;
+    for S3, ``$AWS_ENDPOINT_URL`` reaches any S3-compatible endpoint (credentials come from the usual
+    AWS variables).
+    """
+    if storage_path is None:
+        return None, None
+    text = str(storage_path)
+    if not text.startswith("s3://"):
+        if "://" in text:
+            raise ValueError(f"unsupported Ray storage {text!r}: use a folder or s3://bucket/prefix")
+        return str(Path(text).resolve()), None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return text, None  # AWS itself; pyarrow resolves it from the URI
+    from urllib.parse import urlparse
+
+    import pyarrow.fs
+
+    parsed = urlparse(endpoint)
+    # Credentials are passed explicitly: the filesystem is pickled to Ray's controller and workers,
+    # whose environment may differ from the driver's.
+    filesystem = pyarrow.fs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https",
+                                         region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                                         access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+                                         secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    return text[len("s3://"):], filesystem
+
+
 def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, num_workers: int = 2,
                     use_gpu: bool = False, cpus_per_worker: float = 1.0, address: str | None = None,
                     storage_path: str | Path | None = None, cache_dir: str | Path | None = None,
@@ -120,16 +151,14 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
         "threads_per_worker": cpus_per_worker,
         "cwd": os.getcwd(),
     }
-    # Ray Train's own storage (reported checkpoints, run state): a local folder, s3://, or
-    # Ray's default (~/ray_results) when not given.
-    storage = None if storage_path is None else (
-        str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve()))
+    storage, filesystem = ray_storage(storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(name=f"{config.name}-{config.train.bits}bits", storage_path=storage,
+                                       storage_filesystem=filesystem,
                                        failure_config=ray.train.FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()

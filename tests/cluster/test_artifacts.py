@@ -2,36 +2,10 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
 from cluster.artifacts import MANIFEST, ArtifactError, LocalRoot, S3Root, open_root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real S3 HTTP endpoint (moto's server mode) on 127.0.0.1, with one bucket."""
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="terrahash-test")
-        yield endpoint
-    server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])

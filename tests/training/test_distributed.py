@@ -59,12 +59,31 @@ def train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
-def registered_checkpoints(storage: Path) -> int:
+class S3Watch:
+    """The part of the test bucket a run stores its state under, read like a folder."""
+
+    def __init__(self, prefix: str):
+        import boto3
+
+        self.prefix = prefix
+        self.client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+
+    def snapshots(self) -> list[bytes]:
+        listing = self.client.list_objects_v2(Bucket="terrahash-test", Prefix=self.prefix).get("Contents", [])
+        return [self.client.get_object(Bucket="terrahash-test", Key=o["Key"])["Body"].read()
+                for o in listing if o["Key"].endswith("checkpoint_manager_snapshot.json")]
+
+
+def registered_checkpoints(storage) -> int:
     """How many checkpoints Ray Train's controller has registered for the run under ``storage``."""
-    for snapshot in storage.rglob("checkpoint_manager_snapshot.json"):
+    if isinstance(storage, S3Watch):
+        texts = storage.snapshots()
+    else:
+        texts = [p.read_bytes() for p in storage.rglob("checkpoint_manager_snapshot.json")]
+    for text in texts:
         try:
-            return len(json.loads(snapshot.read_text())["checkpoint_results"])
-        except (OSError, ValueError, KeyError):
+            return len(json.loads(text)["checkpoint_results"])
+        except (ValueError, KeyError):
             return 0  # being written
     return 0
 
@@ -82,8 +101,9 @@ def kill_a_worker_after_first_checkpoint(storage: Path, killed: list, timeout: f
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("storage", ["local", "s3"])
 def test_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(local_ray, subset, tiny_text_encoder,
-                                                                              tmp_path):
+                                                                              tmp_path, request, monkeypatch, storage):
     from training.distributed import fit_distributed
 
     data = tiny_config(tiny_text_encoder, epochs=16)
@@ -92,10 +112,15 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(loca
     common = dict(num_workers=2, cache_dir=tmp_path / "cache")
     baseline = fit_distributed(config, subset, tmp_path / "baseline", storage_path=tmp_path / "ray_a", **common)
 
+    if storage == "s3":  # checkpoints go to an S3 endpoint on loopback; the killer watches the bucket
+        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_endpoint"))
+        target, watched = f"s3://terrahash-test/{tmp_path.name}", S3Watch(f"{tmp_path.name}/")
+    else:
+        target, watched = tmp_path / "ray_b", tmp_path / "ray_b"
     killed: list[int] = []
-    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(tmp_path / "ray_b", killed))
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(watched, killed))
     killer.start()
-    recovered = fit_distributed(config, subset, tmp_path / "recovered", storage_path=tmp_path / "ray_b",
+    recovered = fit_distributed(config, subset, tmp_path / "recovered", storage_path=target,
                                 max_failures=1, **common)
     killer.join()
 
