@@ -370,7 +370,8 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
         if not context.is_chief:
             return {"own": own}
         shared = {"epoch": epoch + 1, "best": best, "history": history + [record],
-                  "trainable": trainable_state(trainer), "optimizer": optimizer.state_dict(),
+                  "trainable": trainable_state(trainer.model, trainer.objective, config),
+                  "optimizer": optimizer.state_dict(),
                   "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None}
         return {"shared": shared, "own": own}
 
@@ -378,7 +379,7 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
     resumed = context.resume()
     if resumed:
         shared, own, folder = resumed
-        load_trainable_state(trainer, shared["trainable"])
+        load_trainable_state(trainer.model, trainer.objective, shared["trainable"])
         optimizer.load_state_dict(shared["optimizer"])
         scheduler.load_state_dict(shared["scheduler"])
         if ema is not None:
@@ -422,39 +423,35 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
     return best, history, start
 
 
-def trainable_state(trainer: Trainer) -> dict:
-    """Weights of everything that trains: heads, proxies, and encoders that are not frozen."""
-    model, config = trainer.model, trainer.config
+def trainable_state(model: HashingModel, objective: HashingObjective, config: ExperimentConfig) -> dict:
+    """Weights that cannot be rebuilt from the config: heads, proxies, fine-tuned encoders, and
+    frozen encoders without pretrained weights (a random init)."""
+    keep_image = not config.image.freeze_backbone or config.image.weights == "none"
     return {"image_head": model.image_head.state_dict(), "text_head": model.text_head.state_dict(),
-            "objective": trainer.objective.state_dict(),
-            "image_encoder": None if config.image.freeze_backbone else model.image_encoder.state_dict(),
+            "objective": objective.state_dict(),
+            "image_encoder": model.image_encoder.state_dict() if keep_image else None,
             "text_encoder": None if config.text.freeze_encoder else model.text_encoder.state_dict()}
 
 
-def load_trainable_state(trainer: Trainer, state: dict) -> None:
-    model = trainer.model
+def load_trainable_state(model: HashingModel, objective: HashingObjective | None, state: dict) -> None:
+    """Load what ``trainable_state`` saved (the objective only when given)."""
     model.image_head.load_state_dict(state["image_head"])
     model.text_head.load_state_dict(state["text_head"])
-    trainer.objective.load_state_dict(state["objective"])
+    if objective is not None:
+        objective.load_state_dict(state["objective"])
     for name, tower in (("image_encoder", model.image_encoder), ("text_encoder", model.text_encoder)):
         if state[name] is not None:
             tower.load_state_dict(state[name])
 
 
 def save_checkpoint(path: Path, trainer: Trainer, index: DatasetIndex, best: dict) -> None:
-    """Heads and proxies always; encoder weights only when they were trained (frozen ones are
-    rebuilt from the config and checked against their fingerprints on load)."""
+    """The trainable weights, and what rebuilding the rest needs: the config, the classes, and
+    fingerprints that prove a rebuilt frozen encoder is the one the model was trained with."""
     model, config = trainer.model, trainer.config
     state = {
+        **trainable_state(model, trainer.objective, config),
         "config": to_dict(config),
         "classes": list(index.dataset.classes),
-        "image_head": model.image_head.state_dict(),
-        "text_head": model.text_head.state_dict(),
-        "objective": trainer.objective.state_dict(),
-        # A frozen encoder with no pretrained weights is a random init: it cannot be rebuilt, so keep it.
-        "image_encoder": (None if config.image.freeze_backbone and config.image.weights != "none"
-                          else model.image_encoder.state_dict()),
-        "text_encoder": None if config.text.freeze_encoder else model.text_encoder.state_dict(),
         "fingerprints": {"image_encoder": module_fingerprint(model.image_encoder),
                          "text_encoder": module_fingerprint(model.text_encoder.model)},
         "epoch": best["epoch"],
@@ -475,11 +472,7 @@ def load_trained(model_dir: str | Path, device: torch.device | None = None) -> t
     state = torch.load(path, map_location="cpu", weights_only=True)
     config = config_from_dict(state["config"])
     model, _ = build_model(config, len(state["classes"]))
-    model.image_head.load_state_dict(state["image_head"])
-    model.text_head.load_state_dict(state["text_head"])
-    for name, tower in (("image_encoder", model.image_encoder), ("text_encoder", model.text_encoder)):
-        if state[name] is not None:
-            tower.load_state_dict(state[name])
+    load_trainable_state(model, None, state)
     fingerprints = {"image_encoder": module_fingerprint(model.image_encoder),
                     "text_encoder": module_fingerprint(model.text_encoder.model)}
     for name, value in fingerprints.items():
