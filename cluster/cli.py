@@ -34,13 +34,17 @@ def _train(args: argparse.Namespace) -> int:
         config.tracking.tracking_uri = args.tracking_uri
     out = args.out or f"runs/{config.name}-{config.train.bits}"
     cache_dir = None if args.no_cache else args.cache_dir
-    if args.workers:
+    d = config.distributed
+    for name in ("workers", "cpus_per_worker", "address", "storage", "max_failures"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(d, "num_workers" if name == "workers" else name, value)
+    if args.device is not None:
+        d.use_gpu = args.device == "cuda"
+    if d.num_workers:
         from training.distributed import fit_distributed
 
-        metrics = fit_distributed(config, args.data, out, num_workers=args.workers, use_gpu=args.device == "cuda",
-                                  cpus_per_worker=args.cpus_per_worker, address=args.address,
-                                  storage_path=args.storage, cache_dir=cache_dir, max_failures=args.max_failures,
-                                  skip_bad_images=args.skip_bad_images)
+        metrics = fit_distributed(config, args.data, out, cache_dir=cache_dir, skip_bad_images=args.skip_bad_images)
     else:
         metrics = fit(config, args.data, out, cache_dir=cache_dir, skip_bad_images=args.skip_bad_images)
     print(f"trained {config.name} at {config.train.bits} bits in {metrics['train_seconds']} s; "
@@ -104,18 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "(sqlite:///path.db). Default: the config's, else $MLFLOW_TRACKING_URI, else ./mlruns.db "
                             "with artifacts in ./mlartifacts/")
     ray_options = train.add_argument_group("Ray Train (data-parallel workers, DDP)")
-    ray_options.add_argument("--workers", type=int, default=0,
+    ray_options.add_argument("--workers", type=int, default=None,
                              help="run as a Ray Train job on N workers, each training on its shard of the data "
-                                  "(default: 0, one plain process without Ray)")
-    ray_options.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default: 1)")
+                                  "(default: the config's distributed.num_workers; 0 is one plain process)")
+    ray_options.add_argument("--cpus-per-worker", type=float, default=None,
+                             help="CPUs reserved per worker (default: the config's, 1)")
     ray_options.add_argument("--address", default=None,
                              help="Ray cluster to join (default: $RAY_ADDRESS, else start Ray locally)")
     ray_options.add_argument("--storage", default=None,
                              help="where Ray Train persists reported checkpoints: a folder or s3://bucket/prefix "
                                   "($AWS_ENDPOINT_URL for an S3-compatible endpoint; default: ~/ray_results)")
-    ray_options.add_argument("--max-failures", type=int, default=0,
+    ray_options.add_argument("--max-failures", type=int, default=None,
                              help="worker failures to survive: the worker group is restarted and resumes from the last "
-                                  "reported checkpoint (default: 0)")
+                                  "reported checkpoint (default: the config's, 0)")
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser("eval", parents=[common], help="retrieval figures of a trained model",

@@ -90,6 +90,17 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # 0: one plain process without Ray; N >= 1: a Ray Train job on N data-parallel (DDP) workers.
+    num_workers: int = 0
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves for each worker (also its torch threads)
+    max_failures: int = 0  # worker failures survived by restarting from the last checkpoint
+    address: str = ""  # Ray cluster to join; empty: $RAY_ADDRESS, else a local Ray
+    storage: str = ""  # Ray Train checkpoints: a folder or s3://bucket/prefix; empty: ~/ray_results
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True  # log the run to MLflow (needs the `track` extra)
     # MLflow tracking URI: "http://host:5000" for a server, "sqlite:///path.db" for a database.
@@ -110,6 +121,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def _build(cls, data: typing.Any, where: str):

@@ -122,14 +122,12 @@ def ray_storage(storage_path: str | Path | None):
     return text[len("s3://"):], filesystem
 
 
-def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, num_workers: int = 2,
-                    use_gpu: bool = False, cpus_per_worker: float = 1.0, address: str | None = None,
-                    storage_path: str | Path | None = None, cache_dir: str | Path | None = None,
-                    max_failures: int = 0, skip_bad_images: bool = False) -> dict:
-    """Train on ``num_workers`` Ray Train workers; returns the chief's metrics (as ``fit`` does).
+def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
+                    cache_dir: str | Path | None = None, skip_bad_images: bool = False) -> dict:
+    """Train as a Ray Train job as ``config.distributed`` says; returns the chief's metrics (as ``fit`` does).
 
-    Ray starts locally unless ``address`` (or ``$RAY_ADDRESS``) names a running cluster. Paths are
-    made absolute so that workers, which run in other processes, find them.
+    Ray starts locally unless ``distributed.address`` (or ``$RAY_ADDRESS``) names a running cluster.
+    Paths are made absolute so that workers, which run in other processes, find them.
     """
     import json
 
@@ -137,10 +135,13 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    d = config.distributed
+    if d.num_workers < 1:
+        raise ValueError(f"config.distributed.num_workers must be >= 1 for a Ray Train job, got {d.num_workers}")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+        ray.init(address=d.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
     loop_config = {
         "config": to_dict(config),
@@ -148,18 +149,18 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
         "out_dir": str(out),
         "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
         "skip_bad_images": skip_bad_images,
-        "threads_per_worker": cpus_per_worker,
+        "threads_per_worker": d.cpus_per_worker,
         "cwd": os.getcwd(),
     }
-    storage, filesystem = ray_storage(storage_path)
+    storage, filesystem = ray_storage(d.storage or None)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                               resources_per_worker={"CPU": d.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=f"{config.name}-{config.train.bits}bits", storage_path=storage,
                                        storage_filesystem=filesystem,
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+                                       failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
     )
     result = trainer.fit()
     if result.error:

@@ -25,13 +25,20 @@ def local_ray():
     ray.shutdown()
 
 
+def test_a_ray_job_needs_at_least_one_worker(subset, tiny_text_encoder, tmp_path):
+    from training.distributed import fit_distributed
+
+    with pytest.raises(ValueError, match="num_workers must be >= 1"):
+        fit_distributed(config_from_dict(tiny_config(tiny_text_encoder)), subset, tmp_path / "run")
+
+
 def test_two_workers_shard_the_data_and_leave_a_usable_checkpoint(local_ray, subset, tiny_text_encoder, tmp_path):
     from evaluation.evaluate import evaluate_model
     from training.distributed import fit_distributed
 
-    config = config_from_dict(tiny_config(tiny_text_encoder, epochs=2))
-    metrics = fit_distributed(config, subset, tmp_path / "run", num_workers=2, storage_path=tmp_path / "ray",
-                              cache_dir=tmp_path / "cache")
+    config = config_from_dict({**tiny_config(tiny_text_encoder, epochs=2),
+                               "distributed": {"num_workers": 2, "storage": str(tmp_path / "ray")}})
+    metrics = fit_distributed(config, subset, tmp_path / "run", cache_dir=tmp_path / "cache")
     single = fit(config, subset, tmp_path / "single", cache_dir=tmp_path / "cache", progress=False)
 
     assert metrics["world_size"] == 2
@@ -109,8 +116,9 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(loca
     data = tiny_config(tiny_text_encoder, epochs=16)
     data["train"]["eval_every"] = 2
     config = config_from_dict(data)
-    common = dict(num_workers=2, cache_dir=tmp_path / "cache")
-    baseline = fit_distributed(config, subset, tmp_path / "baseline", storage_path=tmp_path / "ray_a", **common)
+    config.distributed.num_workers = 2
+    config.distributed.storage = str(tmp_path / "ray_a")
+    baseline = fit_distributed(config, subset, tmp_path / "baseline", cache_dir=tmp_path / "cache")
 
     if storage == "s3":  # checkpoints go to an S3 endpoint on loopback; the killer watches the bucket
         monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_endpoint"))
@@ -120,8 +128,8 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(loca
     killed: list[int] = []
     killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(watched, killed))
     killer.start()
-    recovered = fit_distributed(config, subset, tmp_path / "recovered", storage_path=target,
-                                max_failures=1, **common)
+    config.distributed.storage, config.distributed.max_failures = str(target), 1
+    recovered = fit_distributed(config, subset, tmp_path / "recovered", cache_dir=tmp_path / "cache")
     killer.join()
 
     assert killed, "no worker was killed: the run ended before its first checkpoint"
