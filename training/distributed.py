@@ -11,6 +11,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -72,7 +74,10 @@ class RayContext(LoopContext):
         with checkpoint.as_directory() as folder:
             shutil.copytree(folder, local, dirs_exist_ok=True)
         shared = torch.load(local / RESUME, map_location="cpu", weights_only=False)
-        own = torch.load(local / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
+        own_file = local / f"rank{self.rank}.pt"
+        if not own_file.exists():  # the checkpoint was written by fewer workers than there are now
+            log.warning("checkpoint has no random state for rank %d; it resumes with a fresh one", self.rank)
+        own = torch.load(own_file, map_location="cpu", weights_only=False) if own_file.exists() else None
         return shared, own, local
 
 
@@ -158,7 +163,10 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker={"CPU": d.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=f"{config.name}-{config.train.bits}bits", storage_path=storage,
+        # A name of its own for every job: Ray Train resumes a run whose name it finds in the storage,
+        # and two different jobs must never share state that way.
+        run_config=ray.train.RunConfig(name=f"{config.name}-{config.train.bits}bits-{time.strftime('%Y%m%d-%H%M%S')}"
+                                            f"-{uuid.uuid4().hex[:6]}", storage_path=storage,
                                        storage_filesystem=filesystem,
                                        failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
     )

@@ -384,8 +384,9 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
         scheduler.load_state_dict(shared["scheduler"])
         if ema is not None:
             ema.load_state_dict(shared["ema"])
-        batches.load_state_dict(own["batches"])
-        torch.set_rng_state(own["torch"])
+        if own is not None:
+            batches.load_state_dict(own["batches"])
+            torch.set_rng_state(own["torch"])
         start, best, history = shared["epoch"], shared["best"], shared["history"]
         if context.is_chief and (folder / CHECKPOINT).exists():
             shutil.copyfile(folder / CHECKPOINT, out / CHECKPOINT)
@@ -395,6 +396,7 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
     for epoch in bar:
         trainer.train_mode(True)
         sums: dict[str, float] = {}
+        epoch_started, samples = time.perf_counter(), 0
         for batch in tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress):
             terms = step(batch)
             loss = trainer.objective.total(terms)
@@ -404,9 +406,12 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(heads)
+            samples += len(batch.labels)
             for name, value in {"total": loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
-        record = {"epoch": epoch + 1, "loss": {k: v / len(batches) for k, v in sums.items()}}
+        # Samples this worker trained on and the seconds it took (evaluation excluded): throughput.
+        record = {"epoch": epoch + 1, "loss": {k: v / len(batches) for k, v in sums.items()},
+                  "samples": samples, "seconds": round(time.perf_counter() - epoch_started, 4)}
         if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
             if context.is_chief:
                 with averaged_heads(heads, ema):  # evaluate and save what will be used: the averaged heads

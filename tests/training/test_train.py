@@ -34,6 +34,8 @@ def test_fit_with_cached_features_then_eval(subset, tiny_text_encoder, tmp_path)
     assert written["best_epoch"] in (2, 4)  # evaluated every 2 epochs
     assert len(written["history"]) == 4
     assert all(np.isfinite(e["loss"]["total"]) for e in written["history"])
+    # Every epoch trains on each of the 12 train rows once, and says how long it took.
+    assert all(e["samples"] == written["rows_per_worker"] == 12 and e["seconds"] > 0 for e in written["history"])
     assert set(written["history"][0]["loss"]) >= {"total", "hash_proxy", "self_distill", "contrastive", "alignment"}
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["bits"] == 16
     assert metrics["val"] == written["val"]
