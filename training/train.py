@@ -156,10 +156,15 @@ SELECTION = {
 }
 
 
-def selection_score(figures: dict, selection: str) -> float:
+def selection_rule(selection: str):
+    """The named selection rule; unknown names fail before any training starts."""
     if selection not in SELECTION:
-        raise KeyError(f"unknown selection {selection!r}; known: {sorted(SELECTION)}")
-    return SELECTION[selection](figures["binary"])
+        raise KeyError(f"config.train.selection: unknown {selection!r}; known: {sorted(SELECTION)}")
+    return SELECTION[selection]
+
+
+def selection_score(figures: dict, selection: str) -> float:
+    return selection_rule(selection)(figures["binary"])
 
 
 def _lr_lambda(config: ExperimentConfig, steps_per_epoch: int):
@@ -313,8 +318,7 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
     """
     started = time.time()
     t = config.train
-    if t.selection not in SELECTION:
-        raise KeyError(f"config.train.selection: unknown {t.selection!r}; known: {sorted(SELECTION)}")
+    selection_rule(t.selection)
     if config.tracking.enabled:
         check_tracking(config.tracking)  # a missing package stops the run before any work
     out = Path(out_dir)
@@ -449,6 +453,12 @@ def load_trainable_state(model: HashingModel, objective: HashingObjective | None
             tower.load_state_dict(state[name])
 
 
+def encoder_fingerprints(model: HashingModel) -> dict[str, str]:
+    """Fingerprints of both encoders' weights, as stored in a checkpoint and checked on load."""
+    return {"image_encoder": module_fingerprint(model.image_encoder),
+            "text_encoder": module_fingerprint(model.text_encoder.model)}
+
+
 def save_checkpoint(path: Path, trainer: Trainer, index: DatasetIndex, best: dict) -> None:
     """The trainable weights, and what rebuilding the rest needs: the config, the classes, and
     fingerprints that prove a rebuilt frozen encoder is the one the model was trained with."""
@@ -457,8 +467,7 @@ def save_checkpoint(path: Path, trainer: Trainer, index: DatasetIndex, best: dic
         **trainable_state(model, trainer.objective, config),
         "config": to_dict(config),
         "classes": list(index.dataset.classes),
-        "fingerprints": {"image_encoder": module_fingerprint(model.image_encoder),
-                         "text_encoder": module_fingerprint(model.text_encoder.model)},
+        "fingerprints": encoder_fingerprints(model),
         "epoch": best["epoch"],
         "val": best["val"],
     }
@@ -478,9 +487,7 @@ def load_trained(model_dir: str | Path, device: torch.device | None = None) -> t
     config = config_from_dict(state["config"])
     model, _ = build_model(config, len(state["classes"]))
     load_trainable_state(model, None, state)
-    fingerprints = {"image_encoder": module_fingerprint(model.image_encoder),
-                    "text_encoder": module_fingerprint(model.text_encoder.model)}
-    for name, value in fingerprints.items():
+    for name, value in encoder_fingerprints(model).items():
         if value != state["fingerprints"][name]:
             raise ValueError(f"{path}: the {name.replace('_', ' ')} weights differ from those the model was "
                              f"trained with (fingerprint {value} != {state['fingerprints'][name]}); "
