@@ -17,9 +17,11 @@ DEFAULT_CACHE = os.environ.get("TERRAHASH_CACHE", ".cache/terrahash/features")
 
 def _train(args: argparse.Namespace) -> int:
     from training.config import load_config
-    from training.train import fit
+    from training.jobs import run_training
 
     config = load_config(args.config)
+    if args.schedule is not None:
+        config.train.schedule = args.schedule
     if args.bits is not None:
         config.train.bits = args.bits
     if args.epochs is not None:
@@ -41,14 +43,11 @@ def _train(args: argparse.Namespace) -> int:
             setattr(d, "num_workers" if name == "workers" else name, value)
     if args.device is not None:
         d.use_gpu = args.device == "cuda"
-    if d.num_workers:
-        from training.distributed import fit_distributed
-
-        metrics = fit_distributed(config, args.data, out, cache_dir=cache_dir, skip_bad_images=args.skip_bad_images)
-    else:
-        metrics = fit(config, args.data, out, cache_dir=cache_dir, skip_bad_images=args.skip_bad_images)
-    print(f"trained {config.name} at {config.train.bits} bits in {metrics['train_seconds']} s; "
-          f"best val epoch {metrics['best_epoch']}; checkpoint in {out}")
+    eval_split = None if args.eval_split == "none" else args.eval_split
+    metrics = run_training(config, args.data, out, cache_dir=cache_dir, skip_bad_images=args.skip_bad_images,
+                           eval_split=eval_split)
+    print(f"trained {config.name} at {config.train.bits} bits ({config.train.schedule} schedule) in "
+          f"{metrics['train_seconds']} s; best val epoch {metrics['best_epoch']}; checkpoint in {out}")
     if metrics["mlflow_run_id"]:
         print(f"MLflow run {metrics['mlflow_run_id']}")
     return 0
@@ -90,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default: the config's, auto)")
 
     train = sub.add_parser("train", parents=[common], help="train the image and text hashing towers",
-                           description="Train the asymmetric hashing model on one process (CPU or one GPU). "
-                                       "The checkpoint is chosen on the val split; writes checkpoint.pt, config.yaml "
-                                       "and metrics.json to --out, and logs the run to MLflow with its energy and CO2.")
+                           description="Train the asymmetric hashing model, in one process (CPU or one GPU) or "
+                                       "as Ray Train jobs. The checkpoint is chosen on the val split, then evaluated "
+                                       "on --eval-split; writes checkpoint.pt, config.yaml, metrics.json and "
+                                       "eval_<split>.json to --out, and logs it all to MLflow (one parent run, child "
+                                       "runs per job and for the evaluation) with energy and CO2.")
     train.add_argument("--config", required=True,
                        help="YAML config file, or a shipped config name: fast (frozen backbones, cached features, "
                             "minutes on a CPU) or full (fine-tuned backbones, for a GPU)")
@@ -100,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bits", type=int, help="code length, overriding the config (16 to 128)")
     train.add_argument("--epochs", type=int, help="number of epochs, overriding the config")
     train.add_argument("--seed", type=int, help="random seed, overriding the config")
+    train.add_argument("--schedule", choices=("joint", "sync", "async"),
+                       help="how the towers train (default: the config's, joint): joint = one job updates both at "
+                            "every step; sync = an image job, then a text job against its final codes; async = both "
+                            "jobs at once on Ray Train, the text job learning against the newest snapshot of the "
+                            "image job's codes and proxies")
+    train.add_argument("--eval-split", default="test", choices=("train", "val", "test", "none"),
+                       help="split the chosen checkpoint is evaluated on at the end (reported only, never used to "
+                            "choose; default: %(default)s)")
     train.add_argument("--no-track", action="store_true",
                        help="do not log the run to MLflow nor measure its energy (tracking is on by default "
                             "and needs `pip install terrahash[track]`)")

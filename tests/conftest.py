@@ -1,9 +1,15 @@
 """Shared fixtures: the real UCM-Captions data beside the repo, and tiny random models."""
 from __future__ import annotations
 
+import contextlib
 import json
-import socket
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -97,3 +103,61 @@ def s3_endpoint():
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="terrahash-test")
         yield endpoint
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend, proxied artifacts) on a free loopback port."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    mlflow = Path(sys.executable).with_name("mlflow")
+    port = free_port()
+    # The GenAI job runner (a pool of worker processes) is not needed to track runs.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(root / "server.log", "w") as server_log:
+        process = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+             "--artifacts-destination", str(root / "artifacts")],
+            cwd=root, env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def log_tail() -> str:
+        return (root / "server.log").read_text()[-3000:]
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"mlflow server exited with {process.returncode}:\n{log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after 90 s:\n{log_tail()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop a process started with its own session, and its children (the server's uvicorn worker)."""
+    with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A local Ray with 4 logical CPUs (tests reserve fractions of them), shared by the test session."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

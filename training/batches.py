@@ -1,9 +1,10 @@
 """Training batches: weak and strong views of images, a caption of each, and its label.
 
-Two sources with one output layout, so the training step does not care which is used:
+Three sources with one output layout, so the training step does not care which is used:
 - ``CachedBatches``: frozen backbones; views are rows of precomputed feature arrays, and the
   strong view adds feature noise on top of a different dihedral view.
 - ``ImageBatches``: fine-tuned backbones; images are decoded and augmented on the fly.
+- ``CaptionBatches``: the text job of the split schedules, which needs no pixels at all.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from .features import NUM_DIHEDRAL_VIEWS, dihedral, load_image
 
 @dataclass
 class Batch:
-    weak: torch.Tensor  # (B, D) features or (B, 3, H, W) uint8 images
-    strong: torch.Tensor  # same layout as weak
+    weak: torch.Tensor | None  # (B, D) features or (B, 3, H, W) uint8 images; None for captions only
+    strong: torch.Tensor | None  # same layout as weak
     captions: torch.Tensor  # (B,) row of each sampled caption in the dataset's caption list
     labels: torch.Tensor  # (B,) class ids
     images: torch.Tensor  # (B,) dataset row of each image
@@ -133,4 +134,32 @@ class ImageBatches:
             rows = self.rows[local.numpy()]
             index = torch.as_tensor(rows)
             yield Batch(weak, strong, torch.as_tensor(sample_captions(rows, self.captions_of, self.rng)),
+                        self.labels[index], index)
+
+
+class CaptionBatches:
+    """Batches of image rows with one sampled caption each, and no image data: the text job's input."""
+
+    def __init__(self, rows: np.ndarray, labels: np.ndarray, captions_of: list[np.ndarray], batch_size: int, seed: int):
+        self.rows = rows
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.captions_of = captions_of
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"numpy": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["numpy"]
+
+    def __iter__(self):
+        order = self.rng.permutation(self.rows)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            index = torch.as_tensor(rows)
+            yield Batch(None, None, torch.as_tensor(sample_captions(rows, self.captions_of, self.rng)),
                         self.labels[index], index)

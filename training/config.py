@@ -87,6 +87,17 @@ class TrainConfig:
     selection: str = "class_and_instance"  # val figure the checkpoint is chosen by (see train.SELECTION)
     ema_decay: float = 0.0  # exponential moving average of the head weights; 0 turns it off
     loader_workers: int = 0  # DataLoader workers when images are decoded on the fly
+    # How the two towers are trained (training/jobs.py):
+    #   "joint": one job updates both towers at every step (the text terms see the live image codes);
+    #   "sync":  an image job, then a text job against the image job's final codes and proxies;
+    #   "async": both jobs at once (Ray Train); the image job publishes snapshots of its codes and
+    #            proxies and the text job picks up the newest one at each epoch, without waiting.
+    schedule: str = "joint"
+    snapshot_every: int = 50  # image-job optimizer steps between published snapshots ("async")
+    # The text job's last epochs train against the image job's final snapshot (its selected
+    # checkpoint), so the text head matches the image codes it is shipped with (all of them when
+    # there are fewer epochs).
+    text_final_epochs: int = 5
 
 
 @dataclass
@@ -98,6 +109,7 @@ class DistributedConfig:
     max_failures: int = 0  # worker failures survived by restarting from the last checkpoint
     address: str = ""  # Ray cluster to join; empty: $RAY_ADDRESS, else a local Ray
     storage: str = ""  # Ray Train checkpoints: a folder or s3://bucket/prefix; empty: ~/ray_results
+    text_workers: int = 1  # workers of the text job in the "sync" and "async" schedules (the light side)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import ExperimentConfig, config_from_dict, to_dict
+from .snapshots import RemoteSnapshots
 from .train import CHECKPOINT, LoopContext, fit
 
 RESUME = "resume.pt"  # shared training state in a reported checkpoint
@@ -28,11 +29,11 @@ log = logging.getLogger(__name__)
 class RayContext(LoopContext):
     """The loop's view of a Ray Train worker: its rank, DDP, and checkpoint reporting."""
 
-    def __init__(self):
+    def __init__(self, snapshots=None):
         import ray.train
 
         context = ray.train.get_context()
-        super().__init__(rank=context.get_world_rank(), world_size=context.get_world_size())
+        super().__init__(rank=context.get_world_rank(), world_size=context.get_world_size(), snapshots=snapshots)
 
     def prepare(self, step: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:
@@ -84,14 +85,16 @@ class RayContext(LoopContext):
 def train_loop_per_worker(loop_config: dict) -> None:
     """What each Ray Train worker runs: the plain ``fit`` with a RayContext."""
     config = config_from_dict(loop_config["config"])
-    context = RayContext()
+    store = loop_config.get("snapshots")  # (actor name, namespace) of the split schedules' SnapshotStore
+    context = RayContext(RemoteSnapshots(*store) if store else None)
     # Relative defaults (the embedded MLflow store) mean the same place as for `terrahash train`.
     os.chdir(loop_config["cwd"])
     # Workers other than the chief write nothing the user sees; they get a scratch folder.
     out = Path(loop_config["out_dir"]) if context.is_chief else Path(tempfile.mkdtemp(prefix=f"terrahash-rank{context.rank}-"))
     torch.set_num_threads(max(1, int(loop_config["threads_per_worker"])))
     fit(config, loop_config["data_dir"], out, cache_dir=loop_config["cache_dir"], progress=context.is_chief,
-        skip_bad_images=loop_config["skip_bad_images"], context=context)
+        skip_bad_images=loop_config["skip_bad_images"], context=context, role=loop_config["role"],
+        parent_run_id=loop_config["parent_run_id"])
     if not context.is_chief:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -127,27 +130,38 @@ def ray_storage(storage_path: str | Path | None):
     return text[len("s3://"):], filesystem
 
 
+def init_ray(config: ExperimentConfig) -> None:
+    """Join ``distributed.address`` (or ``$RAY_ADDRESS``), else start a local Ray; no-op when connected."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.distributed.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+
+
 def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
-                    cache_dir: str | Path | None = None, skip_bad_images: bool = False) -> dict:
+                    cache_dir: str | Path | None = None, skip_bad_images: bool = False, role: str = "joint",
+                    parent_run_id: str | None = None, snapshots: tuple[str, str] | None = None,
+                    num_workers: int | None = None) -> dict:
     """Train as a Ray Train job as ``config.distributed`` says; returns the chief's metrics (as ``fit`` does).
 
     Ray starts locally unless ``distributed.address`` (or ``$RAY_ADDRESS``) names a running cluster.
-    Paths are made absolute so that workers, which run in other processes, find them.
+    Paths are made absolute so that workers, which run in other processes, find them. ``role``,
+    ``parent_run_id`` and ``snapshots`` (the (name, namespace) of a SnapshotStore actor) are passed
+    on to ``fit``; ``num_workers`` overrides ``distributed.num_workers``.
     """
     import json
 
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     d = config.distributed
-    if d.num_workers < 1:
-        raise ValueError(f"config.distributed.num_workers must be >= 1 for a Ray Train job, got {d.num_workers}")
+    workers = d.num_workers if num_workers is None else num_workers
+    if workers < 1:
+        raise ValueError(f"config.distributed.num_workers must be >= 1 for a Ray Train job, got {workers}")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init(address=d.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
+    init_ray(config)
     loop_config = {
         "config": to_dict(config),
         "data_dir": str(Path(data_dir).resolve()),
@@ -156,16 +170,19 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
         "skip_bad_images": skip_bad_images,
         "threads_per_worker": d.cpus_per_worker,
         "cwd": os.getcwd(),
+        "role": role,
+        "parent_run_id": parent_run_id,
+        "snapshots": snapshots,
     }
     storage, filesystem = ray_storage(d.storage or None)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=d.use_gpu,
                                                resources_per_worker={"CPU": d.cpus_per_worker}),
         # A name of its own for every job: Ray Train resumes a run whose name it finds in the storage,
         # and two different jobs must never share state that way.
-        run_config=ray.train.RunConfig(name=f"{config.name}-{config.train.bits}bits-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_config=ray.train.RunConfig(name=f"{config.name}-{config.train.bits}bits-{role}-{time.strftime('%Y%m%d-%H%M%S')}"
                                             f"-{uuid.uuid4().hex[:6]}", storage_path=storage,
                                        storage_filesystem=filesystem,
                                        failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),

@@ -1,6 +1,7 @@
 """MLflow tracking of a training run: config, data and code identity, per-epoch figures, energy and CO2, artifacts.
 
-``track_run`` wraps the training in ``fit``. Energy comes from codecarbon's offline tracker (no
+``track_run`` wraps one phase: the whole ``terrahash train`` (the parent run), each training job
+(child runs "joint", or "image" and "text") and the final evaluation (child run "eval"). Energy comes from codecarbon's offline tracker (no
 network): measured where the hardware has an energy counter (CPU through RAPL, GPU through NVML),
 otherwise estimated from CPU load and the CPU's rated power (TDP); memory is always a model. The
 run records which, so an estimate is never mistaken for a measurement.
@@ -163,9 +164,9 @@ class Tracker:
         source = "measured" if measured and all(measured) else "estimated" if not any(measured) else "partly estimated"
         self.client.set_tag(self.run_id, "energy.source", source)
 
-    def log_artifacts(self, out_dir: Path) -> None:
-        """The checkpoint, config and metrics files ``fit`` wrote to ``out_dir``."""
-        for name in ARTIFACTS:
+    def log_artifacts(self, out_dir: Path, names: tuple[str, ...] = ARTIFACTS) -> None:
+        """Files of ``out_dir`` (by default those ``fit`` writes: checkpoint, config, metrics)."""
+        for name in names:
             self.client.log_artifact(self.run_id, str(out_dir / name))
 
 
@@ -175,6 +176,9 @@ class NoTracker:
     run_id = None
 
     def log_epoch(self, epoch: int, losses: dict[str, float], val: dict | None = None) -> None:
+        pass
+
+    def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
         pass
 
 
@@ -238,17 +242,18 @@ def _energy(tracker: Tracker, tracking: TrackingConfig, images_processed: int) -
 
 @contextlib.contextmanager
 def track_run(config: ExperimentConfig, out_dir: str | Path, dataset: CaptionDataset,
-              images_processed: int, rank: int = 0) -> Iterator[Tracker | NoTracker]:
-    """Log the training run inside the block to MLflow, with its energy and CO2.
+              images_processed: int, rank: int = 0, parent_run_id: str | None = None,
+              run_name: str | None = None, artifacts: tuple[str, ...] = ARTIFACTS) -> Iterator[Tracker | NoTracker]:
+    """Log the phase inside the block to MLflow as one run, with its energy and CO2.
 
-    On entry: a run named ``<config>-<bits>bits`` with the resolved config as flattened params
-    (``train.bits``, ``loss.weights.margin``...) and tags for the dataset, its fingerprint and the
-    git commit. While the block runs: the tracker's ``log_epoch`` figures, system metrics, and
-    codecarbon. On exit: ``energy_kwh``, ``emissions_kg_co2eq`` and both per 1,000 images
-    (``images_processed`` = training images x epochs), then on success ``checkpoint.pt``,
-    ``config.yaml`` and ``metrics.json`` from ``out_dir`` as artifacts. The run ends FINISHED, or
-    FAILED (KILLED on Ctrl-C) when the block raises. Only rank 0 logs: other ranks, and
-    ``config.tracking.enabled = False``, get a tracker that does nothing.
+    On entry: a run named ``run_name`` (default ``<config>-<bits>bits``), a child of
+    ``parent_run_id`` when given, with the resolved config as flattened params (``train.bits``,
+    ``loss.weights.margin``...) and tags for the dataset, its fingerprint and the git commit.
+    While the block runs: the tracker's figures, system metrics, and codecarbon. On exit:
+    ``energy_kwh``, ``emissions_kg_co2eq`` and both per 1,000 images (``images_processed``: for
+    training, training images x epochs), then on success the ``artifacts`` files of ``out_dir``.
+    The run ends FINISHED, or FAILED (KILLED on Ctrl-C) when the block raises. Only rank 0 logs:
+    other ranks, and ``config.tracking.enabled = False``, get a tracker that does nothing.
     """
     tracking = config.tracking
     if rank != 0 or not tracking.enabled:
@@ -256,13 +261,15 @@ def track_run(config: ExperimentConfig, out_dir: str | Path, dataset: CaptionDat
         return
     check_tracking(tracking)
     from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     uri, artifact_location = resolve_tracking_uri(tracking)
     client = MlflowClient(uri)
+    tags = run_tags(dataset) | ({MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {})
     run = client.create_run(_experiment_id(client, tracking.experiment, artifact_location),
-                            run_name=f"{config.name}-{config.train.bits}bits", tags=run_tags(dataset))
+                            run_name=run_name or f"{config.name}-{config.train.bits}bits", tags=tags)
     tracker = Tracker(client, run.info.run_id)
-    log.info("MLflow run %s in %s", tracker.run_id, uri)
+    log.info("MLflow run %s (%s) in %s", tracker.run_id, run.info.run_name, uri)
     try:
         from mlflow.entities import Param
 
@@ -270,7 +277,7 @@ def track_run(config: ExperimentConfig, out_dir: str | Path, dataset: CaptionDat
         with (_system_metrics(tracker.run_id, uri, tracking.system_metrics),
               _energy(tracker, tracking, images_processed)):
             yield tracker
-        tracker.log_artifacts(Path(out_dir))
+        tracker.log_artifacts(Path(out_dir), artifacts)
     except BaseException as err:
         client.set_terminated(tracker.run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise

@@ -1,8 +1,11 @@
-"""Single-process training of the asymmetric hashing model, on CPU or one GPU.
+"""The training loop of the asymmetric hashing model, in one process (CPU or one GPU) or one Ray Train worker.
 
-``fit`` trains both towers with the DHD and cross-modal objective, evaluates on the val split
-every few epochs, keeps the best checkpoint by val figures only (never the test split), and
-writes ``checkpoint.pt``, ``config.yaml`` and ``metrics.json`` to the output folder.
+``fit`` trains with the DHD and cross-modal objective, evaluates on the val split every few
+epochs, keeps the best checkpoint by val figures only (never the test split), and writes
+``checkpoint.pt``, ``config.yaml`` and ``metrics.json`` to the output folder. Its ``role`` says
+which towers it trains: both ("joint"), or one side of the split schedules ("image": the image
+tower and the proxies; "text": the text tower against the image job's snapshots; see
+``training/snapshots.py`` and ``training/jobs.py``).
 """
 from __future__ import annotations
 
@@ -23,17 +26,19 @@ from tqdm.auto import tqdm
 
 from evaluation.retrieval import SplitCodes, image_pr_curve, retrieval_figures
 
-from .batches import Batch, CachedBatches, ImageBatches
+from .batches import Batch, CachedBatches, CaptionBatches, ImageBatches
 from .config import ExperimentConfig, save_config, to_dict
 from .data import CaptionDataset, load_dataset
 from .features import FeatureCache, default_device, image_features, module_fingerprint, normalize, text_features
 from .models import HashingModel, ImageEncoder, TextEncoder, build_heads
 from .objective import HashingObjective
+from .snapshots import Snapshot, wait_for
 from .tracking import NoTracker, Tracker, check_tracking, track_run
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+ROLES = ("joint", "image", "text")  # which towers a training job updates
 
 
 def seed_everything(seed: int) -> None:
@@ -112,16 +117,20 @@ def head_codes(head: torch.nn.Module, features: np.ndarray, device: torch.device
     return torch.cat(out).numpy()
 
 
-def dataset_codes(encoders: Encoders) -> tuple[np.ndarray, np.ndarray]:
-    """Continuous codes of every image (N, nbits) and every caption (M, nbits).
-
-    An image's code is the mean of its codes under the configured dihedral views.
-    """
-    model, device = encoders.model, encoders.device
+def image_codes(encoders: Encoders) -> np.ndarray:
+    """Continuous codes (N, nbits) of every image: the mean of its codes under the configured dihedral views."""
     views = encoders.image_features(encoders.config.image.encode_views)  # (V, N, D)
-    images = np.mean([head_codes(model.image_head, view, device) for view in views], axis=0)  # (N, nbits)
-    captions = head_codes(model.text_head, encoders.text_features(), device)
-    return images, captions
+    return np.mean([head_codes(encoders.model.image_head, view, encoders.device) for view in views], axis=0)
+
+
+def caption_codes(encoders: Encoders) -> np.ndarray:
+    """Continuous codes (M, nbits) of every caption."""
+    return head_codes(encoders.model.text_head, encoders.text_features(), encoders.device)
+
+
+def dataset_codes(encoders: Encoders) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous codes of every image (N, nbits) and every caption (M, nbits)."""
+    return image_codes(encoders), caption_codes(encoders)
 
 
 def split_codes(index: DatasetIndex, images: np.ndarray, captions: np.ndarray, rows: np.ndarray) -> SplitCodes:
@@ -156,35 +165,61 @@ SELECTION = {
 }
 
 
-def selection_rule(selection: str):
-    """The named selection rule; unknown names fail before any training starts."""
+# The split schedules' jobs are chosen by what they train: the image job by image-to-image mAP
+# (the text tower is not trained yet); the text job by the text figures against the image codes.
+ROLE_SELECTION = {
+    "image": {"class": lambda b: b["image_to_image"]["map_all"],
+              "class_and_instance": lambda b: b["image_to_image"]["map_all"]},
+    "text": {"class": lambda b: b["text_to_image"]["map_all"],
+             "class_and_instance": lambda b: (b["text_to_image"]["map_all"] + b["mr"] / 100) / 2},
+}
+
+
+def selection_rule(selection: str, role: str = "joint"):
+    """The named selection rule for a job's role; unknown names fail before any training starts."""
+    if role not in ROLES:
+        raise ValueError(f"unknown training role {role!r}; known: {list(ROLES)}")
     if selection not in SELECTION:
         raise KeyError(f"config.train.selection: unknown {selection!r}; known: {sorted(SELECTION)}")
-    return SELECTION[selection]
+    return ROLE_SELECTION[role][selection] if role in ROLE_SELECTION else SELECTION[selection]
 
 
-def selection_score(figures: dict, selection: str) -> float:
-    return selection_rule(selection)(figures["binary"])
+def selection_score(figures: dict, selection: str, role: str = "joint") -> float:
+    return selection_rule(selection, role)(figures["binary"])
 
 
-def _lr_lambda(config: ExperimentConfig, steps_per_epoch: int):
-    total = max(config.train.epochs * steps_per_epoch, 1)
-    warmup = config.train.warmup_epochs * steps_per_epoch
+def _lr_lambda(config: ExperimentConfig, steps_per_epoch: int, role: str = "joint"):
+    """Linear warm-up, then cosine decay to 0 at the last step. The async text job restarts the
+    cosine for its final epochs: it must still be able to move onto the image job's final codes."""
+    t = config.train
+    total = max(t.epochs * steps_per_epoch, 1)
+    warmup = t.warmup_epochs * steps_per_epoch
+    restart = (t.epochs - min(t.text_final_epochs, t.epochs)) * steps_per_epoch
+    restarts = role == "text" and t.schedule == "async" and restart > warmup
+
+    def cosine(step: int, start: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * (step - start) / max(total - start, 1)))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+        if restarts and step >= restart:
+            return cosine(step, restart)
+        return cosine(step, warmup)
     return factor
 
 
-def _optimizer(model: HashingModel, objective: HashingObjective, config: ExperimentConfig) -> torch.optim.Optimizer:
+def _optimizer(model: HashingModel, objective: HashingObjective, config: ExperimentConfig,
+               role: str = "joint") -> torch.optim.Optimizer:
+    """AdamW over what the role trains: heads and proxies at ``lr``, fine-tuned encoders at ``backbone_lr``."""
     t = config.train
-    groups = [{"params": [*model.image_head.parameters(), *model.text_head.parameters(), *objective.parameters()],
-               "lr": t.lr}]
-    if not config.image.freeze_backbone:
+    image, text = role in ("joint", "image"), role in ("joint", "text")
+    heads = [*model.image_head.parameters(), *objective.parameters()] if image else []
+    heads += list(model.text_head.parameters()) if text else []
+    groups = [{"params": heads, "lr": t.lr}]
+    if image and not config.image.freeze_backbone:
         groups.append({"params": list(model.image_encoder.parameters()), "lr": t.backbone_lr})
-    if not config.text.freeze_encoder:
+    if text and not config.text.freeze_encoder:
         groups.append({"params": list(model.text_encoder.parameters()), "lr": t.backbone_lr})
     return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
 
@@ -192,8 +227,10 @@ def _optimizer(model: HashingModel, objective: HashingObjective, config: Experim
 class Trainer:
     """Holds the model, the objective and the feature sources for one training run."""
 
-    def __init__(self, config: ExperimentConfig, index: DatasetIndex, device: torch.device, cache: FeatureCache):
-        self.config, self.index, self.device = config, index, device
+    def __init__(self, config: ExperimentConfig, index: DatasetIndex, device: torch.device, cache: FeatureCache,
+                 role: str = "joint"):
+        self.config, self.index, self.device, self.role = config, index, device, role
+        self.snapshot: Snapshot | None = None  # the text role's image codes and proxies
         self.model, self.objective = build_model(config, len(index.dataset.classes))
         self.model.to(device)
         self.objective.to(device)
@@ -207,6 +244,8 @@ class Trainer:
 
     def batches(self, rows: np.ndarray):
         t = self.config.train
+        if self.role == "text":
+            return CaptionBatches(rows, self.index.labels, self.index.captions_of, t.batch_size, t.seed)
         if self.config.image.freeze_backbone:
             features = torch.as_tensor(self.encoders.image_features(t.views), device=self.device)
             return CachedBatches(features, rows, self.index.labels, self.index.captions_of, t.batch_size,
@@ -228,13 +267,24 @@ class Trainer:
         texts = [self.index.captions[i] for i in caption_rows.tolist()]
         return self.model.text_head(self.model.text_encoder.encode(texts))
 
+    def use_snapshot(self, snapshot: Snapshot) -> None:
+        """The image codes and proxies the text role trains against from now on."""
+        self.snapshot = snapshot
+        self._snapshot_codes = torch.as_tensor(snapshot.codes, device=self.device)  # (N, nbits)
+        self._snapshot_proxies = torch.as_tensor(snapshot.proxies, device=self.device)  # (C, nbits)
+
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Loss terms of one batch (nothing is updated here)."""
+        """Loss terms of one batch for this role (nothing is updated here)."""
+        labels = batch.labels.to(self.device)
+        caption_features = self.caption_features[batch.captions.to(self.device)]
+        if self.role == "text":
+            h_image = self._snapshot_codes[batch.images.to(self.device)]  # (B, nbits), constants
+            return self.objective(h_image, None, self._text_codes(batch.captions), labels, caption_features,
+                                  target_proxies=self._snapshot_proxies)
         h_weak = self._image_codes(batch.weak)
         h_strong = self._image_codes(batch.strong)
-        h_text = self._text_codes(batch.captions)
-        return self.objective(h_weak, h_strong, h_text, batch.labels.to(self.device),
-                              self.caption_features[batch.captions.to(self.device)])
+        h_text = self._text_codes(batch.captions) if self.role == "joint" else None
+        return self.objective(h_weak, h_strong, h_text, labels, caption_features)
 
     def train_mode(self, on: bool) -> None:
         self.model.train(on)
@@ -245,9 +295,22 @@ class Trainer:
             self.model.text_encoder.eval()
 
     def evaluate(self, query_split: str, db_rows: np.ndarray) -> dict:
+        """Val figures of what this role trains (the image role: image-to-image only)."""
         self.train_mode(False)
-        images, captions = dataset_codes(self.encoders)
-        return evaluate_split(self.index, images, captions, self.index.rows(query_split), db_rows)
+        images = self.snapshot.codes if self.role == "text" else image_codes(self.encoders)
+        figures = evaluate_split(self.index, images, caption_codes(self.encoders), self.index.rows(query_split), db_rows)
+        if self.role == "image":  # the text head is untrained here: its figures mean nothing
+            return {kind: {"image_to_image": f["image_to_image"]} for kind, f in figures.items()}
+        return figures
+
+    def publish_snapshot(self, version: int, step: int, epoch: int, final: bool, shared_rows: np.ndarray) -> Snapshot:
+        """The image role's current codes of ``shared_rows`` (others NaN) and its proxies."""
+        self.train_mode(False)
+        codes = np.full((len(self.index.labels), self.config.train.bits), np.nan, dtype=np.float32)
+        codes[shared_rows] = image_codes(self.encoders)[shared_rows]
+        proxies = self.objective.proxy.proxies.detach().float().cpu().numpy()
+        self.train_mode(True)
+        return Snapshot(version, step, epoch, final, codes, proxies)
 
 
 @dataclass
@@ -257,6 +320,7 @@ class LoopContext:
 
     rank: int = 0
     world_size: int = 1
+    snapshots: object = None  # the split schedules' SnapshotStore (or RemoteSnapshots); None for "joint"
 
     @property
     def is_chief(self) -> bool:
@@ -309,16 +373,20 @@ def averaged_heads(heads: torch.nn.Module, ema: torch.optim.swa_utils.AveragedMo
 
 def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
         cache_dir: str | Path | None = None, progress: bool = True, skip_bad_images: bool = False,
-        context: LoopContext | None = None) -> dict:
+        context: LoopContext | None = None, role: str = "joint", parent_run_id: str | None = None) -> dict:
     """Train, select on val, write the checkpoint, config and metrics; return the metrics dict.
 
     With ``skip_bad_images`` unreadable images are left out and listed in the metrics file;
     otherwise the first one stops the run before training starts. With ``config.tracking.enabled``
-    the run is logged to MLflow (``tracking.track_run``) and ``metrics["mlflow_run_id"]`` names it.
+    the run is logged to MLflow (``tracking.track_run``; a child of ``parent_run_id`` when given)
+    and ``metrics["mlflow_run_id"]`` names it. ``role`` is "joint", "image" or "text" (see the
+    module docstring); the split roles need ``context.snapshots``.
     """
     started = time.time()
     t = config.train
-    selection_rule(t.selection)
+    selection_rule(t.selection, role)
+    if role != "joint" and (context is None or context.snapshots is None):
+        raise ValueError(f"the {role!r} role exchanges snapshots with the other job: give a context with snapshots")
     if config.tracking.enabled:
         check_tracking(config.tracking)  # a missing package stops the run before any work
     out = Path(out_dir)
@@ -329,12 +397,13 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
     cache = FeatureCache(Path(cache_dir) if cache_dir else None)
     context = context or LoopContext()
     images_processed = len(index.rows("train")) * t.epochs
-    with track_run(config, out, index.dataset, images_processed, rank=context.rank) as tracker:
+    with track_run(config, out, index.dataset, images_processed, rank=context.rank, parent_run_id=parent_run_id,
+                   run_name=role if parent_run_id else None) as tracker:
         best, history, start = train_and_select(config, index, device, cache, out, progress and context.is_chief,
-                                                tracker, context)
+                                                tracker, context, role)
         if not context.is_chief:  # only the chief evaluates and writes; the others trained their shard
             return {"rank": context.rank, "world_size": context.world_size, "history": history}
-        metrics = {"config": config.name, "bits": t.bits, "dataset": index.dataset.name,
+        metrics = {"config": config.name, "bits": t.bits, "role": role, "dataset": index.dataset.name,
                    "dataset_fingerprint": index.dataset.fingerprint(), "skipped_images": list(index.dataset.skipped),
                    "best_epoch": best["epoch"],
                    "selection_score": best["score"], "val": best["val"], "history": history,
@@ -349,14 +418,17 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
 
 def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torch.device, cache: FeatureCache,
                      out: Path, progress: bool, tracker: Tracker | NoTracker,
-                     context: LoopContext) -> tuple[dict, list[dict], int]:
+                     context: LoopContext, role: str = "joint") -> tuple[dict, list[dict], int]:
     """The epoch loop: train, evaluate on val every few epochs, save the best checkpoint so far.
 
     Returns the best evaluation (epoch, score, val figures), the per-epoch history, and the epoch
-    it resumed after (0 for a fresh start).
+    it resumed after (0 for a fresh start). The image role publishes snapshots (every
+    ``snapshot_every`` steps in the async schedule, and its selected checkpoint's at the end); the
+    text role picks up the newest at each epoch, and only epochs trained against the final one can
+    be selected.
     """
     t = config.train
-    trainer = Trainer(config, index, device, cache)
+    trainer = Trainer(config, index, device, cache, role)
     heads = torch.nn.ModuleDict({"image": trainer.model.image_head, "text": trainer.model.text_head})
     ema = (torch.optim.swa_utils.AveragedModel(heads, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay),
                                                use_buffers=True) if t.ema_decay else None)
@@ -364,8 +436,10 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
     val_db = train_rows  # val queries are ranked against train only: no test data is ever seen
     batches = trainer.batches(context.shard(train_rows))
     step = context.prepare(TrainStep(trainer))
-    optimizer = _optimizer(trainer.model, trainer.objective, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(batches)))
+    optimizer = _optimizer(trainer.model, trainer.objective, config, role)
+    publishes = role == "image" and context.is_chief
+    shared_rows = index.rows("train", "val")  # what the text job may see: never the test split
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(batches), role))
     if context.is_chief:
         save_config(config, out / "config.yaml")
 
@@ -398,6 +472,10 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
     bar = tqdm(range(start, t.epochs), initial=start, total=t.epochs, desc=f"train {config.name} {t.bits} bits",
                unit="epoch", disable=not progress)
     for epoch in bar:
+        if role == "text":  # the newest snapshot; the last epochs wait for the final one
+            snapshot = wait_for(context.snapshots, final=epoch >= t.epochs - t.text_final_epochs)
+            if trainer.snapshot is None or snapshot.version != trainer.snapshot.version:
+                trainer.use_snapshot(snapshot)
         trainer.train_mode(True)
         sums: dict[str, float] = {}
         epoch_started, samples = time.perf_counter(), 0
@@ -410,25 +488,39 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(heads)
+            steps = scheduler.last_epoch  # optimizer steps so far, resumed runs included
+            if publishes and t.schedule == "async" and steps % t.snapshot_every == 0:
+                with averaged_heads(heads, ema):
+                    context.snapshots.publish(trainer.publish_snapshot(steps, steps, epoch, False, shared_rows))
             samples += len(batch.labels)
             for name, value in {"total": loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
         # Samples this worker trained on and the seconds it took (evaluation excluded): throughput.
         record = {"epoch": epoch + 1, "loss": {k: v / len(batches) for k, v in sums.items()},
                   "samples": samples, "seconds": round(time.perf_counter() - epoch_started, 4)}
+        if role == "text":  # which image codes this epoch learnt against
+            record["snapshot"] = {"version": trainer.snapshot.version, "final": trainer.snapshot.final}
         if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
             if context.is_chief:
                 with averaged_heads(heads, ema):  # evaluate and save what will be used: the averaged heads
                     figures = trainer.evaluate("val", val_db)
                     record["val"] = figures
-                    score = selection_score(figures, t.selection)
-                    if best is None or score > best["score"]:
+                    score = selection_score(figures, t.selection, role)
+                    # The text head ships with the image job's final codes: only epochs trained
+                    # against them are candidates.
+                    eligible = role != "text" or trainer.snapshot.final
+                    if eligible and (best is None or score > best["score"]):
                         best = {"epoch": epoch + 1, "score": score, "val": figures}
                         save_checkpoint(out / CHECKPOINT, trainer, index, best)
-                bar.set_postfix(loss=f"{record['loss']['total']:.3f}", val=f"{score:.4f}", best=best["epoch"])
+                bar.set_postfix(loss=f"{record['loss']['total']:.3f}", val=f"{score:.4f}", best=best and best["epoch"])
             context.report(epoch + 1, record, out, state)
         tracker.log_epoch(record["epoch"], record["loss"], record.get("val"))
         history.append(record)
+    if publishes:  # the selected checkpoint is what the text job must map into
+        load_trainable_state(trainer.model, trainer.objective,
+                             torch.load(out / CHECKPOINT, map_location=device, weights_only=True))
+        steps = scheduler.last_epoch
+        context.snapshots.publish(trainer.publish_snapshot(steps + 1, steps, best["epoch"], True, shared_rows))
     return best, history, start
 
 

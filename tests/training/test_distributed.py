@@ -18,13 +18,6 @@ from training.train import CHECKPOINT, fit
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def test_a_ray_job_needs_at_least_one_worker(subset, tiny_text_encoder, tmp_path):
     from training.distributed import fit_distributed
 

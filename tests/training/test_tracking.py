@@ -1,17 +1,10 @@
 """MLflow tracking of fit against a real `mlflow server` on loopback and the embedded SQLite store."""
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import os
-import re
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -28,61 +21,9 @@ from training.data import load_dataset  # noqa: E402
 from training.tracking import git_commit, resolve_tracking_uri, track_run  # noqa: E402
 from training.train import fit  # noqa: E402
 
-MLFLOW = Path(sys.executable).with_name("mlflow")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real MLflow tracking server (SQLite backend, proxied artifacts) on a free loopback port."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    # The GenAI job runner (a pool of worker processes) is not needed to track runs.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(root / "server.log", "w") as server_log:
-        process = subprocess.Popen(
-            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-             "--artifacts-destination", str(root / "artifacts")],
-            cwd=root, env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def log_tail() -> str:
-        return (root / "server.log").read_text()[-3000:]
-
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mlflow server exited with {process.returncode}:\n{log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 90 s:\n{log_tail()}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        stop_group(process)
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """Stop a process started with its own session, and its children (the server's uvicorn worker)."""
-    with contextlib.suppress(ProcessLookupError):  # the group may be gone already
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+@pytest.fixture
+def server(mlflow_server):
+    return mlflow_server
 
 
 def test_fit_logs_everything_to_a_server(server, subset, tiny_text_encoder, tmp_path, monkeypatch):
@@ -163,11 +104,11 @@ def test_no_track_creates_no_run(subset, tiny_text_encoder, tmp_path, monkeypatc
 def test_cli_tracking_uri_reaches_the_config(monkeypatch, subset, tmp_path):
     seen = {}
 
-    def fake_fit(config, *args, **kwargs):  # only the flag handling is under test here
+    def fake_run(config, *args, **kwargs):  # only the flag handling is under test here
         seen["config"] = config
         return {"train_seconds": 0, "best_epoch": 1, "mlflow_run_id": None}
 
-    monkeypatch.setattr("training.train.fit", fake_fit)
+    monkeypatch.setattr("training.jobs.run_training", fake_run)
     assert main(["train", "--config", "fast", "--data", str(subset), "--out", str(tmp_path / "x"),
                  "--tracking-uri", "http://127.0.0.1:1"]) == 0
     assert seen["config"].tracking.tracking_uri == "http://127.0.0.1:1" and seen["config"].tracking.enabled
