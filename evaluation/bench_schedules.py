@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             metrics = run_training(config, args.data, Path(tmp) / schedule, cache_dir=args.cache_dir)
             results[schedule] = (time.perf_counter() - started, metrics["eval"])
+            print(f"{schedule}: {results[schedule][0]:.1f} s, " + ", ".join(
+                f"{name} {metrics['eval'][key]:.4f}" for name, key in FIGURES), flush=True)
 
     print(f"\n{args.config}, {args.bits} bits, test split (binary codes):")
     print(f"{'schedule':<10}{'wall s':>9}" + "".join(f"{name:>10}" for name, _ in FIGURES))

@@ -180,3 +180,20 @@ def test_async_schedule_on_ray_is_tracked_as_parent_and_child_runs(local_ray, ml
     assert parent_files == {"checkpoint.pt", "config.yaml", "metrics.json", "eval_test.json"}
     assert {a.path for a in client.list_artifacts(by_name["text"].info.run_id)} >= {"checkpoint.pt", "metrics.json"}
     assert parent.data.params["train.schedule"] == "async" and parent.data.tags["dataset"] == "ucm_subset"
+
+
+def test_cli_schedule_and_eval_split_reach_the_job(monkeypatch, subset, tmp_path):
+    from cluster.cli import main
+
+    seen = {}
+
+    def fake_run(config, data_dir, out, **kwargs):  # only the flag handling is under test here
+        seen.update(config=config, **kwargs)
+        return {"train_seconds": 0, "best_epoch": 1, "mlflow_run_id": None}
+
+    monkeypatch.setattr("training.jobs.run_training", fake_run)
+    assert main(["train", "--config", "fast", "--data", str(subset), "--out", str(tmp_path / "x"),
+                 "--schedule", "async", "--eval-split", "none"]) == 0
+    assert seen["config"].train.schedule == "async" and seen["eval_split"] is None
+    assert main(["train", "--config", "fast", "--data", str(subset), "--out", str(tmp_path / "x")]) == 0
+    assert seen["config"].train.schedule == "joint" and seen["eval_split"] == "test"
