@@ -200,12 +200,17 @@ def load_config(path_or_name: str | Path) -> ExperimentConfig:
             names = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
             raise FileNotFoundError(f"config {path_or_name!r} is neither a file nor a shipped config {names}")
         path = shipped
+    return read_config_file(path, config_from_dict)
+
+
+def read_config_file(path: Path, build):
+    """``build(mapping)`` of a YAML file; errors (bad YAML, schema) name the file."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     try:
-        return config_from_dict(data)
+        return build(data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 

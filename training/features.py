@@ -95,13 +95,16 @@ def image_features(encoder: nn.Module, paths: list[Path], image_size: int, mean,
                    cache: FeatureCache | None = None, desc: str = "image features") -> np.ndarray:
     """Pooled features of every image under each dihedral view: float32 (V, N, D).
 
-    Each view is cached on its own, under a key made of the encoder's fingerprint, the
-    preprocessing, the view and the file list; the views not in the cache are computed together,
+    Each view is cached on its own, under a key made of the encoder's fingerprint and pooled
+    stages, the preprocessing, the view and the file list; the views not in the cache are computed together,
     decoding each image once.
     """
     cache = cache or FeatureCache(None)
     fingerprint = module_fingerprint(encoder)
-    keys = {v: FeatureCache.key(kind="image", encoder=fingerprint, size=image_size, mean=list(mean),
+    # The weights' fingerprint does not say which stages are pooled: the same backbone with other
+    # pool_levels gives other features.
+    levels = list(getattr(encoder, "pool_levels", []))
+    keys = {v: FeatureCache.key(kind="image", encoder=fingerprint, levels=levels, size=image_size, mean=list(mean),
                                 std=list(std), view=v, paths=[str(Path(p).resolve()) for p in paths]) for v in views}
     found = {v: cache.get(keys[v]) for v in views}
     missing = tuple(v for v in views if found[v] is None)

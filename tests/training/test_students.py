@@ -1,0 +1,184 @@
+"""Students, distillation losses and the distillation loop, on tiny models and real UCM images."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from training.config import ConfigError, TextTowerConfig, config_from_dict
+from training.distill import (CosineAgreementLoss, DistillObjective, SimilarityStructureLoss, bit_agreement,
+                              distill)
+from training.models import HashHead, TextEncoder
+from training.students import (DistillLossConfig, ImageStudent, ImageStudentConfig, TextStudentConfig,
+                               build_text_student, distill_config_from_dict, evenly_spaced_layers,
+                               load_image_student, load_text_student)
+from training.data import load_dataset
+from training.train import DatasetIndex, LoopContext, fit
+
+
+# ---- losses, on cases computed by hand
+
+
+def test_cosine_agreement_by_hand():
+    h_s = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    h_t = torch.tensor([[2.0, 0.0], [1.0, 0.0]], requires_grad=True)
+    loss = CosineAgreementLoss()(h_s, h_t)  # cos = 1 and 0 -> mean(0, 1) = 0.5
+    assert loss.item() == pytest.approx(0.5)
+    loss.backward()
+    assert h_t.grad is None and h_s.grad is not None  # the teacher is a fixed target
+    with pytest.raises(ValueError, match="both be"):
+        CosineAgreementLoss()(h_s, h_t[:1])
+
+
+def test_similarity_structure_by_hand():
+    h_s = torch.tensor([[1.0, 0.0], [0.0, 3.0]])  # S_S = identity
+    h_t = torch.tensor([[1.0, 0.0], [2.0, 0.0]])  # S_T = all ones
+    assert SimilarityStructureLoss()(h_s, h_t).item() == pytest.approx(0.5)  # two off-diagonal 1s of 4
+    assert SimilarityStructureLoss()(h_t * 5, h_t).item() == pytest.approx(0.0)  # only directions count
+
+
+def test_objective_names_terms_and_skips_zero_weights():
+    h_s, h_t = torch.tensor([[0.5, -0.5], [0.9, 0.1]]), torch.tensor([[1.0, -1.0], [1.0, 1.0]])
+    full = DistillObjective(DistillLossConfig())(h_s, h_t)
+    assert set(full) == {"cosine", "quantization", "similarity"}
+    objective = DistillObjective(DistillLossConfig(weights={"cosine": 2.0, "quantization": 0.0, "similarity": 1.0}))
+    terms = objective(h_s, h_t)
+    assert set(terms) == {"cosine", "similarity"}
+    assert objective.total(terms).item() == pytest.approx(2 * terms["cosine"].item() + terms["similarity"].item())
+
+
+def test_bit_agreement_counts_zero_as_plus_one():
+    a = np.array([[0.0, -0.2, 0.3, 0.1]])
+    assert bit_agreement(a, np.array([[1.0, -1.0, 1.0, -1.0]])) == 0.75
+
+
+# ---- configs and students
+
+
+def test_distill_config_rejects_unknown_keys_students_and_terms():
+    assert distill_config_from_dict({}).students == ("image", "text")
+    with pytest.raises(ConfigError, match="unknown key"):
+        distill_config_from_dict({"image": {"backbon": "x"}})
+    with pytest.raises(ConfigError, match="students"):
+        distill_config_from_dict({"students": ["audio"]})
+    with pytest.raises(ConfigError, match="unknown term"):
+        distill_config_from_dict({"loss": {"weights": {"cosin": 1.0}}})
+
+
+def test_evenly_spaced_layers():
+    assert evenly_spaced_layers(2, 6) == (2, 5)
+    assert evenly_spaced_layers(3, 6) == (1, 3, 5)
+    assert evenly_spaced_layers(6, 6) == tuple(range(6))
+    with pytest.raises(ConfigError, match="num_layers"):
+        evenly_spaced_layers(7, 6)
+
+
+def test_text_student_copies_the_chosen_teacher_layers(tiny_text_encoder):
+    teacher = TextEncoder(TextTowerConfig(encoder=str(tiny_text_encoder), max_length=16))
+    head = HashHead(teacher.feature_dim, 8, (16,))
+    student = build_text_student(TextStudentConfig(num_layers=1, layers=(1,)), teacher, head)
+    assert student.model.config.num_hidden_layers == 1 and student.max_length == 16
+    mine, theirs = student.model.encoder.layer[0].state_dict(), teacher.model.encoder.layer[1].state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert not torch.equal(mine["attention.self.query.weight"],
+                           teacher.model.encoder.layer[0].state_dict()["attention.self.query.weight"])
+    assert torch.equal(student.model.embeddings.word_embeddings.weight, teacher.model.embeddings.word_embeddings.weight)
+    assert torch.equal(student.head.mlp[-1].weight, head.mlp[-1].weight) and student.head is not head
+    tokens = teacher.tokenize(["a plane on the runway", "trees"])
+    codes = student.eval()(tokens["input_ids"], tokens["attention_mask"])
+    assert codes.shape == (2, 8) and codes.abs().max() < 1
+    with pytest.raises(ConfigError, match="layers"):
+        build_text_student(TextStudentConfig(num_layers=1, layers=(2,)), teacher, head)
+
+
+def test_image_student_maps_pixels_to_codes():
+    student = ImageStudent(ImageStudentConfig(backbone="test_efficientnet", weights="none", image_size=64,
+                                              pool_levels=(1,), head_hidden=(16,)), 12).eval()
+    codes = student(torch.randn(3, 3, 64, 64))
+    assert codes.shape == (3, 12) and codes.abs().max() < 1
+
+
+# ---- the loop
+
+
+class RecordingContext(LoopContext):
+    """The plain one-process context, recording the loop's touch-points."""
+
+    def __init__(self):
+        super().__init__()
+        self.prepared, self.reports, self.shards = [], [], []
+
+    def shard(self, rows):
+        self.shards.append(len(rows))
+        return super().shard(rows)
+
+    def prepare(self, step):
+        self.prepared.append(type(step).__name__)
+        return step
+
+    def report(self, epoch, record, out, state):
+        self.reports.append((epoch, sorted(record)))
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(subset, tiny_text_encoder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    fit(config_from_dict(tiny_config(tiny_text_encoder, epochs=2)), subset, out,
+        cache_dir=out / "cache", progress=False)
+    return out
+
+
+def test_distill_reduces_the_loss_and_writes_students_chosen_on_val(tiny_teacher, subset, tmp_path):
+    config = distill_config_from_dict({
+        "image": {"backbone": "test_efficientnet", "weights": "none", "image_size": 64, "pool_levels": [],
+                  "head_hidden": [32], "epochs": 6, "batch_size": 6, "views": [0, 5], "lr": 3e-3},
+        "text": {"num_layers": 1, "epochs": 4, "batch_size": 16, "lr": 1e-3},
+        "eval_every": 2, "device": "cpu", "warmup_epochs": 0})
+    context = RecordingContext()
+    metrics = distill(tiny_teacher, config, subset, tmp_path / "students", cache_dir=tmp_path / "cache",
+                      progress=False, context=context)
+    for kind in ("image", "text"):
+        history = metrics["students"][kind]["history"]
+        first, last = history[0]["loss"], history[-1]["loss"]
+        assert last["total"] < first["total"], (kind, first, last)
+        assert last["cosine"] < first["cosine"], kind
+        best = metrics["students"][kind]["best"]
+        assert best["epoch"] in [h["epoch"] for h in history if "val_bit_agreement" in h]
+    # 12 train images (never val or test) and their distinct captions; evaluation every 2 epochs
+    index = DatasetIndex.build(load_dataset(subset))
+    distinct = len({index.captions[c] for r in index.rows("train") for c in index.captions_of[r]})
+    assert distinct < 60 and context.shards == [12, distinct] and context.prepared == ["HashHead", "TextStudent"]
+    assert [e for e, _ in context.reports] == [2, 4, 6, 2, 4]
+    saved = json.loads((tmp_path / "students" / "metrics.json").read_text())
+    assert saved["bits"] == 16 and saved["students"]["text"]["best"] == metrics["students"]["text"]["best"]
+
+    image, state = load_image_student(tmp_path / "students")
+    assert state["epoch"] == metrics["students"]["image"]["best"]["epoch"]
+    assert image(torch.zeros(2, 3, 64, 64)).shape == (2, 16)
+    text, tokenizer, _ = load_text_student(tmp_path / "students")
+    tokens = tokenizer(["a runway"], return_tensors="pt")
+    assert text(tokens["input_ids"], tokens["attention_mask"]).shape == (1, 16)
+
+
+def test_distill_without_teacher_checkpoint_fails_clearly(subset, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        distill(tmp_path / "nowhere", distill_config_from_dict({"device": "cpu"}), subset, tmp_path / "out")
+
+
+def test_distill_can_train_the_image_backbone_on_decoded_images(tiny_teacher, subset, tmp_path):
+    image = {"backbone": "test_efficientnet", "weights": "none", "image_size": 64, "pool_levels": [],
+             "head_hidden": [], "epochs": 1, "batch_size": 6, "views": [0, 3]}
+    encoders = {}
+    for frozen in (True, False):
+        config = distill_config_from_dict({"students": ["image"], "device": "cpu", "eval_every": 1,
+                                           "image": {**image, "freeze_backbone": frozen}})
+        distill(tiny_teacher, config, subset, tmp_path / str(frozen), progress=False)
+        encoders[frozen] = load_image_student(tmp_path / str(frozen))[0].encoder.state_dict()
+        assert not (tmp_path / str(frozen) / "text_student.pt").exists()
+    torch.manual_seed(config.seed)  # the random init distill starts from
+    start = ImageStudent(config.image, 16).encoder.state_dict()
+    assert all(torch.equal(start[k], encoders[True][k]) for k in start)  # frozen: untouched
+    assert any(not torch.equal(start[k], encoders[False][k]) for k in start if start[k].is_floating_point())

@@ -1,0 +1,292 @@
+"""Export of distilled students to ONNX, their spec files, and their int8 variants.
+
+Each student becomes one ONNX graph from input to continuous codes (dynamic batch axis, pinned
+opset), checked against torch with onnxruntime, with a spec JSON written here from the student's
+config (never by hand) that serving reads back (``serving/spec.py``). Int8 variants come from
+onnxruntime's quantization tools: dynamic for text; for images, static (calibrated on real
+images) or dynamic, whichever keeps more bits on held-out images.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from serving.spec import (BINARIZE_RULE, BIT_ORDER, RESIZE_RULE, SPEC_FORMAT_VERSION, spec_path_for)
+from cluster.artifacts import sha256_file
+
+from .students import ImageStudent, TextStudent, load_image_student, load_text_student
+
+log = logging.getLogger(__name__)
+
+ONNX_DIR = "onnx"  # export_students' default output folder, inside the students folder
+OPSET = 18  # pinned: the oldest opset torch's exporter writes; onnxruntime >= 1.14 runs it
+IMAGE_INPUT, TEXT_INPUTS, OUTPUT = "images", ("input_ids", "attention_mask"), "codes"
+IMAGE_MODEL, TEXT_MODEL = "image_student.onnx", "text_student.onnx"
+TOKENIZER_FILES = "text_student.tokenizer"  # folder of tokenizer files beside the text model
+INT8_SUFFIX = ".int8"  # image_student.onnx -> image_student.int8.onnx
+VERIFY_ATOL = 1e-4  # onnxruntime vs torch, continuous codes in (-1, 1)
+
+
+class ExportError(RuntimeError):
+    """An exported model that does not reproduce its torch source."""
+
+
+def _export(module: torch.nn.Module, args: tuple, input_names: list[str], dynamic: dict, path: Path) -> None:
+    """torch.export-based ONNX export of ``module`` in eval mode, one self-contained file."""
+    module = module.eval()
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
+                                    output_names=[OUTPUT], dynamic_shapes=dynamic, external_data=False,
+                                    verbose=False)
+    program.save(str(path))
+
+
+def _verify(path: Path, module: torch.nn.Module, feeds: dict[str, np.ndarray]) -> float:
+    """Max |onnxruntime - torch| on ``feeds``; ExportError beyond VERIFY_ATOL."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT], feeds)[0]
+    with torch.no_grad():
+        want = module.eval()(*[torch.from_numpy(v) for v in feeds.values()]).numpy()
+    error = float(np.abs(got - want).max())
+    if error > VERIFY_ATOL:
+        raise ExportError(f"{path}: onnxruntime codes differ from torch by up to {error:.2e} (> {VERIFY_ATOL})")
+    return error
+
+
+def export_image_student(student: ImageStudent, out_dir: str | Path, check_images: np.ndarray | None = None) -> Path:
+    """Write ``image_student.onnx`` and its spec to ``out_dir``; returns the spec path.
+
+    ``check_images`` (B, 3, S, S) float32, real preprocessed images if given, are what torch and
+    onnxruntime are compared on (random inputs otherwise).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = student.config.image_size
+    path = out / IMAGE_MODEL
+    example = torch.randn(2, 3, size, size)  # batch 2: a batch of 1 would be specialised as a constant
+    batch = torch.export.Dim("batch", min=1)
+    _export(student, (example,), [IMAGE_INPUT], {"images": {0: batch}}, path)
+    if check_images is None:
+        check_images = np.random.default_rng(0).standard_normal((3, 3, size, size)).astype(np.float32)
+    error = _verify(path, student, {IMAGE_INPUT: check_images})
+    log.info("exported %s (max |ort - torch| %.2e)", path, error)
+    return write_spec(path, image_spec(student, path))
+
+
+def image_spec(student: ImageStudent, model_path: Path, quantization: str = "none") -> dict:
+    """The spec of an exported image student, from its config."""
+    c = student.config
+    return {**_common_spec(model_path, "image", student.bits, quantization),
+            "inputs": [{"name": IMAGE_INPUT, "dtype": "float32", "shape": ["batch", 3, c.image_size, c.image_size]}],
+            "image": {"size": c.image_size, "mean": list(c.mean), "std": list(c.std), "resize": RESIZE_RULE,
+                      "scale": "pixel / 255, then (x - mean) / std per RGB channel", "layout": "NCHW, RGB"},
+            "source": {"backbone": c.backbone, "pool_levels": list(c.pool_levels)}}
+
+
+def export_text_student(student: TextStudent, tokenizer, out_dir: str | Path,
+                        check_texts: list[str] | None = None) -> Path:
+    """Write ``text_student.onnx``, its tokenizer files and its spec to ``out_dir``; returns the spec path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / TEXT_MODEL
+    example = tokenizer(["a short one", "a longer example sentence here"], padding=True, return_tensors="pt")
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1, max=student.max_length)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    _export(student, (example["input_ids"], example["attention_mask"]), list(TEXT_INPUTS), dynamic, path)
+    texts = check_texts or ["many buildings and a parking lot", "a river", "green trees beside a road " * 3]
+    tokens = tokenizer(texts, padding=True, truncation=True, max_length=student.max_length, return_tensors="np")
+    error = _verify(path, student, {name: tokens[name].astype(np.int64) for name in TEXT_INPUTS})
+    log.info("exported %s (max |ort - torch| %.2e)", path, error)
+    tokenizer_dir = out / TOKENIZER_FILES
+    if tokenizer_dir.exists():
+        shutil.rmtree(tokenizer_dir)
+    tokenizer.save_pretrained(tokenizer_dir)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise ExportError(f"{tokenizer_dir}: the tokenizer wrote no tokenizer.json (a fast tokenizer is needed)")
+    return write_spec(path, text_spec(student, tokenizer, path, tokenizer_dir))
+
+
+def text_spec(student: TextStudent, tokenizer, model_path: Path, tokenizer_dir: Path,
+              quantization: str = "none") -> dict:
+    """The spec of an exported text student, from its config and tokenizer."""
+    files = sorted(p.name for p in tokenizer_dir.iterdir())
+    rel = tokenizer_dir.relative_to(model_path.parent)
+    return {**_common_spec(model_path, "text", student.bits, quantization),
+            "inputs": [{"name": name, "dtype": "int64", "shape": ["batch", "sequence"]} for name in TEXT_INPUTS],
+            "text": {"tokenizer_file": f"{rel}/tokenizer.json", "tokenizer_files": [f"{rel}/{f}" for f in files],
+                     "max_length": student.max_length, "truncation": "longest_first at max_length",
+                     "padding": "to the longest text of the batch (padded tokens are masked)",
+                     "pad_id": int(tokenizer.pad_token_id), "pad_token": str(tokenizer.pad_token),
+                     "pooling": "mean over unmasked tokens (inside the graph)"},
+            "source": {"layers": student.model.config.num_hidden_layers,
+                       "hidden_size": student.model.config.hidden_size}}
+
+
+def _common_spec(model_path: Path, kind: str, bits: int, quantization: str) -> dict:
+    return {"format_version": SPEC_FORMAT_VERSION, "kind": kind, "model_file": model_path.name,
+            "model_sha256": sha256_file(model_path), "opset": OPSET, "bits": bits, "bit_order": BIT_ORDER,
+            "binarize": BINARIZE_RULE, "quantization": quantization,
+            "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", bits],
+                       "meaning": "continuous codes in (-1, 1); the binary code is their sign"}}
+
+
+def write_spec(model_path: Path, spec: dict) -> Path:
+    path = spec_path_for(model_path)
+    path.write_text(json.dumps(spec, indent=2))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# int8
+
+
+def int8_path(model_path: Path) -> Path:
+    return model_path.with_name(model_path.stem + INT8_SUFFIX + model_path.suffix)
+
+
+def _preprocessed(model_path: Path) -> Path:
+    """The model after onnxruntime's recommended pre-processing (shape inference, graph fusion)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = Path(tempfile.mkdtemp(prefix="terrahash-q-")) / model_path.name
+    # Symbolic shape inference cannot follow the exporter's attention-mask arithmetic; ONNX's own
+    # shape inference and the graph optimisation still run.
+    quant_pre_process(str(model_path), str(out), skip_symbolic_shape=True)
+    return out
+
+
+def head_nodes(model_path: Path, prefix: str = "head.") -> list[str]:
+    """Nodes that use the hash head's weights. They stay fp32 when a model is quantized: the head
+    is a small share of the compute, and its last layer decides the signs, so rounding there
+    flips the bits of every code near 0."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer if i.name.startswith(prefix)}
+    return [node.name for node in graph.node if weights.intersection(node.input)]
+
+
+def quantize_dynamic_int8(model_path: Path, out_path: Path) -> Path:
+    """Weights int8 ahead of time, activations quantized on the fly (MatMul, Gather, Conv)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = _preprocessed(model_path)
+    quantize_dynamic(str(source), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
+                     nodes_to_exclude=head_nodes(source))
+    shutil.rmtree(source.parent)
+    return out_path
+
+
+class _ImageCalibration:
+    """onnxruntime CalibrationDataReader over preprocessed real images (N, 3, S, S)."""
+
+    def __init__(self, images: np.ndarray, batch: int = 8):
+        self.batches = iter([{IMAGE_INPUT: images[i:i + batch]} for i in range(0, len(images), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantize_static_int8(model_path: Path, out_path: Path, calibration: np.ndarray) -> Path:
+    """QDQ int8 (per-channel weights, activations from min/max over real calibration images)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    source = _preprocessed(model_path)
+    quantize_static(str(source), str(out_path), _ImageCalibration(calibration), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head_nodes(source))
+    shutil.rmtree(source.parent)
+    return out_path
+
+
+def _run(model_path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run([OUTPUT], feeds)[0]
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((a >= 0) == (b >= 0)))
+
+
+def quantize_image_student(spec_path: Path, calibration: np.ndarray, held_out: np.ndarray) -> tuple[Path, dict]:
+    """Int8 image student: static (calibrated on ``calibration``) and dynamic are both made, and the
+    one whose bits agree more with the fp32 model on ``held_out`` images is kept (the other deleted).
+    Images are preprocessed float32 (N, 3, S, S). Returns (int8 spec path, agreement per method)."""
+    spec = json.loads(Path(spec_path).read_text())
+    model = Path(spec_path).parent / spec["model_file"]
+    reference = _run(model, {IMAGE_INPUT: held_out})
+    candidates = {"static": model.with_name(model.stem + ".static.onnx"),
+                  "dynamic": model.with_name(model.stem + ".dynamic.onnx")}
+    quantize_static_int8(model, candidates["static"], calibration)
+    quantize_dynamic_int8(model, candidates["dynamic"])
+    scores = {m: _agreement(_run(p, {IMAGE_INPUT: held_out}), reference) for m, p in candidates.items()}
+    method = max(scores, key=scores.get)
+    log.info("image int8 bit agreement with fp32 on %d held-out images: %s; keeping %s", len(held_out), scores, method)
+    final = int8_path(model)
+    candidates[method].replace(final)
+    for path in candidates.values():
+        path.unlink(missing_ok=True)
+    return _int8_spec(spec, Path(spec_path), final, f"{method} int8"), scores
+
+
+def quantize_text_student(spec_path: Path) -> Path:
+    """Int8 text student by dynamic quantization; returns its spec path (tokenizer files shared)."""
+    spec = json.loads(Path(spec_path).read_text())
+    model = Path(spec_path).parent / spec["model_file"]
+    final = quantize_dynamic_int8(model, int8_path(model))
+    return _int8_spec(spec, Path(spec_path), final, "dynamic int8")
+
+
+def _int8_spec(spec: dict, spec_path: Path, model: Path, quantization: str) -> Path:
+    """The fp32 spec with the int8 file, its checksum and how it was quantized."""
+    derived = {**spec, "model_file": model.name, "model_sha256": sha256_file(model), "quantization": quantization}
+    return write_spec(model, derived)
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything at once: what `terrahash distill` calls after training.
+
+
+def export_students(students_dir: str | Path, out_dir: str | Path | None = None, calibration_images: list[Path] | None = None,
+                    held_out_images: list[Path] | None = None, check_texts: list[str] | None = None) -> dict:
+    """Export every student checkpoint in ``students_dir`` to ``out_dir`` (default ``students_dir/onnx``),
+    fp32 and int8, each with its spec.
+
+    ``calibration_images`` (e.g. train-split files) calibrate the static int8 image model;
+    ``held_out_images`` (e.g. val-split files) pick between static and dynamic int8 and check the
+    fp32 export. Both are needed when an image student is present. Returns the spec paths and the
+    quantization scores.
+    """
+    from serving.encoders import preprocess_images  # calibration sees exactly what serving will send
+
+    students_dir = Path(students_dir)
+    out = Path(out_dir) if out_dir is not None else students_dir / ONNX_DIR
+    result: dict = {}
+    if (students_dir / "image_student.pt").exists():
+        if not calibration_images or not held_out_images:
+            raise ValueError("exporting an image student needs calibration_images and held_out_images")
+        student, _ = load_image_student(students_dir)
+        c = student.config
+
+        def preprocess(paths):  # (N, 3, S, S) float32
+            return preprocess_images(paths, c.image_size, c.mean, c.std)
+        held_out = preprocess(held_out_images)
+        spec = export_image_student(student, out, held_out[:8])
+        int8, scores = quantize_image_student(spec, preprocess(calibration_images), held_out)
+        result["image"] = {"spec": spec, "int8_spec": int8, "int8_agreement": scores}
+    if (students_dir / "text_student.pt").exists():
+        student, tokenizer, _ = load_text_student(students_dir)
+        spec = export_text_student(student, tokenizer, out, check_texts)
+        result["text"] = {"spec": spec, "int8_spec": quantize_text_student(spec)}
+    if not result:
+        raise FileNotFoundError(f"{students_dir}: no student checkpoints (image_student.pt, text_student.pt)")
+    return result

