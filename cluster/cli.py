@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from cluster.serving_cli import add_serving_commands
+
 DEFAULT_DATA = os.environ.get("TERRAHASH_DATA", "../shared/data/ucm_captions")
 DEFAULT_CACHE = os.environ.get("TERRAHASH_CACHE", ".cache/terrahash/features")
 
@@ -58,6 +60,29 @@ def _eval(args: argparse.Namespace) -> int:
 
     run_eval(args.model, args.data, args.split, args.json, cache_dir=None if args.no_cache else args.cache_dir,
              device=args.device or "auto", skip_bad_images=args.skip_bad_images)
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from training.distill_job import load_config_for_cli, run_distillation
+
+    config = load_config_for_cli(args.config)
+    if args.workers is not None:
+        config.distributed.num_workers = args.workers
+    if args.device is not None:
+        config.device = args.device
+        config.distributed.use_gpu = args.device == "cuda"
+    if args.no_track:
+        config.tracking.enabled = False
+    if args.tracking_uri is not None:
+        config.tracking.tracking_uri = args.tracking_uri
+    out = args.out or f"{str(args.teacher).rstrip('/')}/students"
+    metrics = run_distillation(args.teacher, config, args.data, out, cache_dir=None if args.no_cache else args.cache_dir)
+    ratios = metrics["parity"]["map_ratio"]
+    print(f"students in {out}/onnx; test mAP of the fp32 students relative to the teacher: "
+          f"image-to-image {ratios['fp32']['image_to_image']:.4f}, text-to-image {ratios['fp32']['text_to_image']:.4f}")
+    if metrics.get("registered"):
+        print(f"registered {metrics['registered']['name']} version {metrics['registered']['version']}")
     return 0
 
 
@@ -141,10 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the figures to this JSON file")
     evaluate.set_defaults(handler=_eval)
 
+    distill = sub.add_parser("distill", parents=[common], help="distil a teacher into compact ONNX students",
+                             description="Train compact students (a small timm image network, a shallower copy of the "
+                                         "teacher's text encoder) to reproduce a trained teacher's codes, from images "
+                                         "and captions without labels; choose them on val; export them to ONNX (fp32 "
+                                         "and int8) with their spec files; check their bits and mAP against the torch "
+                                         "students and the teacher on the test split; log and register them in MLflow.")
+    distill.add_argument("--teacher", required=True,
+                         help="a `terrahash train` output folder, or runs:/<MLflow run id> of a tracked training run")
+    distill.add_argument("--config", default="default",
+                         help="distillation YAML file, or a shipped config name (default: %(default)s)")
+    distill.add_argument("--out", help="output folder (default: TEACHER/students)")
+    distill.add_argument("--workers", type=int, default=None,
+                         help="train the students as a Ray Train job on N workers (default: the config's, 0: one process)")
+    distill.add_argument("--no-track", action="store_true", help="do not log to MLflow nor register the students")
+    distill.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI, overriding the config")
+    distill.set_defaults(handler=_distill)
+
     summary = sub.add_parser("summarize", help="a Markdown table over several eval JSON reports",
                              description="Print one Markdown row per `terrahash eval --json` report.")
     summary.add_argument("reports", nargs="+", help="JSON files written by `terrahash eval --json`")
     summary.set_defaults(handler=_summarize)
+    add_serving_commands(sub, common)
     return parser
 
 

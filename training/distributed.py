@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ExperimentConfig, config_from_dict, to_dict
+from .config import DistributedConfig, ExperimentConfig, config_from_dict, to_dict
 from .snapshots import RemoteSnapshots
 from .train import CHECKPOINT, LoopContext, fit
 
@@ -130,13 +130,39 @@ def ray_storage(storage_path: str | Path | None):
     return text[len("s3://"):], filesystem
 
 
-def init_ray(config: ExperimentConfig) -> None:
+def init_ray(config) -> None:
     """Join ``distributed.address`` (or ``$RAY_ADDRESS``), else start a local Ray; no-op when connected."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=config.distributed.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
+
+
+def run_on_ray(loop_per_worker, loop_config: dict, d: DistributedConfig, workers: int, name: str):
+    """Run ``loop_per_worker(loop_config)`` on ``workers`` Ray Train workers (TorchTrainer); the Result.
+
+    Scaling, failures and storage come from ``d``; raises when the run fails for good.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    storage, filesystem = ray_storage(d.storage or None)
+    trainer = TorchTrainer(
+        loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=d.use_gpu,
+                                               resources_per_worker={"CPU": d.cpus_per_worker}),
+        # A name of its own for every job: Ray Train resumes a run whose name it finds in the storage,
+        # and two different jobs must never share state that way.
+        run_config=ray.train.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                                       storage_path=storage, storage_filesystem=filesystem,
+                                       failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"Ray Train run {name} failed: {result.error}") from result.error
+    return result
 
 
 def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
@@ -151,9 +177,6 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
     on to ``fit``; ``num_workers`` overrides ``distributed.num_workers``.
     """
     import json
-
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     d = config.distributed
     workers = d.num_workers if num_workers is None else num_workers
@@ -174,22 +197,8 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
         "parent_run_id": parent_run_id,
         "snapshots": snapshots,
     }
-    storage, filesystem = ray_storage(d.storage or None)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=d.use_gpu,
-                                               resources_per_worker={"CPU": d.cpus_per_worker}),
-        # A name of its own for every job: Ray Train resumes a run whose name it finds in the storage,
-        # and two different jobs must never share state that way.
-        run_config=ray.train.RunConfig(name=f"{config.name}-{config.train.bits}bits-{role}-{time.strftime('%Y%m%d-%H%M%S')}"
-                                            f"-{uuid.uuid4().hex[:6]}", storage_path=storage,
-                                       storage_filesystem=filesystem,
-                                       failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
+    name = f"{config.name}-{config.train.bits}bits-{role}"
+    result = run_on_ray(train_loop_per_worker, loop_config, d, workers, name)
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return metrics

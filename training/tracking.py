@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .config import ExperimentConfig, TrackingConfig, to_dict
+from .config import TrackingConfig, to_dict
 from .data import CaptionDataset
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,12 @@ def _experiment_id(client, name: str, artifact_location: str | None) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def default_run_name(config) -> str:
+    """``<config>-<bits>bits`` for a training config, the config's name otherwise."""
+    train = getattr(config, "train", None)
+    return f"{config.name}-{train.bits}bits" if train is not None else config.name
+
+
 def run_tags(dataset: CaptionDataset) -> dict[str, str]:
     """What the run was trained on and with: dataset name and content fingerprint, git commit."""
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
@@ -241,11 +247,12 @@ def _energy(tracker: Tracker, tracking: TrackingConfig, images_processed: int) -
 
 
 @contextlib.contextmanager
-def track_run(config: ExperimentConfig, out_dir: str | Path, dataset: CaptionDataset,
+def track_run(config, out_dir: str | Path, dataset: CaptionDataset,
               images_processed: int, rank: int = 0, parent_run_id: str | None = None,
               run_name: str | None = None, artifacts: tuple[str, ...] = ARTIFACTS) -> Iterator[Tracker | NoTracker]:
     """Log the phase inside the block to MLflow as one run, with its energy and CO2.
 
+    ``config`` is any component config with a ``tracking`` section (training, distillation).
     On entry: a run named ``run_name`` (default ``<config>-<bits>bits``), a child of
     ``parent_run_id`` when given, with the resolved config as flattened params (``train.bits``,
     ``loss.weights.margin``...) and tags for the dataset, its fingerprint and the git commit.
@@ -267,7 +274,7 @@ def track_run(config: ExperimentConfig, out_dir: str | Path, dataset: CaptionDat
     client = MlflowClient(uri)
     tags = run_tags(dataset) | ({MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {})
     run = client.create_run(_experiment_id(client, tracking.experiment, artifact_location),
-                            run_name=run_name or f"{config.name}-{config.train.bits}bits", tags=tags)
+                            run_name=run_name or default_run_name(config), tags=tags)
     tracker = Tracker(client, run.info.run_id)
     log.info("MLflow run %s (%s) in %s", tracker.run_id, run.info.run_name, uri)
     try:

@@ -1,0 +1,65 @@
+"""`terrahash distill` end to end on real images: students, ONNX export, parity, MLflow lineage and registration."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+pytest.importorskip("mlflow")
+pytest.importorskip("onnxruntime")
+from mlflow import MlflowClient  # noqa: E402
+
+from cluster.cli import main  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402
+from training.config import config_from_dict  # noqa: E402
+from training.distill_job import resolve_teacher  # noqa: E402
+from training.train import fit  # noqa: E402
+
+TINY_STUDENTS = {
+    "name": "tiny-students",
+    "image": {"backbone": "test_efficientnet", "weights": "none", "image_size": 64, "pool_levels": [],
+              "head_hidden": [32], "epochs": 4, "batch_size": 6, "views": [0, 5], "lr": 3e-3},
+    "text": {"num_layers": 1, "epochs": 2, "batch_size": 16, "lr": 1e-3},
+    "eval_every": 2, "device": "cpu", "warmup_epochs": 0, "registered_model": "tiny-students",
+}
+
+
+def test_teacher_must_be_a_run_folder_or_an_mlflow_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        resolve_teacher(tmp_path)
+
+
+def test_distill_registers_onnx_students_with_their_teacher_as_lineage(mlflow_server, subset, tiny_text_encoder,
+                                                                       tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    tracking = {"tracking_uri": mlflow_server, "experiment": "distill-test"}
+    teacher = fit(config_from_dict(tiny_config(tiny_text_encoder, epochs=2, tracking=tracking)), subset,
+                  tmp_path / "teacher", cache_dir=tmp_path / "cache", progress=False)
+    config_file = tmp_path / "students.yaml"
+    config_file.write_text(yaml.safe_dump({**TINY_STUDENTS, "tracking": tracking}))
+    out = tmp_path / "students"
+    # The teacher is named by its MLflow run: its checkpoint comes from the tracking server.
+    assert main(["distill", "--teacher", f"runs:/{teacher['mlflow_run_id']}", "--config", str(config_file),
+                 "--data", str(subset), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    parity = metrics["parity"]["bit_agreement_with_torch"]
+    assert parity["fp32"]["image"] >= 0.999 and parity["fp32"]["text"] >= 0.999
+    assert parity["int8"]["image"] >= 0.9 and parity["int8"]["text"] >= 0.9  # tiny random students
+    client = MlflowClient(mlflow_server)
+    registered = metrics["registered"]
+    version = client.get_model_version(registered["name"], registered["version"])
+    run = client.get_run(version.run_id)
+    assert run.data.tags["teacher.run_id"] == teacher["mlflow_run_id"] == version.tags["teacher.run_id"]
+    assert run.data.metrics["parity/bit_agreement/fp32/image"] == pytest.approx(parity["fp32"]["image"])
+    for key in ("energy_kwh", "size_bytes/text_student.int8.onnx", "parity/map_ratio/fp32/image_to_image"):
+        assert run.data.metrics[key] > 0, key
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
+    for name in ("image_student", "text_student", "image_student.int8", "text_student.int8"):
+        assert {f"onnx/{name}.onnx", f"onnx/{name}.spec.json"} <= files, name
+    # The registered version's files are what serving loads: a spec + ONNX pair that checks out.
+    from serving.encoders import load_encoder
+
+    local = client.download_artifacts(run.info.run_id, "onnx", str(tmp_path / "download"))
+    assert load_encoder(f"{local}/text_student.int8.spec.json").encode_packed(["a runway"]).shape == (1, 2)

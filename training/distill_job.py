@@ -1,0 +1,164 @@
+"""``terrahash distill``: distil a teacher into ONNX students, check their parity, track and register them.
+
+The job: students trained on the teacher's codes (``distill.distill``; in one process or as a Ray
+Train job), exported to ONNX fp32 and int8 with their specs (``export.export_students``), checked
+on the test split against the torch students and the teacher (reported only: the students are
+chosen on val), then logged to MLflow with the teacher's run as lineage and registered as a new
+version of ``config.registered_model``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .data import load_dataset
+from .export import ONNX_DIR, export_students
+from .students import DistillConfig, load_distill_config
+from .tracking import flatten, track_run
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_PER_CLASS = 3  # train images per class that calibrate the static int8 image model
+HELD_OUT = 64  # val images that pick the int8 image variant and check the fp32 export
+
+
+def resolve_teacher(teacher: str | Path, tracking_uri: str | None = None) -> Path:
+    """A teacher run folder, or ``runs:/<run id>`` of a tracked training run (its checkpoint and
+    config are downloaded from MLflow)."""
+    text = str(teacher)
+    if not text.startswith("runs:/"):
+        folder = Path(text)
+        if not (folder / "checkpoint.pt").is_file():
+            raise FileNotFoundError(f"teacher {text!r}: no checkpoint.pt there (give a `terrahash train` output "
+                                    "folder or runs:/<MLflow run id>)")
+        return folder
+    from mlflow import MlflowClient
+
+    run_id = text[len("runs:/"):].strip("/")
+    client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
+    local = Path(tempfile.mkdtemp(prefix="terrahash-teacher-"))
+    for name in ("checkpoint.pt", "config.yaml", "metrics.json"):
+        client.download_artifacts(run_id, name, str(local))
+    return local
+
+
+def distill_loop_per_worker(loop_config: dict) -> None:
+    """What each Ray Train worker runs: the plain ``distill`` with a RayContext."""
+    import torch
+
+    from .distill import distill
+    from .distributed import RayContext
+    from .students import distill_config_from_dict
+
+    context = RayContext()
+    os.chdir(loop_config["cwd"])
+    torch.set_num_threads(max(1, int(loop_config["threads_per_worker"])))
+    out = loop_config["out_dir"] if context.is_chief else tempfile.mkdtemp(prefix=f"terrahash-rank{context.rank}-")
+    distill(loop_config["teacher"], distill_config_from_dict(loop_config["config"]), loop_config["data_dir"], out,
+            cache_dir=loop_config["cache_dir"], progress=context.is_chief, context=context)
+
+
+def train_students(teacher_dir: Path, config: DistillConfig, data_dir, out: Path, cache_dir) -> dict:
+    """The students' training, in this process or on ``config.distributed.num_workers`` Ray Train workers."""
+    from .distill import distill
+
+    d = config.distributed
+    if d.num_workers == 0:
+        return distill(teacher_dir, config, data_dir, out, cache_dir=cache_dir)
+    from .config import to_dict
+    from .distributed import init_ray, run_on_ray
+
+    init_ray(config)
+    loop_config = {"teacher": str(teacher_dir.resolve()), "config": to_dict(config),
+                   "data_dir": str(Path(data_dir).resolve()), "out_dir": str(out.resolve()),
+                   "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
+                   "threads_per_worker": d.cpus_per_worker, "cwd": os.getcwd()}
+    run_on_ray(distill_loop_per_worker, loop_config, d, d.num_workers, f"{config.name}-students")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _export_sets(dataset) -> tuple[list[Path], list[Path]]:
+    """Calibration images (a few train images per class) and held-out ones (val), never test."""
+    per_class: dict[str, list[Path]] = {}
+    for record in dataset.split("train"):
+        per_class.setdefault(record.label, []).append(record.path)
+    calibration = [p for paths in per_class.values() for p in paths[:CALIBRATION_PER_CLASS]]
+    rng = np.random.default_rng(0)
+    val = [r.path for r in dataset.split("val")]
+    held_out = [val[i] for i in sorted(rng.choice(len(val), min(HELD_OUT, len(val)), replace=False))]
+    return calibration, held_out
+
+
+def file_sizes(onnx_dir: Path) -> dict[str, int]:
+    """Bytes of every exported model file: ``size/image_student.onnx`` ..."""
+    return {f"size_bytes/{p.name}": p.stat().st_size for p in sorted(onnx_dir.glob("*.onnx"))}
+
+
+def run_distillation(teacher: str | Path, config: DistillConfig, data_dir, out_dir, cache_dir=None,
+                     parity_split: str = "test") -> dict:
+    """Distil, export, check and register; writes ``out_dir/metrics.json`` and returns it."""
+    from evaluation.bench_students import parity
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_dir = resolve_teacher(teacher, config.tracking.tracking_uri or None)
+    teacher_run = json.loads((teacher_dir / "metrics.json").read_text()).get("mlflow_run_id") \
+        if (teacher_dir / "metrics.json").exists() else None
+    dataset = load_dataset(data_dir)
+    epochs = max(config.image.epochs if "image" in config.students else 0,
+                 config.text.epochs if "text" in config.students else 0)
+    artifacts = ("metrics.json", "distill_config.yaml")
+    with track_run(config, out, dataset, images_processed=len(dataset.split("train")) * epochs,
+                   run_name=f"{config.name}-students", artifacts=artifacts) as tracker:
+        if tracker.run_id:
+            tracker.client.set_tag(tracker.run_id, "teacher.run_id", teacher_run or "unknown")
+            tracker.client.set_tag(tracker.run_id, "teacher.source", str(teacher))
+        metrics = train_students(teacher_dir, config, data_dir, out, cache_dir)
+        calibration, held_out = _export_sets(dataset)
+        exported = export_students(out, calibration_images=calibration, held_out_images=held_out)
+        report = parity(teacher_dir, out, data_dir, cache_dir, split=parity_split)
+        metrics.update(teacher_run_id=teacher_run, parity=report, sizes=file_sizes(out / ONNX_DIR),
+                       int8_image_choice=exported.get("image", {}).get("int8_agreement"))
+        figures = {**flatten({"parity": {"bit_agreement": report["bit_agreement_with_torch"],
+                                         "map_ratio": report["map_ratio"]}}, sep="/"), **metrics["sizes"]}
+        tracker.log_metrics({k.replace(" ", "_").replace("+", "and"): v for k, v in figures.items()})
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        if tracker.run_id:
+            tracker.client.log_artifacts(tracker.run_id, str(out / ONNX_DIR), ONNX_DIR)
+            metrics["registered"] = register_students(tracker, config.registered_model, teacher_run)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
+def register_students(tracker, name: str, teacher_run: str | None) -> dict:
+    """A new version of registered model ``name`` whose source is this run's ``onnx/`` artifacts."""
+    from mlflow.exceptions import MlflowException
+
+    client = tracker.client
+    try:
+        client.create_registered_model(name, description="TerraHash ONNX students (image + text encoders, specs)")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    run = client.get_run(tracker.run_id)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/{ONNX_DIR}", run_id=tracker.run_id,
+                                          tags={"teacher.run_id": teacher_run or "unknown"})
+    log.info("registered %s version %s", name, version.version)
+    return {"name": name, "version": version.version}
+
+
+def load_config_for_cli(path_or_name: str) -> DistillConfig:
+    """A distillation config file, or a shipped one by name (``training/configs/distill/<name>.yaml``)."""
+    path = Path(path_or_name)
+    if not path.exists():
+        shipped = Path(__file__).parent / "configs" / "distill" / f"{path_or_name}.yaml"
+        if not shipped.exists():
+            names = sorted(p.stem for p in shipped.parent.glob("*.yaml"))
+            raise FileNotFoundError(f"distillation config {path_or_name!r} is neither a file nor a shipped one {names}")
+        path = shipped
+    return load_distill_config(path)
