@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default=".cache/terrahash/features")
     parser.add_argument("--schedules", nargs="+", default=["sync", "async"], choices=SCHEDULES)
     parser.add_argument("--workers", type=int, default=1, help="image-job Ray Train workers (async needs >= 1)")
+    parser.add_argument("--sync-on-ray", action="store_true",
+                        help="run sync as Ray Train jobs too (same start-up costs as async), not in one process")
     args = parser.parse_args(argv)
 
     results = {}
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
                 config.train.epochs = args.epochs
             config.tracking.enabled = False
             # Both jobs of "async" share the machine: one core each when there are two.
-            config.distributed.num_workers = args.workers if schedule == "async" else 0
+            on_ray = schedule == "async" or (schedule == "sync" and args.sync_on_ray)
+            config.distributed.num_workers = args.workers if on_ray else 0
             config.distributed.cpus_per_worker = max(1.0, (os.cpu_count() or 2) // 2)
             started = time.perf_counter()
             metrics = run_training(config, args.data, Path(tmp) / schedule, cache_dir=args.cache_dir)

@@ -1,0 +1,114 @@
+"""``terrahash index build|add|verify`` and ``terrahash serve``: thin layers over serving.build and serving.app.
+
+Nothing heavy is imported until a subcommand runs, and nothing here ever imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _build(args: argparse.Namespace) -> int:
+    from serving.build import build_indexes
+
+    manifests = build_indexes(args.model, args.data, args.shards, args.out, factory=args.factory,
+                              variant=args.variant, captions=not args.no_captions, batch_size=args.batch_size,
+                              address=args.address)
+    _print_versions(args.out, manifests)
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from serving.build import add_images
+
+    manifests = add_images(args.data, args.out, base_version=args.base, captions=not args.no_captions,
+                           batch_size=args.batch_size, address=args.address)
+    _print_versions(args.out, manifests)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from serving.index import latest_version, list_versions, verify_index
+
+    ok = True
+    for collection in args.collections:
+        if not list_versions(args.index, collection):
+            print(f"{collection}: no index versions under {args.index}")
+            continue
+        report = verify_index(args.index, args.version or latest_version(args.index, collection), collection)
+        print(report)
+        ok &= report.ok
+    return 0 if ok else 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serving.app import ServeSettings, load_settings, run_local
+
+    overrides = {"index": args.index, "model": args.model, "shard_replicas": args.shard_replicas}
+    settings = (load_settings(args.config, **overrides) if args.config
+                else ServeSettings.from_dict({k: v for k, v in overrides.items() if v is not None}))
+    print(f"serving index {settings.index} on http://{args.host}:{args.port}/v1 (docs at /docs); Ctrl-C stops")
+    run_local(settings, host=args.host, port=args.port)
+    return 0
+
+
+def _print_versions(out: str, manifests: dict) -> None:
+    for collection, manifest in manifests.items():
+        if manifest is not None:
+            shards = [entry["rows"] for entry in manifest["shards"]]
+            print(f"{collection}: version {manifest['version']} in {out}: {manifest['rows']} rows in shards {shards}, "
+                  f"model {manifest['model_version']}")
+
+
+def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
+    """Add ``index`` (build, add, verify) and ``serve`` to the ``terrahash`` subcommands."""
+    index = subparsers.add_parser("index", help="build, extend and verify sharded search indexes",
+                                  description="Index versions of image codes (and caption codes) on an artifact "
+                                              "root: a folder or s3://bucket/prefix ($AWS_ENDPOINT_URL for any "
+                                              "S3-compatible store).")
+    commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+
+    ray_args = argparse.ArgumentParser(add_help=False)
+    ray_args.add_argument("--batch-size", type=int, default=64, help="images per Ray task (default: %(default)s)")
+    ray_args.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
+    ray_args.add_argument("--no-captions", action="store_true", help="do not encode the captions into a caption index")
+
+    build = commands.add_parser("build", parents=[common, ray_args], help="encode a dataset and cut N shards",
+                                description="Encode every image of --data with the model version's image student "
+                                            "(parallel Ray tasks), pack the bits, place each image on a shard by a "
+                                            "stable hash of its id, and write shard files, ids and a manifest; the "
+                                            "captions become a second index for fusion and image-to-text search.")
+    build.add_argument("--model", required=True, metavar="VERSION_OR_DIR",
+                       help="folder of exported students (ONNX + spec files), or a run name under runs/ "
+                            "whose students/onnx holds them")
+    build.add_argument("--shards", type=int, required=True, help="number of shards")
+    build.add_argument("--out", required=True, metavar="URI", help="artifact root: a folder or s3://bucket/prefix")
+    build.add_argument("--factory", default="BFlat", help="faiss binary index factory string (default: %(default)s)")
+    build.add_argument("--variant", default="fp32", choices=("fp32", "int8"), help="which exported students to use")
+    build.set_defaults(handler=_build)
+
+    add = commands.add_parser("add", parents=[common, ray_args], help="add new imagery to the latest index version",
+                              description="Encode --data's images with the model the index was built with and "
+                                          "write a new version; shards that receive nothing keep their files.")
+    add.add_argument("--out", required=True, metavar="URI", help="artifact root holding the index")
+    add.add_argument("--base", help="version to add to (default: the latest)")
+    add.set_defaults(handler=_add)
+
+    verify = commands.add_parser("verify", help="check every shard's checksum and row count",
+                                 description="Exit status 1 when any shard does not match its manifest.")
+    verify.add_argument("index", metavar="URI", help="artifact root holding the index")
+    verify.add_argument("--version", help="version to check (default: the latest of each collection)")
+    verify.add_argument("--collections", nargs="+", default=["images", "captions"], help="default: %(default)s")
+    verify.set_defaults(handler=_verify)
+
+    serve = subparsers.add_parser("serve", help="run the search service locally (Ray Serve)",
+                                  description="Deploy the search app on a local Ray (or $RAY_ADDRESS) and serve "
+                                              "HTTP until interrupted. For a cluster, use serving/deploy.yaml "
+                                              "with `serve deploy`.")
+    serve.add_argument("--index", required=True, metavar="URI", help="artifact root holding the index")
+    serve.add_argument("--model", help="model version folder (default: the one the index was built with)")
+    serve.add_argument("--config", help="YAML file of serve settings (serving.app.ServeSettings fields)")
+    serve.add_argument("--shard-replicas", type=int, help="replicas per shard (default: 2)")
+    serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    serve.set_defaults(handler=_serve)
+

@@ -1,0 +1,72 @@
+"""Fixtures for the Serve app tests: tiny exported students, a real-image index, a running app."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import free_port, write_subset
+
+SHARDS = 3
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny_text_encoder, subset):
+    """A model version folder: the tiny random students exported by training/export.py (ONNX + specs)."""
+    pytest.importorskip("onnxruntime")
+    from tests.training.test_export import exported_students
+
+    return exported_students(tmp_path_factory, tiny_text_encoder, subset)["image"].parent
+
+
+@pytest.fixture(scope="session")
+def ucm_many(ucm_dir, tmp_path_factory):
+    """210 real UCM images: all 21 classes x (6 train, 2 val, 2 test), referenced in place."""
+    return write_subset(ucm_dir, tmp_path_factory.mktemp("ucm_many"), classes=21,
+                        per_split={"train": 6, "val": 2, "test": 2})
+
+
+@pytest.fixture(scope="session")
+def built_index(local_ray, model_dir, ucm_many, tmp_path_factory):
+    """An index root with 3-shard image and caption indexes of the real images, built with Ray tasks."""
+    from serving.build import build_indexes
+
+    root = tmp_path_factory.mktemp("index_root")
+    manifests = build_indexes(model_dir, ucm_many, SHARDS, str(root), batch_size=32)
+    return {"root": root, **manifests}
+
+
+def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == status:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer {status} within {timeout} s")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def serve_app(local_ray, built_index):
+    """The app on the session's local Ray, over HTTP on a free loopback port; yields its base URL."""
+    from ray import serve
+
+    from serving.app import ServeSettings, build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeSettings(index=str(built_index["root"]), shard_replicas=1, spread_shards=False,
+                             shard_num_cpus=0.05, encoder_num_cpus=0.1, router_num_cpus=0.05,
+                             max_upload_bytes=200_000, max_image_pixels=1_000_000, max_query_chars=200, max_k=50)
+    serve.run(build_app(settings), name="terrahash", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/v1/readyz")
+    yield url
+    serve.shutdown()

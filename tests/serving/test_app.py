@@ -1,0 +1,275 @@
+"""The Serve app over HTTP: sharded answers equal one unsharded index on real codes, endpoints, bad input,
+readiness of a corrupted shard, hot reconfiguration, and a serving side that imports no torch."""
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("ray.serve")
+
+from serving.app import ServeSettings, asymmetric_rerank, fuse  # noqa: E402
+from serving.build import dataset_items, find_spec  # noqa: E402
+from serving.encoders import load_encoder  # noqa: E402
+from serving.index import Shard, load_index  # noqa: E402
+from tests.serving.conftest import wait_http  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def call(url: str, body: bytes | None = None, content_type: str | None = None, method: str | None = None):
+    """(status, JSON or text body) of one HTTP request."""
+    request = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"))
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            status, raw, kind = answer.status, answer.read(), answer.headers.get("content-type", "")
+    except urllib.error.HTTPError as err:
+        status, raw, kind = err.code, err.read(), err.headers.get("content-type", "")
+    return status, (json.loads(raw) if "json" in kind else raw.decode())
+
+
+def post_json(url: str, payload) -> tuple[int, dict]:
+    return call(url, json.dumps(payload).encode(), "application/json")
+
+
+def multipart(fields: dict, image: bytes, filename: str = "q.jpg") -> tuple[bytes, str]:
+    boundary = "terrahashboundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+                 f"Content-Type: image/jpeg\r\n\r\n".encode() + image + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.fixture(scope="module")
+def reference(built_index, model_dir, ucm_many):
+    """One unsharded flat index over every stored image code, the encoders, and the dataset items."""
+    index = load_index(built_index["root"], built_index["images"]["version"])
+    codes = np.concatenate([s.codes for s in index.shards])
+    rows = np.concatenate([s.rows for s in index.shards])
+    order = np.argsort(rows)
+    flat = Shard(codes[order], rows[order], index.manifest["bits"], ids=index.ids(rows[order]))
+    return {"flat": flat, "index": index, "items": dataset_items(ucm_many),
+            "text": load_encoder(find_spec(model_dir, "text")), "image": load_encoder(find_spec(model_dir, "image"))}
+
+
+def expected(reference, packed, k, drop=None) -> list[tuple[int, str]]:
+    """(distance, id) of the unsharded top-k, ordered by (distance, row); ``drop`` leaves one id out."""
+    distances, rows = reference["flat"].search(packed, k + (drop is not None))
+    ids = reference["flat"].ids[rows[0]]
+    pairs = [(int(d), str(i)) for d, i in zip(distances[0], ids) if i != drop]
+    return pairs[:k]
+
+
+def got(body) -> list[tuple[int, str]]:
+    return [(hit["distance"], hit["id"]) for hit in body["results"]]
+
+
+def test_sharded_answers_equal_one_unsharded_index_on_real_codes(serve_app, reference):
+    items = reference["items"]
+    captions = items.captions[::37][:8]
+    for query in captions:  # text to image: 16-bit codes over 210 images tie heavily at k = 50
+        status, body = post_json(f"{serve_app}/v1/search/text", {"query": query, "k": 50})
+        assert status == 200, body
+        assert got(body) == expected(reference, reference["text"].encode_packed([query]), 50)
+    for path in items.image_paths[::53]:  # image to image, uploaded as multipart and as base64
+        data = Path(path).read_bytes()
+        want = expected(reference, reference["image"].encode_packed([path]), 30)
+        status, body = call(f"{serve_app}/v1/search/image", *multipart({"k": 30}, data))
+        assert status == 200 and got(body) == want
+        status, body = post_json(f"{serve_app}/v1/search/image",
+                                 {"image_base64": base64.b64encode(data).decode(), "k": 30})
+        assert status == 200 and got(body) == want
+    for image_id in items.image_ids[::71]:  # similar to an indexed image: itself left out
+        status, body = call(f"{serve_app}/v1/search/similar/{image_id}?k=20")
+        stored = reference["flat"].codes[reference["flat"].ids == image_id]
+        assert status == 200 and got(body) == expected(reference, stored, 20, drop=image_id)
+
+
+def test_results_carry_what_clients_need(serve_app, built_index):
+    status, body = post_json(f"{serve_app}/v1/search/text", {"query": "a beach with white waves", "k": 5})
+    assert status == 200
+    assert body["model_version"] == built_index["images"]["model_version"]
+    assert body["index_version"] == {"images": "v0001", "captions": "v0001"}
+    assert body["latency_ms"] > 0 and {"encode", "search", "merge"} <= set(body["timings_ms"])
+    hit = body["results"][0]
+    assert {"id", "distance", "score", "image"} <= set(hit)
+    assert hit["image"].endswith(hit["id"]) and Path(hit["image"]).is_file()
+    assert hit["score"] == pytest.approx(1 - hit["distance"] / 16)
+
+
+def test_rerank_modes_and_captions(serve_app, reference):
+    query = reference["items"].captions[5]
+    for mode in ("asymmetric", "fusion"):
+        for fusion in ("average", "max"):
+            status, body = post_json(f"{serve_app}/v1/search/text",
+                                     {"query": query, "k": 10, "rerank": mode, "fusion": fusion})
+            assert status == 200 and len(body["results"]) == 10 and body["rerank"] == mode
+            scores = [h["score"] for h in body["results"]]
+            assert scores == sorted(scores, reverse=True)
+    image_id = reference["items"].image_ids[3]
+    status, body = post_json(f"{serve_app}/v1/captions", {"image_id": image_id, "k": 5})
+    assert status == 200 and len(body["results"]) == 5 and all("#" in h["id"] for h in body["results"])
+    data = Path(reference["items"].image_paths[3]).read_bytes()
+    status, upload = call(f"{serve_app}/v1/captions", *multipart({"k": 5}, data))
+    assert status == 200 and got(upload) == got(body)  # the stored code is the upload's code
+
+
+def test_asymmetric_rerank_and_fusion_order():
+    codes = np.packbits(np.array([[1] * 8, [0] * 8, [1] * 4 + [0] * 4], dtype=np.uint8), axis=1)
+    hits = [{"row": r, "code": codes[r], "distance": 0} for r in range(3)]
+    query = np.array([0.9] * 4 + [-0.1] * 4, dtype=np.float32)
+    assert [h["row"] for h in asymmetric_rerank(query, hits, 8)] == [2, 0, 1]
+    images = [{"image_id": "a", "score": 0.9, "distance": 1}, {"image_id": "b", "score": 0.5, "distance": 4}]
+    captions = [{"image_id": "b", "score": 1.0}, {"image_id": "c", "score": 0.8}]
+    assert [h["id"] for h in fuse(images, captions, 8, "max", "")] == ["b", "a", "c"]
+    assert [h["id"] for h in fuse(images, captions, 8, "average", "")] == ["a", "b", "c"]
+
+
+def _png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bad_requests(image: bytes):
+    """(name, method, path, body, content type, status, error code): each one a client error."""
+    bomb = _png(2000, 1000)  # 2 M pixels, a few kB: over the test's 1 M pixel limit
+    return [
+        ("empty query", "/v1/search/text", json.dumps({"query": ""}).encode(), "application/json", 422, "empty_query"),
+        ("whitespace", "/v1/search/text", json.dumps({"query": " \n\t "}).encode(), "application/json", 422,
+         "empty_query"),
+        ("too long", "/v1/search/text", json.dumps({"query": "x" * 201}).encode(), "application/json", 422,
+         "query_too_long"),
+        ("k zero", "/v1/search/text", json.dumps({"query": "a", "k": 0}).encode(), "application/json", 422,
+         "k_out_of_range"),
+        ("k large", "/v1/search/text", json.dumps({"query": "a", "k": 51}).encode(), "application/json", 422,
+         "k_out_of_range"),
+        ("k text", "/v1/search/text", json.dumps({"query": "a", "k": "many"}).encode(), "application/json", 422,
+         "k_out_of_range"),
+        ("bad json", "/v1/search/text", b"{not json", "application/json", 400, "invalid_json"),
+        ("wrong type", "/v1/search/text", b"query=a", "application/x-www-form-urlencoded", 415,
+         "unsupported_media_type"),
+        ("not an image", "/v1/search/image", *multipart({}, b"this is not an image"), 422, "invalid_image"),
+        ("truncated", "/v1/search/image", *multipart({}, image[: len(image) // 3]), 422, "invalid_image"),
+        ("bomb", "/v1/search/image", *multipart({}, bomb), 413, "image_too_large"),
+        ("too big", "/v1/search/image", *multipart({}, b"\xff" * 300_000), 413, "payload_too_large"),
+        ("bad base64", "/v1/search/image", json.dumps({"image_base64": "@@@"}).encode(), "application/json", 422,
+         "invalid_image"),
+        ("wrong type image", "/v1/search/image", b"abc", "text/plain", 415, "unsupported_media_type"),
+        ("unknown rerank", "/v1/search/text", json.dumps({"query": "a", "rerank": "magic"}).encode(),
+         "application/json", 422, "invalid_rerank"),
+    ]
+
+
+def test_bad_input_gets_clear_4xx_json_and_disturbs_no_one(serve_app, reference):
+    image = Path(reference["items"].image_paths[0]).read_bytes()
+    good = {"query": reference["items"].captions[0], "k": 10}
+    want = post_json(f"{serve_app}/v1/search/text", good)[1]["results"]
+    cases = bad_requests(image)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # bad and good requests at the same time
+        bad = [pool.submit(call, f"{serve_app}{path}", body, kind) for _, path, body, kind, _, _ in cases]
+        fine = [pool.submit(post_json, f"{serve_app}/v1/search/text", good) for _ in range(10)]
+        for (name, _, _, _, status, code), future in zip(cases, bad):
+            got_status, body = future.result()
+            assert (got_status, body["error"]["code"]) == (status, code), name
+            assert body["error"]["message"], name
+        for future in fine:
+            status, body = future.result()
+            assert status == 200 and body["results"] == want
+    status, body = call(f"{serve_app}/v1/search/similar/no/such/image.jpg")
+    assert status == 404 and body["error"]["code"] == "unknown_id"
+
+
+def test_health_readiness_metrics_and_docs(serve_app):
+    assert call(f"{serve_app}/v1/healthz") == (200, {"status": "ok"})
+    status, body = call(f"{serve_app}/v1/readyz")
+    assert status == 200 and body["ready"] and len(body["shards"]) == 6
+    status, text = call(f"{serve_app}/metrics")
+    assert status == 200 and 'terrahash_requests_total{endpoint="text",status="200"}' in text
+    status, schema = call(f"{serve_app}/openapi.json")
+    assert status == 200 and {"/v1/search/text", "/v1/search/image", "/v1/captions", "/v1/readyz"} <= set(schema["paths"])
+    assert call(f"{serve_app}/docs")[0] == 200
+
+
+def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index):
+    from ray import serve
+
+    from serving.app import build_app
+
+    settings = dict(index=str(built_index["root"]), shard_replicas=1, spread_shards=False, shard_num_cpus=0.05,
+                    encoder_num_cpus=0.1, router_num_cpus=0.05, max_upload_bytes=200_000,
+                    max_image_pixels=1_000_000, max_query_chars=200)
+    try:
+        serve.run(build_app(ServeSettings(**settings, max_k=5, default_k=5)), name="terrahash", route_prefix="/")
+        status, body = post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 6})
+        assert status == 422 and "1 to 5" in body["error"]["message"]
+    finally:
+        serve.run(build_app(ServeSettings(**settings, max_k=50)), name="terrahash", route_prefix="/")
+    with pytest.raises(ValueError, match="unknown serve settings"):
+        ServeSettings.from_dict({"index": "x", "max_kk": 3})
+
+
+def test_a_corrupted_shard_is_refused_and_readiness_says_why(serve_app, built_index, tmp_path):
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    root = tmp_path / "corrupt"
+    shutil.copytree(built_index["root"], root)
+    victim = root / "index" / "images" / "v0001" / "shard-00002.ids.npy"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    settings = ServeSettings(index=str(root), shard_replicas=1, spread_shards=False, shard_num_cpus=0.05,
+                             encoder_num_cpus=0.1, router_num_cpus=0.05)
+    serve.run(build_app(settings), name="corrupt", route_prefix="/corrupt")
+    try:
+        status, body = call(f"{serve_app}/corrupt/v1/readyz")
+        assert status == 503 and not body["ready"]
+        bad = [s for s in body["shards"] if not s["ready"]]
+        assert [s["shard"] for s in bad] == ["images/v0001/shard-00002"]
+        assert "checksum mismatch" in bad[0]["problem"] and "shard-00002.ids.npy" in bad[0]["problem"]
+        status, body = post_json(f"{serve_app}/corrupt/v1/search/text", {"query": "a river"})
+        assert status == 503 and body["error"]["code"] == "shard_not_ready"
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+        lines = [line for f in logs.glob("replica_corrupt_*.log") for line in f.read_text().splitlines()
+                 if "refusing shard images/v0001/shard-00002" in line]
+        assert lines and "checksum mismatch" in lines[0]
+    finally:
+        serve.delete("corrupt")
+    wait_http(f"{serve_app}/v1/readyz")  # the other app never noticed
+
+
+def test_serving_app_imports_no_torch(built_index, tmp_path):
+    """Build and start the whole app in process (Serve's local testing mode), then look at sys.modules."""
+    code = f"""
+import sys
+from ray import serve
+from serving.app import ServeSettings, build_app
+import cluster.serving_cli, serving.build
+app = build_app(ServeSettings(index={str(built_index['root'])!r}, shard_replicas=1, spread_shards=False))
+handle = serve.run(app, _local_testing_mode=True)
+assert handle.healthz.remote().result() == {{"status": "ok"}}
+bad = sorted(m for m in ("torch", "timm", "transformers") if m in sys.modules)
+print("HEAVY", bad)
+sys.exit(1 if bad else 0)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and "HEAVY []" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
