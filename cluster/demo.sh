@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# The main job on local defaults: set up, train the `fast` config on the shared UCM-Captions
-# data (checkpoint chosen on val), evaluate it on the test split and print the table; tracked in
-# ./mlruns.db. Usage: bash cluster/demo.sh [BITS]
+# The main job on local defaults (local Ray, ./mlruns.db, folders under runs/, the shared data):
+#   1. set up the environment;
+#   2. train the `fast` teacher (checkpoint chosen on val) and evaluate it on the test split;
+#   3. distil it into ONNX students (fp32 + int8), check parity, register them in MLflow;
+#   4. build a 4-shard index of the dataset's image (and caption) codes with the image student;
+#   5. serve it with Ray Serve, answer a real text query over HTTP, and keep serving (Ctrl-C stops).
+# Usage: bash cluster/demo.sh [BITS]    (DEMO_EXIT=1: stop after the query, for scripts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BITS=${1:-64}
 DATA=${TERRAHASH_DATA:-../shared/data/ucm_captions}
+RUN="runs/fast-$BITS"
+QUERY=${DEMO_QUERY:-"many planes parked next to a long building"}
 bash cluster/setup.sh
-# Writes checkpoint.pt, config.yaml, metrics.json and eval_test.json to runs/fast-$BITS.
-.venv/bin/terrahash train --config fast --bits "$BITS" --data "$DATA" --out "runs/fast-$BITS" --eval-split test
+# checkpoint.pt, config.yaml, metrics.json and eval_test.json in $RUN
+.venv/bin/terrahash train --config fast --bits "$BITS" --data "$DATA" --out "$RUN" --eval-split test
+# $RUN/students: student checkpoints, onnx/ (models + specs), metrics.json with the parity report
+.venv/bin/terrahash distill --teacher "$RUN" --data "$DATA" --out "$RUN/students"
+rm -rf "$RUN/index"
+.venv/bin/terrahash index build --model "$RUN/students/onnx" --data "$DATA" --shards 4 --out "$RUN/index"
+.venv/bin/terrahash index verify "$RUN/index"
+.venv/bin/terrahash serve --index "$RUN/index" --data "$DATA" --query "$QUERY" ${DEMO_EXIT:+--exit}

@@ -5,6 +5,11 @@ Nothing heavy is imported until a subcommand runs, and nothing here ever imports
 from __future__ import annotations
 
 import argparse
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -47,8 +52,72 @@ def _serve(args: argparse.Namespace) -> int:
     settings = (load_settings(args.config, **overrides) if args.config
                 else ServeSettings.from_dict({k: v for k, v in overrides.items() if v is not None}))
     print(f"serving index {settings.index} on http://{args.host}:{args.port}/v1 (docs at /docs); Ctrl-C stops")
-    run_local(settings, host=args.host, port=args.port)
-    return 0
+    if not (args.query or args.exit):
+        run_local(settings, host=args.host, port=args.port)
+        return 0
+    from ray import serve
+
+    run_local(settings, host=args.host, port=args.port, blocking=False)
+    url = f"http://{args.host}:{args.port}"
+    try:
+        _wait_ready(url, timeout=args.ready_timeout)
+        labels = _dataset_labels(args.data) if args.data else {}
+        for query in args.query:
+            answer = _post_json(f"{url}/v1/search/text", {"query": query, "k": args.k})
+            print(_format_answer(query, answer, labels), flush=True)
+        if args.exit:
+            return 0
+        print("serving until Ctrl-C", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+
+
+def _wait_ready(url: str, timeout: float) -> None:
+    """Poll /v1/readyz until every shard is loaded (or fail with its last answer)."""
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/readyz", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except urllib.error.HTTPError as err:
+            last = err.read().decode(errors="replace")[:300]
+        except OSError as err:
+            last = str(err)
+        time.sleep(1)
+    raise RuntimeError(f"the app at {url} is not ready after {timeout:.0f} s: {last}")
+
+
+def _post_json(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        return json.loads(answer.read())
+
+
+def _dataset_labels(data: str) -> dict[str, str]:
+    """Image id (path relative to the dataset folder) -> its class, to name what a query found."""
+    from training.data import load_dataset
+
+    dataset = load_dataset(data, check_images=False)
+    root = Path(data) if Path(data).is_dir() else Path(data).parent
+    return {Path(r.path).resolve().relative_to(root.resolve()).as_posix(): r.label or "" for r in dataset.records}
+
+
+def _format_answer(query: str, answer: dict, labels: dict[str, str]) -> str:
+    lines = [f"query: {query!r} (model {answer.get('model_version', '?')}, index {answer.get('index_version', '?')}, "
+             f"{answer.get('latency_ms', 0):.1f} ms server-side)"]
+    for rank, hit in enumerate(answer["results"], 1):
+        label = labels.get(hit["image_id"], "")
+        lines.append(f"{rank:>3}. {hit['image_id']:<48} distance {hit['distance']:>3}  {label}")
+    if labels:
+        found = [labels.get(hit["image_id"], "?") for hit in answer["results"]]
+        counts = {c: found.count(c) for c in dict.fromkeys(found)}
+        lines.append("classes: " + ", ".join(f"{c} x{n}" for c, n in counts.items()))
+    return "\n".join(lines)
 
 
 def _print_versions(out: str, manifests: dict) -> None:
@@ -110,5 +179,12 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--shard-replicas", type=int, help="replicas per shard (default: 2)")
     serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument("--query", action="append", default=[], metavar="TEXT",
+                       help="once the app is ready, send this text query over HTTP and print the top results "
+                            "(repeatable); the app keeps serving afterwards unless --exit")
+    serve.add_argument("-k", "--k", type=int, default=10, help="results per --query (default: %(default)s)")
+    serve.add_argument("--data", help="dataset folder, to print the class of each result of --query")
+    serve.add_argument("--exit", action="store_true", help="stop once the --query answers are printed")
+    serve.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for readiness (default: %(default)s)")
     serve.set_defaults(handler=_serve)
 

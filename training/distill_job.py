@@ -78,7 +78,7 @@ def train_students(teacher_dir: Path, config: DistillConfig, data_dir, out: Path
                    "data_dir": str(Path(data_dir).resolve()), "out_dir": str(out.resolve()),
                    "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
                    "threads_per_worker": d.cpus_per_worker, "cwd": os.getcwd()}
-    run_on_ray(distill_loop_per_worker, loop_config, d, d.num_workers, f"{config.name}-students")
+    run_on_ray(distill_loop_per_worker, loop_config, d, d.num_workers, config.name)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -114,7 +114,7 @@ def run_distillation(teacher: str | Path, config: DistillConfig, data_dir, out_d
                  config.text.epochs if "text" in config.students else 0)
     artifacts = ("metrics.json", "distill_config.yaml")
     with track_run(config, out, dataset, images_processed=len(dataset.split("train")) * epochs,
-                   run_name=f"{config.name}-students", artifacts=artifacts) as tracker:
+                   run_name=config.name, artifacts=artifacts) as tracker:
         if tracker.run_id:
             tracker.client.set_tag(tracker.run_id, "teacher.run_id", teacher_run or "unknown")
             tracker.client.set_tag(tracker.run_id, "teacher.source", str(teacher))

@@ -27,7 +27,7 @@ def server(mlflow_server):
 
 
 def test_fit_logs_everything_to_a_server(server, subset, tiny_text_encoder, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # the run is seconds long
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # the run is seconds long
     config = config_from_dict(tiny_config(tiny_text_encoder, tracking={"tracking_uri": server}))
     out = tmp_path / "run"
     metrics = fit(config, subset, out, cache_dir=tmp_path / "cache", progress=False)
