@@ -4,7 +4,7 @@
 #   2. train the `fast` teacher (checkpoint chosen on val) and evaluate it on the test split;
 #   3. distil it into ONNX students (fp32 + int8), check parity, register them in MLflow;
 #   4. build a 4-shard index of the dataset's image (and caption) codes with the image student;
-#   5. serve it with Ray Serve, answer a real text query over HTTP, and keep serving (Ctrl-C stops).
+#   5. serve it with Ray Serve, answer two real text queries over HTTP, and keep serving (Ctrl-C stops).
 # Usage: bash cluster/demo.sh [BITS]    (DEMO_EXIT=1: stop after the query, for scripts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,7 @@ BITS=${1:-64}
 DATA=${TERRAHASH_DATA:-../shared/data/ucm_captions}
 RUN="runs/fast-$BITS"
 QUERY=${DEMO_QUERY:-"many planes parked next to a long building"}
+QUERY2=${DEMO_QUERY2:-"several planes are parked at the airport"}
 bash cluster/setup.sh
 # checkpoint.pt, config.yaml, metrics.json and eval_test.json in $RUN
 .venv/bin/terrahash train --config fast --bits "$BITS" --data "$DATA" --out "$RUN" --eval-split test
@@ -20,4 +21,4 @@ bash cluster/setup.sh
 rm -rf "$RUN/index"
 .venv/bin/terrahash index build --model "$RUN/students/onnx" --data "$DATA" --shards 4 --out "$RUN/index"
 .venv/bin/terrahash index verify "$RUN/index"
-.venv/bin/terrahash serve --index "$RUN/index" --data "$DATA" --query "$QUERY" ${DEMO_EXIT:+--exit}
+.venv/bin/terrahash serve --index "$RUN/index" --data "$DATA" --query "$QUERY" --query "$QUERY2" ${DEMO_EXIT:+--exit}

@@ -63,7 +63,9 @@ class ServeSettings:
     spread_shards: bool = True  # at most one replica of a shard per node (needs >= shard_replicas nodes)
     encoder_replicas: int = 1
     router_replicas: int = 1
-    shard_num_cpus: float = 0.25  # logical CPUs reserved per replica (searches are short)
+    # Logical CPUs reserved per replica: searches are short, and a laptop must fit 2 collections x
+    # 4 shards x 2 replicas on two cores.
+    shard_num_cpus: float = 0.05
     encoder_num_cpus: float = 0.5
     router_num_cpus: float = 0.25
     encoder_threads: int = 1  # onnxruntime intra-op threads per encoder replica
