@@ -102,7 +102,7 @@ def file_sizes(onnx_dir: Path) -> dict[str, int]:
 def run_distillation(teacher: str | Path, config: DistillConfig, data_dir, out_dir, cache_dir=None,
                      parity_split: str = "test") -> dict:
     """Distil, export, check and register; writes ``out_dir/metrics.json`` and returns it."""
-    from evaluation.bench_students import parity
+    from evaluation.parity import parity
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
