@@ -19,7 +19,9 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "te
     """Figures of the model in ``model_dir`` on ``split`` of the dataset in ``data_dir``."""
     from training.data import load_dataset
     from training.features import FeatureCache, default_device
-    from training.train import DatasetIndex, Encoders, dataset_codes, evaluate_split, load_trained
+    from training.train import DatasetIndex, Encoders, dataset_codes, load_trained
+
+    from .retrieval import evaluate_rows
 
     torch_device = default_device(device)
     model, config, state = load_trained(model_dir, torch_device)
@@ -32,7 +34,8 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "te
     query_rows = index.rows(split)
     if len(query_rows) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no images")
-    figures = evaluate_split(index, images, captions, query_rows, index.database_rows(split), pr_curve=True)
+    figures = evaluate_rows(images, captions, index.labels, index.captions_of, query_rows,
+                            index.database_rows(split), pr_curve=True)
     return {"bits": config.train.bits, **figures["binary"], "float": figures["float"],
             "pr_curve_image_to_image": figures["pr_curve"], "split": split,
             "dataset": index.dataset.name, "dataset_fingerprint": index.dataset.fingerprint(),

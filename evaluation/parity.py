@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .retrieval import format_table
+from .retrieval import evaluate_rows, format_table
 
 PARITY_TARGETS = {"fp32": 0.999, "int8": 0.99, "map_ratio": 0.98}
 
@@ -24,7 +24,6 @@ def parity(teacher_dir, students_dir, data_dir, cache_dir=None, split: str = "te
     from training.export import ONNX_DIR
     from training.features import load_image, normalize
     from training.students import load_image_student, load_text_student
-    from training.train import evaluate_split
 
     teacher = teacher_targets(teacher_dir, data_dir, cache_dir)
     index = teacher.index
@@ -53,7 +52,7 @@ def parity(teacher_dir, students_dir, data_dir, cache_dir=None, split: str = "te
         report["bit_agreement_with_torch"][name] = {"image": bit_agreement(images[query], torch_images),
                                                     "text": bit_agreement(captions[query_captions], torch_captions)}
     for name, (images, captions) in {**codes, "fp32 text + teacher images": (teacher.images, codes["fp32"][1])}.items():
-        report["figures"][name] = evaluate_split(index, images, captions, query, db)["binary"]
+        report["figures"][name] = evaluate_rows(images, captions, index.labels, index.captions_of, query, db)["binary"]
     teacher_figures = report["figures"]["teacher"]
     report["map_ratio"] = {name: {task: figures[task]["map_all"] / teacher_figures[task]["map_all"]
                                   for task in ("image_to_image", "text_to_image")}

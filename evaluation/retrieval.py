@@ -101,3 +101,30 @@ def format_table(binary: dict, floats: dict | None = None, title: str = "") -> s
         other = (floats[task][name] if name else floats[task]) if floats else None
         lines.append(f"{key:<24}{value:>10.4f}" + (f"{other:>10.4f}" if other is not None else ""))
     return "\n".join(lines)
+
+
+def split_codes(images: np.ndarray, captions: np.ndarray, labels: np.ndarray, captions_of: list[np.ndarray],
+                rows: np.ndarray) -> SplitCodes:
+    """The codes of the given image rows and of their captions (``captions_of[row]``: that image's
+    caption rows), with caption owners local to ``rows``."""
+    caption_rows = np.concatenate([captions_of[r] for r in rows])
+    owner = np.repeat(np.arange(len(rows)), [len(captions_of[r]) for r in rows])
+    return SplitCodes(images[rows], labels[rows], captions[caption_rows], owner)
+
+
+def _signs(codes: SplitCodes) -> SplitCodes:
+    sign = lambda x: np.where(x >= 0, 1, -1).astype(np.int8)  # noqa: E731  (as training's binarize: 0 -> +1)
+    return SplitCodes(sign(codes.images), codes.image_labels, sign(codes.captions), codes.caption_owner)
+
+
+def evaluate_rows(images: np.ndarray, captions: np.ndarray, labels: np.ndarray, captions_of: list[np.ndarray],
+                  query_rows: np.ndarray, db_rows: np.ndarray, pr_curve: bool = False) -> dict:
+    """Binary and float figures of the query rows against the database rows, from continuous codes:
+    ``images`` (N, nbits), ``captions`` (M, nbits), ``labels`` (N,) and each image's caption rows."""
+    query = split_codes(images, captions, labels, captions_of, query_rows)
+    database = split_codes(images, captions, labels, captions_of, db_rows)
+    figures = {"binary": retrieval_figures(_signs(query), _signs(database), binary=True),
+               "float": retrieval_figures(query, database, binary=False)}
+    if pr_curve:
+        figures["pr_curve"] = image_pr_curve(_signs(query), _signs(database))
+    return figures

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evaluation.retrieval import SplitCodes, image_pr_curve, retrieval_figures
+from evaluation.retrieval import evaluate_rows
 
 from .batches import Batch, CachedBatches, CaptionBatches, ImageBatches
 from .config import ExperimentConfig, save_config, to_dict
@@ -131,31 +131,6 @@ def caption_codes(encoders: Encoders) -> np.ndarray:
 def dataset_codes(encoders: Encoders) -> tuple[np.ndarray, np.ndarray]:
     """Continuous codes of every image (N, nbits) and every caption (M, nbits)."""
     return image_codes(encoders), caption_codes(encoders)
-
-
-def split_codes(index: DatasetIndex, images: np.ndarray, captions: np.ndarray, rows: np.ndarray) -> SplitCodes:
-    """The codes of the given image rows and of their captions, with local caption owners."""
-    caption_rows = np.concatenate([index.captions_of[r] for r in rows])
-    local = {int(r): i for i, r in enumerate(rows)}
-    owner = np.asarray([local[int(o)] for o in index.caption_owner[caption_rows]])
-    return SplitCodes(images[rows], index.labels[rows], captions[caption_rows], owner)
-
-
-def _signs(codes: SplitCodes) -> SplitCodes:
-    sign = lambda x: np.where(x >= 0, 1, -1).astype(np.int8)  # as models.binarize: 0 -> +1
-    return SplitCodes(sign(codes.images), codes.image_labels, sign(codes.captions), codes.caption_owner)
-
-
-def evaluate_split(index: DatasetIndex, images: np.ndarray, captions: np.ndarray,
-                   query_rows: np.ndarray, db_rows: np.ndarray, pr_curve: bool = False) -> dict:
-    """Binary and float figures for the query rows against the database rows (continuous codes in)."""
-    query = split_codes(index, images, captions, query_rows)
-    database = split_codes(index, images, captions, db_rows)
-    figures = {"binary": retrieval_figures(_signs(query), _signs(database), binary=True),
-               "float": retrieval_figures(query, database, binary=False)}
-    if pr_curve:
-        figures["pr_curve"] = image_pr_curve(_signs(query), _signs(database))
-    return figures
 
 
 # Val figures a checkpoint can be chosen by, by name (binary codes).
@@ -298,7 +273,8 @@ class Trainer:
         """Val figures of what this role trains (the image role: image-to-image only)."""
         self.train_mode(False)
         images = self.snapshot.codes if self.role == "text" else image_codes(self.encoders)
-        figures = evaluate_split(self.index, images, caption_codes(self.encoders), self.index.rows(query_split), db_rows)
+        figures = evaluate_rows(images, caption_codes(self.encoders), self.index.labels, self.index.captions_of,
+                                self.index.rows(query_split), db_rows)
         if self.role == "image":  # the text head is untrained here: its figures mean nothing
             return {kind: {"image_to_image": f["image_to_image"]} for kind, f in figures.items()}
         return figures
