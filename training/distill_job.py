@@ -49,18 +49,14 @@ def resolve_teacher(teacher: str | Path, tracking_uri: str | None = None) -> Pat
 
 def distill_loop_per_worker(loop_config: dict) -> None:
     """What each Ray Train worker runs: the plain ``distill`` with a RayContext."""
-    import torch
-
     from .distill import distill
-    from .distributed import RayContext
+    from .distributed import RayContext, worker_output
     from .students import distill_config_from_dict
 
     context = RayContext()
-    os.chdir(loop_config["cwd"])
-    torch.set_num_threads(max(1, int(loop_config["threads_per_worker"])))
-    out = loop_config["out_dir"] if context.is_chief else tempfile.mkdtemp(prefix=f"terrahash-rank{context.rank}-")
-    distill(loop_config["teacher"], distill_config_from_dict(loop_config["config"]), loop_config["data_dir"], out,
-            cache_dir=loop_config["cache_dir"], progress=context.is_chief, context=context)
+    with worker_output(loop_config, context) as out:
+        distill(loop_config["teacher"], distill_config_from_dict(loop_config["config"]), loop_config["data_dir"], out,
+                cache_dir=loop_config["cache_dir"], progress=context.is_chief, context=context)
 
 
 def train_students(teacher_dir: Path, config: DistillConfig, data_dir, out: Path, cache_dir) -> dict:

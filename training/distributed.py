@@ -7,6 +7,7 @@ the outputs survive on shared storage in a real cluster.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -82,21 +83,33 @@ class RayContext(LoopContext):
         return shared, own, local
 
 
+@contextlib.contextmanager
+def worker_output(loop_config: dict, context: LoopContext):
+    """Set a Ray Train worker up like the driver (its working directory, so that relative defaults
+    such as the embedded MLflow store mean the same place; torch threads as reserved) and yield the
+    folder it writes to: the job's output for the chief; for the others, whose files nobody reads,
+    a scratch folder removed afterwards."""
+    os.chdir(loop_config["cwd"])
+    torch.set_num_threads(max(1, int(loop_config["threads_per_worker"])))
+    if context.is_chief:
+        yield Path(loop_config["out_dir"])
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=f"terrahash-rank{context.rank}-"))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """What each Ray Train worker runs: the plain ``fit`` with a RayContext."""
     config = config_from_dict(loop_config["config"])
     store = loop_config.get("snapshots")  # (actor name, namespace) of the split schedules' SnapshotStore
     context = RayContext(RemoteSnapshots(*store) if store else None)
-    # Relative defaults (the embedded MLflow store) mean the same place as for `terrahash train`.
-    os.chdir(loop_config["cwd"])
-    # Workers other than the chief write nothing the user sees; they get a scratch folder.
-    out = Path(loop_config["out_dir"]) if context.is_chief else Path(tempfile.mkdtemp(prefix=f"terrahash-rank{context.rank}-"))
-    torch.set_num_threads(max(1, int(loop_config["threads_per_worker"])))
-    fit(config, loop_config["data_dir"], out, cache_dir=loop_config["cache_dir"], progress=context.is_chief,
-        skip_bad_images=loop_config["skip_bad_images"], context=context, role=loop_config["role"],
-        parent_run_id=loop_config["parent_run_id"])
-    if not context.is_chief:
-        shutil.rmtree(out, ignore_errors=True)
+    with worker_output(loop_config, context) as out:
+        fit(config, loop_config["data_dir"], out, cache_dir=loop_config["cache_dir"], progress=context.is_chief,
+            skip_bad_images=loop_config["skip_bad_images"], context=context, role=loop_config["role"],
+            parent_run_id=loop_config["parent_run_id"])
 
 
 def ray_storage(storage_path: str | Path | None):

@@ -63,3 +63,26 @@ def test_distill_registers_onnx_students_with_their_teacher_as_lineage(mlflow_se
 
     local = client.download_artifacts(run.info.run_id, "onnx", str(tmp_path / "download"))
     assert load_encoder(f"{local}/text_student.int8.spec.json").encode_packed(["a runway"]).shape == (1, 2)
+
+
+def test_students_train_on_two_ray_train_workers(local_ray, subset, tiny_text_encoder, tmp_path):
+    from training.distill_job import train_students
+    from training.students import distill_config_from_dict, load_image_student
+
+    teacher = tmp_path / "teacher"
+    fit(config_from_dict(tiny_config(tiny_text_encoder, epochs=2)), subset, teacher, cache_dir=tmp_path / "cache",
+        progress=False)
+    config = distill_config_from_dict({**TINY_STUDENTS, "tracking": {"enabled": False},
+                                       "distributed": {"num_workers": 2, "cpus_per_worker": 0.5,
+                                                       "storage": str(tmp_path / "ray")}})
+    metrics = train_students(teacher, config, subset, tmp_path / "students", tmp_path / "cache")
+    assert metrics["world_size"] == 2
+    for kind in ("image", "text"):  # the chief evaluated on val at epochs 2 and 4 and kept the best
+        history = metrics["students"][kind]["history"]
+        assert [h["epoch"] for h in history if "val_bit_agreement" in h] == [2, 4][:len(history) // 2]
+        assert metrics["students"][kind]["best"]["epoch"] in (2, 4)
+    _, state = load_image_student(tmp_path / "students")
+    assert state["epoch"] == metrics["students"]["image"]["best"]["epoch"]
+    from training.students import load_text_student
+
+    assert load_text_student(tmp_path / "students")[2]["epoch"] == metrics["students"]["text"]["best"]["epoch"]
