@@ -8,7 +8,6 @@ its model fails here, with both file names in the message. No torch is imported 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
