@@ -173,7 +173,7 @@ def build_indexes(model: str | Path, data: str | Path, n_shards: int, out: str, 
         text_codes = encode_all(text_spec, items.captions, batch_size * 4, "captions")
         manifests["captions"] = build_index(text_codes, items.caption_ids, bits, n_shards, out, factory,
                                             model_version=label, collection="captions",
-                                            image_ids=items.caption_image_ids,
+                                            image_ids=items.caption_image_ids, texts=items.captions,
                                             extra={**extra, "text_spec": text_spec.name})
     return manifests
 
@@ -199,5 +199,6 @@ def add_images(data: str | Path, out: str, *, base_version: str | None = None, c
         text_codes = encode_all(text_spec, items.captions, batch_size * 4, "captions")
         manifests["captions"] = add_to_index(out, caption_base["version"], text_codes, items.caption_ids,
                                              collection="captions", new_image_ids=items.caption_image_ids,
+                                             new_texts=items.captions if caption_base.get("has_texts") else None,
                                              model_version=base["model_version"])
     return manifests

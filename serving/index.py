@@ -166,7 +166,7 @@ class Shard:
     """One shard: packed codes, their global rows (ascending), optional string ids, a faiss index."""
 
     def __init__(self, codes_packed, rows, bits: int, factory: str = "BFlat", ids=None, image_ids=None,
-                 name: str = "shard", search_params: dict | None = None):
+                 name: str = "shard", search_params: dict | None = None, texts=None):
         self.name, self.bits, self.factory = name, validate_bits(bits), factory
         self.kind, _ = parse_factory(factory, bits)
         self.codes = check_packed(codes_packed, bits)
@@ -177,6 +177,7 @@ class Shard:
             raise ValueError(f"shard {name}: rows must be strictly increasing")
         self.ids = None if ids is None else np.asarray(ids, dtype=str)
         self.image_ids = self.ids if image_ids is None else np.asarray(image_ids, dtype=str)
+        self.texts = None if texts is None else np.asarray(texts, dtype=str)  # e.g. each caption's words
         unknown = set(search_params or {}) - set(self.kind.defaults)
         if unknown:
             raise ValueError(f"search parameters {sorted(unknown)} do not apply to {factory}; "
@@ -304,12 +305,13 @@ class ShardedIndex:
 
 def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root, factory: str = "BFlat", *,
                 model_version: str, collection: str = "images", image_ids: Sequence[str] | None = None,
-                extra: dict | None = None) -> dict:
+                texts: Sequence[str] | None = None, extra: dict | None = None) -> dict:
     """Write a new index version of ``collection`` to ``root`` (a folder, ``s3://`` URI or ArtifactRoot).
 
     Rows are numbered by sorted id; items go to shards by ``stable_shard``. Files, under
     ``index/<collection>/vNNNN/``: per shard ``shard-XXXXX.codes.npy`` (uint8 (rows, bits // 8)) and
-    ``shard-XXXXX.ids.npy`` (structured: row int64, id str[, image_id str], ascending rows), then
+    ``shard-XXXXX.ids.npy`` (structured: row int64, id str[, image_id str][, text str], ascending
+    rows; ``texts`` are what a caption index answers with, each item's own words), then
     ``manifest.json`` last, so a reader never sees a manifest naming files not yet written.
     Returns the manifest (format, collection, version, model_version, bits, bit order, factory,
     created UTC, n_shards, rows, next_row, and per shard: name, rows, row_range, id_range, files with
@@ -319,9 +321,10 @@ def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root
     codes = check_packed(codes_packed, bits)
     ids = _check_ids(ids, len(codes), "ids")
     image_ids = None if image_ids is None else _check_ids(image_ids, len(codes), "image_ids", unique=False)
+    texts = None if texts is None else _check_texts(texts, len(codes))
     order = np.argsort(ids, kind="stable")  # row r is the r-th smallest id
     table = _id_table(np.arange(len(ids), dtype=np.int64), ids[order],
-                      None if image_ids is None else image_ids[order])
+                      None if image_ids is None else image_ids[order], None if texts is None else texts[order])
     codes = codes[order]
     n_shards = _check_n_shards(n_shards)
     shard_of = np.array([stable_shard(i, n_shards) for i in table["id"]], dtype=np.int64)
@@ -330,13 +333,15 @@ def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root
     entries = [_write_shard(root, collection, version, i, codes[shard_of == i], table[shard_of == i])
                for i in range(n_shards)]
     manifest = _manifest(collection, version, None, model_version, bits, factory, n_shards, entries,
-                         next_row=len(ids), has_image_ids=image_ids is not None, extra=extra)
+                         next_row=len(ids), has_image_ids=image_ids is not None, extra=extra,
+                         has_texts=texts is not None)
     return _write_manifest(root, manifest)
 
 
 def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[str], *,
                  collection: str = "images", new_image_ids: Sequence[str] | None = None,
-                 model_version: str | None = None, extra: dict | None = None) -> dict:
+                 new_texts: Sequence[str] | None = None, model_version: str | None = None,
+                 extra: dict | None = None) -> dict:
     """A new version = ``base_version`` plus new items; returns its manifest.
 
     Shards that receive no new id are reused: the new manifest points at their old files (same
@@ -355,9 +360,14 @@ def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[st
     if not len(new_ids):
         raise IndexVersionError("nothing to add: new_ids is empty")
     new_image_ids = _check_new_image_ids(base, new_image_ids, len(codes))
+    if base.get("has_texts", False) != (new_texts is not None):
+        need = "needs" if base.get("has_texts", False) else "takes no"
+        raise IndexVersionError(f"{collection}/{base_version} {need} texts for its items")
+    new_texts = None if new_texts is None else _check_texts(new_texts, len(codes))
     order = np.argsort(new_ids, kind="stable")
     rows = base["next_row"] + np.arange(len(new_ids), dtype=np.int64)
-    table = _id_table(rows, new_ids[order], None if new_image_ids is None else new_image_ids[order])
+    table = _id_table(rows, new_ids[order], None if new_image_ids is None else new_image_ids[order],
+                      None if new_texts is None else new_texts[order])
     codes = codes[order]
     shard_of = np.array([stable_shard(i, n_shards) for i in table["id"]], dtype=np.int64)
     # First read and check every receiving shard, so a duplicate id leaves nothing half written.
@@ -368,7 +378,7 @@ def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[st
         _refuse_duplicates(entry["name"], old_table["id"], table["id"][shard_of == i])
         new = table[shard_of == i]
         merged[i] = (np.concatenate([old_codes, codes[shard_of == i]]),
-                     _concat_tables(old_table, new, base["has_image_ids"]))
+                     _concat_tables(old_table, new))
     _check_factory_fits(base["factory"], bits, [len(merged[i][0]) if i in merged else e["rows"]
                                                 for i, e in enumerate(base["shards"])])
     version = _next_version(root, collection)
@@ -376,7 +386,8 @@ def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[st
                for i, entry in enumerate(base["shards"])]
     manifest = _manifest(collection, version, base["version"], base["model_version"], bits, base["factory"],
                          n_shards, entries, next_row=int(rows[-1]) + 1,
-                         has_image_ids=base["has_image_ids"], extra={**base.get("extra", {}), **(extra or {})})
+                         has_image_ids=base["has_image_ids"], extra={**base.get("extra", {}), **(extra or {})},
+                         has_texts=base.get("has_texts", False))
     return _write_manifest(root, manifest)
 
 
@@ -429,7 +440,8 @@ def load_shard(root, version: str, shard_name: str, collection: str = "images",
     codes, table = _read_shard(root, collection, manifest, by_name[shard_name])
     return Shard(codes, table["row"], manifest["bits"], manifest["factory"], ids=table["id"],
                  image_ids=table["image_id"] if manifest["has_image_ids"] else None,
-                 name=shard_name, search_params=search_params)
+                 name=shard_name, search_params=search_params,
+                 texts=table["text"] if manifest.get("has_texts") else None)
 
 
 def load_index(root, version: str | None = None, collection: str = "images",
@@ -521,7 +533,7 @@ def _write_shard(root, collection, version, number, codes, table) -> dict:
 
 
 def _manifest(collection, version, base_version, model_version, bits, factory, n_shards, entries, *,
-              next_row, has_image_ids, extra) -> dict:
+              next_row, has_image_ids, extra, has_texts=False) -> dict:
     if not model_version or not isinstance(model_version, str):
         raise IndexVersionError("model_version must name the model version the codes came from")
     return {
@@ -530,7 +542,7 @@ def _manifest(collection, version, base_version, model_version, bits, factory, n
         "factory": factory, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "n_shards": n_shards, "sharding": SHARDING_RULE, "row_rule": ROW_RULE,
         "rows": sum(entry["rows"] for entry in entries), "next_row": int(next_row),
-        "has_image_ids": has_image_ids, "extra": dict(extra or {}), "shards": entries,
+        "has_image_ids": has_image_ids, "has_texts": bool(has_texts), "extra": dict(extra or {}), "shards": entries,
     }
 
 
@@ -604,6 +616,14 @@ def _check_n_shards(n_shards) -> int:
     return int(n_shards)
 
 
+def _check_texts(texts, n: int) -> np.ndarray:
+    """texts as a str array of length n (empty strings allowed: an item may have no words)."""
+    values = list(texts)
+    if len(values) != n or not all(isinstance(v, str) for v in values):
+        raise IndexVersionError(f"texts must be {n} strings, one per code; got {len(values)}")
+    return np.array(values, dtype=str) if values else np.empty(0, dtype="<U1")
+
+
 def _check_ids(ids, n: int, name: str, unique: bool = True) -> np.ndarray:
     """ids as a str array of length n: non-empty strings, unique unless ``unique`` is False."""
     values = list(ids)
@@ -626,22 +646,26 @@ def _check_new_image_ids(base: dict, new_image_ids, n: int):
     return None if new_image_ids is None else _check_ids(new_image_ids, n, "new_image_ids", unique=False)
 
 
-def _id_table(rows, ids, image_ids) -> np.ndarray:
-    """The structured array stored in a shard's ids file."""
-    fields = [("row", "<i8"), ("id", f"<U{max(1, max((len(i) for i in ids), default=1))}")]
-    if image_ids is not None:
-        fields.append(("image_id", f"<U{max(1, max((len(i) for i in image_ids), default=1))}"))
+def _id_table(rows, ids, image_ids=None, texts=None) -> np.ndarray:
+    """The structured array stored in a shard's ids file: row, id, and image_id and text when given."""
+    def text_field(name, values):
+        return name, f"<U{max(1, max((len(v) for v in values), default=1))}"
+
+    columns = {"id": ids, "image_id": image_ids, "text": texts}
+    fields = [("row", "<i8")] + [text_field(name, values) for name, values in columns.items() if values is not None]
     table = np.zeros(len(rows), dtype=fields)
-    table["row"], table["id"] = rows, ids
-    if image_ids is not None:
-        table["image_id"] = image_ids
+    table["row"] = rows
+    for name, values in columns.items():
+        if values is not None:
+            table[name] = values
     return table
 
 
-def _concat_tables(old, new, has_image_ids) -> np.ndarray:
+def _concat_tables(old, new) -> np.ndarray:
     """Old rows then new ones; rebuilt so the string fields widen to the longer of the two."""
-    image_ids = np.concatenate([old["image_id"], new["image_id"]]) if has_image_ids else None
-    return _id_table(np.concatenate([old["row"], new["row"]]), np.concatenate([old["id"], new["id"]]), image_ids)
+    def both(name):
+        return np.concatenate([old[name], new[name]]) if name in old.dtype.names else None
+    return _id_table(both("row"), both("id"), both("image_id"), both("text"))
 
 
 def _refuse_duplicates(shard: str, existing, incoming) -> None:

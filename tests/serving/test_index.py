@@ -340,3 +340,24 @@ def test_serving_imports_no_training_libraries():
             "print(sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_texts_travel_with_their_items_through_build_and_add(local_root):
+    codes = random_codes(30, 64, seed=5)
+    ids = ids_for(30)[::-1]  # rows are numbered by sorted id, so the texts must be reordered with them
+    texts = [f"words of {i}" for i in ids]
+    manifest = build_index(codes, ids, 64, 3, local_root, model_version="m", image_ids=ids, texts=texts)
+    assert manifest["has_texts"]
+    with pytest.raises(IndexVersionError, match="needs texts"):
+        add_to_index(local_root, "v0001", random_codes(1, 64), ["new"], new_image_ids=["new"])
+    add_to_index(local_root, "v0001", random_codes(2, 64, seed=6), ["new_b", "new_a"], new_image_ids=["b", "a"],
+                 new_texts=["text b", ""])
+    for shard in load_index(local_root, "v0002").shards:
+        expected = {**dict(zip(ids, texts)), "new_b": "text b", "new_a": ""}
+        assert [expected[i] for i in shard.ids.tolist()] == shard.texts.tolist()
+    assert load_index(local_root, "v0002").shards[0].texts is not None
+    plain = build_index(codes, ids, 64, 3, local_root, model_version="m", collection="captions", image_ids=ids)
+    assert not plain["has_texts"] and load_index(local_root, collection="captions").shards[0].texts is None
+    with pytest.raises(IndexVersionError, match="takes no texts"):
+        add_to_index(local_root, "v0001", random_codes(1, 64), ["x"], collection="captions", new_image_ids=["x"],
+                     new_texts=["x"])
