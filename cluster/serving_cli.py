@@ -9,15 +9,72 @@ import json
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from training.config import TrackingConfig  # plain dataclasses (yaml only): no torch
+
+
+@dataclass
+class IndexJob:
+    """What one ``terrahash index build|add`` did, logged to MLflow as the run's params."""
+
+    name: str  # the MLflow run name: index-build or index-add
+    model: str
+    data: str
+    out: str
+    shards: int | None = None
+    factory: str | None = None
+    variant: str | None = None
+    base: str | None = None
+    captions: bool = True
+    batch_size: int = 64
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _index_job(args: argparse.Namespace, name: str) -> IndexJob:
+    tracking = TrackingConfig(enabled=not args.no_track, tracking_uri=args.tracking_uri or "",
+                              system_metrics=False)
+    return IndexJob(name=name, model=str(getattr(args, "model", "") or ""), data=args.data, out=args.out,
+                    shards=getattr(args, "shards", None), factory=getattr(args, "factory", None),
+                    variant=getattr(args, "variant", None), base=getattr(args, "base", None),
+                    captions=not args.no_captions, batch_size=args.batch_size, tracking=tracking)
+
+
+def _tracked(job: IndexJob, work) -> dict:
+    """Run ``work()`` (-> manifests) inside an MLflow run with its energy and CO2 (per 1,000 images
+    encoded), the index versions as tags and the manifests as an artifact; untracked with --no-track."""
+    import tempfile
+
+    from training.data import load_dataset
+    from training.tracking import track_run
+
+    if not job.tracking.enabled:
+        return work()
+    dataset = load_dataset(job.data, check_images=False)
+    images = len(dataset.records)
+    with tempfile.TemporaryDirectory(prefix="terrahash-index-") as tmp:
+        with track_run(job, tmp, dataset, images_processed=images, run_name=job.name,
+                       artifacts=("manifests.json",)) as tracker:
+            start = time.perf_counter()
+            manifests = work()
+            tracker.log_metrics({"index_seconds": time.perf_counter() - start, "images_encoded": images,
+                                 **{f"{c}_rows": m["rows"] for c, m in manifests.items() if m is not None}})
+            tracker.client.set_tag(tracker.run_id, "index.root", job.out)
+            for collection, manifest in manifests.items():
+                if manifest is not None:
+                    tracker.client.set_tag(tracker.run_id, f"index.{collection}.version", manifest["version"])
+                    tracker.client.set_tag(tracker.run_id, "model_version", manifest["model_version"])
+            (Path(tmp) / "manifests.json").write_text(json.dumps(manifests, indent=2))
+    return manifests
 
 
 def _build(args: argparse.Namespace) -> int:
     from serving.build import build_indexes
 
-    manifests = build_indexes(args.model, args.data, args.shards, args.out, factory=args.factory,
-                              variant=args.variant, captions=not args.no_captions, batch_size=args.batch_size,
-                              address=args.address)
+    manifests = _tracked(_index_job(args, "index-build"), lambda: build_indexes(
+        args.model, args.data, args.shards, args.out, factory=args.factory, variant=args.variant,
+        captions=not args.no_captions, batch_size=args.batch_size, address=args.address))
     _print_versions(args.out, manifests)
     return 0
 
@@ -25,8 +82,9 @@ def _build(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     from serving.build import add_images
 
-    manifests = add_images(args.data, args.out, base_version=args.base, captions=not args.no_captions,
-                           batch_size=args.batch_size, address=args.address)
+    manifests = _tracked(_index_job(args, "index-add"), lambda: add_images(
+        args.data, args.out, base_version=args.base, captions=not args.no_captions, batch_size=args.batch_size,
+        address=args.address))
     _print_versions(args.out, manifests)
     return 0
 
@@ -140,6 +198,11 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     ray_args.add_argument("--batch-size", type=int, default=64, help="images per Ray task (default: %(default)s)")
     ray_args.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
     ray_args.add_argument("--no-captions", action="store_true", help="do not encode the captions into a caption index")
+    ray_args.add_argument("--no-track", action="store_true",
+                          help="do not log the job to MLflow nor measure its energy (tracking is on by default and "
+                               "needs `pip install terrahash[track]`)")
+    ray_args.add_argument("--tracking-uri", metavar="URI",
+                          help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
 
     build = commands.add_parser("build", parents=[common, ray_args], help="encode a dataset and cut N shards",
                                 description="Encode every image of --data with the model version's image student "

@@ -53,12 +53,27 @@ def _halves(ucm_many, tmp_path):
     return folders
 
 
-def test_add_extends_the_index_without_rebuilding_other_shards(local_ray, model_dir, ucm_many, tmp_path):
+def test_add_extends_the_index_without_rebuilding_other_shards(local_ray, mlflow_server, model_dir, ucm_many,
+                                                               tmp_path):
+    from mlflow import MlflowClient
+
     first, second = _halves(ucm_many, tmp_path)
     root = str(tmp_path / "root")
     assert main(["index", "build", "--model", str(model_dir), "--data", str(first), "--shards", "4",
-                 "--out", root, "--no-captions"]) == 0
+                 "--out", root, "--no-captions", "--tracking-uri", mlflow_server]) == 0
     base = read_manifest(root, "v0001")
+    # The build is an MLflow run of its own, with its energy and what it wrote.
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("terrahash")
+    [run] = client.search_runs([experiment.experiment_id], f"tags.`index.root` = '{root}'")
+    assert run.info.run_name == "index-build" and run.info.status == "FINISHED"
+    assert run.data.metrics["images_encoded"] == 105 and run.data.metrics["images_rows"] == base["rows"] == 105
+    assert run.data.metrics["energy_kwh"] > 0 and "energy_kwh_per_1k_images" in run.data.metrics
+    assert run.data.params["shards"] == "4" and run.data.params["model"] == str(model_dir)
+    assert run.data.tags["index.images.version"] == "v0001"
+    assert run.data.tags["model_version"] == base["model_version"] and run.data.tags["energy.source"]
+    [artifact] = client.list_artifacts(run.info.run_id)
+    assert artifact.path == "manifests.json"
     one = json.loads((second / "dataset_half.json").read_text())
     (second / "dataset_half.json").write_text(json.dumps({**one, "images": one["images"][:2]}))  # two new images
     manifests = add_images(second, root, captions=False)
