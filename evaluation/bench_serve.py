@@ -9,9 +9,12 @@ Steps (figures, not timed tests):
    (the app needs one; this benchmark never calls it). The prepared folder is cached.
 2. index: 1,000,000 random 64-bit codes, 4 shards (BFlat), on a temporary artifact root.
 3. in process: encode (onnxruntime) + one unsharded search, p50 over the queries.
-4. HTTP: sequential p50/p99 over ``--sequential`` queries; then an open loop of ``--qps`` queries/s
-   for ``--seconds`` s (p50/p99, errors); the breakdown comes from the server-side timings each
-   answer carries (encode, shard search, merge; the rest is HTTP and Serve overhead).
+4. HTTP, for each serving layout (``grouped``: the 4 shards in one deployment and text encoded in
+   the router, the default on one node; ``per-shard``: a deployment per shard and a call to the
+   encoder deployment): sequential p50/p99 over ``--sequential`` queries; then an open loop of
+   ``--qps`` queries/s for ``--seconds`` s (p50/p99, errors); the breakdown comes from the
+   server-side timings each answer carries (encode, shard search, merge; the rest is HTTP and
+   Serve overhead).
 
 Run: ``nice -n 10 python -m evaluation.bench_serve [--model DIR] [--json out.json]``.
 """
@@ -187,15 +190,50 @@ def _r(value: float) -> float:
 # --- main ------------------------------------------------------------------------------------------
 
 
-def run(model_dir: Path, sequential_n: int, qps: float, seconds: float, k: int, throughput_optimized: bool) -> dict:
+LAYOUTS = {
+    # Every shard in one deployment (the default on one node: ceil(4 shards / 1 node)), text encoded in the router.
+    "grouped": {"shards_per_replica": 0, "router_encodes_text": True},
+    # One deployment per shard and the text encoded by the encoder deployment: a call for each.
+    "per-shard": {"shards_per_replica": 1, "router_encodes_text": False},
+}
+
+
+def serve_layout(root: Path, queries: list[str], k: int, layout: str, sequential_n: int, qps: float, seconds: float,
+                 throughput_optimized: bool) -> dict:
+    """Start Ray and Serve with one layout, measure sequential and open-loop queries, shut down."""
     import os
 
     import ray
     from ray import serve
 
     from serving.app import ServeSettings, build_app
-    from serving.build import dataset_items
     from tests.conftest import free_port
+
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"} if throughput_optimized else {}
+    os.environ.update(env)  # read by Serve's processes at start
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": env})
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = ServeSettings(index=str(root), shard_replicas=1, spread_shards=False, rerank="none",
+                                 shard_num_cpus=0.5, encoder_num_cpus=0.5, router_num_cpus=0.5, **LAYOUTS[layout])
+        serve.run(build_app(settings), name="bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}/v1/search/text"
+        sequential(url, queries, k, 30)  # warm-up
+        seq = summarize(sequential(url, queries, k, sequential_n))
+        sustained = summarize(open_loop(url, queries, k, qps, seconds))
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    return {"settings": LAYOUTS[layout], "sequential": seq, "sustained": {"qps": qps, "seconds": seconds, **sustained}}
+
+
+def run(model_dir: Path, layouts: list[str], sequential_n: int, qps: float, seconds: float, k: int,
+        throughput_optimized: bool) -> dict:
+    import os
+
+    from serving.build import dataset_items
 
     data = Path(os.environ.get("TERRAHASH_DATA", REPO.parent / "shared" / "data" / "ucm_captions"))
     queries = dataset_items(data).captions[::7][:500]  # real captions as queries
@@ -205,25 +243,17 @@ def run(model_dir: Path, sequential_n: int, qps: float, seconds: float, k: int, 
         build_random_index(root, model_dir)
         build_s = time.perf_counter() - t0
         local = in_process(model_dir, root, queries[:200], k)
-        env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"} if throughput_optimized else {}
-        os.environ.update(env)  # read by Serve's processes at start
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = ServeSettings(index=str(root), shard_replicas=1, spread_shards=False, rerank="none",
-                                 shard_num_cpus=0.5, encoder_num_cpus=0.5, router_num_cpus=0.5)
-        serve.run(build_app(settings), name="bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}/v1/search/text"
-        sequential(url, queries, k, 30)  # warm-up
-        seq = summarize(sequential(url, queries, k, sequential_n))
-        sustained = summarize(open_loop(url, queries, k, qps, seconds))
-        serve.shutdown()
-        ray.shutdown()
-    return {"model": str(model_dir), "rows": ROWS, "shards": SHARDS, "bits": BITS, "k": k,
-            "throughput_optimized": throughput_optimized, "index_build_s": _r(build_s), "in_process": local,
-            "sequential": seq, "sustained": {"qps": qps, "seconds": seconds, **sustained},
-            "ratio_e2e_p50_to_in_process": _r(seq["p50_ms"] / local["encode_search_p50_ms"])}
+        measured = {layout: serve_layout(root, queries, k, layout, sequential_n, qps, seconds, throughput_optimized)
+                    for layout in layouts}
+    for figures in measured.values():
+        figures["ratio_e2e_p50_to_in_process"] = _r(figures["sequential"]["p50_ms"] / local["encode_search_p50_ms"])
+    report = {"model": str(model_dir), "rows": ROWS, "shards": SHARDS, "bits": BITS, "k": k,
+              "throughput_optimized": throughput_optimized, "index_build_s": _r(build_s), "in_process": local,
+              "layouts": measured}
+    if len(measured) == 2:
+        a, b = (measured[name]["sequential"]["p50_ms"] for name in layouts)
+        report[f"sequential_p50_{layouts[0]}_over_{layouts[1]}"] = _r(a / b)
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,12 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qps", type=float, default=50, help="open-loop rate (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=60, help="open-loop duration (default: %(default)s)")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS),
+                        help="serving layout(s) to measure, in order (default: grouped, then per-shard)")
     parser.add_argument("--throughput-optimized", action="store_true",
                         help="set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's own low-overhead mode)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     model = Path(args.model) if args.model else (find_model() or prepare_model())
-    report = run(model, args.sequential, args.qps, args.seconds, args.k, args.throughput_optimized)
+    report = run(model, args.layout or ["grouped", "per-shard"], args.sequential, args.qps, args.seconds, args.k,
+                 args.throughput_optimized)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

@@ -2,17 +2,20 @@
 
 Deployments (one app, built with ``.bind()``):
 
-* ``QueryEncoder``: the model version's ONNX text and image students (onnxruntime), with request
+* ``QueryEncoder``: the model version's ONNX image and text students (onnxruntime), with request
   batching (``@serve.batch``); it returns continuous codes, so the router can pack them or re-rank
-  asymmetrically.
-* ``<collection>-shard-XXXXX``: one deployment per shard of the image index (and of the caption
-  index when there is one), each with ``shard_replicas`` replicas, at most one per node. A shard
-  whose files do not match the manifest is refused: the replica stays up but not ready, and says
-  which shard and why (log and ``/v1/readyz``).
-* ``Router``: the FastAPI ingress. It validates input, encodes through the encoder, fans every query
-  out to all shards at once (a failed or slow call is retried within the request's deadline),
-  merges with ``serving.index.merge_topk`` (order: distance, then row), optionally re-ranks, and
-  answers JSON. Client errors are 4xx with ``{"error": {"code", "message"}}``.
+  asymmetrically. Image queries always go through it; text queries too when
+  ``router_encodes_text`` is off (by default the router runs the small text student itself, which
+  costs less than the call).
+* ``<collection>-shard-XXXXX`` (or ``-shard-XXXXX-YYYYY`` for a group): the shards of the image index
+  (and of the caption index when there is one), ``shards_per_replica`` shards per deployment (by
+  default as many as spread them over the nodes), each with ``shard_replicas`` replicas, at most one
+  per node. A shard whose files do not match the manifest is refused: the replica stays up but not
+  ready, and says which shard and why (log and ``/v1/readyz``).
+* ``Router``: the FastAPI ingress. It validates input, encodes, fans every query out to all shard
+  deployments at once (a failed or slow call is retried within the request's deadline), merges with
+  ``serving.index.merge_topk`` (order: distance, then row), optionally re-ranks, and answers JSON.
+  Client errors are 4xx with ``{"error": {"code", "message"}}``.
 
 Nothing here imports torch: the whole app runs from ``pip install terrahash[serve]``.
 """
@@ -60,9 +63,16 @@ class ServeSettings:
     image_base: str | None = None  # prefix of image references; default: the dataset root the index was built from
     # Placement.
     shard_replicas: int = 2  # replicas per shard deployment
+    # Shards held by one shard deployment (searched side by side, answered in one call). 0: as
+    # many as spread the shards over the cluster's nodes, ceil(shards / nodes); on one node that
+    # is every shard in one deployment, one call per query instead of one per shard.
+    shards_per_replica: int = 0
     spread_shards: bool = True  # at most one replica of a shard per node (needs >= shard_replicas nodes)
     encoder_replicas: int = 1
     router_replicas: int = 1
+    # Text queries encoded inside the router (the text student takes well under a millisecond,
+    # a call to the encoder deployment several); images always go to the batching encoder.
+    router_encodes_text: bool = True
     # Logical CPUs reserved per replica: searches are short, and a laptop must fit 2 collections x
     # 4 shards x 2 replicas on two cores.
     shard_num_cpus: float = 0.05
@@ -111,6 +121,8 @@ class ServeSettings:
         for name in ("shard_replicas", "encoder_replicas", "router_replicas", "batch_max_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.shards_per_replica) < 0:
+            raise ValueError(f"shards_per_replica must be >= 0 (0: one group per node), got {self.shards_per_replica}")
 
     def router_config(self) -> dict:
         return {name: getattr(self, name) for name in self.HOT_ROUTER}
@@ -315,14 +327,17 @@ def merge_hits(answers: list[dict], k: int, bits: int, image_base: str, with_cod
     for a in answers:
         for j, row in enumerate(a["rows"][0].tolist()):
             if row != MISSING_ROW:
-                by_row[row] = (a["ids"][0][j], a["image_ids"][0][j], a["codes"][0][j] if with_codes else None)
+                by_row[row] = (a["ids"][0][j], a["image_ids"][0][j], a["codes"][0][j] if with_codes else None,
+                               a["texts"][0][j] if "texts" in a else None)
     hits = []
     for distance, row in zip(distances[0].tolist(), rows[0].tolist()):
         if row == MISSING_ROW:
             break  # fewer than k items in the whole index
-        item_id, image_id, code = by_row[row]
+        item_id, image_id, code, text = by_row[row]
         hit = {"id": str(item_id), "row": int(row), "distance": int(distance), "score": 1.0 - distance / bits,
                "image_id": str(image_id), "image": _image_ref(image_base, str(image_id))}
+        if text is not None:
+            hit["text"] = str(text)  # a caption index's words
         if with_codes:
             hit["code"] = code
         hits.append(hit)
@@ -378,52 +393,85 @@ def _image_ref(base: str, image_id: str) -> str:
 
 @serve.deployment(max_ongoing_requests=32, health_check_period_s=2, health_check_timeout_s=10)
 class ShardServer:
-    """One shard of one index version, searched exactly (ties by row) with serving.index.Shard."""
+    """A group of shards of one index version (one shard by default), searched exactly (ties by row).
 
-    def __init__(self, root: str, collection: str, version: str, shard_name: str, threads: int = 1):
+    Each shard is a serving.index.Shard; a group searches its shards side by side in threads (faiss
+    releases the GIL) and answers its own top-k, merged as the router merges groups, so one call
+    serves several shards. Grouping trades spreading for fewer calls per query: on one node, one
+    group of every shard saves a Serve round trip per extra shard.
+    """
+
+    def __init__(self, root: str, collection: str, version: str, shard_names: list[str], threads: int = 1):
         import faiss
 
         faiss.omp_set_num_threads(threads)
-        self.label = f"{collection}/{version}/{shard_name}"
-        self.shard, self.problem = None, None
-        try:
-            self.shard = load_shard(root, version, shard_name, collection)
-        except ShardIntegrityError as err:
-            # Stay up but never ready: restarting would fail the same way, and readiness shows why.
-            self.problem = str(err)
-            log.error("refusing shard %s: %s", self.label, err)
-        else:
-            self.id_position = {name: i for i, name in enumerate(self.shard.ids.tolist())}
-            log.info("shard %s loaded: %d rows", self.label, len(self.shard))
+        shard_names = [shard_names] if isinstance(shard_names, str) else list(shard_names)
+        self.label = f"{collection}/{version}/{'+'.join(shard_names)}"
+        self.labels = [f"{collection}/{version}/{name}" for name in shard_names]
+        self.shards, self.problems = [], {}
+        for name, label in zip(shard_names, self.labels):
+            try:
+                self.shards.append(load_shard(root, version, name, collection))
+            except ShardIntegrityError as err:
+                # Stay up but never ready: restarting would fail the same way, and readiness shows why.
+                self.problems[label] = str(err)
+                log.error("refusing shard %s: %s", label, err)
+        if not self.problems:
+            self.id_position = {name: (s, i) for s, shard in enumerate(self.shards)
+                                for i, name in enumerate(shard.ids.tolist())}
+            log.info("shards %s loaded: %s rows", self.label, [len(shard) for shard in self.shards])
+        self.pool = None
+        if len(shard_names) > 1:
+            from concurrent.futures import ThreadPoolExecutor
 
-    def ready(self) -> dict:
-        """{"shard", "ready", "rows", "problem"}."""
-        rows = len(self.shard) if self.shard is not None else 0
-        return {"shard": self.label, "ready": self.shard is not None, "rows": rows, "problem": self.problem}
+            self.pool = ThreadPoolExecutor(max_workers=len(shard_names), thread_name_prefix="shard")
+
+    def ready(self) -> list[dict]:
+        """One {"shard", "ready", "rows", "problem"} per shard of the group (rows 0 while not serving)."""
+        rows = [len(shard) for shard in self.shards] if not self.problems else [0] * len(self.labels)
+        return [{"shard": label, "ready": label not in self.problems, "rows": n, "problem": self.problems.get(label)}
+                for label, n in zip(self.labels, rows)]
 
     def search(self, queries: np.ndarray, k: int, with_codes: bool = False) -> dict:
-        """Top-k of packed ``queries`` (Q, bytes): distances, rows, ids, image ids (and codes), each (Q, k)."""
-        shard = self._loaded()
-        distances, rows = shard.search(queries, k)  # (Q, k) each, ordered by (distance, row)
-        positions = shard.positions(rows)  # -1 where padded
-        found = positions >= 0
-        take = np.where(found, positions, 0)
-        out = {"distances": distances, "rows": rows,
-               "ids": np.where(found, shard.ids[take], ""), "image_ids": np.where(found, shard.image_ids[take], "")}
+        """Top-k of packed ``queries`` (Q, bytes) over the group: distances, rows, ids, image ids (and
+        codes), each (Q, k), ordered by (distance, row)."""
+        shards = self._loaded()
+        if self.pool is None:
+            per_shard = [shards[0].search(queries, k)]
+        else:
+            per_shard = list(self.pool.map(lambda shard: shard.search(queries, k), shards))
+        distances, rows = per_shard[0] if len(per_shard) == 1 else merge_topk(per_shard, k)
+        ids = np.full(rows.shape, "", dtype=object)
+        image_ids = np.full(rows.shape, "", dtype=object)
+        texts = np.full(rows.shape, "", dtype=object) if shards[0].texts is not None else None
+        codes = np.zeros(rows.shape + (shards[0].codes.shape[1],), np.uint8) if with_codes else None
+        for shard in shards:
+            positions = shard.positions(rows)  # -1 where the row is another shard's, or padding
+            found = positions >= 0
+            take = positions[found]
+            ids[found], image_ids[found] = shard.ids[take], shard.image_ids[take]
+            if texts is not None:
+                texts[found] = shard.texts[take]
+            if with_codes:
+                codes[found] = shard.codes[take]  # padded places hold a zero code
+        out = {"distances": distances, "rows": rows, "ids": ids, "image_ids": image_ids}
+        if texts is not None:
+            out["texts"] = texts
         if with_codes:
-            out["codes"] = shard.codes[take]  # (Q, k, bytes); padded places hold a dummy code
+            out["codes"] = codes
         return out
 
     def code_of(self, item_id: str):
-        """The packed code (bytes,) of an indexed id, or None if this shard does not hold it."""
-        shard = self._loaded()
-        position = self.id_position.get(item_id)
-        return None if position is None else shard.codes[position]
+        """The packed code (bytes,) of an indexed id, or None if this group does not hold it."""
+        shards = self._loaded()
+        where = self.id_position.get(item_id)
+        return None if where is None else shards[where[0]].codes[where[1]]
 
-    def _loaded(self):
-        if self.shard is None:
-            raise ShardNotReady(f"shard {self.label} is not serving: {self.problem}")
-        return self.shard
+    def _loaded(self) -> list:
+        if self.problems:
+            raise ShardNotReady("; ".join(f"shard {label} is not serving: {problem}"
+                                          for label, problem in self.problems.items()))
+        return self.shards
 
 
 # --- deployments: the query encoder -------------------------------------------------------------------
@@ -480,10 +528,16 @@ async def _validation_error(request: Request, err: RequestValidationError):
 class Router:
     """HTTP ingress: validate, encode, scatter to every shard, merge the top-k, re-rank, answer."""
 
-    def __init__(self, encoder, image_shards: list, caption_shards: list, meta: dict):
+    def __init__(self, encoder, image_shards: list, caption_shards: list, meta: dict, text_spec: str | None = None,
+                 threads: int = 1):
         self.encoder = encoder
-        self.shards = {"images": list(image_shards), "captions": list(caption_shards)}
-        self.meta = meta  # model_version, versions, bits, image_size, image_base
+        self.shards = {"images": list(image_shards), "captions": list(caption_shards)}  # one handle per group
+        self.meta = meta  # model_version, versions, bits, image_size, image_base, shard_count, shards_per_replica
+        self.text = None
+        if text_spec is not None:  # router_encodes_text
+            from serving.encoders import TextEncoder
+
+            self.text = TextEncoder(text_spec, threads)
         self.config = None
         self.metrics = _Metrics()
 
@@ -501,7 +555,8 @@ class Router:
     @api.get("/v1/readyz")
     async def readyz(self):
         """Readiness: every shard replica reached holds a verified shard (503 with the reasons otherwise)."""
-        reports = await asyncio.gather(*[self._ready(c, h) for c in COLLECTIONS for h in self.shards[c]])
+        groups = await asyncio.gather(*[self._ready(c, h) for c in COLLECTIONS for h in self.shards[c]])
+        reports = [report for group in groups for report in group]
         ready = all(r["ready"] for r in reports)
         body = {"ready": ready, "shards": reports, "model_version": self.meta["model_version"],
                 "index_version": self.meta["index_version"]}
@@ -560,7 +615,10 @@ class Router:
         query = _check_query(payload.get("query"), self.config)
         k, rerank, fusion = self._options(payload)
         with _Timer(timings, "encode"):
-            code = await self.encoder.encode_text.remote(query)  # (bits,) float32
+            if self.text is not None:
+                code = self.text.encode([query])[0]  # (bits,) float32
+            else:
+                code = await self.encoder.encode_text.remote(query)
         return await self._rank(code, k, rerank, fusion, timings)
 
     async def _search_image(self, request: Request, timings: dict) -> dict:
@@ -611,8 +669,8 @@ class Router:
 
     async def _indexed_code(self, image_id: str, timings: dict) -> np.ndarray:
         """The stored code of an indexed image: asked of the one shard that holds it by the sharding rule."""
-        shards = self.shards["images"]
-        handle = shards[stable_shard(image_id, len(shards))]
+        shard = stable_shard(image_id, self.meta["shard_count"]["images"])
+        handle = self.shards["images"][shard // self.meta["shards_per_replica"]["images"]]
         with _Timer(timings, "lookup"):
             code = await self._call(handle, "code_of", image_id)
         if code is None:
@@ -669,12 +727,12 @@ class Router:
                 await asyncio.sleep(0.02 * (attempt + 1))  # let the handle learn of a dead replica
         raise ApiError(503, "shard_unavailable", f"{handle.deployment_name} did not answer within the deadline")
 
-    async def _ready(self, collection: str, handle) -> dict:
+    async def _ready(self, collection: str, handle) -> list[dict]:
         try:
             return await asyncio.wait_for(_result(handle.ready.remote()), self.config["shard_timeout_s"])
         except (RayError, asyncio.TimeoutError) as err:
-            return {"shard": handle.deployment_name, "ready": False, "rows": 0,
-                    "problem": f"unreachable ({type(err).__name__})"}
+            return [{"shard": handle.deployment_name, "ready": False, "rows": 0,
+                     "problem": f"unreachable ({type(err).__name__})"}]
 
     # --- request bodies ---
 
@@ -755,23 +813,43 @@ def build_app(settings: ServeSettings | dict):
         num_replicas=settings.encoder_replicas, user_config=settings.encoder_config(),
         ray_actor_options=_actor_options(settings.encoder_num_cpus, settings.encoder_resources),
     ).bind(str(image_spec), str(text_spec), settings.encoder_threads)
-    shards = {name: [_shard_deployment(settings, manifest, entry["name"]) for entry in manifest["shards"]]
+    per_replica = {name: shards_per_replica(settings, len(m["shards"])) for name, m in manifests.items()}
+    shards = {name: [_shard_deployment(settings, manifest, group)
+                     for group in _groups([e["name"] for e in manifest["shards"]], per_replica[name])]
               for name, manifest in manifests.items()}
     meta = {"model_version": images["model_version"], "bits": images["bits"], "image_size": spec.image["size"],
             "index_version": {name: m["version"] for name, m in manifests.items()},
+            "shard_count": {name: len(m["shards"]) for name, m in manifests.items()}, "shards_per_replica": per_replica,
             "image_base": settings.image_base if settings.image_base is not None else images["extra"].get("image_root", "")}
     return Router.options(
         num_replicas=settings.router_replicas, user_config=settings.router_config(),
         ray_actor_options=_actor_options(settings.router_num_cpus, settings.router_resources),
-    ).bind(encoder, shards["images"], shards.get("captions", []), meta)
+    ).bind(encoder, shards["images"], shards.get("captions", []), meta,
+           str(text_spec) if settings.router_encodes_text else None, settings.encoder_threads)
 
 
-def _shard_deployment(settings: ServeSettings, manifest: dict, shard_name: str):
-    options = {"name": f"{manifest['collection']}-{shard_name}", "num_replicas": settings.shard_replicas,
+def shards_per_replica(settings: ServeSettings, shards: int) -> int:
+    """Shards per shard deployment: the setting, or with 0 ceil(shards / alive nodes) (1 without Ray)."""
+    if settings.shards_per_replica:
+        return min(int(settings.shards_per_replica), max(shards, 1))
+    import ray
+
+    nodes = len([n for n in ray.nodes() if n["Alive"]]) if ray.is_initialized() else shards
+    return max(1, -(-shards // max(nodes, 1)))
+
+
+def _groups(names: list[str], size: int) -> list[list[str]]:
+    """Consecutive shards in groups of ``size``: shard i is in group i // size (the router relies on it)."""
+    return [names[i:i + size] for i in range(0, len(names), size)]
+
+
+def _shard_deployment(settings: ServeSettings, manifest: dict, shard_names: list[str]):
+    suffix = shard_names[0] if len(shard_names) == 1 else f"{shard_names[0]}-{shard_names[-1].rsplit('-', 1)[-1]}"
+    options = {"name": f"{manifest['collection']}-{suffix}", "num_replicas": settings.shard_replicas,
                "ray_actor_options": _actor_options(settings.shard_num_cpus, settings.shard_resources)}
     if settings.spread_shards:
         options["max_replicas_per_node"] = 1  # a node lost takes at most one replica of each shard
-    return ShardServer.options(**options).bind(settings.index, manifest["collection"], manifest["version"], shard_name,
+    return ShardServer.options(**options).bind(settings.index, manifest["collection"], manifest["version"], shard_names,
                                            settings.shard_threads)
 
 

@@ -62,7 +62,7 @@ def serve_app(local_ray, built_index):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(index=str(built_index["root"]), shard_replicas=1, spread_shards=False,
+    settings = ServeSettings(index=str(built_index["root"]), shard_replicas=1, spread_shards=False, shards_per_replica=3,
                              shard_num_cpus=0.05, encoder_num_cpus=0.1, router_num_cpus=0.05,
                              max_upload_bytes=200_000, max_image_pixels=1_000_000, max_query_chars=200, max_k=50)
     serve.run(build_app(settings), name="terrahash", route_prefix="/")

@@ -123,6 +123,8 @@ def test_rerank_modes_and_captions(serve_app, reference):
     image_id = reference["items"].image_ids[3]
     status, body = post_json(f"{serve_app}/v1/captions", {"image_id": image_id, "k": 5})
     assert status == 200 and len(body["results"]) == 5 and all("#" in h["id"] for h in body["results"])
+    caption_text = dict(zip(reference["items"].caption_ids, reference["items"].captions))
+    assert [h["text"] for h in body["results"]] == [caption_text[h["id"]] for h in body["results"]]
     data = Path(reference["items"].image_paths[3]).read_bytes()
     status, upload = call(f"{serve_app}/v1/captions", *multipart({"k": 5}, data))
     assert status == 200 and got(upload) == got(body)  # the stored code is the upload's code
@@ -215,10 +217,16 @@ def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index):
     settings = dict(index=str(built_index["root"]), shard_replicas=1, spread_shards=False, shard_num_cpus=0.05,
                     encoder_num_cpus=0.1, router_num_cpus=0.05, max_upload_bytes=200_000,
                     max_image_pixels=1_000_000, max_query_chars=200)
+    status, in_router = post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 5})
+    assert status == 200
     try:
-        serve.run(build_app(ServeSettings(**settings, max_k=5, default_k=5)), name="terrahash", route_prefix="/")
+        # Also: text encoded by the encoder deployment instead of the router, one deployment per shard.
+        serve.run(build_app(ServeSettings(**settings, max_k=5, default_k=5, router_encodes_text=False,
+                                          shards_per_replica=1)), name="terrahash", route_prefix="/")
         status, body = post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 6})
         assert status == 422 and "1 to 5" in body["error"]["message"]
+        status, body = post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 5})
+        assert status == 200 and body["results"] == in_router["results"]
     finally:
         serve.run(build_app(ServeSettings(**settings, max_k=50)), name="terrahash", route_prefix="/")
     with pytest.raises(ValueError, match="unknown serve settings"):
@@ -238,7 +246,7 @@ def test_a_corrupted_shard_is_refused_and_readiness_says_why(serve_app, built_in
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
     settings = ServeSettings(index=str(root), shard_replicas=1, spread_shards=False, shard_num_cpus=0.05,
-                             encoder_num_cpus=0.1, router_num_cpus=0.05)
+                             encoder_num_cpus=0.1, router_num_cpus=0.05, shards_per_replica=1)
     serve.run(build_app(settings), name="corrupt", route_prefix="/corrupt")
     try:
         status, body = call(f"{serve_app}/corrupt/v1/readyz")
