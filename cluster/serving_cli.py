@@ -106,7 +106,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from serving.app import ServeSettings, load_settings, run_local
 
-    overrides = {"index": args.index, "model": args.model, "shard_replicas": args.shard_replicas}
+    overrides = {"index": args.index, "model": args.model, "shard_replicas": args.shard_replicas,
+                 "shards_per_replica": args.shards_per_replica}
     settings = (load_settings(args.config, **overrides) if args.config
                 else ServeSettings.from_dict({k: v for k, v in overrides.items() if v is not None}))
     print(f"serving index {settings.index} on http://{args.host}:{args.port}/v1 (docs at /docs); Ctrl-C stops")
@@ -240,6 +241,9 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--model", help="model version folder (default: the one the index was built with)")
     serve.add_argument("--config", help="YAML file of serve settings (serving.app.ServeSettings fields)")
     serve.add_argument("--shard-replicas", type=int, help="replicas per shard (default: 2)")
+    serve.add_argument("--shards-per-replica", type=int, metavar="N",
+                       help="shards held by one shard deployment (default: ceil(shards / nodes), so every shard "
+                            "in one deployment on a single machine)")
     serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     serve.add_argument("--query", action="append", default=[], metavar="TEXT",

@@ -199,7 +199,7 @@ LAYOUTS = {
 
 
 def serve_layout(root: Path, queries: list[str], k: int, layout: str, sequential_n: int, qps: float, seconds: float,
-                 throughput_optimized: bool) -> dict:
+                 serve_env: dict[str, str]) -> dict:
     """Start Ray and Serve with one layout, measure sequential and open-loop queries, shut down."""
     import os
 
@@ -209,10 +209,9 @@ def serve_layout(root: Path, queries: list[str], k: int, layout: str, sequential
     from serving.app import ServeSettings, build_app
     from tests.conftest import free_port
 
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"} if throughput_optimized else {}
-    os.environ.update(env)  # read by Serve's processes at start
+    os.environ.update(serve_env)  # read by Serve's processes at start (controller and proxy inherit it)
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": env})
+             runtime_env={"env_vars": serve_env})
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -230,7 +229,7 @@ def serve_layout(root: Path, queries: list[str], k: int, layout: str, sequential
 
 
 def run(model_dir: Path, layouts: list[str], sequential_n: int, qps: float, seconds: float, k: int,
-        throughput_optimized: bool) -> dict:
+        serve_env: dict[str, str]) -> dict:
     import os
 
     from serving.build import dataset_items
@@ -243,12 +242,12 @@ def run(model_dir: Path, layouts: list[str], sequential_n: int, qps: float, seco
         build_random_index(root, model_dir)
         build_s = time.perf_counter() - t0
         local = in_process(model_dir, root, queries[:200], k)
-        measured = {layout: serve_layout(root, queries, k, layout, sequential_n, qps, seconds, throughput_optimized)
+        measured = {layout: serve_layout(root, queries, k, layout, sequential_n, qps, seconds, serve_env)
                     for layout in layouts}
     for figures in measured.values():
         figures["ratio_e2e_p50_to_in_process"] = _r(figures["sequential"]["p50_ms"] / local["encode_search_p50_ms"])
     report = {"model": str(model_dir), "rows": ROWS, "shards": SHARDS, "bits": BITS, "k": k,
-              "throughput_optimized": throughput_optimized, "index_build_s": _r(build_s), "in_process": local,
+              "serve_env": serve_env, "index_build_s": _r(build_s), "in_process": local,
               "layouts": measured}
     if len(measured) == 2:
         a, b = (measured[name]["sequential"]["p50_ms"] for name in layouts)
@@ -265,13 +264,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS),
                         help="serving layout(s) to measure, in order (default: grouped, then per-shard)")
-    parser.add_argument("--throughput-optimized", action="store_true",
-                        help="set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's own low-overhead mode)")
+    parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment variable for Ray Serve's processes, e.g. "
+                             "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (repeatable)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     model = Path(args.model) if args.model else (find_model() or prepare_model())
     report = run(model, args.layout or ["grouped", "per-shard"], args.sequential, args.qps, args.seconds, args.k,
-                 args.throughput_optimized)
+                 dict(item.split("=", 1) for item in args.serve_env))
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
