@@ -16,8 +16,8 @@ from serving.encoders import ImageEncoder, TextEncoder, preprocess_images  # noq
 from serving.spec import BIT_ORDER, RESIZE_RULE, SpecError, load_spec, open_model  # noqa: E402
 from training.config import TextTowerConfig  # noqa: E402
 from training.data import load_dataset  # noqa: E402
-from training.export import (OPSET, ExportError, _verify, export_image_student, export_text_student,  # noqa: E402
-                             quantize_image_student, quantize_text_student)
+from training.export import (OPSET, STATIC_VARIANTS, ExportError, _verify, export_image_student,  # noqa: E402
+                             export_text_student, quantize_image_student, quantize_text_student)
 from training.models import HashHead, TextEncoder as TorchTextEncoder  # noqa: E402
 from training.students import ImageStudent, ImageStudentConfig, TextStudentConfig, build_text_student  # noqa: E402
 
@@ -111,7 +111,7 @@ def test_int8_students_keep_most_bits(exported, real):
         assert int8.spec.model_path.stat().st_size < fp32.spec.model_path.stat().st_size
         # Tiny random models have many codes near 0; the real students are held to 99% (see the benchmark).
         assert _agreement(int8.encode(queries), fp32.encode(queries)) >= 0.9, kind
-    assert set(exported["scores"]) == {"static", "dynamic"}
+    assert set(exported["scores"]) == {*STATIC_VARIANTS, "dynamic"}
 
 
 def test_batch_axis_is_dynamic_and_opset_pinned(exported, real):
