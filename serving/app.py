@@ -81,6 +81,9 @@ class ServeSettings:
     encoder_threads: int = 1  # onnxruntime intra-op threads per encoder replica
     shard_threads: int = 1  # faiss OpenMP threads per shard replica: one query gains nothing from more,
     #                         and idle OpenMP threads spin, stealing cores from the other replicas
+    # A log line per shard call in every shard replica: off by default, as the router's access log
+    # already has every request and the lines cost CPU that the searches need under load.
+    shard_access_log: bool = False
     router_resources: dict = field(default_factory=dict)  # custom Ray resources, e.g. to pin to a node
     encoder_resources: dict = field(default_factory=dict)
     shard_resources: dict = field(default_factory=dict)
@@ -846,7 +849,8 @@ def _groups(names: list[str], size: int) -> list[list[str]]:
 def _shard_deployment(settings: ServeSettings, manifest: dict, shard_names: list[str]):
     suffix = shard_names[0] if len(shard_names) == 1 else f"{shard_names[0]}-{shard_names[-1].rsplit('-', 1)[-1]}"
     options = {"name": f"{manifest['collection']}-{suffix}", "num_replicas": settings.shard_replicas,
-               "ray_actor_options": _actor_options(settings.shard_num_cpus, settings.shard_resources)}
+               "ray_actor_options": _actor_options(settings.shard_num_cpus, settings.shard_resources),
+               "logging_config": {"enable_access_log": bool(settings.shard_access_log)}}
     if settings.spread_shards:
         options["max_replicas_per_node"] = 1  # a node lost takes at most one replica of each shard
     return ShardServer.options(**options).bind(settings.index, manifest["collection"], manifest["version"], shard_names,
