@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ray.serve")
 
-from serving.app import ServeSettings, asymmetric_rerank, fuse  # noqa: E402
+from serving.app import ServeSettings, _groups, asymmetric_rerank, fuse, shards_per_replica  # noqa: E402
 from serving.build import dataset_items, find_spec  # noqa: E402
 from serving.encoders import load_encoder  # noqa: E402
 from serving.index import Shard, load_index  # noqa: E402
@@ -128,6 +128,18 @@ def test_rerank_modes_and_captions(serve_app, reference):
     data = Path(reference["items"].image_paths[3]).read_bytes()
     status, upload = call(f"{serve_app}/v1/captions", *multipart({"k": 5}, data))
     assert status == 200 and got(upload) == got(body)  # the stored code is the upload's code
+
+
+def test_shard_groups_follow_the_rule_the_router_relies_on():
+    names = [f"shard-{i:05d}" for i in range(5)]
+    for size in (1, 2, 3, 5):
+        groups = _groups(names, size)
+        assert sum(groups, []) == names
+        assert all(names[i] in groups[i // size] for i in range(5))  # the router's shard -> group rule
+    assert shards_per_replica(ServeSettings(index="x", shards_per_replica=3), 4) == 3
+    assert shards_per_replica(ServeSettings(index="x", shards_per_replica=9), 4) == 4
+    with pytest.raises(ValueError, match="shards_per_replica"):
+        ServeSettings.from_dict({"index": "x", "shards_per_replica": -1})
 
 
 def test_asymmetric_rerank_and_fusion_order():
