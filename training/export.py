@@ -8,6 +8,7 @@ on real images, some bias-corrected) and dynamic, keeping whichever keeps most b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -148,6 +149,19 @@ def write_spec(model_path: Path, spec: dict) -> Path:
 # int8
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime's quantization tools log hundreds of INFO lines per model through the root logger
+    (one per tensor or rescaled weight); hold the root at WARNING while they run."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def int8_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + INT8_SUFFIX + model_path.suffix)
 
@@ -159,7 +173,8 @@ def _preprocessed(model_path: Path) -> Path:
     out = Path(tempfile.mkdtemp(prefix="terrahash-q-")) / model_path.name
     # Symbolic shape inference cannot follow the exporter's attention-mask arithmetic; ONNX's own
     # shape inference and the graph optimisation still run.
-    quant_pre_process(str(model_path), str(out), skip_symbolic_shape=True)
+    with _quiet_root_logger():
+        quant_pre_process(str(model_path), str(out), skip_symbolic_shape=True)
     return out
 
 
@@ -179,8 +194,9 @@ def quantize_dynamic_int8(model_path: Path, out_path: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     source = _preprocessed(model_path)
-    quantize_dynamic(str(source), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
-                     nodes_to_exclude=head_nodes(source))
+    with _quiet_root_logger():
+        quantize_dynamic(str(source), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
+                         nodes_to_exclude=head_nodes(source))
     shutil.rmtree(source.parent)
     return out_path
 
@@ -249,10 +265,11 @@ def quantize_static_int8(model_path: Path, out_path: Path, calibration: np.ndarr
 
     source = _preprocessed(model_path)
     keep = head_nodes(source) + [node for part in fp32 for node in FP32_PARTS[part](source)]
-    quantize_static(str(source), str(out_path), _ImageCalibration(calibration), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=sorted(set(keep)),
-                    extra_options={"CalibMovingAverage": True} if mean_ranges else {})
+    with _quiet_root_logger():
+        quantize_static(str(source), str(out_path), _ImageCalibration(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=sorted(set(keep)),
+                        extra_options={"CalibMovingAverage": True} if mean_ranges else {})
     if bias_correction:
         _correct_biases(out_path, source, calibration)
     shutil.rmtree(source.parent)
