@@ -84,6 +84,9 @@ class ServeSettings:
     # A log line per shard call in every shard replica: off by default, as the router's access log
     # already has every request and the lines cost CPU that the searches need under load.
     shard_access_log: bool = False
+    # Ray runtime_env of every replica, e.g. {"env_vars": {"AWS_ENDPOINT_URL": ...}} for an S3-compatible
+    # store (with `serve deploy`, the application's own runtime_env does the same).
+    runtime_env: dict = field(default_factory=dict)
     router_resources: dict = field(default_factory=dict)  # custom Ray resources, e.g. to pin to a node
     encoder_resources: dict = field(default_factory=dict)
     shard_resources: dict = field(default_factory=dict)
@@ -814,7 +817,7 @@ def build_app(settings: ServeSettings | dict):
         raise ValueError(f"the model's codes have {spec.bits} bits, index {images['version']} holds {images['bits']}")
     encoder = QueryEncoder.options(
         num_replicas=settings.encoder_replicas, user_config=settings.encoder_config(),
-        ray_actor_options=_actor_options(settings.encoder_num_cpus, settings.encoder_resources),
+        ray_actor_options=_actor_options(settings, settings.encoder_num_cpus, settings.encoder_resources),
     ).bind(str(image_spec), str(text_spec), settings.encoder_threads)
     per_replica = {name: shards_per_replica(settings, len(m["shards"])) for name, m in manifests.items()}
     shards = {name: [_shard_deployment(settings, manifest, group)
@@ -826,7 +829,7 @@ def build_app(settings: ServeSettings | dict):
             "image_base": settings.image_base if settings.image_base is not None else images["extra"].get("image_root", "")}
     return Router.options(
         num_replicas=settings.router_replicas, user_config=settings.router_config(),
-        ray_actor_options=_actor_options(settings.router_num_cpus, settings.router_resources),
+        ray_actor_options=_actor_options(settings, settings.router_num_cpus, settings.router_resources),
     ).bind(encoder, shards["images"], shards.get("captions", []), meta,
            str(text_spec) if settings.router_encodes_text else None, settings.encoder_threads)
 
@@ -849,7 +852,7 @@ def _groups(names: list[str], size: int) -> list[list[str]]:
 def _shard_deployment(settings: ServeSettings, manifest: dict, shard_names: list[str]):
     suffix = shard_names[0] if len(shard_names) == 1 else f"{shard_names[0]}-{shard_names[-1].rsplit('-', 1)[-1]}"
     options = {"name": f"{manifest['collection']}-{suffix}", "num_replicas": settings.shard_replicas,
-               "ray_actor_options": _actor_options(settings.shard_num_cpus, settings.shard_resources),
+               "ray_actor_options": _actor_options(settings, settings.shard_num_cpus, settings.shard_resources),
                "logging_config": {"enable_access_log": bool(settings.shard_access_log)}}
     if settings.spread_shards:
         options["max_replicas_per_node"] = 1  # a node lost takes at most one replica of each shard
@@ -857,8 +860,9 @@ def _shard_deployment(settings: ServeSettings, manifest: dict, shard_names: list
                                            settings.shard_threads)
 
 
-def _actor_options(num_cpus: float, resources: dict) -> dict:
-    return {"num_cpus": num_cpus, **({"resources": dict(resources)} if resources else {})}
+def _actor_options(settings: ServeSettings, num_cpus: float, resources: dict) -> dict:
+    return {"num_cpus": num_cpus, **({"resources": dict(resources)} if resources else {}),
+            **({"runtime_env": dict(settings.runtime_env)} if settings.runtime_env else {})}
 
 
 def app_builder(args: dict):

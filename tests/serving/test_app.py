@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -293,3 +294,34 @@ sys.exit(1 if bad else 0)
 """
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0 and "HEAVY []" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def test_the_app_serves_an_index_from_s3(serve_app, built_index, s3_endpoint, monkeypatch):
+    """The same index, uploaded to an S3 endpoint on loopback, served by replicas that read it from there."""
+    import uuid
+
+    import boto3
+    from ray import serve
+
+    from serving.app import build_app
+
+    prefix = f"served/{uuid.uuid4().hex}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    local = Path(built_index["root"])
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        client.upload_file(str(path), "terrahash-test", f"{prefix}/{path.relative_to(local).as_posix()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # for build_app, which reads the manifests here
+    env = {name: os.environ[name] for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                               "AWS_DEFAULT_REGION")}
+    settings = ServeSettings(index=f"s3://terrahash-test/{prefix}", shard_replicas=1, spread_shards=False,
+                             shard_num_cpus=0.05, encoder_num_cpus=0.1, router_num_cpus=0.05,
+                             runtime_env={"env_vars": env})
+    serve.run(build_app(settings), name="s3", route_prefix="/s3")
+    try:
+        wait_http(f"{serve_app}/s3/v1/readyz")
+        query = {"query": "a beach with white waves", "k": 10}
+        status, from_s3 = post_json(f"{serve_app}/s3/v1/search/text", query)
+        assert status == 200 and len(from_s3["results"]) == 10
+        assert from_s3["results"] == post_json(f"{serve_app}/v1/search/text", query)[1]["results"]
+    finally:
+        serve.delete("s3")
