@@ -325,3 +325,22 @@ def test_the_app_serves_an_index_from_s3(serve_app, built_index, s3_endpoint, mo
         assert from_s3["results"] == post_json(f"{serve_app}/v1/search/text", query)[1]["results"]
     finally:
         serve.delete("s3")
+
+
+def test_the_shipped_serve_config_is_valid():
+    """serving/deploy.yaml parses as a Serve config, its args as ServeSettings, its hot settings as such."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import check_hot_settings
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((Path(__file__).parents[2] / "serving" / "deploy.yaml")
+                                                             .read_text()))
+    [app] = config.applications
+    assert app.import_path == "serving.app:app_builder"
+    settings = ServeSettings.from_dict(app.args)
+    by_name = {d.name: d.user_config for d in app.deployments}
+    assert check_hot_settings(by_name["Router"]) == by_name["Router"]
+    assert set(by_name["Router"]) == set(settings.HOT_ROUTER)
+    assert set(by_name["QueryEncoder"]) == set(settings.HOT_ENCODER)
+    assert {**settings.router_config(), **by_name["Router"]} == settings.router_config()  # the two agree
