@@ -411,7 +411,6 @@ class ShardServer:
         import faiss
 
         faiss.omp_set_num_threads(threads)
-        shard_names = [shard_names] if isinstance(shard_names, str) else list(shard_names)
         self.label = f"{collection}/{version}/{'+'.join(shard_names)}"
         self.labels = [f"{collection}/{version}/{name}" for name in shard_names]
         self.shards, self.problems = [], {}
@@ -442,10 +441,8 @@ class ShardServer:
         """Top-k of packed ``queries`` (Q, bytes) over the group: distances, rows, ids, image ids (and
         codes), each (Q, k), ordered by (distance, row)."""
         shards = self._loaded()
-        if self.pool is None:
-            per_shard = [shards[0].search(queries, k)]
-        else:
-            per_shard = list(self.pool.map(lambda shard: shard.search(queries, k), shards))
+        per_shard = ([shards[0].search(queries, k)] if self.pool is None  # (distances, rows) (Q, k) each
+                     else list(self.pool.map(lambda shard: shard.search(queries, k), shards)))
         distances, rows = per_shard[0] if len(per_shard) == 1 else merge_topk(per_shard, k)
         ids = np.full(rows.shape, "", dtype=object)
         image_ids = np.full(rows.shape, "", dtype=object)
