@@ -484,11 +484,12 @@ class ShardServer:
 class QueryEncoder:
     """The text and image students of one model version, batched across concurrent requests."""
 
-    def __init__(self, image_spec: str, text_spec: str, threads: int = 1):
+    def __init__(self, image_spec: str, text_spec: str | None, threads: int = 1):
+        """``text_spec`` None: text is encoded by the router (router_encodes_text), so not loaded here."""
         from serving.encoders import ImageEncoder, TextEncoder
 
         self.image = ImageEncoder(image_spec, threads)
-        self.text = TextEncoder(text_spec, threads)
+        self.text = TextEncoder(text_spec, threads) if text_spec is not None else None
 
     def reconfigure(self, config: dict) -> None:
         """Hot batching settings: {"batch_max_size", "batch_wait_s"}."""
@@ -815,7 +816,7 @@ def build_app(settings: ServeSettings | dict):
     encoder = QueryEncoder.options(
         num_replicas=settings.encoder_replicas, user_config=settings.encoder_config(),
         ray_actor_options=_actor_options(settings, settings.encoder_num_cpus, settings.encoder_resources),
-    ).bind(str(image_spec), str(text_spec), settings.encoder_threads)
+    ).bind(str(image_spec), None if settings.router_encodes_text else str(text_spec), settings.encoder_threads)
     per_replica = {name: shards_per_replica(settings, len(m["shards"])) for name, m in manifests.items()}
     shards = {name: [_shard_deployment(settings, manifest, group)
                      for group in _groups([e["name"] for e in manifest["shards"]], per_replica[name])]
