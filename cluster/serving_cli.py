@@ -60,11 +60,10 @@ def _tracked(job: IndexJob, work) -> dict:
             manifests = work()
             tracker.log_metrics({"index_seconds": time.perf_counter() - start, "images_encoded": images,
                                  **{f"{c}_rows": m["rows"] for c, m in manifests.items() if m is not None}})
-            tracker.client.set_tag(tracker.run_id, "index.root", job.out)
-            for collection, manifest in manifests.items():
-                if manifest is not None:
-                    tracker.client.set_tag(tracker.run_id, f"index.{collection}.version", manifest["version"])
-                    tracker.client.set_tag(tracker.run_id, "model_version", manifest["model_version"])
+            tags = {"index.root": job.out, "model_version": manifests["images"]["model_version"],
+                    **{f"index.{c}.version": m["version"] for c, m in manifests.items() if m is not None}}
+            for name, value in tags.items():
+                tracker.client.set_tag(tracker.run_id, name, value)
             (Path(tmp) / "manifests.json").write_text(json.dumps(manifests, indent=2))
     return manifests
 
