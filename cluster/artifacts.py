@@ -3,17 +3,31 @@
 Both kinds offer the same small interface, so a job never cares which one it was given.
 Folders are written with a ``MANIFEST.json`` of sha256 checksums and verified when read back:
 a corrupted or half-uploaded file fails loudly instead of loading.
+
+Durability and exclusivity, the two promises index versions and releases are built on:
+
+* a local write goes to a temp file of its own (``.<name>.<pid>.<random>.partial``, never shared
+  between writers), is fsynced, renamed into place, and the folder is fsynced; so once
+  ``write_bytes`` returns the file survives a power cut, and a reader never sees half of it;
+* ``create_bytes`` publishes a key only if it does not exist yet, else FileExistsError. Locally the
+  fsynced temp file is hard-linked to the final name (link(2) fails with EEXIST, atomically, and
+  the name never points at a partial file); on S3 it is a conditional put (``If-None-Match: *``),
+  which AWS S3, MinIO and moto>=5 honour. A store that ignores the header would let two writers
+  both win: point s3:// roots only at stores with conditional writes.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 MANIFEST = "MANIFEST.json"
+PARTIAL = ".partial"  # suffix of a local file still being written (never listed)
 
 
 class ArtifactError(RuntimeError):
@@ -34,6 +48,11 @@ class ArtifactRoot:
     uri: str
 
     def write_bytes(self, key: str, data: bytes) -> None:
+        """Write (or replace) ``key``, durably and atomically."""
+        raise NotImplementedError
+
+    def create_bytes(self, key: str, data: bytes) -> None:
+        """Write ``key`` only if it does not exist: FileExistsError otherwise (another writer has it)."""
         raise NotImplementedError
 
     def read_bytes(self, key: str) -> bytes:
@@ -98,20 +117,59 @@ class LocalRoot(ArtifactRoot):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_bytes(data)
+        tmp = self._write_temp(path, data)
         os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half
+        _fsync_dir(path.parent)
+
+    def create_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)  # EEXIST if the name is taken; the name only ever points at complete data
+        except FileExistsError:
+            raise FileExistsError(f"{path}: already exists") from None
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            self._create_exclusive(path, data)  # a filesystem without hard links
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+    def _create_exclusive(self, path: Path, data: bytes) -> None:
+        """O_CREAT | O_EXCL then write and fsync: exclusive, but a crash mid-write can leave a short
+        file under the final name (readers report it as unreadable, naming it)."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise FileExistsError(f"{path}: already exists") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _write_temp(self, path: Path, data: bytes) -> Path:
+        """``data`` in a fsynced temp file beside ``path``, named for this writer alone."""
+        _makedirs(path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{PARTIAL}")
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
 
     def read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
     def upload(self, local: Path, key: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
+        _makedirs(path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{PARTIAL}")
         shutil.copyfile(local, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
     def download(self, key: str, local: Path) -> None:
         source = self._path(key)
@@ -126,7 +184,7 @@ class LocalRoot(ArtifactRoot):
         if not base.exists():
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
-                      if p.is_file() and not p.name.endswith(".partial"))
+                      if p.is_file() and not p.name.endswith(PARTIAL))
 
 
 class S3Root(ArtifactRoot):
@@ -149,6 +207,18 @@ class S3Root(ArtifactRoot):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def create_bytes(self, key: str, data: bytes) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+        except ClientError as err:
+            # 412 PreconditionFailed: the key exists; 409 ConditionalRequestConflict: a concurrent
+            # conditional put on the same key is in flight, and one of the two will win.
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise FileExistsError(f"{self.uri}/{key}: already exists") from None
+            raise
 
     def read_bytes(self, key: str) -> bytes:
         try:
@@ -173,6 +243,29 @@ class S3Root(ArtifactRoot):
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
             keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
         return sorted(keys)
+
+
+def _makedirs(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, fsyncing each parent so the new entries last."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:  # another writer made it meanwhile
+            continue
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder, so the names created or renamed in it survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_root(uri: str | Path, endpoint_url: str | None = None) -> ArtifactRoot:

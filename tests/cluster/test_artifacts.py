@@ -71,3 +71,62 @@ def test_open_root_dispatches_on_the_uri(tmp_path, s3_endpoint):
 def test_local_keys_cannot_escape_the_root(tmp_path):
     with pytest.raises(ValueError, match="escapes"):
         LocalRoot(tmp_path / "root").write_bytes("../outside.txt", b"x")
+
+
+def test_create_bytes_is_exclusive(root):
+    root.create_bytes("index/releases/r0001.json", b"first")
+    with pytest.raises(FileExistsError, match="r0001.json"):
+        root.create_bytes("index/releases/r0001.json", b"second")
+    assert root.read_bytes("index/releases/r0001.json") == b"first"
+    root.write_bytes("plain.txt", b"a")
+    with pytest.raises(FileExistsError):
+        root.create_bytes("plain.txt", b"b")
+    assert root.list("index/") == ["index/releases/r0001.json"]
+
+
+def _race(folder, name, ready, results):
+    """One of several processes creating the same key at once."""
+    root = LocalRoot(folder)
+    ready.wait()
+    try:
+        root.create_bytes("claims/v0001", name.encode())
+        results.put(name)
+    except FileExistsError:
+        results.put(None)
+
+
+def test_only_one_of_many_processes_creates_a_key(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ready, results = context.Event(), context.Queue()
+    workers = [context.Process(target=_race, args=(tmp_path / "root", f"w{i}", ready, results)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    ready.set()
+    outcomes = [results.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    winners = [o for o in outcomes if o]
+    assert len(winners) == 1
+    assert LocalRoot(tmp_path / "root").read_bytes("claims/v0001") == winners[0].encode()
+    assert not [p for p in (tmp_path / "root").rglob("*") if p.name.endswith(".partial")]  # no temp left
+
+
+def test_local_writes_use_their_own_temp_names(tmp_path, monkeypatch):
+    """Two writers of one key never share a temp file (each is named for its writer)."""
+    import os as os_module
+
+    seen = []
+    real_replace = os_module.replace
+
+    def spy(src, dst):
+        seen.append(os_module.path.basename(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("cluster.artifacts.os.replace", spy)
+    root = LocalRoot(tmp_path / "root")
+    root.write_bytes("a/b.json", b"1")
+    root.write_bytes("a/b.json", b"2")
+    assert len(set(seen)) == 2 and all(name.startswith(".b.json.") and name.endswith(".partial") for name in seen)
+    assert root.read_bytes("a/b.json") == b"2"
