@@ -14,13 +14,25 @@ Items are placed on shards by ``stable_shard`` (sha256 of the id). Index files l
 ``index/<collection>/vNNNN/`` (collection "images" for image codes, "captions" for caption codes,
 whose items also carry the id of the image they describe); see ``build_index`` for the manifest.
 The packed codes are the source of truth: the faiss index is rebuilt from them at load time.
+
+Publishing rule: a writer claims its version number exclusively (``index/<collection>/vNNNN/
+claim.json``, created only if absent; on a collision it takes the next number), writes and fsyncs
+the shard files, then creates the manifest. A **release** (``index/releases/rNNNN.json``, see
+``publish_release``) names the image and caption versions published together, with the sha256 of
+each manifest, the model version and the code space; it is created last, exclusively, so a crash
+at any point leaves the previous release the latest. Serving reads releases (``resolve_release``),
+never the latest version of each collection on its own.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
+import logging
+import os
 import re
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,19 +43,31 @@ import numpy as np
 from cluster.artifacts import ArtifactRoot, open_root
 from serving.codes import BIT_ORDER, SIGN_RULE, check_packed, n_bytes, validate_bits
 
+log = logging.getLogger(__name__)
+
 FORMAT = "terrahash-index/1"
 MANIFEST_NAME = "manifest.json"
+CLAIM_NAME = "claim.json"  # created first in a version folder: whoever creates it owns the number
 INDEX_PREFIX = "index"
+RELEASE_FORMAT = "terrahash-release/1"
+RELEASES = "releases"  # index/releases/rNNNN.json; not a collection name
+MAX_CLAIM_TRIES = 1000  # version numbers tried before giving up (each collision takes the next one)
 MISSING_DISTANCE = int(np.iinfo(np.int32).max)  # padding when fewer than k results (faiss's own value)
 MISSING_ROW = -1
 SHARDING_RULE = "int.from_bytes(sha256(id.encode('utf-8'))[:8], 'big') % n_shards"
 ROW_RULE = "rows 0..N-1 by sorted id at build; each add numbers its sorted new ids from next_row"
 _COLLECTION = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _VERSION = re.compile(r"v(\d{4,})")
+_RELEASE = re.compile(r"r(\d{4,})")
 
 
 class IndexVersionError(ValueError):
-    """A request that an index version cannot satisfy: duplicate ids, a missing version, bad input."""
+    """A request that an index version cannot satisfy: duplicate ids, a missing or unreadable version
+    or release, bad input."""
+
+
+class ReleaseConflictError(FileExistsError):
+    """The release number asked for was published by another writer first."""
 
 
 class ShardIntegrityError(RuntimeError):
@@ -305,7 +329,8 @@ class ShardedIndex:
 
 def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root, factory: str = "BFlat", *,
                 model_version: str, collection: str = "images", image_ids: Sequence[str] | None = None,
-                texts: Sequence[str] | None = None, extra: dict | None = None) -> dict:
+                texts: Sequence[str] | None = None, extra: dict | None = None, code_space: str | None = None,
+                image_root: str | None = None) -> dict:
     """Write a new index version of ``collection`` to ``root`` (a folder, ``s3://`` URI or ArtifactRoot).
 
     Rows are numbered by sorted id; items go to shards by ``stable_shard``. Files, under
@@ -313,9 +338,13 @@ def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root
     ``shard-XXXXX.ids.npy`` (structured: row int64, id str[, image_id str][, text str], ascending
     rows; ``texts`` are what a caption index answers with, each item's own words), then
     ``manifest.json`` last, so a reader never sees a manifest naming files not yet written.
-    Returns the manifest (format, collection, version, model_version, bits, bit order, factory,
-    created UTC, n_shards, rows, next_row, and per shard: name, rows, row_range, id_range, files with
-    path (relative to ``index/<collection>/``), sha256 and bytes).
+    Returns the manifest (format, collection, version, model_version, code_space, bits, bit order,
+    factory, created UTC, n_shards, rows, next_row, image_roots, and per shard: name, rows, row_range,
+    id_range, files with path (relative to ``index/<collection>/``), sha256 and bytes).
+
+    ``code_space``: the id of the model's code space (serving.spec.code_space_id). ``image_root``:
+    where the items' images are (the ids are paths relative to it); recorded for rows 0..N-1 in
+    ``image_roots`` (see ImageRefs). The version is not served until a release names it.
     """
     root, collection, bits = _open(root), _check_collection(collection), validate_bits(bits)
     codes = check_packed(codes_packed, bits)
@@ -329,31 +358,37 @@ def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root
     n_shards = _check_n_shards(n_shards)
     shard_of = np.array([stable_shard(i, n_shards) for i in table["id"]], dtype=np.int64)
     _check_factory_fits(factory, bits, np.bincount(shard_of, minlength=n_shards))
-    version = _next_version(root, collection)
+    version = _claim_version(root, collection)
     entries = [_write_shard(root, collection, version, i, codes[shard_of == i], table[shard_of == i])
                for i in range(n_shards)]
     manifest = _manifest(collection, version, None, model_version, bits, factory, n_shards, entries,
                          next_row=len(ids), has_image_ids=image_ids is not None, extra=extra,
-                         has_texts=texts is not None)
+                         has_texts=texts is not None, code_space=code_space,
+                         image_roots=_with_root([], image_root, 0, len(ids)))
     return _write_manifest(root, manifest)
 
 
 def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[str], *,
                  collection: str = "images", new_image_ids: Sequence[str] | None = None,
                  new_texts: Sequence[str] | None = None, model_version: str | None = None,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, code_space: str | None = None, image_root: str | None = None) -> dict:
     """A new version = ``base_version`` plus new items; returns its manifest.
 
     Shards that receive no new id are reused: the new manifest points at their old files (same
     paths and sha256). Receiving shards get new files holding old and new items. An id already in
     the base version, or repeated among the new ids, is an IndexVersionError and nothing is written.
-    ``model_version``, when given, must be the base's: codes of two models never share an index.
+    ``model_version`` and ``code_space``, when given, must be the base's: codes of two models never
+    share an index. ``image_root``: where the new items' images are (their ids are relative to it),
+    recorded for the new rows in ``image_roots``; the base's rows keep theirs.
     """
     root, collection = _open(root), _check_collection(collection)
     base = read_manifest(root, base_version, collection)
     if model_version is not None and model_version != base["model_version"]:
         raise IndexVersionError(f"codes from model {model_version!r} cannot join {collection}/{base_version}, "
                                 f"built with model {base['model_version']!r}; build a new index instead")
+    if code_space is not None and base.get("code_space") not in (None, code_space):
+        raise IndexVersionError(f"codes of code space {code_space} cannot join {collection}/{base_version}, "
+                                f"built in code space {base['code_space']}; build a new index instead")
     bits, n_shards = base["bits"], base["n_shards"]
     codes = check_packed(new_codes_packed, bits)
     new_ids = _check_ids(new_ids, len(codes), "new_ids")
@@ -381,13 +416,14 @@ def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[st
                      _concat_tables(old_table, new))
     _check_factory_fits(base["factory"], bits, [len(merged[i][0]) if i in merged else e["rows"]
                                                 for i, e in enumerate(base["shards"])])
-    version = _next_version(root, collection)
+    version = _claim_version(root, collection)
     entries = [_write_shard(root, collection, version, i, *merged[i]) if i in merged else dict(entry)
                for i, entry in enumerate(base["shards"])]
     manifest = _manifest(collection, version, base["version"], base["model_version"], bits, base["factory"],
                          n_shards, entries, next_row=int(rows[-1]) + 1,
                          has_image_ids=base["has_image_ids"], extra={**base.get("extra", {}), **(extra or {})},
-                         has_texts=base.get("has_texts", False))
+                         has_texts=base.get("has_texts", False), code_space=base.get("code_space") or code_space,
+                         image_roots=_with_root(_image_roots(base), image_root, int(rows[0]), len(rows)))
     return _write_manifest(root, manifest)
 
 
@@ -446,9 +482,9 @@ def load_shard(root, version: str, shard_name: str, collection: str = "images",
 
 def load_index(root, version: str | None = None, collection: str = "images",
                search_params: dict | None = None) -> ShardedIndex:
-    """Every shard of ``version`` (default: the latest), checked and ready to search."""
+    """Every shard of ``version`` (default: ``default_version``), checked and ready to search."""
     root, collection = _open(root), _check_collection(collection)
-    version = version or latest_version(root, collection)
+    version = version or default_version(root, collection)
     manifest = read_manifest(root, version, collection)
     shards = [load_shard(root, version, entry["name"], collection, search_params) for entry in manifest["shards"]]
     return ShardedIndex(shards, manifest)
@@ -473,19 +509,326 @@ def latest_version(root, collection: str = "images") -> str:
     return versions[-1]
 
 
+def default_version(root, collection: str = "images") -> str:
+    """The version of ``collection`` the latest release names; with no release at all (an index
+    written before releases existed), the latest complete version."""
+    root = _open(root)
+    if list_releases(root):
+        name = latest_release(root)
+        entry = read_release(root, name)["collections"].get(collection)
+        if entry is None:
+            raise IndexVersionError(f"{root.uri}: release {name} has no {collection!r} index")
+        return entry["version"]
+    return latest_version(root, collection)
+
+
 def read_manifest(root, version: str, collection: str = "images") -> dict:
     """The manifest of ``collection``/``version``; IndexVersionError if there is none."""
     root, collection = _open(root), _check_collection(collection)
     if not _VERSION.fullmatch(str(version)):
         raise IndexVersionError(f"not an index version name: {version!r} (expected like 'v0001')")
     key = f"{INDEX_PREFIX}/{collection}/{version}/{MANIFEST_NAME}"
-    try:
-        manifest = json.loads(root.read_bytes(key))
-    except FileNotFoundError as err:
-        raise IndexVersionError(f"{root.uri}/{key}: no such index version") from err
+    manifest = _read_json(root, key, "index version")
     if manifest.get("format") != FORMAT:
         raise IndexVersionError(f"{root.uri}/{key}: format {manifest.get('format')!r}, this code reads {FORMAT}")
     return manifest
+
+
+def _read_json(root: ArtifactRoot, key: str, what: str) -> dict:
+    """A JSON object stored at ``key``; IndexVersionError naming the file if it is missing or unreadable."""
+    try:
+        blob = root.read_bytes(key)
+    except FileNotFoundError as err:
+        raise IndexVersionError(f"{root.uri}/{key}: no such {what}") from err
+    try:
+        data = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IndexVersionError(f"{root.uri}/{key}: unreadable {what} file ({len(blob)} bytes: {err}); it was not "
+                                f"completely written; publish or rebuild the index") from None
+    if not isinstance(data, dict):
+        raise IndexVersionError(f"{root.uri}/{key}: unreadable {what} file (a JSON {type(data).__name__}, "
+                                f"not an object)")
+    return data
+
+
+# --- releases: the image and caption versions published together ---------------------------------
+
+
+def publish_release(root, manifests: dict, *, base_release: str | None = None, release: str | None = None) -> dict:
+    """Publish a release naming the index versions in ``manifests`` ({"images": manifest, "captions":
+    manifest or None}); returns it.
+
+    Written last, after the versions it names are complete: ``index/releases/rNNNN.json`` =
+    {format, release, base_release, created, model_version, code_space, bits, collections:
+    {name: {version, manifest_sha256, rows}}}. Created exclusively (a local hard link of a fsynced
+    file, or a conditional put on S3): with ``release`` given, exactly that name or
+    ReleaseConflictError if another writer took it; otherwise the next free number.
+    """
+    root = _open(root)
+    if not manifests.get("images"):
+        raise IndexVersionError("a release needs an image index version")
+    chosen = {name: m for name, m in manifests.items() if m is not None}
+    model_versions = {m["model_version"] for m in chosen.values()}
+    code_spaces = {m.get("code_space") for m in chosen.values()} - {None}
+    if len(model_versions) > 1 or len(code_spaces) > 1:
+        raise IndexVersionError(f"the versions {sorted((n, m['version']) for n, m in chosen.items())} come from "
+                                f"different models ({sorted(model_versions)}, code spaces {sorted(code_spaces)}); "
+                                f"one release serves one model")
+    collections = {}
+    for name, manifest in sorted(chosen.items()):
+        key = _collection_key(_check_collection(name), f"{manifest['version']}/{MANIFEST_NAME}")
+        stored = root.read_bytes(key)  # what serving will read, pinned by its checksum
+        collections[name] = {"version": manifest["version"], "manifest_sha256": hashlib.sha256(stored).hexdigest(),
+                             "rows": int(manifest["rows"])}
+    images = chosen["images"]
+    body = {"format": RELEASE_FORMAT, "base_release": base_release,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model_version": images["model_version"], "code_space": images.get("code_space"),
+            "bits": images["bits"], "bit_order": images.get("bit_order", BIT_ORDER), "collections": collections}
+    if release is not None:
+        _check_release_name(release)
+        names = [release]
+    else:
+        start = int(_next_release(root)[1:])
+        names = (f"r{n:04d}" for n in range(start, start + MAX_CLAIM_TRIES))
+    for name in names:
+        data = {**body, "release": name}
+        try:
+            root.create_bytes(_release_key(name), json.dumps(data, indent=2, sort_keys=True).encode())
+            return data
+        except FileExistsError:
+            if release is not None:
+                raise ReleaseConflictError(f"{root.uri}/{_release_key(name)}: release {name} was published by "
+                                           f"another writer") from None
+    raise IndexVersionError(f"{root.uri}: no free release number after {MAX_CLAIM_TRIES} tries")
+
+
+def list_releases(root) -> list[str]:
+    """The published releases under ``root``, oldest first."""
+    root = _open(root)
+    found = []
+    for key in root.list(f"{INDEX_PREFIX}/{RELEASES}/"):
+        name = key.rsplit("/", 1)[-1]
+        if key.count("/") == 2 and name.endswith(".json") and _RELEASE.fullmatch(name[:-5]):
+            found.append(name[:-5])
+    return sorted(found, key=lambda r: int(r[1:]))
+
+
+def latest_release(root) -> str:
+    """The newest release (the highest number)."""
+    releases = list_releases(root)
+    if not releases:
+        raise IndexVersionError(f"no releases under {_open(root).uri}/{INDEX_PREFIX}/{RELEASES}/ (an index written "
+                                f"before releases existed: rebuild it with `terrahash index build`, or publish one "
+                                f"with `terrahash index release`)")
+    return releases[-1]
+
+
+def read_release(root, release: str) -> dict:
+    """The release file ``release`` (e.g. "r0003"); IndexVersionError naming the file if it is missing,
+    truncated or not a release."""
+    root = _open(root)
+    key = _release_key(_check_release_name(release))
+    data = _read_json(root, key, "release")
+    if data.get("format") != RELEASE_FORMAT or not isinstance(data.get("collections"), dict) \
+            or "images" not in data["collections"]:
+        raise IndexVersionError(f"{root.uri}/{key}: not a {RELEASE_FORMAT} file naming an image index version")
+    return data
+
+
+def resolve_release(root, release: str | None = None, *, image_version: str | None = None,
+                    caption_version: str | None = None) -> dict:
+    """What serving serves: {"release": name or None, "images": manifest, "captions": manifest}, the
+    "captions" key absent when the release has no caption index.
+
+    ``release`` defaults to the latest. Each manifest is checked against the sha256 the release
+    recorded for it. ``image_version`` / ``caption_version`` (the serve settings of the same names)
+    override the release's version of that collection; with no release under ``root`` at all, an
+    ``image_version`` alone is enough (and captions are served only if ``caption_version`` names
+    them). The versions served must come from one model (model_version and code space), else
+    IndexVersionError. Truncated or missing files are IndexVersionErrors naming the file.
+    """
+    root = _open(root)
+    chosen: dict[str, str] = {}
+    record: dict = {"collections": {}}
+    name = release
+    if release is not None or image_version is None or list_releases(root):
+        name = release or latest_release(root)
+        record = read_release(root, name)
+        chosen = {c: entry["version"] for c, entry in record["collections"].items()}
+    chosen.update({c: v for c, v in (("images", image_version), ("captions", caption_version)) if v})
+    result: dict = {"release": name}
+    for collection in ("images", "captions"):
+        if collection not in chosen:
+            continue
+        manifest = read_manifest(root, chosen[collection], collection)
+        pinned = record["collections"].get(collection, {})
+        if pinned.get("version") == chosen[collection]:
+            key = _collection_key(collection, f"{chosen[collection]}/{MANIFEST_NAME}")
+            actual = hashlib.sha256(root.read_bytes(key)).hexdigest()
+            if actual != pinned["manifest_sha256"]:
+                raise IndexVersionError(f"{root.uri}/{key}: sha256 {actual[:12]}... is not the "
+                                        f"{pinned['manifest_sha256'][:12]}... release {name} published")
+        result[collection] = manifest
+    images, captions = result["images"], result.get("captions")
+    if captions is not None and (captions["model_version"] != images["model_version"]
+                                 or captions.get("code_space") != images.get("code_space")):
+        raise IndexVersionError(f"caption index {captions['version']} was built with model "
+                                f"{captions['model_version']!r} (code space {captions.get('code_space')}), image index "
+                                f"{images['version']} with {images['model_version']!r} "
+                                f"(code space {images.get('code_space')}); they cannot be served together")
+    return result
+
+
+MAX_REBASES = 8  # an add whose release number another writer took first is redone on the newer release
+
+
+def add_release(root, additions: dict, *, base_release: str | None = None, model_version: str | None = None,
+                code_space: str | None = None, image_root: str | None = None, extra: dict | None = None) -> dict:
+    """Add items to the collections of a release and publish the release of the result; returns
+    {"release": release, "images": manifest, "captions": manifest or None}.
+
+    ``additions``: {collection: {"codes": packed (n, bits // 8), "ids": [...], "image_ids": [...],
+    "texts": [...]}} ("image_ids" for captions; "texts" are stored when the base collection keeps
+    texts). Collections of the base not in ``additions`` are carried over unchanged; each added
+    collection gets a new version (add_to_index, with ``image_root`` for the new rows). Without
+    ``base_release`` the base is the latest release and the new one must directly follow it: when
+    another writer published that number first, the add is redone on the newer release, so
+    concurrent adds all end up in the latest release (an id both added is refused). With
+    ``base_release`` the new release takes the next free number.
+    """
+    root = _open(root)
+    base = resolve_release(root, base_release)
+    for _ in range(MAX_REBASES):
+        manifests = {c: base.get(c) for c in ("images", "captions")}
+        for collection, items in sorted(additions.items()):
+            if base.get(collection) is None:
+                raise IndexVersionError(f"release {base['release']} has no {collection!r} index to add to")
+            manifests[collection] = add_to_index(
+                root, base[collection]["version"], items["codes"], items["ids"], collection=collection,
+                new_image_ids=items.get("image_ids"),
+                new_texts=items.get("texts") if base[collection].get("has_texts") else None,
+                model_version=model_version, code_space=code_space, image_root=image_root, extra=extra)
+        following = None if base_release is not None else f"r{int(base['release'][1:]) + 1:04d}"
+        try:
+            return {"release": publish_release(root, manifests, base_release=base["release"], release=following),
+                    **manifests}
+        except ReleaseConflictError as err:
+            log.info("%s; adding again to the newer release", err)
+            base = resolve_release(root)
+    raise IndexVersionError(f"{root.uri}: {MAX_REBASES} other writers published first; try again")
+
+
+@dataclass
+class ReleaseReport:
+    """What verify_release found: one VerifyReport per collection, and problems of the release itself."""
+
+    release: str
+    collections: dict[str, VerifyReport] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(report.ok for report in self.collections.values())
+
+    def __str__(self) -> str:
+        versions = ", ".join(f"{c} {r.version}" for c, r in self.collections.items())
+        lines = [f"release {self.release} ({versions}): {'all good' if self.ok else 'PROBLEMS'}"]
+        lines += [f"  {p}" for p in self.problems] + [f"  {r}" for r in self.collections.values()]
+        return "\n".join(lines)
+
+
+def verify_release(root, release: str | None = None) -> ReleaseReport:
+    """Check a release (default: the latest): its file, each manifest's sha256, every shard of every
+    collection it names. Unreadable files are reported, not raised."""
+    root = _open(root)
+    name = release or latest_release(root)
+    report = ReleaseReport(name)
+    try:
+        record = read_release(root, name)
+    except IndexVersionError as err:
+        report.problems.append(str(err))
+        return report
+    for collection, entry in sorted(record["collections"].items()):
+        key = _collection_key(collection, f"{entry['version']}/{MANIFEST_NAME}")
+        try:
+            actual = hashlib.sha256(root.read_bytes(key)).hexdigest()
+            if actual != entry["manifest_sha256"]:
+                report.problems.append(f"{root.uri}/{key}: sha256 {actual[:12]}... is not the release's "
+                                       f"{entry['manifest_sha256'][:12]}...")
+            report.collections[collection] = verify_index(root, entry["version"], collection)
+        except (FileNotFoundError, IndexVersionError) as err:
+            report.problems.append(f"{collection} {entry['version']}: {err}")
+    return report
+
+
+def _release_key(release: str) -> str:
+    return f"{INDEX_PREFIX}/{RELEASES}/{release}.json"
+
+
+def _check_release_name(release: str) -> str:
+    if not isinstance(release, str) or not _RELEASE.fullmatch(release):
+        raise IndexVersionError(f"not a release name: {release!r} (expected like 'r0001')")
+    return release
+
+
+def _next_release(root: ArtifactRoot) -> str:
+    """One past the highest release present."""
+    releases = list_releases(root)
+    return f"r{int(releases[-1][1:]) + 1 if releases else 1:04d}"
+
+
+# --- image references ----------------------------------------------------------------------------
+
+
+class ImageRefs:
+    """Where the image of an item is: ``<root>/<image id>``, the root being that of the build or add
+    that wrote the item's row (a manifest's ``image_roots``: [{"root", "rows": [first, last]}], rows
+    of its own collection). Manifests written before image_roots existed use ``extra.image_root`` for
+    every row. ``base`` (a serve setting) replaces every root.
+
+    ``refs(row, image_id)`` -> the reference; a caption's row resolves to the root of the images it
+    was added with.
+    """
+
+    def __init__(self, manifest: dict, base: str | None = None):
+        self.base = base
+        spans = sorted(_image_roots(manifest), key=lambda span: span["rows"][0])
+        self._starts = [span["rows"][0] for span in spans]
+        self._spans = spans
+        self._default = manifest.get("extra", {}).get("image_root", "") if not spans else ""
+
+    def root(self, row: int) -> str:
+        """The image root of ``row`` ("" when none was recorded: the id is the reference)."""
+        if self.base is not None:
+            return self.base
+        i = bisect.bisect_right(self._starts, int(row)) - 1
+        if i >= 0 and self._spans[i]["rows"][0] <= row <= self._spans[i]["rows"][1]:
+            return self._spans[i]["root"]
+        return self._default
+
+    def __call__(self, row: int, image_id: str) -> str:
+        root = self.root(row)
+        return f"{root.rstrip('/')}/{image_id}" if root else image_id
+
+
+def _image_roots(manifest: dict) -> list[dict]:
+    """A manifest's image roots; for one written before they existed, its extra.image_root for every row."""
+    if "image_roots" in manifest:
+        return [dict(span) for span in manifest["image_roots"]]
+    legacy = manifest.get("extra", {}).get("image_root")
+    return [{"root": legacy, "rows": [0, int(manifest["next_row"]) - 1]}] if legacy and manifest["next_row"] else []
+
+
+def _with_root(spans: list[dict], image_root: str | None, first_row: int, n: int) -> list[dict]:
+    """``spans`` plus rows first_row..first_row+n-1 under ``image_root`` (merged with the last span when
+    it continues it under the same root)."""
+    if not image_root or not n:
+        return spans
+    last = first_row + n - 1
+    if spans and spans[-1]["root"] == str(image_root) and spans[-1]["rows"][1] == first_row - 1:
+        return [*spans[:-1], {"root": str(image_root), "rows": [spans[-1]["rows"][0], last]}]
+    return [*spans, {"root": str(image_root), "rows": [first_row, last]}]
 
 
 # --- helpers: files ---------------------------------------------------------------------------------
@@ -508,6 +851,22 @@ def _next_version(root: ArtifactRoot, collection: str) -> str:
         if match:
             numbers.append(int(match.group(1)))
     return f"v{max(numbers) + 1:04d}"
+
+
+def _claim_version(root: ArtifactRoot, collection: str) -> str:
+    """A version number of ``collection`` that this writer alone owns: its claim file is created only if
+    absent (exclusive create); when another writer has the number, the next one is tried."""
+    number = int(_next_version(root, collection)[1:])
+    claim = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                        "claimed": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode()
+    for _ in range(MAX_CLAIM_TRIES):
+        version = f"v{number:04d}"
+        try:
+            root.create_bytes(_collection_key(collection, f"{version}/{CLAIM_NAME}"), claim)
+            return version
+        except FileExistsError:
+            number += 1
+    raise IndexVersionError(f"{root.uri}: no free version of {collection!r} after {MAX_CLAIM_TRIES} tries")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -533,12 +892,13 @@ def _write_shard(root, collection, version, number, codes, table) -> dict:
 
 
 def _manifest(collection, version, base_version, model_version, bits, factory, n_shards, entries, *,
-              next_row, has_image_ids, extra, has_texts=False) -> dict:
+              next_row, has_image_ids, extra, has_texts=False, code_space=None, image_roots=()) -> dict:
     if not model_version or not isinstance(model_version, str):
         raise IndexVersionError("model_version must name the model version the codes came from")
     return {
         "format": FORMAT, "collection": collection, "version": version, "base_version": base_version,
-        "model_version": model_version, "bits": bits, "bit_order": BIT_ORDER, "sign_rule": SIGN_RULE,
+        "model_version": model_version, "code_space": code_space, "image_roots": list(image_roots),
+        "bits": bits, "bit_order": BIT_ORDER, "sign_rule": SIGN_RULE,
         "factory": factory, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "n_shards": n_shards, "sharding": SHARDING_RULE, "row_rule": ROW_RULE,
         "rows": sum(entry["rows"] for entry in entries), "next_row": int(next_row),
@@ -547,8 +907,9 @@ def _manifest(collection, version, base_version, model_version, bits, factory, n
 
 
 def _write_manifest(root, manifest) -> dict:
+    """Create the manifest (exclusively: the version was claimed), after every shard file is durable."""
     key = _collection_key(manifest["collection"], f"{manifest['version']}/{MANIFEST_NAME}")
-    root.write_bytes(key, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    root.create_bytes(key, json.dumps(manifest, indent=2, sort_keys=True).encode())
     return manifest
 
 
@@ -605,8 +966,9 @@ def _content_problems(name, entry, manifest, codes, table) -> list[ShardIntegrit
 
 
 def _check_collection(collection: str) -> str:
-    if not isinstance(collection, str) or not _COLLECTION.fullmatch(collection):
-        raise ValueError(f"collection must be a short lowercase name like 'images', got {collection!r}")
+    if not isinstance(collection, str) or not _COLLECTION.fullmatch(collection) or collection == RELEASES:
+        raise ValueError(f"collection must be a short lowercase name like 'images' (not {RELEASES!r}), "
+                         f"got {collection!r}")
     return collection
 
 
