@@ -5,16 +5,28 @@ sha256, input and output names, bits and bit order, and the preprocessing (image
 resize rule; or tokenizer files and maximum length). It is written by code at export
 (``training/export.py``) and checked against the ONNX graph at load: a spec that does not fit
 its model fails here, with both file names in the message. No torch is imported here.
+
+Code space: the codes an index holds are comparable only with codes of the model that wrote them,
+whatever their length. Every spec written since code spaces exist carries ``code_space``, the id of
+the image student whose codes define the space (``code_space_id``: sha256 over its fp32 ONNX file's
+sha256 and the layout fields of its spec). The int8 variant of that student carries the same id,
+and so does the text student exported beside it, whose codes were trained into the same space.
+Index manifests and releases record the id of the model they were built with, and
+``check_code_space`` compares the two before an encoder queries an index.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.artifacts import sha256_file
 
 from . import codes
+
+log = logging.getLogger(__name__)
 
 SPEC_FORMAT_VERSION = 1
 SPEC_SUFFIX = ".spec.json"  # model.onnx -> model.spec.json
@@ -30,6 +42,10 @@ RESIZE_RULE = {"library": "PIL", "convert": "RGB", "method": "bicubic", "crop": 
 
 class SpecError(ValueError):
     """A spec file that is malformed or does not match its ONNX model."""
+
+
+class CodeSpaceError(ValueError):
+    """An encoder whose codes are not in the code space of the index it would query."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,11 @@ class ModelSpec:
     @property
     def output_name(self) -> str:
         return self.data["output"]["name"]
+
+    @property
+    def code_space(self) -> str | None:
+        """The id of the code space this model's codes live in (see ``spec_code_space``)."""
+        return spec_code_space(self)
 
     @property
     def image(self) -> dict:
@@ -106,10 +127,79 @@ def load_spec(path: str | Path) -> ModelSpec:
     if not isinstance(section, dict):
         raise SpecError(f"{path}: missing the {data['kind']!r} section")
     _check_fields(path, section, _REQUIRED_BY_KIND[data["kind"]], f"{data['kind']}.")
+    if "code_space" in data and not (isinstance(data["code_space"], str) and data["code_space"]):
+        raise SpecError(f"{path}: field code_space should be a non-empty string, got {data['code_space']!r}")
     if data["kind"] == "image" and section["resize"] != RESIZE_RULE:
         raise SpecError(f"{path}: image.resize {section['resize']} is not a rule this serving implements "
                         f"({RESIZE_RULE})")
     return ModelSpec(path, data)
+
+
+# --- code spaces ---------------------------------------------------------------------------------
+
+# What fixes an image student's code space: its fp32 weights (the ONNX file's sha256) and how its
+# outputs become bits. Preprocessing is not in it: it changes how well codes match, not what they mean.
+CODE_SPACE_FIELDS = ("model_sha256", "bits", "bit_order", "binarize", "output_name")
+
+
+def code_space_id(image_spec: dict) -> str:
+    """The code-space id of an fp32 image student, from its spec: ``sha256:<hex>`` over the JSON of
+    CODE_SPACE_FIELDS (the ONNX file's sha256, bits, bit order, binarize rule, output name)."""
+    if image_spec.get("kind") != "image" or image_spec.get("quantization", "none") != "none":
+        raise SpecError(f"a code-space id is computed from an fp32 image spec, not a "
+                        f"{image_spec.get('quantization', 'none')} {image_spec.get('kind')} one")
+    fields = {"model_sha256": image_spec["model_sha256"], "bits": int(image_spec["bits"]),
+              "bit_order": image_spec["bit_order"], "binarize": image_spec.get("binarize", BINARIZE_RULE),
+              "output_name": image_spec["output"]["name"]}
+    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def spec_code_space(spec: ModelSpec | dict) -> str | None:
+    """The code space of a spec's codes: its ``code_space`` field; for an fp32 image spec written
+    before the field existed, computed from it (``code_space_id``); None for such older int8 and
+    text specs, which cannot tell which image student they belong to."""
+    data = spec.data if isinstance(spec, ModelSpec) else spec
+    if data.get("code_space"):
+        return str(data["code_space"])
+    if data.get("kind") == "image" and data.get("quantization", "none") == "none":
+        return code_space_id(data)
+    return None
+
+
+def check_code_space(spec: ModelSpec | str | Path, manifest: dict, *, manifest_file: str | None = None,
+                     require: bool = False) -> bool:
+    """Refuse an encoder whose codes are not in the code space of an index version.
+
+    ``spec``: the encoder's spec (ModelSpec or its path); ``manifest``: an index manifest (or a
+    release, which records the same fields); ``manifest_file`` names it in messages (default
+    ``index/<collection>/<version>/manifest.json``). Raises CodeSpaceError (a ValueError) naming both
+    files when the bits or bit order differ, or when both carry code-space ids and they differ.
+
+    Older files without an id (specs exported, indexes built, before ids were recorded): with
+    ``require`` that is a CodeSpaceError too; otherwise only bits and bit order are compared, a
+    warning says so and tells to rebuild the index, and False is returned. True means the ids matched.
+    """
+    spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
+    where = manifest_file or (f"index/{manifest.get('collection', '?')}/{manifest.get('version', '?')}/manifest.json"
+                              if "version" in manifest else f"release {manifest.get('release', '?')}")
+    if int(manifest["bits"]) != spec.bits or manifest.get("bit_order", BIT_ORDER) != spec.data["bit_order"]:
+        raise CodeSpaceError(f"encoder {spec.path} writes {spec.bits}-bit codes ({spec.data['bit_order']}), index "
+                             f"{where} holds {manifest['bits']}-bit codes ({manifest.get('bit_order', BIT_ORDER)})")
+    mine, theirs = spec_code_space(spec), manifest.get("code_space")
+    if mine and theirs:
+        if mine != theirs:
+            raise CodeSpaceError(f"encoder {spec.path} has code space {mine}, index {where} was built in code space "
+                                 f"{theirs}: its codes would be compared with codes of an unrelated model; serve "
+                                 f"the model the index was built with, or build an index with this one")
+        return True
+    missing = " and ".join(name for name, value in ((str(spec.path), mine), (where, theirs)) if not value)
+    message = (f"{missing} records no code-space id (written before code spaces were recorded), so it cannot be "
+               f"proved that encoder {spec.path} speaks the codes of index {where}")
+    if require:
+        raise CodeSpaceError(f"{message}; re-export the model and rebuild the index with `terrahash index build`")
+    log.warning("%s; only the code length (%d bits) was checked. Rebuild the index with `terrahash index build` "
+                "(and re-export older models) to have it checked", message, spec.bits)
+    return False
 
 
 def _check_fields(path: Path, data: dict, required: dict, prefix: str) -> None:

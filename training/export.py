@@ -2,7 +2,9 @@
 
 Each student becomes one ONNX graph from input to continuous codes (dynamic batch axis, pinned
 opset), checked against torch with onnxruntime, with a spec JSON written here from the student's
-config (never by hand) that serving reads back (``serving/spec.py``). Int8 variants come from
+config (never by hand) that serving reads back (``serving/spec.py``). Every spec records the code
+space of its codes (``serving.spec.code_space_id`` of the fp32 image student): the image student's
+own, shared by its int8 variant and by the text student exported beside it. Int8 variants come from
 onnxruntime's quantization tools: dynamic for text; for images, a few static variants (calibrated
 on real images, some bias-corrected) and dynamic, keeping whichever keeps most bits on held-out images.
 """
@@ -18,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.spec import (BINARIZE_RULE, BIT_ORDER, RESIZE_RULE, SPEC_FORMAT_VERSION, spec_path_for)
+from serving.spec import (BINARIZE_RULE, BIT_ORDER, RESIZE_RULE, SPEC_FORMAT_VERSION, code_space_id, spec_code_space,
+                          spec_path_for)
 from cluster.artifacts import sha256_file
 
 from .students import ImageStudent, TextStudent, load_image_student, load_text_student
@@ -85,17 +88,25 @@ def export_image_student(student: ImageStudent, out_dir: str | Path, check_image
 def image_spec(student: ImageStudent, model_path: Path, quantization: str = "none") -> dict:
     """The spec of an exported image student, from its config."""
     c = student.config
-    return {**_common_spec(model_path, "image", student.bits, quantization),
+    spec = {**_common_spec(model_path, "image", student.bits, quantization),
             "inputs": [{"name": IMAGE_INPUT, "dtype": "float32", "shape": ["batch", 3, c.image_size, c.image_size]}],
             "image": {"size": c.image_size, "mean": list(c.mean), "std": list(c.std), "resize": RESIZE_RULE,
                       "scale": "pixel / 255, then (x - mean) / std per RGB channel", "layout": "NCHW, RGB"},
             "source": {"backbone": c.backbone, "pool_levels": list(c.pool_levels)}}
+    if quantization == "none":  # a quantized variant keeps the id of the fp32 model it came from (_int8_spec)
+        spec["code_space"] = code_space_id(spec)
+    return spec
 
 
 def export_text_student(student: TextStudent, tokenizer, out_dir: str | Path,
-                        check_texts: list[str] | None = None) -> Path:
-    """Write ``text_student.onnx``, its tokenizer files and its spec to ``out_dir``; returns the spec path."""
+                        check_texts: list[str] | None = None, code_space: str | None = None) -> Path:
+    """Write ``text_student.onnx``, its tokenizer files and its spec to ``out_dir``; returns the spec path.
+
+    ``code_space``: the code space the text codes were trained into; by default that of the fp32
+    image student already exported in ``out_dir`` (its students come from one teacher's codes).
+    """
     out = Path(out_dir)
+    code_space = code_space or _exported_code_space(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / TEXT_MODEL
     example = tokenizer(["a short one", "a longer example sentence here"], padding=True, return_tensors="pt")
@@ -112,15 +123,27 @@ def export_text_student(student: TextStudent, tokenizer, out_dir: str | Path,
     tokenizer.save_pretrained(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise ExportError(f"{tokenizer_dir}: the tokenizer wrote no tokenizer.json (a fast tokenizer is needed)")
-    return write_spec(path, text_spec(student, tokenizer, path, tokenizer_dir))
+    return write_spec(path, text_spec(student, tokenizer, path, tokenizer_dir, code_space=code_space))
+
+
+def _exported_code_space(out: Path) -> str | None:
+    """The code space of the fp32 image student exported in ``out``, or None (with a warning)."""
+    image = spec_path_for(out / IMAGE_MODEL)
+    if image.is_file():
+        return spec_code_space(json.loads(image.read_text()))
+    log.warning("%s: no image student exported here, so the text student's spec records no code space; "
+                "serving will only check its code length against an index", out)
+    return None
 
 
 def text_spec(student: TextStudent, tokenizer, model_path: Path, tokenizer_dir: Path,
-              quantization: str = "none") -> dict:
-    """The spec of an exported text student, from its config and tokenizer."""
+              quantization: str = "none", code_space: str | None = None) -> dict:
+    """The spec of an exported text student, from its config and tokenizer; ``code_space`` is the
+    image student's whose codes it was trained into."""
     files = sorted(p.name for p in tokenizer_dir.iterdir())
     rel = tokenizer_dir.relative_to(model_path.parent)
     return {**_common_spec(model_path, "text", student.bits, quantization),
+            **({"code_space": code_space} if code_space else {}),
             "inputs": [{"name": name, "dtype": "int64", "shape": ["batch", "sequence"]} for name in TEXT_INPUTS],
             "text": {"tokenizer_file": f"{rel}/tokenizer.json", "tokenizer_files": [f"{rel}/{f}" for f in files],
                      "max_length": student.max_length, "truncation": "longest_first at max_length",
@@ -416,7 +439,8 @@ def export_students(students_dir: str | Path, out_dir: str | Path | None = None,
         result["image"] = {"spec": spec, "int8_spec": int8, "int8_agreement": scores}
     if (students_dir / "text_student.pt").exists():
         student, tokenizer, _ = load_text_student(students_dir)
-        spec = export_text_student(student, tokenizer, out, check_texts)
+        image_space = spec_code_space(json.loads(result["image"]["spec"].read_text())) if "image" in result else None
+        spec = export_text_student(student, tokenizer, out, check_texts, code_space=image_space)
         result["text"] = {"spec": spec, "int8_spec": quantize_text_student(spec)}
     if not result:
         raise FileNotFoundError(f"{students_dir}: no student checkpoints (image_student.pt, text_student.pt)")
