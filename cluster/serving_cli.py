@@ -1,4 +1,5 @@
-"""``terrahash index build|add|verify`` and ``terrahash serve``: thin layers over serving.build and serving.app.
+"""``terrahash index build|add|verify|release`` and ``terrahash serve``: thin layers over serving.build,
+serving.index and serving.app.
 
 Nothing heavy is imported until a subcommand runs, and nothing here ever imports torch.
 """
@@ -29,6 +30,7 @@ class IndexJob:
     base: str | None = None
     captions: bool = True
     batch_size: int = 64
+    skip_bad_images: bool = False
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -38,12 +40,14 @@ def _index_job(args: argparse.Namespace, name: str) -> IndexJob:
     return IndexJob(name=name, model=str(getattr(args, "model", "") or ""), data=args.data, out=args.out,
                     shards=getattr(args, "shards", None), factory=getattr(args, "factory", None),
                     variant=getattr(args, "variant", None), base=getattr(args, "base", None),
-                    captions=not args.no_captions, batch_size=args.batch_size, tracking=tracking)
+                    captions=not args.no_captions, batch_size=args.batch_size,
+                    skip_bad_images=args.skip_bad_images, tracking=tracking)
 
 
 def _tracked(job: IndexJob, work) -> dict:
-    """Run ``work()`` (-> manifests) inside an MLflow run with its energy and CO2 (per 1,000 images
-    encoded), the index versions as tags and the manifests as an artifact; untracked with --no-track."""
+    """Run ``work()`` (-> {"release", "images", "captions"}) inside an MLflow run with its energy and CO2
+    (per 1,000 images encoded), the release and index versions as tags and the manifests as an artifact;
+    untracked with --no-track."""
     import tempfile
 
     from training.data import load_dataset
@@ -57,40 +61,58 @@ def _tracked(job: IndexJob, work) -> dict:
         with track_run(job, tmp, dataset, images_processed=images, run_name=job.name,
                        artifacts=("manifests.json",)) as tracker:
             start = time.perf_counter()
-            manifests = work()
+            result = work()
+            collections = _collections(result)
             tracker.log_metrics({"index_seconds": time.perf_counter() - start, "images_encoded": images,
-                                 **{f"{c}_rows": m["rows"] for c, m in manifests.items() if m is not None}})
-            tags = {"index.root": job.out, "model_version": manifests["images"]["model_version"],
-                    **{f"index.{c}.version": m["version"] for c, m in manifests.items() if m is not None}}
+                                 **{f"{c}_rows": m["rows"] for c, m in collections.items()}})
+            tags = {"index.root": job.out, "model_version": result["images"]["model_version"],
+                    "index.release": result["release"]["release"],
+                    "code_space": result["images"].get("code_space") or "unknown",
+                    **{f"index.{c}.version": m["version"] for c, m in collections.items()}}
             for name, value in tags.items():
                 tracker.client.set_tag(tracker.run_id, name, value)
-            (Path(tmp) / "manifests.json").write_text(json.dumps(manifests, indent=2))
-    return manifests
+            (Path(tmp) / "manifests.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _collections(result: dict) -> dict:
+    """The collection manifests of a build or add result (not its release)."""
+    return {c: result[c] for c in ("images", "captions") if result.get(c) is not None}
 
 
 def _build(args: argparse.Namespace) -> int:
     from serving.build import build_indexes
 
-    manifests = _tracked(_index_job(args, "index-build"), lambda: build_indexes(
+    result = _tracked(_index_job(args, "index-build"), lambda: build_indexes(
         args.model, args.data, args.shards, args.out, factory=args.factory, variant=args.variant,
-        captions=not args.no_captions, batch_size=args.batch_size, address=args.address))
-    _print_versions(args.out, manifests)
+        captions=not args.no_captions, batch_size=args.batch_size, address=args.address,
+        skip_bad_images=args.skip_bad_images))
+    _print_versions(args.out, result)
     return 0
 
 
 def _add(args: argparse.Namespace) -> int:
     from serving.build import add_images
 
-    manifests = _tracked(_index_job(args, "index-add"), lambda: add_images(
-        args.data, args.out, base_version=args.base, captions=not args.no_captions, batch_size=args.batch_size,
-        address=args.address))
-    _print_versions(args.out, manifests)
+    result = _tracked(_index_job(args, "index-add"), lambda: add_images(
+        args.data, args.out, base_release=args.base, captions=not args.no_captions, batch_size=args.batch_size,
+        address=args.address, skip_bad_images=args.skip_bad_images))
+    _print_versions(args.out, result)
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from serving.index import latest_version, list_versions, verify_index
+    """A release (default: the latest) with both collections; or, with --version, one version of each
+    of --collections; or, on a root written before releases, the latest version of each."""
+    from serving.index import latest_version, list_releases, list_versions, verify_index, verify_release
 
+    if args.version is None and (args.release or list_releases(args.index)):
+        report = verify_release(args.index, args.release)
+        print(report)
+        return 0 if report.ok else 1
+    if args.version is None:
+        print(f"no release under {args.index}: checking the latest version of each collection "
+              f"(`terrahash index release {args.index}` publishes them as one)")
     ok = True
     for collection in args.collections:
         if not list_versions(args.index, collection):
@@ -102,14 +124,30 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _release(args: argparse.Namespace) -> int:
+    """Publish a release of existing versions (default: the latest complete one of each collection)."""
+    from serving.index import latest_version, list_versions, publish_release, read_manifest
+
+    manifests = {"images": read_manifest(args.index, args.images or latest_version(args.index, "images"), "images")}
+    if args.captions != "none" and (args.captions or list_versions(args.index, "captions")):
+        captions = args.captions or latest_version(args.index, "captions")
+        manifests["captions"] = read_manifest(args.index, captions, "captions")
+    release = publish_release(args.index, manifests)
+    print(_release_line(args.index, release))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from serving.app import ServeSettings, load_settings, run_local
 
-    overrides = {"index": args.index, "model": args.model, "shard_replicas": args.shard_replicas,
-                 "shards_per_replica": args.shards_per_replica}
+    if args.labels_data is not None and not Path(args.labels_data).exists():
+        raise FileNotFoundError(f"dataset {args.labels_data!r} (--data) not found")
+    overrides = {"index": args.index, "model": args.model, "release": args.release,
+                 "shard_replicas": args.shard_replicas, "shards_per_replica": args.shards_per_replica}
     settings = (load_settings(args.config, **overrides) if args.config
                 else ServeSettings.from_dict({k: v for k, v in overrides.items() if v is not None}))
-    print(f"serving index {settings.index} on http://{args.host}:{args.port}/v1 (docs at /docs); Ctrl-C stops")
+    print(f"serving index {settings.index} on http://{args.host}:{args.port}/v1 (docs at /docs); Ctrl-C stops",
+          flush=True)
     if not (args.query or args.exit):
         run_local(settings, host=args.host, port=args.port)
         return 0
@@ -119,7 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     try:
         _wait_ready(url, timeout=args.ready_timeout)
-        labels = _dataset_labels(args.data) if args.data else {}
+        labels = _labels(settings, args.labels_data)
         for query in args.query:
             answer = _post_json(f"{url}/v1/search/text", {"query": query, "k": args.k})
             print(_format_answer(query, answer, labels), flush=True)
@@ -156,13 +194,31 @@ def _post_json(url: str, payload: dict) -> dict:
         return json.loads(answer.read())
 
 
-def _dataset_labels(data: str) -> dict[str, str]:
-    """Image id (path relative to the dataset folder) -> its class, to name what a query found."""
-    from training.data import load_dataset
+def _labels(settings, data: str | None) -> dict[str, str]:
+    """Image id -> class, to name what a --query found: from ``data`` (--data), else from the dataset the
+    served image index was built from when it is still there; {} when neither is readable."""
+    import logging
 
-    dataset = load_dataset(data, check_images=False)
-    root = Path(data) if Path(data).is_dir() else Path(data).parent
-    return {Path(r.path).resolve().relative_to(root.resolve()).as_posix(): r.label or "" for r in dataset.records}
+    from serving.index import resolve_release
+
+    if data is None:
+        served = resolve_release(settings.index, settings.release, image_version=settings.image_version)
+        data = served["images"].get("extra", {}).get("dataset")
+        if not data or not Path(data).exists():
+            return {}
+    try:
+        return _dataset_labels(data)
+    except (ValueError, FileNotFoundError) as err:
+        logging.getLogger(__name__).warning("no classes for the answers: %s", err)
+        return {}
+
+
+def _dataset_labels(data: str) -> dict[str, str]:
+    """Image id (as the index build makes it, serving.build.dataset_items) -> its class."""
+    from serving.build import dataset_items
+
+    items = dataset_items(data)
+    return dict(zip(items.image_ids, items.labels))
 
 
 def _format_answer(query: str, answer: dict, labels: dict[str, str]) -> str:
@@ -178,21 +234,44 @@ def _format_answer(query: str, answer: dict, labels: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _print_versions(out: str, manifests: dict) -> None:
-    for collection, manifest in manifests.items():
-        if manifest is not None:
-            shards = [entry["rows"] for entry in manifest["shards"]]
-            print(f"{collection}: version {manifest['version']} in {out}: {manifest['rows']} rows in shards {shards}, "
-                  f"model {manifest['model_version']}")
+def _print_versions(out: str, result: dict) -> None:
+    for collection, manifest in _collections(result).items():
+        shards = [entry["rows"] for entry in manifest["shards"]]
+        print(f"{collection}: version {manifest['version']} in {out}: {manifest['rows']} rows in shards {shards}, "
+              f"model {manifest['model_version']}")
+        if manifest.get("extra", {}).get("skipped_images"):
+            print(f"{collection}: left out {manifest['extra']['skipped_images']} image(s) that cannot be decoded, "
+                  f"listed in the manifest's extra.skipped_listed")
+    print(_release_line(out, result["release"]))
+
+
+def _release_line(out: str, release: dict) -> str:
+    versions = ", ".join(f"{c} {e['version']}" for c, e in sorted(release["collections"].items()))
+    return (f"release {release['release']} in {out}: {versions} (model {release['model_version']}, "
+            f"code space {release.get('code_space') or 'unknown'})")
 
 
 def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
-    """Add ``index`` (build, add, verify) and ``serve`` to the ``terrahash`` subcommands."""
+    """Add ``index`` (build, add, verify, release) and ``serve`` to the ``terrahash`` subcommands.
+
+    Of ``common`` only the default of --data is used: the feature cache, device and the training
+    options do not apply to index builds (ONNX students on onnxruntime's CPU provider).
+    """
     index = subparsers.add_parser("index", help="build, extend and verify sharded search indexes",
                                   description="Index versions of image codes (and caption codes) on an artifact "
                                               "root: a folder or s3://bucket/prefix ($AWS_ENDPOINT_URL for any "
-                                              "S3-compatible store).")
+                                              "S3-compatible store with conditional writes). Every build or add "
+                                              "publishes one release (index/releases/rNNNN.json) naming the image "
+                                              "and caption versions served together.")
     commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+
+    data_args = argparse.ArgumentParser(add_help=False)
+    data_args.add_argument("--data", default=common.get_default("data"),
+                           help="dataset folder holding one Karpathy-style dataset*.json (default: %(default)s, "
+                                "or $TERRAHASH_DATA)")
+    data_args.add_argument("--skip-bad-images", action="store_true",
+                           help="leave out images that cannot be decoded or are missing (counted, logged and "
+                                "listed in the image manifest) instead of stopping")
 
     ray_args = argparse.ArgumentParser(add_help=False)
     ray_args.add_argument("--batch-size", type=int, default=64, help="images per Ray task (default: %(default)s)")
@@ -204,11 +283,12 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     ray_args.add_argument("--tracking-uri", metavar="URI",
                           help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
 
-    build = commands.add_parser("build", parents=[common, ray_args], help="encode a dataset and cut N shards",
+    build = commands.add_parser("build", parents=[data_args, ray_args], help="encode a dataset and cut N shards",
                                 description="Encode every image of --data with the model version's image student "
                                             "(parallel Ray tasks), pack the bits, place each image on a shard by a "
                                             "stable hash of its id, and write shard files, ids and a manifest; the "
-                                            "captions become a second index for fusion and image-to-text search.")
+                                            "captions become a second index for fusion and image-to-text search; "
+                                            "then publish a release naming both.")
     build.add_argument("--model", required=True, metavar="VERSION_OR_DIR",
                        help="folder of exported students (ONNX + spec files), or a run name under runs/ "
                             "whose students/onnx holds them")
@@ -218,19 +298,35 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     build.add_argument("--variant", default="fp32", choices=("fp32", "int8"), help="which exported students to use")
     build.set_defaults(handler=_build)
 
-    add = commands.add_parser("add", parents=[common, ray_args], help="add new imagery to the latest index version",
-                              description="Encode --data's images with the model the index was built with and "
-                                          "write a new version; shards that receive nothing keep their files.")
+    add = commands.add_parser("add", parents=[data_args, ray_args], help="add new imagery to the latest release",
+                              description="Encode --data's images (and captions) with the model the index was built "
+                                          "with, write new versions of the release's image and caption indexes "
+                                          "(shards that receive nothing keep their files) and publish a new release. "
+                                          "The new images are referenced from --data's own folder.")
     add.add_argument("--out", required=True, metavar="URI", help="artifact root holding the index")
-    add.add_argument("--base", help="version to add to (default: the latest)")
+    add.add_argument("--base", metavar="RELEASE", help="release to add to, e.g. r0002 (default: the latest; "
+                                                        "concurrent adds to the latest each land in it)")
     add.set_defaults(handler=_add)
 
-    verify = commands.add_parser("verify", help="check every shard's checksum and row count",
-                                 description="Exit status 1 when any shard does not match its manifest.")
+    verify = commands.add_parser("verify", help="check a release: every shard's checksum and row count",
+                                 description="Check the latest release (or --release): its file, the sha256 of each "
+                                             "manifest it names, and every shard of both collections. Exit status 1 "
+                                             "when anything does not match.")
     verify.add_argument("index", metavar="URI", help="artifact root holding the index")
-    verify.add_argument("--version", help="version to check (default: the latest of each collection)")
+    verify.add_argument("--release", help="release to check (default: the latest)")
+    verify.add_argument("--version", help="check this version of each of --collections instead of a release")
     verify.add_argument("--collections", nargs="+", default=["images", "captions"], help="default: %(default)s")
     verify.set_defaults(handler=_verify)
+
+    release = commands.add_parser("release", help="publish a release of existing index versions",
+                                  description="Name an image version (and caption version) as one release, for a "
+                                              "root written before releases existed or to serve older versions "
+                                              "again. Default: the latest complete version of each collection.")
+    release.add_argument("index", metavar="URI", help="artifact root holding the index")
+    release.add_argument("--images", metavar="VERSION", help="image index version (default: the latest)")
+    release.add_argument("--captions", metavar="VERSION",
+                         help="caption index version, or 'none' (default: the latest, if any)")
+    release.set_defaults(handler=_release)
 
     serve = subparsers.add_parser("serve", help="run the search service locally (Ray Serve)",
                                   description="Deploy the search app on a local Ray (or $RAY_ADDRESS) and serve "
@@ -238,6 +334,7 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
                                               "with `serve deploy`.")
     serve.add_argument("--index", required=True, metavar="URI", help="artifact root holding the index")
     serve.add_argument("--model", help="model version folder (default: the one the index was built with)")
+    serve.add_argument("--release", help="index release to serve (default: the latest)")
     serve.add_argument("--config", help="YAML file of serve settings (serving.app.ServeSettings fields)")
     serve.add_argument("--shard-replicas", type=int, help="replicas per shard (default: 2)")
     serve.add_argument("--shards-per-replica", type=int, metavar="N",
@@ -249,7 +346,10 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
                        help="once the app is ready, send this text query over HTTP and print the top results "
                             "(repeatable); the app keeps serving afterwards unless --exit")
     serve.add_argument("-k", "--k", type=int, default=10, help="results per --query (default: %(default)s)")
-    serve.add_argument("--data", help="dataset folder, to print the class of each result of --query")
+    # Its own dest: `terrahash` checks that a command's --data exists, and this one is optional.
+    serve.add_argument("--data", dest="labels_data", metavar="DIR",
+                       help="dataset folder, to print the class of each result of --query (default: the dataset "
+                            "the index was built from, if it is still there)")
     serve.add_argument("--exit", action="store_true", help="stop once the --query answers are printed")
     serve.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for readiness (default: %(default)s)")
     serve.set_defaults(handler=_serve)

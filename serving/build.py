@@ -5,11 +5,14 @@ image student, in parallel Ray tasks over batches (a progress bar follows them),
 index version of the ``images`` collection with serving.index.build_index; the captions, encoded
 with the text student, become a ``captions`` index (each caption carries its image's id) for late
 fusion and image-to-text search. ``add_images`` encodes new imagery and adds it with
-serving.index.add_to_index, leaving the other shards' files as they are.
+serving.index.add_to_index, leaving the other shards' files as they are. Each build or add
+publishes one release naming both versions (serving.index.publish_release), last.
 
 Ids: an image's id is its file path relative to the dataset root (``images/beach/beach00.jpg``;
 relative to the images' common folder when the JSON points outside its own folder), a caption's id
-is ``<image id>#<n>``. No torch: images are decoded with serving.encoders.
+is ``<image id>#<n>``. That root is recorded for the rows it wrote (``image_roots``), so the items of
+an add keep the root of their own dataset. Manifests and releases record the model's code space
+(serving.spec). No torch: images are decoded with serving.encoders.
 """
 from __future__ import annotations
 
@@ -21,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.index import add_to_index, build_index, latest_version, read_manifest
-from serving.spec import load_spec
+from serving.index import add_release, build_index, publish_release, resolve_release
+from serving.spec import CodeSpaceError, check_code_space, load_spec, spec_code_space
 
 log = logging.getLogger(__name__)
 
 SPEC_GLOB = "*.spec.json"
 VARIANTS = {"fp32": lambda q: q == "none", "int8": lambda q: "int8" in q}  # spec "quantization" per variant
+SKIPPED_LISTED = 1000  # skipped images listed in a manifest (all are counted)
 
 
 # --- model versions ------------------------------------------------------------------------------
@@ -65,12 +69,29 @@ def model_version_label(model_dir: Path, image_spec: Path) -> str:
     return f"{model_dir.name}@{load_spec(image_spec).data['model_sha256'][:12]}"
 
 
+def model_code_space(model_dir: Path, image_spec: Path) -> str:
+    """The code space of a model folder's image codes: the image spec's, or for an int8 spec exported
+    before code spaces were recorded, that of the fp32 image spec beside it."""
+    space = spec_code_space(load_spec(image_spec))
+    if space is None:
+        space = spec_code_space(load_spec(find_spec(model_dir, "image", "fp32")))
+    return space
+
+
+def _check_text_space(text_spec: Path, code_space: str) -> None:
+    """Refuse a text student whose spec says it was trained into another image student's codes."""
+    theirs = load_spec(text_spec).code_space
+    if theirs is not None and theirs != code_space:
+        raise CodeSpaceError(f"text student {text_spec} has code space {theirs}, the image student beside it "
+                             f"{code_space}: the caption codes would not be comparable with the image codes")
+
+
 # --- the dataset ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Items:
-    """What gets indexed: image ids and files, and the captions with their image ids."""
+    """What gets indexed: image ids and files (and classes), and the captions with their image ids."""
 
     image_root: Path
     image_ids: list[str]
@@ -78,6 +99,18 @@ class Items:
     caption_ids: list[str]
     caption_image_ids: list[str]
     captions: list[str]
+    labels: list[str] = ()  # each image's class ("" when the dataset has none)
+
+    def without(self, positions) -> "Items":
+        """These items less the images at ``positions`` (and those images' captions)."""
+        drop = set(positions)
+        keep = [i for i in range(len(self.image_ids)) if i not in drop]
+        gone = {self.image_ids[i] for i in drop}
+        captions = [j for j, image in enumerate(self.caption_image_ids) if image not in gone]
+        labels = list(self.labels) or [""] * len(self.image_ids)
+        return Items(self.image_root, [self.image_ids[i] for i in keep], [self.image_paths[i] for i in keep],
+                     [self.caption_ids[j] for j in captions], [self.caption_image_ids[j] for j in captions],
+                     [self.captions[j] for j in captions], [labels[i] for i in keep])
 
 
 def dataset_items(data: str | Path, splits: tuple[str, ...] | None = None) -> Items:
@@ -99,7 +132,7 @@ def dataset_items(data: str | Path, splits: tuple[str, ...] | None = None) -> It
             caption_ids.append(f"{image_id}#{n}")
             caption_image_ids.append(image_id)
             captions.append(caption)
-    return Items(root, image_ids, paths, caption_ids, caption_image_ids, captions)
+    return Items(root, image_ids, paths, caption_ids, caption_image_ids, captions, [r.label or "" for r in records])
 
 
 # --- encoding in Ray tasks ---------------------------------------------------------------------------
@@ -113,14 +146,31 @@ def _encoder(spec_path: str, threads: int):
     return load_encoder(spec_path, threads)
 
 
-def _encode_batch(spec_path: str, inputs: list, threads: int = 1) -> np.ndarray:
-    """Packed codes (B, bits // 8) of a batch of image paths or texts."""
-    return _encoder(spec_path, threads).encode_packed(inputs)
+def _encode_batch(spec_path: str, inputs: list, threads: int = 1) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Packed codes (B', bits // 8) of a batch of image paths or texts, and (position, reason) of each
+    input that could not be decoded (left out of the codes, which keep the others' order)."""
+    from serving.encoders import InvalidImageError
+
+    encoder = _encoder(spec_path, threads)
+    try:
+        return encoder.encode_packed(inputs), []
+    except InvalidImageError:
+        pass  # find the bad ones: one at a time, only in a batch that has one
+    codes, bad = [], []
+    for position, item in enumerate(inputs):
+        try:
+            codes.append(encoder.encode_packed([item])[0])
+        except InvalidImageError as err:
+            bad.append((position, str(err)))
+    width = encoder.bits // 8
+    return (np.stack(codes) if codes else np.empty((0, width), np.uint8)), bad
 
 
 def encode_all(spec_path: Path, inputs: list, batch_size: int = 64, desc: str = "encoding",
-               num_cpus: float = 1) -> np.ndarray:
-    """Encode ``inputs`` in parallel Ray tasks of ``batch_size``; packed codes in input order."""
+               num_cpus: float = 1, skip_bad: bool = False) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Encode ``inputs`` in parallel Ray tasks of ``batch_size``: (packed codes of the good inputs in
+    input order, [(position, reason)] of the inputs that could not be decoded). Bad inputs are a
+    ValueError listing them unless ``skip_bad``."""
     import ray
     from tqdm import tqdm
 
@@ -129,14 +179,21 @@ def encode_all(spec_path: Path, inputs: list, batch_size: int = 64, desc: str = 
     task = ray.remote(num_cpus=num_cpus, max_retries=2)(_encode_batch)
     starts = list(range(0, len(inputs), batch_size))
     pending = {task.remote(str(spec_path), inputs[s:s + batch_size]): s for s in starts}
-    done: dict[int, np.ndarray] = {}
+    done: dict[int, tuple] = {}
     with tqdm(total=len(inputs), desc=desc, unit="item") as bar:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             start = pending.pop(ready[0])
             done[start] = ray.get(ready[0])
-            bar.update(len(done[start]))
-    return np.concatenate([done[s] for s in starts])
+            bar.update(min(batch_size, len(inputs) - start))
+    bad = [(start + position, reason) for start in starts for position, reason in done[start][1]]
+    if bad and not skip_bad:
+        listing = "; ".join(f"{inputs[i]}: {why}" for i, why in bad[:5])
+        raise ValueError(f"{desc}: {len(bad)} input(s) cannot be encoded ({listing}{' ...' if len(bad) > 5 else ''}); "
+                         f"--skip-bad-images leaves them out")
+    if len(bad) == len(inputs):
+        raise ValueError(f"{desc}: none of the {len(inputs)} inputs could be encoded (first: {inputs[0]}: {bad[0][1]})")
+    return np.concatenate([done[s][0] for s in starts]), bad
 
 
 def _ensure_ray(address: str | None) -> None:
@@ -149,56 +206,87 @@ def _ensure_ray(address: str | None) -> None:
 # --- commands ------------------------------------------------------------------------------------
 
 
+def _encode_items(image_spec: Path, items: Items, batch_size: int, skip_bad_images: bool) -> tuple[np.ndarray, Items, list]:
+    """Image codes of ``items``; bad images (undecodable, missing) raise, or with ``skip_bad_images`` are
+    left out with their captions, counted and logged: (codes, the items kept, [[path, reason], ...])."""
+    codes, bad = encode_all(image_spec, items.image_paths, batch_size, "images", skip_bad=skip_bad_images)
+    skipped = [[items.image_paths[i], why] for i, why in bad]
+    if bad:
+        log.warning("left out %d image(s) that cannot be decoded, first: %s", len(bad), skipped[0])
+        items = items.without(i for i, _ in bad)
+    return codes, items, skipped
+
+
+def _skipped(skipped: list) -> dict:
+    """The manifest's record of the images the run that wrote it left out (an add's replaces its base's)."""
+    return {"skipped_images": len(skipped), "skipped_listed": skipped[:SKIPPED_LISTED]}
+
+
 def build_indexes(model: str | Path, data: str | Path, n_shards: int, out: str, *, factory: str = "BFlat",
                   variant: str = "fp32", captions: bool = True, batch_size: int = 64,
-                  address: str | None = None, splits: tuple[str, ...] | None = None) -> dict:
-    """Encode a dataset and write index versions of ``images`` (and ``captions``) to ``out``.
+                  address: str | None = None, splits: tuple[str, ...] | None = None,
+                  skip_bad_images: bool = False) -> dict:
+    """Encode a dataset, write index versions of ``images`` (and ``captions``) to ``out`` and publish a
+    release naming them. Returns {"release": release, "images": manifest, "captions": manifest or None}.
 
-    Returns {"images": manifest, "captions": manifest or None}.
+    ``skip_bad_images``: images that cannot be decoded are left out (with their captions), counted
+    and listed in the image manifest's extra, instead of failing the build.
     """
     model_dir = resolve_model(model)
     image_spec = find_spec(model_dir, "image", variant)
+    code_space = model_code_space(model_dir, image_spec)
+    text_spec = find_spec(model_dir, "text", variant) if captions else None
+    if text_spec is not None:
+        _check_text_space(text_spec, code_space)
     items = dataset_items(data, splits)
-    extra = {"model_dir": str(model_dir), "image_spec": image_spec.name, "dataset": str(Path(data).resolve()),
-             "image_root": str(items.image_root)}
     label = model_version_label(model_dir, image_spec)
     bits = load_spec(image_spec).bits
     _ensure_ray(address)
-    codes = encode_all(image_spec, items.image_paths, batch_size, "images")
-    manifests = {"images": build_index(codes, items.image_ids, bits, n_shards, out, factory,
-                                       model_version=label, collection="images", extra=extra),
+    codes, items, skipped = _encode_items(image_spec, items, batch_size, skip_bad_images)
+    extra = {"model_dir": str(model_dir), "image_spec": image_spec.name, "dataset": str(Path(data).resolve()),
+             "image_root": str(items.image_root)}
+    common = {"model_version": label, "code_space": code_space, "image_root": str(items.image_root)}
+    manifests = {"images": build_index(codes, items.image_ids, bits, n_shards, out, factory, collection="images",
+                                       extra={**extra, **_skipped(skipped)}, **common),
                  "captions": None}
-    if captions:
-        text_spec = find_spec(model_dir, "text", variant)
-        text_codes = encode_all(text_spec, items.captions, batch_size * 4, "captions")
+    if text_spec is not None:
+        text_codes, _ = encode_all(text_spec, items.captions, batch_size * 4, "captions")
         manifests["captions"] = build_index(text_codes, items.caption_ids, bits, n_shards, out, factory,
-                                            model_version=label, collection="captions",
-                                            image_ids=items.caption_image_ids, texts=items.captions,
-                                            extra={**extra, "text_spec": text_spec.name})
-    return manifests
+                                            collection="captions", image_ids=items.caption_image_ids,
+                                            texts=items.captions, extra={**extra, "text_spec": text_spec.name},
+                                            **common)
+    return {"release": publish_release(out, manifests), **manifests}
 
 
-def add_images(data: str | Path, out: str, *, base_version: str | None = None, captions: bool = True,
-               batch_size: int = 64, address: str | None = None, splits: tuple[str, ...] | None = None) -> dict:
-    """Add a dataset's images (and captions) to the latest (or ``base_version``) index, with the model
-    the index was built with. Returns {"images": manifest, "captions": manifest or None}."""
-    base = read_manifest(out, base_version or latest_version(out, "images"), "images")
-    model_dir = Path(base["extra"]["model_dir"])
-    image_spec = model_dir / base["extra"]["image_spec"]
-    if model_version_label(model_dir, image_spec) != base["model_version"]:
-        raise ValueError(f"the model in {model_dir} is no longer the one index {base['version']} was built with "
-                         f"({base['model_version']}); build a new index")
+def add_images(data: str | Path, out: str, *, base_release: str | None = None, captions: bool = True,
+               batch_size: int = 64, address: str | None = None, splits: tuple[str, ...] | None = None,
+               skip_bad_images: bool = False) -> dict:
+    """Add a dataset's images (and captions) to the image and caption versions of release
+    ``base_release`` (default: the latest), with the model the index was built with, and publish a
+    new release (serving.index.add_release: concurrent adds to the latest all land in it). Returns
+    {"release": release, "images": manifest, "captions": manifest or None}.
+
+    The new items are referenced from their own dataset's image root. The base's caption index is
+    carried over unchanged when the captions are not added (``captions`` False).
+    """
+    base = resolve_release(out, base_release)
+    images = base["images"]
+    model_dir = Path(images["extra"]["model_dir"])
+    image_spec = model_dir / images["extra"]["image_spec"]
+    if model_version_label(model_dir, image_spec) != images["model_version"]:
+        raise ValueError(f"the model in {model_dir} is no longer the one index {images['version']} was built with "
+                         f"({images['model_version']}); build a new index")
+    check_code_space(image_spec, images)
     items = dataset_items(data, splits)
     _ensure_ray(address)
-    codes = encode_all(image_spec, items.image_paths, batch_size, "images")
-    manifests = {"images": add_to_index(out, base["version"], codes, items.image_ids, collection="images",
-                                        model_version=base["model_version"]), "captions": None}
-    if captions and items.captions:
-        caption_base = read_manifest(out, latest_version(out, "captions"), "captions")
-        text_spec = model_dir / caption_base["extra"]["text_spec"]
-        text_codes = encode_all(text_spec, items.captions, batch_size * 4, "captions")
-        manifests["captions"] = add_to_index(out, caption_base["version"], text_codes, items.caption_ids,
-                                             collection="captions", new_image_ids=items.caption_image_ids,
-                                             new_texts=items.captions if caption_base.get("has_texts") else None,
-                                             model_version=base["model_version"])
-    return manifests
+    codes, items, skipped = _encode_items(image_spec, items, batch_size, skip_bad_images)
+    additions = {"images": {"codes": codes, "ids": items.image_ids}}
+    if captions and "captions" in base and items.captions:
+        text_spec = model_dir / base["captions"]["extra"]["text_spec"]
+        check_code_space(text_spec, base["captions"])
+        text_codes, _ = encode_all(text_spec, items.captions, batch_size * 4, "captions")
+        additions["captions"] = {"codes": text_codes, "ids": items.caption_ids, "image_ids": items.caption_image_ids,
+                                 "texts": items.captions}
+    return add_release(out, additions, base_release=base["release"] if base_release else None,
+                       model_version=images["model_version"], code_space=images.get("code_space"),
+                       image_root=str(items.image_root), extra=_skipped(skipped))

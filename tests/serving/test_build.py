@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ pytest.importorskip("onnxruntime")
 from cluster.cli import main  # noqa: E402
 from serving.build import add_images, dataset_items, find_spec, model_version_label  # noqa: E402
 from serving.encoders import load_encoder  # noqa: E402
-from serving.index import load_index, read_manifest, stable_shard  # noqa: E402
+from serving.index import (ImageRefs, load_index, read_manifest, read_release, resolve_release,  # noqa: E402
+                           stable_shard, verify_release)
+from serving.spec import code_space_id, load_spec  # noqa: E402
 from tests.serving.conftest import SHARDS  # noqa: E402
 
 
@@ -70,7 +73,7 @@ def test_add_extends_the_index_without_rebuilding_other_shards(local_ray, mlflow
     assert run.data.metrics["images_encoded"] == 105 and run.data.metrics["images_rows"] == base["rows"] == 105
     assert run.data.metrics["energy_kwh"] > 0 and "energy_kwh_per_1k_images" in run.data.metrics
     assert run.data.params["shards"] == "4" and run.data.params["model"] == str(model_dir)
-    assert run.data.tags["index.images.version"] == "v0001"
+    assert run.data.tags["index.images.version"] == "v0001" and run.data.tags["index.release"] == "r0001"
     assert run.data.tags["model_version"] == base["model_version"] and run.data.tags["energy.source"]
     [artifact] = client.list_artifacts(run.info.run_id)
     assert artifact.path == "manifests.json"
@@ -99,3 +102,77 @@ def test_verify_command_reports_a_corrupted_shard(built_index, tmp_path, capsys)
     assert main(["index", "verify", str(root), "--collections", "images"]) == 1
     out = capsys.readouterr().out
     assert "shard-00001" in out and "checksum mismatch" in out
+
+
+def test_build_records_the_code_space_in_manifests_and_release(built_index, model_dir):
+    expected = code_space_id(load_spec(find_spec(model_dir, "image")).data)
+    assert built_index["images"]["code_space"] == built_index["captions"]["code_space"] == expected
+    release = read_release(built_index["root"], built_index["release"]["release"])
+    assert release["code_space"] == expected and release["collections"]["captions"]["version"] == \
+        built_index["captions"]["version"]
+    assert verify_release(built_index["root"]).ok
+
+
+def synthetic_dataset(folder, n: int, seed: int, name: str = "new"):
+    """New imagery outside the first dataset's folder: random JPEGs with captions."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    entries = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "images" / f"{name}{i}.jpg")
+        entries.append({"filename": f"{name}{i}.jpg", "filepath": "images", "split": "test", "class": "new",
+                        "sentences": [{"raw": f"a new scene number {i}"}, {"raw": "something new"}]})
+    (folder / "dataset_new.json").write_text(json.dumps({"dataset": name, "images": entries}))
+    return folder
+
+
+def test_add_to_a_named_release_uses_its_versions_and_the_new_datas_image_root(local_ray, model_dir, ucm_many,
+                                                                               tmp_path):
+    first, _ = _halves(ucm_many, tmp_path)
+    root = str(tmp_path / "root")
+    assert main(["index", "build", "--model", str(model_dir), "--data", str(first), "--shards", "3",
+                 "--out", root, "--no-track"]) == 0
+    newer = synthetic_dataset(tmp_path / "newer", 2, seed=1, name="newer")
+    assert main(["index", "add", "--data", str(newer), "--out", root, "--no-track"]) == 0  # r0002: v0002 both
+    other = synthetic_dataset(tmp_path / "other", 3, seed=2, name="other")
+    assert main(["index", "add", "--base", "r0001", "--data", str(other), "--out", root, "--no-track"]) == 0
+    served = resolve_release(root)
+    assert served["release"] == "r0003" and read_release(root, "r0003")["base_release"] == "r0001"
+    images, captions = served["images"], served["captions"]
+    assert images["base_version"] == "v0001" and captions["base_version"] == "v0001"  # not the latest, v0002
+    assert images["rows"] == 105 + 3 and captions["rows"] == 105 * 5 + 3 * 2
+    # The added images are found where they are, not under the first dataset's folder.
+    refs, index = ImageRefs(images), load_index(root)
+    for row in range(105, 108):
+        image_id = index.ids([row])[0]
+        assert image_id.startswith("images/other") and Path(refs(row, image_id)).is_file(), refs(row, image_id)
+    assert Path(refs(0, index.ids([0])[0])).is_file()
+    caption_refs, caption_index = ImageRefs(captions), load_index(root, collection="captions")
+    last = captions["rows"] - 1
+    assert Path(caption_refs(last, caption_index.image_ids([last])[0])).is_file()
+    assert main(["index", "verify", root, "--release", "r0003"]) == 0
+
+
+def test_bad_images_stop_a_build_unless_skipped(local_ray, model_dir, tmp_path, capsys):
+    data = synthetic_dataset(tmp_path / "data", 4, seed=3)
+    (data / "images" / "new1.jpg").write_bytes(b"not a jpeg")
+    root = str(tmp_path / "root")
+    command = ["index", "build", "--model", str(model_dir), "--data", str(data), "--shards", "2", "--out", root,
+               "--no-track"]
+    assert main(command) == 2
+    assert "1 input(s) cannot be encoded" in capsys.readouterr().err and "new1.jpg" not in str(list(Path(root).rglob("*")))
+    assert main([*command, "--skip-bad-images"]) == 0
+    assert "left out 1 image(s)" in capsys.readouterr().out
+    served = resolve_release(root)
+    assert served["images"]["rows"] == 3 and served["captions"]["rows"] == 6  # its captions left out too
+    assert served["images"]["extra"]["skipped_images"] == 1
+    assert served["images"]["extra"]["skipped_listed"][0][0].endswith("new1.jpg")
+
+
+def test_options_that_do_not_apply_to_index_builds_are_not_accepted(capsys):
+    for option in (["--device", "cpu"], ["--cache-dir", "x"], ["--no-cache"]):
+        with pytest.raises(SystemExit):
+            main(["index", "build", "--model", "m", "--shards", "1", "--out", "o", *option])
+        assert "unrecognized arguments" in capsys.readouterr().err
