@@ -156,8 +156,20 @@ def stop_group(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """A local Ray with 4 logical CPUs (tests reserve fractions of them), shared by the test session."""
+    """A local Ray with 4 logical CPUs (tests reserve fractions of them), shared by the test session.
+
+    Its node exports metrics (Prometheus text) on a free port, reported every second: ``ray_metrics_url``.
+    """
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_url(local_ray) -> str:
+    """The local Ray node's metrics endpoint, as a Prometheus job would scrape it."""
+    node = local_ray._private.worker._global_node
+    return f"http://127.0.0.1:{node.metrics_export_port}/metrics"

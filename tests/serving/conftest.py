@@ -54,7 +54,7 @@ def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
 
 
 @pytest.fixture(scope="module")
-def serve_app(local_ray, built_index):
+def serve_app(local_ray, built_index, tmp_path_factory):
     """The app on the session's local Ray, over HTTP on a free loopback port; yields its base URL."""
     from ray import serve
 
@@ -64,7 +64,8 @@ def serve_app(local_ray, built_index):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeSettings(index=str(built_index["root"]), shard_replicas=1, spread_shards=False, shards_per_replica=3,
                              shard_num_cpus=0.05, encoder_num_cpus=0.1, router_num_cpus=0.05,
-                             max_upload_bytes=200_000, max_image_pixels=1_000_000, max_query_chars=200, max_k=50)
+                             max_upload_bytes=200_000, max_image_pixels=1_000_000, max_query_chars=200, max_k=50,
+                             shard_cache_dir=str(tmp_path_factory.mktemp("shard_cache")))
     serve.run(build_app(settings), name="terrahash", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/v1/readyz")

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +21,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ray.serve")
 
-from serving.app import ServeSettings, _groups, asymmetric_rerank, fuse, shards_per_replica  # noqa: E402
+from serving.app import ServeSettings, _groups, shards_per_replica  # noqa: E402
+from serving.ranking import asymmetric_rerank, fuse  # noqa: E402
 from serving.build import dataset_items, find_spec  # noqa: E402
 from serving.encoders import load_encoder  # noqa: E402
 from serving.index import Shard, load_index  # noqa: E402
@@ -148,10 +150,13 @@ def test_asymmetric_rerank_and_fusion_order():
     hits = [{"row": r, "code": codes[r], "distance": 0} for r in range(3)]
     query = np.array([0.9] * 4 + [-0.1] * 4, dtype=np.float32)
     assert [h["row"] for h in asymmetric_rerank(query, hits, 8)] == [2, 0, 1]
-    images = [{"image_id": "a", "score": 0.9, "distance": 1}, {"image_id": "b", "score": 0.5, "distance": 4}]
-    captions = [{"image_id": "b", "score": 1.0}, {"image_id": "c", "score": 0.8}]
-    assert [h["id"] for h in fuse(images, captions, 8, "max", "")] == ["b", "a", "c"]
-    assert [h["id"] for h in fuse(images, captions, 8, "average", "")] == ["a", "b", "c"]
+    images = [{"image_id": "a", "score": 0.9, "distance": 1, "image": "/x/a"},
+              {"image_id": "b", "score": 0.5, "distance": 4, "image": "/x/b"}]
+    captions = [{"image_id": "b", "score": 1.0, "image": "/x/b"}, {"image_id": "c", "score": 0.8, "image": "/y/c"}]
+    fused = fuse(images, captions, 8, "max")
+    assert [h["id"] for h in fused] == ["b", "a", "c"]
+    assert [h["image"] for h in fused] == ["/x/b", "/x/a", "/y/c"]  # a caption-only image keeps its own root
+    assert [h["id"] for h in fuse(images, captions, 8, "average")] == ["a", "b", "c"]
 
 
 def _png(width: int, height: int) -> bytes:
@@ -211,15 +216,30 @@ def test_bad_input_gets_clear_4xx_json_and_disturbs_no_one(serve_app, reference)
     assert status == 404 and body["error"]["code"] == "unknown_id"
 
 
-def test_health_readiness_metrics_and_docs(serve_app):
+def test_health_readiness_metrics_and_docs(serve_app, ray_metrics_url):
     assert call(f"{serve_app}/v1/healthz") == (200, {"status": "ok"})
     status, body = call(f"{serve_app}/v1/readyz")
     assert status == 200 and body["ready"] and len(body["shards"]) == 6
-    status, text = call(f"{serve_app}/metrics")
-    assert status == 200 and 'terrahash_requests_total{endpoint="text",status="200"}' in text
+    assert all(s["ready_replicas"] == 1 for s in body["shards"]) and not body["degraded"]
+    assert {r["deployment"] for r in body["replicas"]} == {"images-shard-00000-00002", "captions-shard-00000-00002"}
     status, schema = call(f"{serve_app}/openapi.json")
     assert status == 200 and {"/v1/search/text", "/v1/search/image", "/v1/captions", "/v1/readyz"} <= set(schema["paths"])
+    text_body = schema["paths"]["/v1/search/text"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"query", "k", "rerank", "fusion"} <= set(text_body["properties"]) and text_body["required"] == ["query"]
+    assert "multipart/form-data" in schema["paths"]["/v1/search/image"]["post"]["requestBody"]["content"]
     assert call(f"{serve_app}/docs")[0] == 200
+    # Request counts by status live in Ray's metrics (summed over router replicas by a scrape of each node).
+    assert post_json(f"{serve_app}/v1/search/text", {"query": "a", "k": "²"})[0] == 422
+    assert call(f"{serve_app}/v1/no/such/path")[0] == 404
+    wanted = ('terrahash_requests_total{', 'endpoint="text"', 'status="422"')
+    deadline = time.monotonic() + 30
+    while True:
+        lines = [line for line in call(ray_metrics_url)[1].splitlines() if line.startswith("ray_terrahash_requests")]
+        if any(all(w in line for w in wanted) for line in lines) and any('status="404"' in line for line in lines):
+            break
+        assert time.monotonic() < deadline, lines
+        time.sleep(1)
+    assert call(f"{serve_app}/metrics")[0] == 404  # no per-replica registry that a scrape would see at random
 
 
 def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index):
@@ -242,7 +262,7 @@ def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index):
         assert status == 200 and body["results"] == in_router["results"]
     finally:
         serve.run(build_app(ServeSettings(**settings, max_k=50)), name="terrahash", route_prefix="/")
-    with pytest.raises(ValueError, match="unknown serve settings"):
+    with pytest.raises(ValueError, match="max_kk: unknown key"):
         ServeSettings.from_dict({"index": "x", "max_kk": 3})
 
 
@@ -332,7 +352,7 @@ def test_the_shipped_serve_config_is_valid():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import check_hot_settings
+    from serving.settings import check_hot_settings
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((Path(__file__).parents[2] / "serving" / "deploy.yaml")
                                                              .read_text()))

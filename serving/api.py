@@ -1,0 +1,269 @@
+"""HTTP request handling for the router: errors as JSON, declared bodies, size-limited reads, image decoding.
+
+Every answer other than 200 is ``{"error": {"code", "message"}}`` (plus ``request_id`` for a 500).
+Bodies are read with a size limit before anything parses them; JSON bodies are then validated by the
+pydantic models below, which are also what ``/openapi.json`` declares (``openapi_extra`` of each route).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from concurrent.futures import Executor
+from typing import Literal
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+# Formats an upload may be in. Pillow is never asked to open anything else (EPS, for one, runs Ghostscript).
+IMAGE_FORMATS = ("JPEG", "PNG", "TIFF", "WEBP")
+
+
+class ApiError(Exception):
+    """An answer other than 200: HTTP status, a stable machine code and a message for people."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str, request_id: str | None = None) -> JSONResponse:
+    error = {"code": code, "message": message, **({"request_id": request_id} if request_id else {})}
+    return JSONResponse({"error": error}, status_code=status)
+
+
+# --- declared bodies (the OpenAPI schema of each endpoint) -------------------------------------------
+
+_BODY = ConfigDict(extra="forbid")
+K = Field(None, ge=1, description="results wanted (1 to the deployment's max_k; default its default_k)")
+
+
+class TextSearch(BaseModel):
+    """POST /v1/search/text"""
+
+    model_config = _BODY
+    query: str = Field(description="the text to search for (at most max_query_chars characters)")
+    k: StrictInt | None = K
+    rerank: Literal["none", "asymmetric", "fusion"] | None = None
+    fusion: Literal["average", "max"] | None = None
+
+
+class ImageSearch(BaseModel):
+    """POST /v1/search/image with a JSON body"""
+
+    model_config = _BODY
+    image_base64: str = Field(description="the image file (JPEG, PNG, TIFF or WebP), base64-encoded")
+    k: StrictInt | None = K
+    rerank: Literal["none", "asymmetric", "fusion"] | None = None
+    fusion: Literal["average", "max"] | None = None
+
+
+class CaptionSearch(BaseModel):
+    """POST /v1/captions with a JSON body: an indexed image's id, or an image file."""
+
+    model_config = _BODY
+    image_id: str | None = Field(None, description="id of an indexed image")
+    image_base64: str | None = Field(None, description="an image file, base64-encoded (when no image_id)")
+    k: StrictInt | None = K
+
+
+def _form_schema(fields: dict) -> dict:
+    return {"type": "object", "required": ["image"],
+            "properties": {"image": {"type": "string", "format": "binary"}, **fields}}
+
+
+_OPTIONS = {"k": {"type": "string", "pattern": "^[0-9]+$"},
+            "rerank": {"type": "string", "enum": ["none", "asymmetric", "fusion"]},
+            "fusion": {"type": "string", "enum": ["average", "max"]}}
+
+
+def openapi_body(model: type[BaseModel], form_fields: dict | None = None) -> dict:
+    """``openapi_extra`` declaring a JSON body of ``model`` (and, with ``form_fields``, an image upload)."""
+    content = {"application/json": {"schema": model.model_json_schema()}}
+    if form_fields is not None:
+        content["multipart/form-data"] = {"schema": _form_schema(form_fields)}
+        content["image/*"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+TEXT_BODY = openapi_body(TextSearch)
+IMAGE_BODY = openapi_body(ImageSearch, _OPTIONS)
+CAPTION_BODY = openapi_body(CaptionSearch, {"k": _OPTIONS["k"]})
+
+_FIELD_CODES = {"k": "k_out_of_range", "query": "invalid_query", "rerank": "invalid_rerank",
+                "fusion": "invalid_fusion", "image_base64": "invalid_image", "image_id": "invalid_image_id"}
+
+
+def parse_body(model: type[BaseModel], payload) -> BaseModel:
+    """A JSON value checked against ``model``; 422 naming the first bad field (or 400 if not an object)."""
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        if first["type"] == "extra_forbidden":
+            raise ApiError(422, "unknown_field", f"unknown field {field!r}; known: {sorted(model.model_fields)}") from None
+        if first["type"] == "missing":
+            code = "missing_image" if field == "image_base64" else f"missing_{field}"
+            raise ApiError(422, code, f"the body needs {field!r}") from None
+        raise ApiError(422, _FIELD_CODES.get(field, "invalid_request"), f"{field}: {first['msg']}") from None
+
+
+# --- checks on values (limits are hot settings, so they are checked here, not in the models) -----------
+
+
+def parse_k(value, config: dict) -> int:
+    """k from a JSON int or a form/query string of ASCII digits; 422 outside 1..max_k."""
+    if value is None:
+        return config["default_k"]
+    if isinstance(value, str) and value.isascii() and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(422, "k_out_of_range", f"k must be an integer from 1 to {config['max_k']}, got {value!r}")
+    if not 1 <= value <= config["max_k"]:
+        raise ApiError(422, "k_out_of_range", f"k must be from 1 to {config['max_k']}, got {value}")
+    return value
+
+
+def parse_choice(value, choices, default, name):
+    if value is None:
+        return default
+    if value not in choices:
+        raise ApiError(422, f"invalid_{name}", f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_query(query: str, config: dict) -> str:
+    if not query.strip():
+        raise ApiError(422, "empty_query", "query is empty or only whitespace")
+    if len(query) > config["max_query_chars"]:
+        raise ApiError(422, "query_too_long", f"query has {len(query)} characters; the limit is "
+                                              f"{config['max_query_chars']}")
+    return query
+
+
+# --- reading bodies --------------------------------------------------------------------------------
+
+
+def require_content_type(request: Request, accepted: tuple[str, ...]) -> str:
+    """The accepted prefix the request's content type starts with, else 415."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    for prefix in accepted:
+        if content_type.startswith(prefix):
+            return prefix
+    raise ApiError(415, "unsupported_media_type",
+                   f"content type {content_type or 'none'!r} is not accepted here; use one of {list(accepted)}")
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (the declared length first)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "payload_too_large", f"the body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "payload_too_large", f"the body passed the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int):
+    """The JSON value of a size-limited ``application/json`` body; 400 if it does not parse."""
+    require_content_type(request, ("application/json",))
+    body = await read_limited(request, limit)
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the JSON body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from None
+
+
+def check_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise ApiError(413, "payload_too_large", f"the image is {size} bytes; the limit is {limit}")
+
+
+def base64_limit(limit: int) -> int:
+    return limit * 4 // 3 + 4096  # base64 grows data by 4/3; room for the other fields
+
+
+def decode_base64(text: str | None, limit: int) -> bytes:
+    if not text:
+        raise ApiError(422, "missing_image", 'the JSON body needs "image_base64" (or "image_id" for captions)')
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ApiError(422, "invalid_image", f"image_base64 is not valid base64: {err}") from None
+    check_size(len(data), limit)
+    return data
+
+
+async def image_upload(request: Request, limit: int, model: type[BaseModel]) -> tuple[bytes | None, dict]:
+    """(image bytes, other parameters) from a multipart form, JSON (``model``, base64 image), or a raw image
+    body. JSON bodies come back as the model's fields, with bytes None when there is no ``image_base64``."""
+    kind = require_content_type(request, ("multipart/form-data", "application/json", "image/"))
+    if kind == "application/json":
+        body = parse_body(model, await read_json(request, base64_limit(limit)))
+        params = body.model_dump()
+        if params.get("image_base64") is None and params.get("image_id") is not None:
+            return None, params
+        return decode_base64(params.get("image_base64"), limit), params
+    body = await read_limited(request, limit + 64 * 1024)  # room for the form's own fields
+    if kind == "image/":
+        check_size(len(body), limit)
+        return body, dict(request.query_params)
+    request._body = body  # starlette parses the form from the body already read (and size-checked)
+    try:
+        form = await request.form()
+    except Exception as err:  # malformed multipart
+        raise ApiError(400, "invalid_form", f"cannot parse the multipart form: {err}") from None
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(422, "missing_image", 'the form needs a file field named "image"')
+    data = await upload.read()
+    check_size(len(data), limit)
+    return data, {k: v for k, v in form.items() if k != "image"}
+
+
+# --- decoding images (off the event loop) ------------------------------------------------------------
+
+
+def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+    """Uploaded bytes -> RGB uint8 (size, size, 3), refusing bombs before decoding and broken data after.
+
+    Only ``IMAGE_FORMATS`` are opened. Blocking (CPU-bound): call it through ``decode_in_pool``.
+    """
+    from serving.encoders import decode_and_resize
+
+    if not data:
+        raise ApiError(422, "invalid_image", "the image is empty")
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:  # reads the header only
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ApiError(413, "image_too_large", f"image is {width}x{height} = {width * height} pixels; the "
+                                                       f"limit is {max_pixels} (decompression-bomb guard)")
+            return decode_and_resize(image, size)  # decodes fully: truncated data fails here
+    except ApiError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ApiError(413, "image_too_large", f"image refused as a decompression bomb: {err}") from None
+    except Exception as err:  # PIL raises many kinds for data that is not an image, or a broken one
+        raise ApiError(422, "invalid_image", f"cannot decode the image as one of {'/'.join(IMAGE_FORMATS)}: "
+                                             f"{err}") from None
+
+
+async def decode_in_pool(pool: Executor, data: bytes, size: int, max_pixels: int) -> np.ndarray:
+    """``decode_image`` in ``pool`` (bounded threads), so the event loop keeps serving other requests."""
+    import asyncio
+
+    return await asyncio.get_running_loop().run_in_executor(pool, decode_image, data, size, max_pixels)

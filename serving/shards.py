@@ -1,0 +1,228 @@
+"""Shard replicas: node-local verified copies of index shards, exact search over them, and their health.
+
+A ``ShardServer`` replica serves a group of shards of one index version. It fetches each shard's files
+from the artifact root into a node-local cache (``<cache_dir>/<node id>/...``) and checks them against
+the source's manifest there. Three outcomes, each reported to ``ShardReports`` with the reason:
+
+* every copy verifies: the replica is ready and healthy;
+* a copy that was already in the cache fails its check (the node's disk copy went bad): the copy is
+  dropped and the replica fails its health check, so Serve replaces it with one that fetches afresh;
+  meanwhile the router retries its calls (``ShardNotReady``) on the group's other replicas;
+* a copy just fetched from the source fails: the source itself is bad, a restart would fail the same
+  way, so the replica stays up, healthy and unready, and says why.
+
+``ShardReports`` (one small replica) keeps each shard replica's latest report and the reasons of recent
+replacements; the router's ``/v1/readyz`` reads it, so readiness covers every replica, not one at random.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from ray import serve
+
+from cluster.artifacts import LocalRoot
+from serving.index import ShardIntegrityError, load_shard, merge_topk, read_manifest
+
+log = logging.getLogger("ray.serve")  # Serve writes this logger to each replica's log file
+
+REPORT_TTL_PERIODS = 3  # a replica silent for this many health periods is gone from readiness
+HISTORY_S = 600.0  # how long readiness remembers why a replica was replaced
+REPORT_TIMEOUT_S = 5.0
+
+
+class ShardNotReady(RuntimeError):
+    """A shard replica that holds no verified copy of its shards: it answers no searches."""
+
+
+def fetch_to_cache(source, cache: Path, collection: str, version: str, name: str):
+    """Copy one shard's files and the source's manifest into ``cache`` (files already there are kept);
+    the list of keys fetched now. The manifest is always the source's, so checks are against it."""
+    manifest = read_manifest(source, version, collection)
+    local = LocalRoot(cache)
+    prefix = f"index/{collection}"
+    local.write_bytes(f"{prefix}/{version}/manifest.json", source.read_bytes(f"{prefix}/{version}/manifest.json"))
+    entry = next((e for e in manifest["shards"] if e["name"] == name), None)
+    fetched = []
+    for info in (entry or {}).get("files", {}).values():
+        key = f"{prefix}/{info['path']}"
+        if not (cache / key).exists():
+            local.write_bytes(key, source.read_bytes(key))  # written to a temporary name, then renamed
+            fetched.append(key)
+    return fetched
+
+
+def cache_folder(cache_dir: str | os.PathLike, node: str, source_uri: str) -> Path:
+    """Where a node keeps its copies of one artifact root's shards: ``<cache_dir>/<node>/<source hash>``."""
+    return Path(cache_dir) / node / hashlib.sha256(source_uri.encode()).hexdigest()[:16]
+
+
+async def _result(response):
+    return await response
+
+
+def drop_cached(cache: Path, collection: str, version: str, name: str) -> None:
+    for path in (cache / "index" / collection / version).glob(f"{name}.*"):
+        path.unlink(missing_ok=True)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=256)
+class ShardReports:
+    """Latest report of every shard replica, and why recent ones were replaced (for ``/v1/readyz``)."""
+
+    def __init__(self):
+        self.reports: dict[str, dict] = {}
+        self.replaced: list[dict] = []
+
+    def report(self, report: dict) -> None:
+        self.reports[report["replica"]] = {**report, "updated": time.time()}
+
+    def snapshot(self) -> dict:
+        """{"replicas": [current reports], "replaced": [recent replacements]}, each sorted."""
+        now = time.time()
+        for replica, report in list(self.reports.items()):
+            if now - report["updated"] > REPORT_TTL_PERIODS * report["period_s"] + 5:
+                del self.reports[replica]
+                if not report["healthy"]:
+                    self.replaced.append({**report, "replaced": now})
+        self.replaced = [r for r in self.replaced if now - r["replaced"] < HISTORY_S]
+        return {"replicas": sorted(self.reports.values(), key=lambda r: (r["deployment"], r["replica"])),
+                "replaced": sorted(self.replaced, key=lambda r: r["replaced"])}
+
+
+@serve.deployment(max_ongoing_requests=32, health_check_timeout_s=10)
+class ShardServer:
+    """A group of shards of one index version (one shard by default), searched exactly (ties by row).
+
+    Each shard is a serving.index.Shard; a group searches its shards side by side in threads (faiss
+    releases the GIL) and answers its own top-k, merged as the router merges groups, so one call
+    serves several shards. Grouping trades spreading for fewer calls per query: on one node, one
+    group of every shard saves a Serve round trip per extra shard.
+    """
+
+    async def __init__(self, root: str, collection: str, version: str, shard_names: list[str], reports=None,
+                       threads: int = 1, cache_dir: str | None = None, period_s: float = 2.0):
+        import faiss
+
+        from cluster.artifacts import open_root
+
+        faiss.omp_set_num_threads(threads)
+        self.reports, self.period_s = reports, period_s
+        self.replica, self.deployment, self.node = _whereabouts()
+        self.labels = [f"{collection}/{version}/{name}" for name in shard_names]
+        self.shards, self.problems, self.healthy = [], {}, True
+        source = open_root(root)
+        cache = cache_folder(cache_dir, self.node, source.uri) if cache_dir else None
+        for name, label in zip(shard_names, self.labels):
+            try:
+                self.shards.append(self._load(source, cache, collection, version, name))
+            except ShardIntegrityError as err:
+                self.problems[label] = str(err)
+                log.error("refusing shard %s: %s", label, err)
+        if not self.problems:
+            self.id_position = {name: (s, i) for s, shard in enumerate(self.shards)
+                                for i, name in enumerate(shard.ids.tolist())}
+            log.info("shards %s loaded: %s rows", "+".join(self.labels), [len(shard) for shard in self.shards])
+        self.pool = None
+        if len(shard_names) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=len(shard_names), thread_name_prefix="shard")
+        await self._report()
+
+    def _load(self, source, cache: Path | None, collection: str, version: str, name: str):
+        """The verified shard: read from the source, or through the node-local ``cache``."""
+        if cache is None:
+            return load_shard(source, version, name, collection)
+        fetched = fetch_to_cache(source, cache, collection, version, name)
+        try:
+            return load_shard(LocalRoot(cache), version, name, collection)
+        except ShardIntegrityError as err:
+            if not fetched:  # an old local copy went bad: drop it, and have Serve replace this replica
+                drop_cached(cache, collection, version, name)
+                self.healthy = False
+                raise ShardIntegrityError(name, f"node-local copy at {cache} failed its check ({err}); "
+                                                "dropped it, this replica will be replaced") from None
+            raise ShardIntegrityError(name, f"the source copy is bad ({err})") from None
+
+    async def check_health(self) -> None:
+        """Serve's health check: reports to ShardReports, and fails while the node-local copy is bad."""
+        await self._report()
+        if not self.healthy:
+            raise RuntimeError("; ".join(self.problems.values()))
+
+    async def _report(self) -> None:
+        if self.reports is None:
+            return
+        report = {"replica": self.replica, "deployment": self.deployment, "node": self.node,
+                  "healthy": self.healthy, "period_s": self.period_s, "shards": self.ready()}
+        try:
+            await asyncio.wait_for(_result(self.reports.report.remote(report)), REPORT_TIMEOUT_S)
+        except Exception as err:  # readiness reporting must never fail the replica itself
+            log.warning("could not report readiness: %s", err)
+
+    def ready(self) -> list[dict]:
+        """One {"shard", "ready", "rows", "problem"} per shard of the group (rows 0 while not serving)."""
+        rows = [len(shard) for shard in self.shards] if not self.problems else [0] * len(self.labels)
+        return [{"shard": label, "ready": label not in self.problems, "rows": n, "problem": self.problems.get(label)}
+                for label, n in zip(self.labels, rows)]
+
+    def search(self, queries: np.ndarray, k: int, with_codes: bool = False) -> dict:
+        """Top-k of packed ``queries`` (Q, bytes) over the group: distances, rows, ids, image ids (and
+        codes), each (Q, k), ordered by (distance, row)."""
+        shards = self._loaded()
+        per_shard = ([shards[0].search(queries, k)] if self.pool is None  # (distances, rows) (Q, k) each
+                     else list(self.pool.map(lambda shard: shard.search(queries, k), shards)))
+        distances, rows = per_shard[0] if len(per_shard) == 1 else merge_topk(per_shard, k)
+        ids = np.full(rows.shape, "", dtype=object)
+        image_ids = np.full(rows.shape, "", dtype=object)
+        texts = np.full(rows.shape, "", dtype=object) if shards[0].texts is not None else None
+        codes = np.zeros(rows.shape + (shards[0].codes.shape[1],), np.uint8) if with_codes else None
+        for shard in shards:
+            positions = shard.positions(rows)  # -1 where the row is another shard's, or padding
+            found = positions >= 0
+            take = positions[found]
+            ids[found], image_ids[found] = shard.ids[take], shard.image_ids[take]
+            if texts is not None:
+                texts[found] = shard.texts[take]
+            if with_codes:
+                codes[found] = shard.codes[take]  # padded places hold a zero code
+        out = {"distances": distances, "rows": rows, "ids": ids, "image_ids": image_ids}
+        if texts is not None:
+            out["texts"] = texts
+        if with_codes:
+            out["codes"] = codes
+        return out
+
+    def code_of(self, item_id: str):
+        """The packed code (bytes,) of an indexed id, or None if this group does not hold it."""
+        shards = self._loaded()
+        where = self.id_position.get(item_id)
+        return None if where is None else shards[where[0]].codes[where[1]]
+
+    def _loaded(self) -> list:
+        if self.problems:
+            raise ShardNotReady(f"replica {self.replica} on node {self.node[:12]}: " +
+                                "; ".join(f"shard {label} is not serving: {problem}"
+                                          for label, problem in self.problems.items()))
+        return self.shards
+
+
+def _whereabouts() -> tuple[str, str, str]:
+    """(replica id, deployment, node id); placeholders in Serve's local testing mode (no replicas, no Ray)."""
+    import ray
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        context = serve.get_replica_context()
+        replica, deployment = context.replica_id.unique_id, context.deployment
+    except RayServeException:
+        replica, deployment = "local", "local"
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    return replica, deployment, node
+
