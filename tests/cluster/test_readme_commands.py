@@ -1,0 +1,107 @@
+"""The `terrahash index ...` and `terrahash serve ...` commands as README.md and serving/README.md write them,
+run on tiny data (only paths, a free port and --exit for serve, --no-track for index jobs are changed)."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from cluster.cli import main  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_commands(path: Path) -> list[str]:
+    """Every `terrahash index|serve` command of a Markdown file: lines of its bash blocks (with their
+    continuations, comments cut) and inline code spans (optional [...] parts left out)."""
+    text = path.read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if re.match(r"terrahash (index|serve)\b", line):
+                commands.append(" ".join(line.split()))
+    for span in re.findall(r"`(terrahash (?:index|serve)\b[^`]*)`", text):
+        words = re.sub(r"\[[^\]]*\]", "", span).split()
+        if "|" not in span and len(words) > (3 if words[1] == "index" else 2):  # a command, not its name
+            commands.append(" ".join(words))
+    return commands
+
+
+def new_imagery(folder: Path, n: int = 3) -> Path:
+    """A dataset of new images (random JPEGs with captions) for `index add`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    entries = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "images" / f"added{i}.jpg")
+        entries.append({"filename": f"added{i}.jpg", "filepath": "images", "split": "test", "class": "added",
+                        "sentences": [{"raw": f"a newly added scene {i}"}]})
+    (folder / "dataset_added.json").write_text(json.dumps({"dataset": "added", "images": entries}))
+    return folder
+
+
+def localize(command: str, places: dict) -> list[str]:
+    """The README command with its paths and placeholders replaced by this test's."""
+    words = shlex.split(command)[1:]  # without "terrahash"
+    out = []
+    for i, word in enumerate(words):
+        flag = words[i - 1] if i else ""
+        if flag == "--model":
+            word = places["model"]
+        elif flag == "--data":
+            word = places["added" if words[:2] == ["index", "add"] else "data"]
+        elif flag in ("--out", "--index") or (flag in ("verify", "release") and words[0] == "index"):
+            word = places["root"]
+        elif flag == "--shards" and word == "N":
+            word = "3"
+        out.append(word)
+    if out[:2] in (["index", "build"], ["index", "add"]):
+        out.append("--no-track")  # tracking has its own test (tests/serving/test_build.py)
+        if out[:2] == ["index", "build"] and "--data" not in out:
+            out += ["--data", places["data"]]  # the README's default is the full dataset
+    if out[0] == "serve":
+        out += ["--exit", "--port", str(places["port"])]
+    return out
+
+
+@pytest.fixture
+def places(model_dir, subset, tmp_path):
+    return {"model": str(model_dir), "data": str(subset), "added": str(new_imagery(tmp_path / "added")),
+            "root": str(tmp_path / "index-root"), "port": free_port()}
+
+
+def test_readmes_show_the_index_and_serve_commands():
+    commands = readme_commands(REPO / "README.md") + readme_commands(REPO / "serving" / "README.md")
+    for needed in ("terrahash index build", "terrahash index add", "terrahash index verify", "terrahash index release",
+                   "terrahash serve --index"):
+        assert any(c.startswith(needed) for c in commands), (needed, commands)
+    assert any(c.startswith("terrahash serve") and "--data" not in c for c in commands)
+
+
+def test_every_readme_index_and_serve_command_runs(local_ray, places, capsys):
+    commands = readme_commands(REPO / "README.md") + readme_commands(REPO / "serving" / "README.md")
+    order = ["index build", "index add", "index release", "index verify", "serve"]
+    commands = sorted(commands, key=lambda c: next(i for i, o in enumerate(order) if o in c))
+    runs = list(dict.fromkeys(tuple(localize(c, places)) for c in commands))  # the same once localized: once
+    for argv in map(list, runs):
+        assert main(argv) == 0, (argv, capsys.readouterr())
+        out = capsys.readouterr().out
+        if argv[:2] in (["index", "build"], ["index", "add"], ["index", "release"]):
+            assert re.search(r"release r\d{4} in ", out), out
+        if argv[:2] == ["index", "verify"]:
+            assert "all good" in out, out
+        if argv[0] == "serve" and "--query" in argv:
+            assert "query: " in out and "  1. " in out and "classes: " in out, out  # classes without --data
+    assert {tuple(a[:2]) for a in runs} >= {("index", "build"), ("index", "add"), ("index", "verify"),
+                                            ("index", "release"), ("serve", "--index")}
+    assert any(a[0] == "serve" and "--query" in a and "--data" not in a for a in runs)
