@@ -107,7 +107,7 @@ def _verify(args: argparse.Namespace) -> int:
     from serving.index import latest_version, list_releases, list_versions, verify_index, verify_release
 
     if args.version is None and (args.release or list_releases(args.index)):
-        report = verify_release(args.index, args.release)
+        report = verify_release(args.index, args.release, args.collections)
         print(report)
         return 0 if report.ok else 1
     if args.version is None:
@@ -315,7 +315,8 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     verify.add_argument("index", metavar="URI", help="artifact root holding the index")
     verify.add_argument("--release", help="release to check (default: the latest)")
     verify.add_argument("--version", help="check this version of each of --collections instead of a release")
-    verify.add_argument("--collections", nargs="+", default=["images", "captions"], help="default: %(default)s")
+    verify.add_argument("--collections", nargs="+", default=["images", "captions"],
+                        help="collections to check (default: %(default)s)")
     verify.set_defaults(handler=_verify)
 
     release = commands.add_parser("release", help="publish a release of existing index versions",

@@ -308,3 +308,15 @@ def test_added_items_keep_the_image_root_of_their_own_dataset(local_root):
     legacy = {**images, "extra": {"image_root": "/old"}, "next_row": 12}
     del legacy["image_roots"]
     assert ImageRefs(legacy)(11, "b.jpg") == "/old/b.jpg"  # manifests from before image_roots
+
+
+def test_verify_release_reports_a_bad_shard_of_either_collection(local_root):
+    build_pair(local_root)
+    victim = Path(local_root.uri) / "index" / "captions" / "v0001" / "shard-00002.codes.npy"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    report = verify_release(local_root)
+    assert not report.ok and report.collections["images"].ok and not report.collections["captions"].ok
+    assert "shard-00002" in str(report) and "checksum mismatch" in str(report)
+    assert verify_release(local_root, collections=["images"]).ok
