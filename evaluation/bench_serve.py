@@ -82,12 +82,14 @@ def student_bits(student) -> int:
 
 def build_random_index(root: Path, model_dir: Path, rows: int = ROWS, shards: int = SHARDS) -> dict:
     from serving.codes import random_codes
-    from serving.index import build_index
+    from serving.index import build_index, publish_release
 
     codes = random_codes(rows, BITS, seed=0)
     ids = [f"tile/{i:07d}" for i in range(rows)]
-    return build_index(codes, ids, BITS, shards, str(root), model_version="bench",
-                       extra={"model_dir": str(model_dir), "image_root": ""})
+    manifest = build_index(codes, ids, BITS, shards, str(root), model_version="bench",
+                           extra={"model_dir": str(model_dir), "image_root": ""})
+    publish_release(str(root), {"images": manifest})
+    return manifest
 
 
 # --- 3. in process -----------------------------------------------------------------------------------

@@ -36,6 +36,24 @@ def built_index(local_ray, model_dir, ucm_many, tmp_path_factory):
     return {"root": root, **manifests}
 
 
+@pytest.fixture(scope="session")
+def reference(built_index, model_dir, ucm_many):
+    """One unsharded flat index over every stored image code, the encoders, and the dataset items."""
+    import numpy as np
+
+    from serving.build import dataset_items, find_spec
+    from serving.encoders import load_encoder
+    from serving.index import Shard, load_index
+
+    index = load_index(built_index["root"], built_index["images"]["version"])
+    codes = np.concatenate([s.codes for s in index.shards])
+    rows = np.concatenate([s.rows for s in index.shards])
+    order = np.argsort(rows)
+    flat = Shard(codes[order], rows[order], index.manifest["bits"], ids=index.ids(rows[order]))
+    return {"flat": flat, "index": index, "items": dataset_items(ucm_many),
+            "text": load_encoder(find_spec(model_dir, "text")), "image": load_encoder(find_spec(model_dir, "image"))}
+
+
 def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
     import urllib.error
     import urllib.request

@@ -57,18 +57,6 @@ def multipart(fields: dict, image: bytes, filename: str = "q.jpg") -> tuple[byte
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-@pytest.fixture(scope="module")
-def reference(built_index, model_dir, ucm_many):
-    """One unsharded flat index over every stored image code, the encoders, and the dataset items."""
-    index = load_index(built_index["root"], built_index["images"]["version"])
-    codes = np.concatenate([s.codes for s in index.shards])
-    rows = np.concatenate([s.rows for s in index.shards])
-    order = np.argsort(rows)
-    flat = Shard(codes[order], rows[order], index.manifest["bits"], ids=index.ids(rows[order]))
-    return {"flat": flat, "index": index, "items": dataset_items(ucm_many),
-            "text": load_encoder(find_spec(model_dir, "text")), "image": load_encoder(find_spec(model_dir, "image"))}
-
-
 def expected(reference, packed, k, drop=None) -> list[tuple[int, str]]:
     """(distance, id) of the unsharded top-k, ordered by (distance, row); ``drop`` leaves one id out."""
     distances, rows = reference["flat"].search(packed, k + (drop is not None))
@@ -194,6 +182,15 @@ def bad_requests(image: bytes):
         ("wrong type image", "/v1/search/image", b"abc", "text/plain", 415, "unsupported_media_type"),
         ("unknown rerank", "/v1/search/text", json.dumps({"query": "a", "rerank": "magic"}).encode(),
          "application/json", 422, "invalid_rerank"),
+        ("k superscript", "/v1/search/text", json.dumps({"query": "a", "k": "\u00b2"}).encode(), "application/json",
+         422, "k_out_of_range"),
+        ("k superscript form", "/v1/search/image", *multipart({"k": "\u00b2"}, image), 422, "k_out_of_range"),
+        ("nested", "/v1/search/text", b'{"query": ' + b"[" * 2000 + b"]" * 2000 + b"}", "application/json", 400,
+         "invalid_json"),
+        ("unknown field", "/v1/search/text", json.dumps({"query": "a", "kk": 3}).encode(), "application/json", 422,
+         "unknown_field"),
+        ("eps", "/v1/search/image", *multipart({}, b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"), 422,
+         "invalid_image"),
     ]
 
 

@@ -1,0 +1,78 @@
+"""Property-based fuzzing of the live app from its own OpenAPI spec (schemathesis over real HTTP).
+
+Every endpoint gets generated requests, valid and invalid by its declared schema. None may answer
+>= 500, every error must be the JSON error shape, and good requests sent between them must keep
+getting the right answer.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("ray.serve")
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis.errors import Unsatisfiable  # noqa: E402
+
+from serving.codes import pack_signs  # noqa: E402
+from tests.serving.test_app import call, expected, got, post_json  # noqa: E402
+
+EXAMPLES = 180  # per operation and mode (positive and negative): well over 1,000 requests in all
+GOOD_EVERY = 10  # a known-good request after every this many generated ones
+
+
+def _check(response) -> str | None:
+    """What is wrong with one answer, or None."""
+    kind = response.headers.get("content-type", "")
+    if response.status_code >= 500:
+        return f"{response.status_code}: {response.text[:300]}"
+    if response.status_code >= 400:
+        try:
+            body = response.json()
+        except ValueError:
+            return f"{response.status_code} with a non-JSON body ({kind}): {response.text[:200]}"
+        if not (isinstance(body, dict) and {"code", "message"} <= set(body.get("error", {}))):
+            return f"{response.status_code} without the error shape: {json.dumps(body)[:200]}"
+    return None
+
+
+def test_generated_requests_never_fail_the_server(serve_app, reference):
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{serve_app}/openapi.json")
+    good_query = {"query": reference["items"].captions[0], "k": 10}
+    want = expected(reference, pack_signs(reference["text"].encode([good_query["query"]])), 10)
+    sent, problems, good = [0], [], [0]
+
+    def good_request():
+        status, body = post_json(f"{serve_app}/v1/search/text", good_query)
+        good[0] += 1
+        if status != 200 or got(body) != want:
+            problems.append(f"good request answered {status}: {str(body)[:200]}")
+
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/search/text", "/v1/search/image", "/v1/captions",
+                                              "/v1/search/similar/{image_id}", "/v1/readyz", "/v1/healthz"}
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def fuzz(case):
+                response = case.call(base_url=serve_app, timeout=30)
+                sent[0] += 1
+                problem = _check(response)
+                if problem:
+                    problems.append(f"{case.method} {case.formatted_path} {mode.name}: {problem}")
+                if sent[0] % GOOD_EVERY == 0:
+                    good_request()
+
+            try:
+                fuzz()
+            except Unsatisfiable:  # nothing to make invalid (an endpoint without parameters or body)
+                assert mode is GenerationMode.NEGATIVE, operation.path
+    assert sent[0] >= 1000, sent[0]
+    assert good[0] >= sent[0] // GOOD_EVERY
+    assert problems == [], problems[:10]
+    assert call(f"{serve_app}/v1/readyz")[0] == 200  # and the app is still whole
