@@ -295,6 +295,22 @@ def test_a_corrupted_shard_is_refused_and_readiness_says_why(serve_app, built_in
     wait_http(f"{serve_app}/v1/readyz")  # the other app never noticed
 
 
+def test_an_encoder_of_another_code_space_is_refused_at_build(built_index, model_dir, tmp_path):
+    """A ``model`` override whose students were trained into other codes (same bits) cannot serve the index."""
+    from serving.app import build_app
+
+    other = tmp_path / "other_model"
+    shutil.copytree(model_dir, other)
+    for spec in other.glob("*.spec.json"):
+        data = json.loads(spec.read_text())
+        spec.write_text(json.dumps({**data, "code_space": "sha256:" + "0" * 64}))
+    with pytest.raises(ValueError) as err:
+        build_app(ServeSettings(index=str(built_index["root"]), model=str(other)))
+    message = str(err.value)
+    assert "sha256:" + "0" * 64 in message and built_index["images"]["code_space"] in message
+    assert str(other) in message and "index/images/v0001/manifest.json" in message
+
+
 def test_serving_app_imports_no_torch(built_index, tmp_path):
     """Build and start the whole app in process (Serve's local testing mode), then look at sys.modules."""
     code = f"""
