@@ -42,24 +42,23 @@ _BODY = ConfigDict(extra="forbid")
 K = Field(None, ge=1, description="results wanted (1 to the deployment's max_k; default its default_k)")
 
 
-class TextSearch(BaseModel):
+class _Options(BaseModel):
+    model_config = _BODY
+    k: StrictInt | None = K
+    rerank: Literal["none", "asymmetric", "fusion"] | None = None
+    fusion: Literal["average", "max"] | None = None
+
+
+class TextSearch(_Options):
     """POST /v1/search/text"""
 
-    model_config = _BODY
     query: str = Field(description="the text to search for (at most max_query_chars characters)")
-    k: StrictInt | None = K
-    rerank: Literal["none", "asymmetric", "fusion"] | None = None
-    fusion: Literal["average", "max"] | None = None
 
 
-class ImageSearch(BaseModel):
+class ImageSearch(_Options):
     """POST /v1/search/image with a JSON body"""
 
-    model_config = _BODY
     image_base64: str = Field(description="the image file (JPEG, PNG, TIFF or WebP), base64-encoded")
-    k: StrictInt | None = K
-    rerank: Literal["none", "asymmetric", "fusion"] | None = None
-    fusion: Literal["average", "max"] | None = None
 
 
 class CaptionSearch(BaseModel):

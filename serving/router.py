@@ -22,7 +22,7 @@ from ray.exceptions import RayError, RayTaskError
 from starlette.exceptions import HTTPException
 
 from serving.api import (CAPTION_BODY, IMAGE_BODY, TEXT_BODY, ApiError, CaptionSearch, ImageSearch, TextSearch,
-                         base64_limit, check_query, decode_in_pool, error_response, image_upload, parse_body,
+                         check_query, decode_in_pool, error_response, image_upload, parse_body,
                          parse_choice, parse_k, read_json)
 from serving.codes import pack_signs
 from serving.index import stable_shard

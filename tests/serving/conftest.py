@@ -10,6 +10,24 @@ from tests.conftest import free_port, write_subset
 SHARDS = 3
 
 
+@pytest.fixture
+def local_root(tmp_path):
+    """An empty artifact root in a folder."""
+    from cluster.artifacts import open_root
+
+    return open_root(tmp_path / "artifacts")
+
+
+@pytest.fixture
+def s3_root(s3_endpoint):
+    """An empty artifact root under a fresh prefix of the loopback S3 endpoint."""
+    import uuid
+
+    from cluster.artifacts import open_root
+
+    return open_root(f"s3://terrahash-test/{uuid.uuid4().hex}", endpoint_url=s3_endpoint)
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tiny_text_encoder, subset):
     """A model version folder: the tiny random students exported by training/export.py (ONNX + specs)."""

@@ -23,9 +23,6 @@ pytest.importorskip("ray.serve")
 
 from serving.app import ServeSettings, _groups, shards_per_replica  # noqa: E402
 from serving.ranking import asymmetric_rerank, fuse  # noqa: E402
-from serving.build import dataset_items, find_spec  # noqa: E402
-from serving.encoders import load_encoder  # noqa: E402
-from serving.index import Shard, load_index  # noqa: E402
 from tests.serving.conftest import wait_http  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,14 +3,12 @@ import hashlib
 import json
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
-from cluster.artifacts import open_root
 from serving.codes import BitLengthError, hamming_matrix, random_codes
 from serving.index import (MISSING_DISTANCE, MISSING_ROW, IndexVersionError, Shard, ShardedIndex,
                            ShardIntegrityError, add_to_index, build_faiss_index, build_index, list_versions,
@@ -187,16 +185,6 @@ def test_search_params_apply_only_to_their_kind():
 
 
 # --- stored versions --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def local_root(tmp_path):
-    return open_root(tmp_path / "artifacts")
-
-
-@pytest.fixture
-def s3_root(s3_endpoint):
-    return open_root(f"s3://terrahash-test/{uuid.uuid4().hex}", endpoint_url=s3_endpoint)
 
 
 def ids_for(n, start=0):

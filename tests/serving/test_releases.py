@@ -5,14 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
-from cluster.artifacts import open_root
 from serving.codes import random_codes
 from serving.index import (CLAIM_NAME, ImageRefs, IndexVersionError, ReleaseConflictError, add_release, build_index,
                            default_version, latest_release, list_releases, list_versions, load_index,
@@ -44,16 +42,6 @@ def build_pair(root, n=60, shards=3, model="m1", space="sha256:space-1", image_r
                            texts=[f"words {k}" for _ in ids for k in (0, 1)], model_version=model, code_space=space,
                            image_root=image_root)
     return publish_release(root, {"images": images, "captions": captions})
-
-
-@pytest.fixture
-def local_root(tmp_path):
-    return open_root(tmp_path / "artifacts")
-
-
-@pytest.fixture
-def s3_root(s3_endpoint):
-    return open_root(f"s3://terrahash-test/{uuid.uuid4().hex}", endpoint_url=s3_endpoint)
 
 
 # --- publishing and resolving ----------------------------------------------------------------------
