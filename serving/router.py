@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException
 
 from serving.api import (CAPTION_BODY, IMAGE_BODY, TEXT_BODY, ApiError, CaptionSearch, ImageSearch, TextSearch,
@@ -34,6 +35,8 @@ log = logging.getLogger("ray.serve")  # Serve writes this logger to each replica
 
 COLLECTIONS = ("images", "captions")
 NOT_READY_TRIES = 16  # calls that met a replica without a verified copy before answering 503
+# A lost or overloaded replica: worth another try within the deadline (Serve may pick another replica).
+RETRYABLE = (RayError, asyncio.TimeoutError, BackPressureError, ReplicaUnavailableError, DeploymentUnavailableError)
 LATENCY_BUCKETS = (.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
 
 
@@ -342,7 +345,7 @@ class Router:
                     raise ApiError(503, "shard_not_ready", str(err)) from None
             except RayTaskError:
                 raise  # the replica's own code failed: not a lost replica, retrying would fail the same way
-            except (RayError, asyncio.TimeoutError) as err:
+            except RETRYABLE as err:
                 response.cancel()
                 retries += 1
                 self.metrics.retries.inc(1, tags={"callee": name, "reason": type(err).__name__})
