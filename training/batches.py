@@ -27,6 +27,15 @@ class Batch:
     images: torch.Tensor  # (B,) dataset row of each image
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch over ``n`` rows in order. A last batch of a single row joins
+    the one before it: batch norm and the in-batch losses need two samples."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 def sample_captions(image_rows: np.ndarray, captions_of: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """One caption row per image, uniformly among its captions."""
     return np.array([captions_of[i][rng.integers(len(captions_of[i]))] for i in image_rows], dtype=np.int64)
@@ -48,7 +57,7 @@ class CachedBatches:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def __len__(self) -> int:
-        return -(-len(self.rows) // self.batch_size)
+        return len(batch_bounds(len(self.rows), self.batch_size))
 
     def state_dict(self) -> dict:
         """Random state, so a resumed run draws the same batches as an uninterrupted one."""
@@ -64,8 +73,8 @@ class CachedBatches:
     def __iter__(self):
         order = self.rng.permutation(self.rows)
         views = self.features.shape[0]
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
+        for start, stop in batch_bounds(len(order), self.batch_size):
+            rows = order[start:stop]
             weak_view = self.rng.integers(views, size=len(rows))
             # A different view for the strong side whenever there is one.
             strong_view = (weak_view + 1 + self.rng.integers(max(views - 1, 1), size=len(rows))) % views
@@ -148,7 +157,7 @@ class CaptionBatches:
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return -(-len(self.rows) // self.batch_size)
+        return len(batch_bounds(len(self.rows), self.batch_size))
 
     def state_dict(self) -> dict:
         return {"numpy": self.rng.bit_generator.state}
@@ -158,8 +167,8 @@ class CaptionBatches:
 
     def __iter__(self):
         order = self.rng.permutation(self.rows)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
+        for start, stop in batch_bounds(len(order), self.batch_size):
+            rows = order[start:stop]
             index = torch.as_tensor(rows)
             yield Batch(None, None, torch.as_tensor(sample_captions(rows, self.captions_of, self.rng)),
                         self.labels[index], index)

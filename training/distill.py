@@ -20,13 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .batches import batch_bounds
 from .data import load_dataset
 from .features import FeatureCache, default_device, dihedral, image_features, load_image, normalize
 from .losses import BCEQuantizationLoss, total_loss
 from .models import HashingModel
-from .students import (IMAGE_CHECKPOINT, TEXT_CHECKPOINT, DistillConfig, DistillLossConfig, ImageStudent,
-                       build_text_student, save_distill_config, save_image_student, save_text_student)
-from .train import DatasetIndex, Encoders, LoopContext, dataset_codes, load_trained, seed_everything
+from .students import (DISTILL_CONFIG, IMAGE_CHECKPOINT, TEXT_CHECKPOINT, TOKENIZER_DIR, DistillConfig,
+                       DistillLossConfig, ImageStudent, build_text_student, save_distill_config, save_image_student,
+                       save_text_student)
+from .train import DatasetIndex, Encoders, LoopContext, copy_outputs, dataset_codes, load_trained, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +249,9 @@ def _train_epoch(task, module: nn.Module, objective: DistillObjective, optimizer
     task.train_mode(True)
     sums: dict[str, float] = {}
     order = rng.permutation(rows)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not progress):
-        batch = order[start:start + batch_size]
+    bounds = batch_bounds(len(order), batch_size)
+    for start, stop in tqdm(bounds, desc=desc, unit="batch", leave=False, disable=not progress):
+        batch = order[start:stop]
         if len(batch) < 2:
             continue  # batch norm and the similarity term need two codes
         terms = objective(module(*task.train_inputs(batch, rng)), task.targets[torch.as_tensor(batch)])
@@ -260,26 +262,57 @@ def _train_epoch(task, module: nn.Module, objective: DistillObjective, optimizer
         scheduler.step()
         for name, value in {"total": loss, **terms}.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
-    return {k: v / max(len(starts), 1) for k, v in sums.items()}
+    return {k: v / max(len(bounds), 1) for k, v in sums.items()}
+
+
+# What a reported checkpoint carries of the chief's outputs, so a restarted job gets them back.
+OUTPUTS = (IMAGE_CHECKPOINT, TEXT_CHECKPOINT, TOKENIZER_DIR, DISTILL_CONFIG)
 
 
 def _fit_student(task, config: DistillConfig, train_rows: np.ndarray, val_rows: np.ndarray, out: Path,
-                 context: LoopContext, progress: bool, extra: dict) -> dict:
+                 context: LoopContext, progress: bool, extra: dict, done: dict, resumed: tuple | None = None) -> dict:
     """Train one student, evaluate on val every ``eval_every`` epochs, keep the best checkpoint.
 
     The score is the val bit agreement with the teacher's codes: no labels, no test data.
+    ``done`` holds the results of the students trained before this one (they go into every
+    reported checkpoint); ``resumed`` is (shared, own) state of this student from a checkpoint.
     """
     epochs, batch_size = task.c.epochs, task.c.batch_size
     rows = context.shard(train_rows)
+    seed = context.seed(config.seed)
+    rng = np.random.default_rng(seed)
+    if context.rank:  # built from the common seed; each worker draws its own dropout from here on
+        torch.manual_seed(seed)
+    start, best, history = 0, None, []
+    if resumed:
+        shared, own = resumed
+        task.module.load_state_dict(shared["trainable"])
+        start, best, history = shared["epoch"], shared["best"], shared["history"]
     module = context.prepare(task.module)
     objective = DistillObjective(config.loss)
     optimizer = torch.optim.AdamW(task.param_groups(), weight_decay=config.weight_decay)
-    steps = max(math.ceil(len(rows) / batch_size), 1)
+    steps = max(len(batch_bounds(len(rows), batch_size)), 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(epochs, config.warmup_epochs, steps))
-    rng = np.random.default_rng(config.seed + context.rank)
+    if resumed:
+        optimizer.load_state_dict(shared["optimizer"])
+        scheduler.load_state_dict(shared["scheduler"])
+        if own is not None:
+            rng.bit_generator.state = own["numpy"]
+            torch.set_rng_state(own["torch"])
+        log.info("rank %d resumed the %s student after epoch %d", context.rank, task.name, start)
     val_targets = task.targets[torch.as_tensor(val_rows)].cpu().numpy()  # (R, bits)
-    best, history = None, []
-    bar = tqdm(range(epochs), desc=f"distil {task.name} student", unit="epoch", disable=not progress)
+
+    def state() -> dict:
+        own = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+        if not context.is_chief:
+            return {"own": own}
+        shared = {"student": task.name, "epoch": epoch + 1, "best": best, "history": history + [record],
+                  "trainable": task.module.state_dict(), "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict(), "done": done}
+        return {"shared": shared, "own": own}
+
+    bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=f"distil {task.name} student", unit="epoch",
+               disable=not progress)
     for epoch in bar:
         losses = _train_epoch(task, module, objective, optimizer, scheduler, rows, batch_size, rng,
                               f"epoch {epoch + 1}", progress)
@@ -292,18 +325,20 @@ def _fit_student(task, config: DistillConfig, train_rows: np.ndarray, val_rows: 
                     best = {"epoch": epoch + 1, "val_bit_agreement": score}
                     task.save(out / task.checkpoint, {**extra, **best})
                 bar.set_postfix(loss=f"{losses['total']:.4f}", val=f"{score:.4f}", best=best["epoch"])
-            context.report(epoch + 1, record, out, lambda: {"own": {}, "shared": {"epoch": epoch + 1}})
+            context.report(epoch + 1, record, out, state, outputs=OUTPUTS, name=f"{task.name}-epoch")
         history.append(record)
-    return {"best": best, "history": history}
+    return {"best": best, "history": history, "resumed_from_epoch": start}
 
 
 def distill(teacher_dir: str | Path, config: DistillConfig, data_dir: str | Path, out_dir: str | Path,
             cache_dir: str | Path | None = None, progress: bool = True, context: LoopContext | None = None) -> dict:
     """Distil the teacher in ``teacher_dir`` into the configured students; returns the metrics dict.
 
-    Writes to ``out_dir``: ``distill_config.yaml``, one checkpoint per student (``image_student.pt``,
+    Writes to ``out_dir``: ``distill_config.yaml`` (DISTILL_CONFIG), one checkpoint per student (``image_student.pt``,
     ``text_student.pt`` + ``tokenizer/``), chosen by val bit agreement with the teacher, and
-    ``metrics.json``. The teacher's codes are the only targets: no labels are used.
+    ``metrics.json``. The teacher's codes are the only targets: no labels are used. A Ray Train
+    worker group restarted after a failure resumes from its last reported checkpoint: the
+    students finished before it are not trained again, the one in training continues.
     """
     started = time.time()
     context = context or LoopContext()
@@ -317,11 +352,19 @@ def distill(teacher_dir: str | Path, config: DistillConfig, data_dir: str | Path
     if len(train_images) == 0 or len(val_images) == 0:
         raise ValueError(f"{data_dir}: distillation needs images in both the train and the val split")
     if context.is_chief:
-        save_distill_config(config, out / "distill_config.yaml")
+        save_distill_config(config, out / DISTILL_CONFIG)
     extra = {"teacher": str(teacher_dir), "teacher_config": targets.config.name, "bits": targets.bits,
              "dataset": index.dataset.name, "dataset_fingerprint": index.dataset.fingerprint()}
+    resumed = context.resume()
     results = {}
+    if resumed:
+        shared, own, folder = resumed
+        results = dict(shared["done"])  # their checkpoints come back with the reported outputs
+        if context.is_chief:
+            copy_outputs(OUTPUTS, folder, out)
     for kind in config.students:
+        if kind in results:
+            continue
         seed_everything(config.seed)
         if kind == "image":
             task, rows, val = (_ImageTask(config, targets, FeatureCache(Path(cache_dir) if cache_dir else None), device),
@@ -329,7 +372,9 @@ def distill(teacher_dir: str | Path, config: DistillConfig, data_dir: str | Path
         else:
             task = _TextTask(config, targets, device)
             rows, val = _unique_caption_rows(index, train_images), _unique_caption_rows(index, val_images)
-        results[kind] = _fit_student(task, config, rows, val, out, context, progress and context.is_chief, extra)
+        mine = (shared, own) if resumed and shared["student"] == kind else None
+        results[kind] = _fit_student(task, config, rows, val, out, context, progress and context.is_chief, extra,
+                                     done=dict(results), resumed=mine)
     metrics = {**extra, "config": config.name, "students": results, "seconds": round(time.time() - started, 1),
                "device": str(device), "world_size": context.world_size}
     if context.is_chief:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .data import load_dataset
 from .export import ONNX_DIR, export_students
-from .students import DistillConfig, load_distill_config
+from .students import DISTILL_CONFIG, DistillConfig, load_distill_config
 from .tracking import flatten, track_run
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def run_distillation(teacher: str | Path, config: DistillConfig, data_dir, out_d
     dataset = load_dataset(data_dir)
     epochs = max(config.image.epochs if "image" in config.students else 0,
                  config.text.epochs if "text" in config.students else 0)
-    artifacts = ("metrics.json", "distill_config.yaml")
+    artifacts = ("metrics.json", DISTILL_CONFIG)
     with track_run(config, out, dataset, images_processed=len(dataset.split("train")) * epochs,
                    run_name=config.name, artifacts=artifacts) as tracker:
         if tracker.run_id:

@@ -20,7 +20,7 @@ import torch
 
 from .config import DistributedConfig, ExperimentConfig, config_from_dict, to_dict
 from .snapshots import RemoteSnapshots
-from .train import CHECKPOINT, LoopContext, fit
+from .train import OUTPUTS, LoopContext, copy_outputs, fit
 
 RESUME = "resume.pt"  # shared training state in a reported checkpoint
 
@@ -45,9 +45,10 @@ class RayContext(LoopContext):
         # tower's head input); DDP must not wait for them.
         return prepare_model(step, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
 
-    def report(self, epoch: int, record: dict, out: Path, state) -> None:
+    def report(self, epoch: int, record: dict, out: Path, state, outputs: tuple[str, ...] = OUTPUTS,
+               name: str = "epoch") -> None:
         """Report the epoch's losses, with a checkpoint: every worker adds its own random state,
-        the chief the shared training state and its output files. Ray Train merges the workers'
+        the chief the shared training state and its ``outputs``. Ray Train merges the workers'
         folders into one checkpoint, and every worker must call this (it is a barrier)."""
         import ray.train
 
@@ -58,12 +59,10 @@ class RayContext(LoopContext):
             torch.save(snapshot["own"], folder / f"rank{self.rank}.pt")
             if self.is_chief:
                 torch.save(snapshot["shared"], folder / RESUME)
-                for name in (CHECKPOINT, "config.yaml"):
-                    if (out / name).exists():
-                        shutil.copyfile(out / name, folder / name)
+                copy_outputs(outputs, out, folder)
             # One folder name for all workers, so Ray Train merges their files into one checkpoint.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                             checkpoint_dir_name=f"epoch-{epoch:04d}")
+                             checkpoint_dir_name=f"{name}-{epoch:04d}")
 
     def resume(self):
         """The latest reported checkpoint, when Ray Train restarted this worker group after a failure."""

@@ -24,6 +24,7 @@ STUDENT_KINDS = ("image", "text")
 IMAGE_CHECKPOINT = "image_student.pt"
 TEXT_CHECKPOINT = "text_student.pt"
 TOKENIZER_DIR = "tokenizer"  # the text student's tokenizer files, beside its checkpoint
+DISTILL_CONFIG = "distill_config.yaml"  # the resolved distillation config, beside the students
 
 
 @dataclass

@@ -38,6 +38,7 @@ from .tracking import NoTracker, Tracker, check_tracking, track_run
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+OUTPUTS = (CHECKPOINT, "config.yaml")  # what a reported checkpoint carries of a training job's outputs
 ROLES = ("joint", "image", "text")  # which towers a training job updates
 
 
@@ -217,17 +218,18 @@ class Trainer:
         # text tower's input when it is frozen.
         self.caption_features = torch.as_tensor(self.encoders.text_features(), device=device)
 
-    def batches(self, rows: np.ndarray):
+    def batches(self, rows: np.ndarray, seed: int):
+        """The training batches over ``rows`` (this worker's shard), drawn with ``seed``."""
         t = self.config.train
         if self.role == "text":
-            return CaptionBatches(rows, self.index.labels, self.index.captions_of, t.batch_size, t.seed)
+            return CaptionBatches(rows, self.index.labels, self.index.captions_of, t.batch_size, seed)
         if self.config.image.freeze_backbone:
             features = torch.as_tensor(self.encoders.image_features(t.views), device=self.device)
             return CachedBatches(features, rows, self.index.labels, self.index.captions_of, t.batch_size,
-                                 t.feature_noise, t.seed)
+                                 t.feature_noise, seed)
         paths = [r.path for r in self.index.dataset.records]
         return ImageBatches(paths, rows, self.index.labels, self.index.captions_of, self.config.image.image_size,
-                            t.batch_size, t.loader_workers, t.seed)
+                            t.batch_size, t.loader_workers, seed)
 
     def _image_codes(self, views: torch.Tensor) -> torch.Tensor:
         if self.config.image.freeze_backbone:
@@ -304,20 +306,43 @@ class LoopContext:
         return self.rank == 0
 
     def shard(self, rows: np.ndarray) -> np.ndarray:
-        """This worker's share of the training rows (every world_size-th, from its rank)."""
-        return rows[self.rank::self.world_size]
+        """This worker's share of the training rows: every world_size-th, from its rank, of the rows
+        padded by wrapping around to a multiple of world_size (as torch's DistributedSampler does).
+        Every worker then has as many rows, hence as many steps an epoch: DDP's all-reduce waits
+        for every worker at every step, so one extra step on one worker would hang them all."""
+        if self.world_size == 1 or len(rows) == 0:
+            return rows
+        padded = np.resize(rows, -(-len(rows) // self.world_size) * self.world_size)  # repeats rows cyclically
+        return padded[self.rank::self.world_size]
+
+    def seed(self, base: int) -> int:
+        """This worker's seed for what it draws (batches, views, noise, captions, dropout): workers
+        must not all draw the same. ``base + rank``, so rank 0 draws what one process would."""
+        return base + self.rank
 
     def prepare(self, step: torch.nn.Module) -> torch.nn.Module:
         """Wrap the training step for data parallelism (identity in one process)."""
         return step
 
-    def report(self, epoch: int, record: dict, out: Path, state: Callable[[], dict]) -> None:
+    def report(self, epoch: int, record: dict, out: Path, state: Callable[[], dict],
+               outputs: tuple[str, ...] = OUTPUTS, name: str = "epoch") -> None:
         """Called by every worker after each evaluated epoch, once the chief has written ``out``.
-        ``state()`` gives what resuming needs: {"shared": ... (chief only), "own": this worker's}."""
+        ``state()`` gives what resuming needs: {"shared": ... (chief only), "own": this worker's};
+        ``outputs`` are the chief's files (or folders) in ``out`` that go with it, and ``name``
+        starts the name of the checkpoint (``<name>-<epoch>``)."""
 
     def resume(self) -> tuple[dict, dict, Path] | None:
-        """(shared state, this worker's state, folder with the best checkpoint) to resume from, or None."""
+        """(shared state, this worker's state, folder with the reported outputs) to resume from, or None."""
         return None
+
+
+def copy_outputs(names: tuple[str, ...], source: Path, target: Path) -> None:
+    """Copy the files or folders ``names`` that exist in ``source`` to ``target``."""
+    for name in names:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, target / name, dirs_exist_ok=True)
+        elif (source / name).exists():
+            shutil.copyfile(source / name, target / name)
 
 
 class TrainStep(torch.nn.Module):
@@ -410,7 +435,12 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
                                                use_buffers=True) if t.ema_decay else None)
     train_rows = index.rows("train")
     val_db = train_rows  # val queries are ranked against train only: no test data is ever seen
-    batches = trainer.batches(context.shard(train_rows))
+    batches = trainer.batches(context.shard(train_rows), context.seed(t.seed))
+    if context.rank:
+        # The model was built from the common seed, so every worker starts from the same weights
+        # (and caches the same features); from here on each one draws its own dropout and
+        # augmentations. Rank 0 keeps the one-process stream.
+        seed_everything(context.seed(t.seed))
     step = context.prepare(TrainStep(trainer))
     optimizer = _optimizer(trainer.model, trainer.objective, config, role)
     publishes = role == "image" and context.is_chief
@@ -442,8 +472,8 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
             batches.load_state_dict(own["batches"])
             torch.set_rng_state(own["torch"])
         start, best, history = shared["epoch"], shared["best"], shared["history"]
-        if context.is_chief and (folder / CHECKPOINT).exists():
-            shutil.copyfile(folder / CHECKPOINT, out / CHECKPOINT)
+        if context.is_chief:
+            copy_outputs((CHECKPOINT,), folder, out)
         log.info("rank %d resumed after epoch %d", context.rank, start)
     bar = tqdm(range(start, t.epochs), initial=start, total=t.epochs, desc=f"train {config.name} {t.bits} bits",
                unit="epoch", disable=not progress)

@@ -86,3 +86,41 @@ def test_students_train_on_two_ray_train_workers(local_ray, subset, tiny_text_en
     from training.students import load_text_student
 
     assert load_text_student(tmp_path / "students")[2]["epoch"] == metrics["students"]["text"]["best"]["epoch"]
+
+
+def test_killed_distillation_worker_resumes_from_the_last_checkpoint(local_ray, subset, tiny_text_encoder, tmp_path):
+    import threading
+
+    from tests.training.test_distributed import kill_a_worker_after_first_checkpoint
+    from training.distill_job import train_students
+    from training.students import distill_config_from_dict
+
+    teacher = tmp_path / "teacher"
+    fit(config_from_dict(tiny_config(tiny_text_encoder, epochs=2)), subset, teacher, cache_dir=tmp_path / "cache",
+        progress=False)
+    # A checkpoint at every epoch: enough of them that the kill lands in the middle of the run.
+    raw = {**TINY_STUDENTS, "tracking": {"enabled": False}, "eval_every": 1,
+           "image": {**TINY_STUDENTS["image"], "epochs": 12}, "text": {**TINY_STUDENTS["text"], "epochs": 4},
+           "distributed": {"num_workers": 2, "cpus_per_worker": 0.5, "storage": str(tmp_path / "ray_a")}}
+    baseline = train_students(teacher, distill_config_from_dict(raw), subset, tmp_path / "baseline", tmp_path / "cache")
+
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(tmp_path / "ray_b", killed))
+    killer.start()
+    raw["distributed"] = {**raw["distributed"], "storage": str(tmp_path / "ray_b"), "max_failures": 1}
+    recovered = train_students(teacher, distill_config_from_dict(raw), subset, tmp_path / "recovered",
+                               tmp_path / "cache")
+    killer.join()
+
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    resumed = {kind: recovered["students"][kind]["resumed_from_epoch"] for kind in ("image", "text")}
+    assert max(resumed.values()) >= 1, resumed  # restarted from a reported checkpoint, not from scratch
+    assert all(baseline["students"][kind]["resumed_from_epoch"] == 0 for kind in ("image", "text"))
+    for kind, epochs in (("image", 12), ("text", 4)):
+        ours, theirs = recovered["students"][kind], baseline["students"][kind]
+        assert [h["epoch"] for h in ours["history"]] == list(range(1, epochs + 1))  # nothing lost, nothing twice
+        # Same seed, same data: the interrupted run ends where the uninterrupted one does.
+        assert ours["best"]["epoch"] == theirs["best"]["epoch"]
+        assert ours["best"]["val_bit_agreement"] == pytest.approx(theirs["best"]["val_bit_agreement"], abs=0.02)
+    for name in ("image_student.pt", "text_student.pt", "tokenizer", "distill_config.yaml"):
+        assert (tmp_path / "recovered" / name).exists(), name

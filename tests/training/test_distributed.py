@@ -18,6 +18,58 @@ from training.train import CHECKPOINT, fit
 ray = pytest.importorskip("ray")
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_rank_gets_as_many_rows_and_steps_and_a_seed_of_its_own(world):
+    import numpy as np
+
+    from training.batches import CachedBatches, CaptionBatches
+    from training.train import LoopContext
+
+    features = torch.randn(2, 40, 3)  # (V, N, D)
+    captions_of = [np.array([i]) for i in range(40)]
+    for n in range(1, 40):
+        rows = np.arange(n)
+        contexts = [LoopContext(rank=r, world_size=world) for r in range(world)]
+        shards = [c.shard(rows) for c in contexts]
+        assert len({len(s) for s in shards}) == 1, (n, world, [len(s) for s in shards])
+        assert set(np.concatenate(shards)) == set(rows)  # padding repeats rows, it drops none
+        for batch_size in (2, 3, 4, 8):
+            steps = {len(CachedBatches(features, s, np.zeros(40), captions_of, batch_size, 0.1, c.seed(0)))
+                     for s, c in zip(shards, contexts)}
+            steps |= {len(CaptionBatches(s, np.zeros(40), captions_of, batch_size, c.seed(0)))
+                      for s, c in zip(shards, contexts)}
+            assert len(steps) == 1, (n, world, batch_size, steps)
+    seeds = [LoopContext(rank=r, world_size=world).seed(7) for r in range(world)]
+    assert len(set(seeds)) == world and seeds[0] == 7  # rank 0 draws what one process would
+    assert list(LoopContext().shard(np.arange(9))) == list(range(9))
+
+
+def test_ranks_draw_different_batches_from_the_same_rows():
+    import numpy as np
+
+    from training.batches import CachedBatches
+    from training.train import LoopContext
+
+    features, rows = torch.randn(2, 16, 3), np.arange(16)
+    captions_of = [np.array([2 * i, 2 * i + 1]) for i in range(16)]
+    draws = []
+    for rank in range(2):
+        batches = CachedBatches(features, rows, np.zeros(16), captions_of, 16, 0.1,
+                                LoopContext(rank=rank, world_size=2).seed(0))
+        batch = next(iter(batches))
+        draws.append((batch.images.tolist(), batch.captions.tolist(), batch.weak))
+    assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]
+    assert not torch.equal(draws[0][2], draws[1][2])
+
+
+def test_a_last_batch_of_one_row_joins_the_one_before():
+    from training.batches import batch_bounds
+
+    assert batch_bounds(9, 4) == [(0, 4), (4, 9)]  # not (8, 9): batch norm needs two rows
+    assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert batch_bounds(1, 4) == [(0, 1)] and batch_bounds(0, 4) == []
+
+
 def test_a_ray_job_needs_at_least_one_worker(subset, tiny_text_encoder, tmp_path):
     from training.distributed import fit_distributed
 
@@ -135,3 +187,24 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(loca
             baseline["val"]["binary"][task]["map_all"], abs=0.02)
     assert recovered["history"][-1]["loss"]["total"] == pytest.approx(baseline["history"][-1]["loss"]["total"],
                                                                       rel=0.05)
+
+
+@pytest.mark.timeout(480)  # a hang lasts until gloo's 30-minute timeout
+def test_shards_that_straddle_a_batch_boundary_do_not_hang(local_ray, ucm_dir, tiny_text_encoder, tmp_path):
+    """9 train rows on 2 workers in batches of 4: split as 5 and 4 rows, one worker would run 2
+    steps an epoch and the other 1, and the first would wait in DDP's all-reduce for ever."""
+    from tests.conftest import write_subset
+    from training.distributed import fit_distributed
+
+    data = write_subset(ucm_dir, tmp_path / "nine", per_split={"train": 3, "val": 2, "test": 2})
+    raw = tiny_config(tiny_text_encoder, epochs=2)
+    raw["train"]["batch_size"] = 4
+    # Heads without hidden layers have no batch norm, so nothing fails on a one-row batch: a
+    # mismatched step count shows as the hang itself, not as an error.
+    raw["image"]["head_hidden"], raw["text"]["head_hidden"] = [], []
+    config = config_from_dict({**raw, "distributed": {"num_workers": 2, "cpus_per_worker": 1.0,
+                                                      "storage": str(tmp_path / "ray")}})
+    metrics = fit_distributed(config, data, tmp_path / "run", cache_dir=tmp_path / "cache")
+
+    assert metrics["world_size"] == 2 and len(metrics["history"]) == 2
+    assert metrics["rows_per_worker"] == 5  # 9 rows padded to 10 by wrapping around: 5 each

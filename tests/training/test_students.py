@@ -119,7 +119,7 @@ class RecordingContext(LoopContext):
         self.prepared.append(type(step).__name__)
         return step
 
-    def report(self, epoch, record, out, state):
+    def report(self, epoch, record, out, state, **outputs):
         self.reports.append((epoch, sorted(record)))
 
 
