@@ -18,7 +18,7 @@ DEFAULT_CACHE = os.environ.get("TERRAHASH_CACHE", ".cache/terrahash/features")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.config import load_config
+    from training.config import check, load_config
     from training.jobs import run_training
 
     config = load_config(args.config)
@@ -45,6 +45,7 @@ def _train(args: argparse.Namespace) -> int:
             setattr(d, "num_workers" if name == "workers" else name, value)
     if args.device is not None:
         d.use_gpu = args.device == "cuda"
+    check(config)  # the flags are held to the config's types and ranges, like the file
     eval_split = None if args.eval_split == "none" else args.eval_split
     metrics = run_training(config, args.data, out, cache_dir=cache_dir, skip_bad_images=args.skip_bad_images,
                            eval_split=eval_split)
@@ -64,6 +65,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
+    from training.config import check
     from training.distill_job import load_config_for_cli, run_distillation
 
     config = load_config_for_cli(args.config)
@@ -76,6 +78,7 @@ def _distill(args: argparse.Namespace) -> int:
         config.tracking.enabled = False
     if args.tracking_uri is not None:
         config.tracking.tracking_uri = args.tracking_uri
+    check(config, "distill")
     out = args.out or f"{str(args.teacher).rstrip('/')}/students"
     metrics = run_distillation(args.teacher, config, args.data, out, cache_dir=None if args.no_cache else args.cache_dir)
     ratios = metrics["parity"]["map_ratio"]
@@ -101,17 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default=DEFAULT_DATA,
-                        help="dataset folder holding one Karpathy-style dataset*.json (default: %(default)s, "
-                             "or $TERRAHASH_DATA)")
-    common.add_argument("--cache-dir", default=DEFAULT_CACHE,
-                        help="where features of frozen encoders are cached (default: %(default)s, or $TERRAHASH_CACHE)")
-    common.add_argument("--no-cache", action="store_true", help="recompute features instead of caching them")
+    # Options of every command that reads the dataset; `common` adds --skip-bad-images to them.
+    # distill has no --skip-bad-images: the teacher's codes and the parity report are of the
+    # teacher's whole dataset, so a bad image there stops it.
+    data_options = argparse.ArgumentParser(add_help=False)
+    data_options.add_argument("--data", default=DEFAULT_DATA,
+                              help="dataset folder holding one Karpathy-style dataset*.json (default: %(default)s, "
+                                   "or $TERRAHASH_DATA)")
+    data_options.add_argument("--cache-dir", default=DEFAULT_CACHE,
+                              help="where features of frozen encoders are cached (default: %(default)s, "
+                                   "or $TERRAHASH_CACHE)")
+    data_options.add_argument("--no-cache", action="store_true", help="recompute features instead of caching them")
+    data_options.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                              help="compute device (default: the config's, auto)")
+    common = argparse.ArgumentParser(add_help=False, parents=[data_options])
     common.add_argument("--skip-bad-images", action="store_true",
                         help="leave out missing or undecodable images (counted, logged and listed in the output) "
                              "instead of stopping")
-    common.add_argument("--device", choices=("auto", "cpu", "cuda"), help="compute device (default: the config's, auto)")
 
     train = sub.add_parser("train", parents=[common], help="train the image and text hashing towers",
                            description="Train the asymmetric hashing model, in one process (CPU or one GPU) or "
@@ -123,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML config file, or a shipped config name: fast (frozen backbones, cached features, "
                             "minutes on a CPU) or full (fine-tuned backbones, for a GPU)")
     train.add_argument("--out", help="output folder (default: runs/<config>-<bits>)")
-    train.add_argument("--bits", type=int, help="code length, overriding the config (16 to 128)")
+    train.add_argument("--bits", type=int, help="code length, overriding the config (a multiple of 8 from 8 to 1024)")
     train.add_argument("--epochs", type=int, help="number of epochs, overriding the config")
     train.add_argument("--seed", type=int, help="random seed, overriding the config")
     train.add_argument("--schedule", choices=("joint", "sync", "async"),
@@ -166,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the figures to this JSON file")
     evaluate.set_defaults(handler=_eval)
 
-    distill = sub.add_parser("distill", parents=[common], help="distil a teacher into compact ONNX students",
+    distill = sub.add_parser("distill", parents=[data_options], help="distil a teacher into compact ONNX students",
                              description="Train compact students (a small timm image network, a shallower copy of the "
                                          "teacher's text encoder) to reproduce a trained teacher's codes, from images "
                                          "and captions without labels; choose them on val; export them to ONNX (fp32 "

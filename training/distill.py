@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .batches import batch_bounds
+from .config import check
 from .data import load_dataset
 from .features import FeatureCache, default_device, dihedral, image_features, load_image, normalize
 from .losses import BCEQuantizationLoss, total_loss
@@ -341,6 +342,7 @@ def distill(teacher_dir: str | Path, config: DistillConfig, data_dir: str | Path
     students finished before it are not trained again, the one in training continues.
     """
     started = time.time()
+    check(config, "distill")
     context = context or LoopContext()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

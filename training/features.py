@@ -19,9 +19,10 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import NUM_DIHEDRAL_VIEWS  # 4 rotations x optional flip (configs check views against it)
+
 log = logging.getLogger(__name__)
 
-NUM_DIHEDRAL_VIEWS = 8  # 4 rotations x optional flip: overhead scenes have no canonical orientation
 
 
 def load_image(path: Path, size: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ExperimentConfig, save_config
+from .config import SCHEDULES, ExperimentConfig, check, save_config  # noqa: F401 (SCHEDULES: re-exported)
 from .data import load_dataset
 from .snapshots import SnapshotStore, start_store_actor
 from .tracking import ARTIFACTS, flatten, track_run
@@ -29,22 +29,13 @@ from .train import CHECKPOINT, LoopContext, fit
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("joint", "sync", "async")
 EVAL_JSON = "eval_{split}.json"
 
 
 def check_schedule(config: ExperimentConfig) -> None:
-    """Fail before any work on a schedule that cannot run as configured."""
-    t = config.train
-    if t.schedule not in SCHEDULES:
-        raise ConfigError(f"config.train.schedule: unknown {t.schedule!r}; known: {list(SCHEDULES)}")
-    if t.schedule != "joint":
-        if t.text_final_epochs < 1:  # more than `epochs` means all of them
-            raise ConfigError(f"config.train.text_final_epochs must be >= 1, got {t.text_final_epochs}")
-        if t.snapshot_every < 1:
-            raise ConfigError(f"config.train.snapshot_every must be >= 1, got {t.snapshot_every}")
-        if config.distributed.text_workers < 1:
-            raise ConfigError(f"config.distributed.text_workers must be >= 1, got {config.distributed.text_workers}")
+    """Fail before any work on a config that cannot run (a schedule unknown, a snapshot interval
+    below 1...), changed in place or not."""
+    check(config)
 
 
 class Job:

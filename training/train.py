@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from evaluation.retrieval import evaluate_rows
 
 from .batches import Batch, CachedBatches, CaptionBatches, ImageBatches
-from .config import ExperimentConfig, save_config, to_dict
+from .config import ExperimentConfig, check, save_config, to_dict
 from .data import CaptionDataset, load_dataset
 from .features import FeatureCache, default_device, image_features, module_fingerprint, normalize, text_features
 from .models import HashingModel, ImageEncoder, TextEncoder, build_heads
@@ -384,6 +384,7 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
     module docstring); the split roles need ``context.snapshots``.
     """
     started = time.time()
+    check(config)  # a config changed in place is checked as a file would be
     t = config.train
     selection_rule(t.selection, role)
     if role != "joint" and (context is None or context.snapshots is None):

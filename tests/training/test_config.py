@@ -126,9 +126,20 @@ def test_unknown_loss_term():
         assert repr(term) in message
 
 
-def test_subset_of_loss_terms_accepted():
+def test_subset_of_loss_terms_merges_with_the_defaults():
     config = config_from_dict({"loss": {"weights": {"hash_proxy": 2, "quantization": 0.0}}})
-    assert config.loss.weights == {"hash_proxy": 2, "quantization": 0.0}
+    # The named terms change; the others keep their default weights instead of being turned off.
+    assert config.loss.weights == {**LossConfig().weights, "hash_proxy": 2.0, "quantization": 0.0}
+
+
+def test_partial_loss_weights_in_a_yaml_file_keep_the_other_terms_on(tmp_path):
+    path = tmp_path / "partial.yaml"
+    path.write_text("loss:\n  weights:\n    margin: 2.0\n")
+    weights = load_config(path).loss.weights
+    assert weights["margin"] == 2.0
+    assert {k: v for k, v in weights.items() if k != "margin"} == {
+        k: v for k, v in LossConfig().weights.items() if k != "margin"}
+    assert all(weights[k] > 0 for k in ("hash_proxy", "contrastive", "alignment"))
 
 
 @pytest.mark.parametrize("section", ["image", "text", "loss", "train", "tracking"])
@@ -215,7 +226,7 @@ def test_to_dict_is_plain_data():
     data = to_dict(custom_config())
     assert data["image"]["head_hidden"] == [64]
     assert data["image"]["mean"] == [0.4, 0.5, 0.6]
-    assert data["loss"]["weights"] == {"hash_proxy": 1.5, "contrastive": 0.0}
+    assert data["loss"]["weights"] == {**LossConfig().weights, "hash_proxy": 1.5, "contrastive": 0.0}
     assert data["train"]["bits"] == 16
     # nothing but YAML-safe builtins anywhere
 
@@ -303,3 +314,161 @@ def test_empty_yaml_gives_defaults(tmp_path):
 def test_element_types_checked(data):
     with pytest.raises(ConfigError):
         config_from_dict(data)
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+@pytest.mark.parametrize(
+    "data, where, why",
+    [
+        ({"train": {"bits": 12}}, "config.train.bits", "multiple of 8"),
+        ({"train": {"bits": 0}}, "config.train.bits", "multiple of 8"),
+        ({"train": {"bits": 1032}}, "config.train.bits", "between 8 and 1024"),
+        ({"train": {"epochs": 0}}, "config.train.epochs", ">= 1"),
+        ({"train": {"batch_size": 1}}, "config.train.batch_size", ">= 2"),
+        ({"train": {"eval_every": 0}}, "config.train.eval_every", ">= 1"),
+        ({"train": {"lr": 0.0}}, "config.train.lr", "> 0"),
+        ({"train": {"weight_decay": -1e-4}}, "config.train.weight_decay", ">= 0"),
+        ({"train": {"warmup_epochs": -1}}, "config.train.warmup_epochs", ">= 0"),
+        ({"train": {"feature_noise": -0.1}}, "config.train.feature_noise", ">= 0"),
+        ({"train": {"ema_decay": 1.0}}, "config.train.ema_decay", "< 1"),
+        ({"train": {"seed": -1}}, "config.train.seed", ">= 0"),
+        ({"train": {"views": [0, 8]}}, "config.train.views[1]", "< 8"),
+        ({"train": {"views": []}}, "config.train.views", "empty"),
+        ({"train": {"device": "gpu"}}, "config.train.device", "unknown 'gpu'"),
+        ({"train": {"schedule": "sometimes"}}, "config.train.schedule", "unknown 'sometimes'"),
+        ({"train": {"snapshot_every": 0}}, "config.train.snapshot_every", ">= 1"),
+        ({"loss": {"proxy_temperature": 0}}, "config.loss.proxy_temperature", "> 0"),
+        ({"loss": {"contrastive_temperature": -0.07}}, "config.loss.contrastive_temperature", "> 0"),
+        ({"loss": {"image_grad_from_text": 1.5}}, "config.loss.image_grad_from_text", "<= 1"),
+        ({"loss": {"caption_relatedness": 1.2}}, "config.loss.caption_relatedness", "<= 1"),
+        ({"loss": {"weights": {"margin": -0.5}}}, "config.loss.weights.margin", ">= 0"),
+        ({"image": {"dropout": 1.0}}, "config.image.dropout", "< 1"),
+        ({"image": {"std": [0.5, 0.0, 0.5]}}, "config.image.std[1]", "> 0"),
+        ({"image": {"head_hidden": [64, 0]}}, "config.image.head_hidden[1]", ">= 1"),
+        ({"image": {"encode_views": [-1]}}, "config.image.encode_views[0]", ">= 0"),
+        ({"text": {"max_length": 0}}, "config.text.max_length", ">= 1"),
+        ({"distributed": {"num_workers": -1}}, "config.distributed.num_workers", ">= 0"),
+        ({"distributed": {"cpus_per_worker": 0}}, "config.distributed.cpus_per_worker", "> 0"),
+        ({"distributed": {"text_workers": 0}}, "config.distributed.text_workers", ">= 1"),
+        ({"tracking": {"pue": 0.9}}, "config.tracking.pue", ">= 1"),
+        ({"name": ""}, "config.name", "empty"),
+    ],
+)
+def test_values_out_of_range(data, where, why):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    assert str(info.value).startswith(f"{where}: ") and why in str(info.value)
+
+
+def test_bits_follow_the_serving_rule():
+    from serving.codes import MAX_BITS, MIN_BITS, validate_bits
+
+    for bits in range(0, MAX_BITS + 16, 4):
+        try:
+            validate_bits(bits)
+        except ValueError:
+            with pytest.raises(ConfigError, match="config.train.bits"):
+                config_from_dict({"train": {"bits": bits}})
+        else:
+            assert config_from_dict({"train": {"bits": bits}}).train.bits == bits
+    assert config_from_dict({"train": {"bits": MIN_BITS}}).train.bits == MIN_BITS
+
+
+def test_out_of_range_value_in_a_file_names_the_file_and_the_field(tmp_path):
+    path = tmp_path / "hot.yaml"
+    path.write_text("loss:\n  contrastive_temperature: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: config.loss.contrastive_temperature: must be > 0")
+
+
+def test_check_catches_values_changed_in_place():
+    from training.config import check
+
+    config = ExperimentConfig()
+    check(config)  # the defaults are valid
+    config.train.bits = 20
+    with pytest.raises(ConfigError, match="config.train.bits"):
+        check(config)
+
+
+def test_command_line_overrides_are_checked_like_the_file(tmp_path, capsys):
+    from cluster.cli import main
+
+    config_file = tmp_path / "ok.yaml"
+    config_file.write_text("train:\n  epochs: 1\n")
+    args = ["train", "--config", str(config_file), "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    assert main(args + ["--bits", "12"]) == 2
+    assert "config.train.bits" in capsys.readouterr().err
+    assert main(args + ["--workers", "-1"]) == 2
+    assert "config.distributed.num_workers: must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+# --------------------------------------------------------------------------- distillation config
+
+
+def test_shipped_distill_config_loads():
+    from training.distill_job import load_config_for_cli
+    from training.students import DistillConfig
+
+    config = load_config_for_cli("default")
+    assert isinstance(config, DistillConfig) and config.students == ("image", "text")
+    assert isinstance(config.image.views, tuple)
+
+
+def test_partial_distill_loss_weights_merge_with_the_defaults(tmp_path):
+    from training.students import DistillLossConfig, load_distill_config
+
+    path = tmp_path / "students.yaml"
+    path.write_text("loss:\n  weights:\n    similarity: 0.5\n")
+    assert load_distill_config(path).loss.weights == {**DistillLossConfig().weights, "similarity": 0.5}
+
+
+@pytest.mark.parametrize(
+    "data, where",
+    [
+        ({"students": []}, "distill.students"),
+        ({"students": ["image", "audio"]}, "distill.students[1]"),
+        ({"eval_every": 0}, "distill.eval_every"),
+        ({"seed": -3}, "distill.seed"),
+        ({"warmup_epochs": -1}, "distill.warmup_epochs"),
+        ({"device": "tpu"}, "distill.device"),
+        ({"image": {"epochs": 0}}, "distill.image.epochs"),
+        ({"image": {"batch_size": 1}}, "distill.image.batch_size"),
+        ({"image": {"views": [9]}}, "distill.image.views[0]"),
+        ({"image": {"lr": 0}}, "distill.image.lr"),
+        ({"text": {"num_layers": 0}}, "distill.text.num_layers"),
+        ({"text": {"dropout": 1.5}}, "distill.text.dropout"),
+        ({"loss": {"quantization_sigma": 0}}, "distill.loss.quantization_sigma"),
+        ({"loss": {"weights": {"cosine": -1}}}, "distill.loss.weights.cosine"),
+        ({"distributed": {"max_failures": -1}}, "distill.distributed.max_failures"),
+    ],
+)
+def test_distill_values_out_of_range(data, where):
+    from training.students import distill_config_from_dict
+
+    with pytest.raises(ConfigError) as info:
+        distill_config_from_dict(data)
+    assert str(info.value).startswith(f"{where}: ")
+
+
+def test_distill_unknown_key_names_the_key_and_the_file(tmp_path):
+    from training.students import load_distill_config
+
+    path = tmp_path / "students.yaml"
+    path.write_text("image:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_distill_config(path)
+    assert str(path) in str(info.value) and "'epoch'" in str(info.value) and "distill.image" in str(info.value)
+
+
+def test_distill_has_no_skip_bad_images_option(capsys):
+    from cluster.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--teacher", "x", "--skip-bad-images"])
+    assert "--skip-bad-images" in capsys.readouterr().err
+    assert build_parser().parse_args(["train", "--config", "fast", "--skip-bad-images"]).skip_bad_images
