@@ -168,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", parents=[common], help="retrieval figures of a trained model",
                               description="Rank with binary codes: queries are the split's images and captions, "
-                                          "the database every other split (class relevance: mAP, P@10); R@1/5/10 "
-                                          "and mR on the split alone. Prints a table (binary and float) and writes JSON.")
+                                          "the database train + val for test, train only for val (as checkpoint "
+                                          "selection ranks it), val + test for train (class relevance: mAP, P@10); "
+                                          "R@1/5/10 and mR on the split alone. Prints a table (binary and float) and "
+                                          "writes JSON.")
     evaluate.add_argument("--model", required=True, help="folder written by `terrahash train`")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="query split (default: test)")
     evaluate.add_argument("--json", help="write the figures to this JSON file")

@@ -1,7 +1,8 @@
 """``terrahash eval``: retrieval figures of a trained model on one split of a dataset.
 
-Queries are the split's images and captions; the database is every other split (class
-relevance, ``map_*``); the instance figures (``r*``, ``mr``) use the split alone.
+Queries are the split's images and captions; the database is the protocol's for that split
+(``retrieval.DATABASE_SPLITS``: train for val, as checkpoint selection ranks it; train + val for
+test) with class relevance (``map_*``); the instance figures (``r*``, ``mr``) use the split alone.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "te
     from training.features import FeatureCache, default_device
     from training.train import DatasetIndex, Encoders, dataset_codes, load_trained
 
-    from .retrieval import evaluate_rows
+    from .retrieval import database_splits, evaluate_rows
 
     torch_device = default_device(device)
     model, config, state = load_trained(model_dir, torch_device)
@@ -34,10 +35,11 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "te
     query_rows = index.rows(split)
     if len(query_rows) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no images")
-    figures = evaluate_rows(images, captions, index.labels, index.captions_of, query_rows,
-                            index.database_rows(split), pr_curve=True)
+    db_rows = index.database_rows(split)
+    figures = evaluate_rows(images, captions, index.labels, index.captions_of, query_rows, db_rows, pr_curve=True)
     return {"bits": config.train.bits, **figures["binary"], "float": figures["float"],
             "pr_curve_image_to_image": figures["pr_curve"], "split": split,
+            "database": {"splits": list(database_splits(split)), "images": len(db_rows)},
             "dataset": index.dataset.name, "dataset_fingerprint": index.dataset.fingerprint(),
             "skipped_images": list(index.dataset.skipped),
             "model": str(model_dir), "config": config.name, "checkpoint_epoch": state["epoch"]}

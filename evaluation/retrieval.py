@@ -1,7 +1,9 @@
 """The retrieval protocol: which queries, which database, which relevance, which figures.
 
-Class-level figures (``map_*``, ``p_at_10``) rank the *other* splits' items for each query of
-the evaluated split, relevance = same scene class. Instance figures (``r1/r5/r10``, ``mr``)
+Class-level figures (``map_*``, ``p_at_10``) rank a database of other splits' items for each
+query of the evaluated split (``DATABASE_SPLITS``: val against train only, as checkpoint
+selection ranks it, so no test item is ever seen; test against train + val), relevance = same
+scene class. Instance figures (``r1/r5/r10``, ``mr``)
 follow the RS image-text retrieval literature: computed on the split alone, a caption's ground
 truth is its image, an image's ground truth is its captions. Binary codes are ranked by Hamming
 distance, float codes by cosine similarity; ties go to the lower database id in both.
@@ -16,6 +18,17 @@ from . import metrics
 
 
 TASKS = ("image_to_image", "text_to_image", "image_to_text")
+
+# The splits whose items the queries of each split are ranked against. Val chooses checkpoints,
+# so it never sees test; test is ranked against everything a model may have seen.
+DATABASE_SPLITS = {"train": ("val", "test"), "val": ("train",), "test": ("train", "val")}
+
+
+def database_splits(query_split: str) -> tuple[str, ...]:
+    """The database splits of ``query_split`` (``DATABASE_SPLITS``); an unknown split is an error."""
+    if query_split not in DATABASE_SPLITS:
+        raise ValueError(f"unknown query split {query_split!r}; known: {list(DATABASE_SPLITS)}")
+    return DATABASE_SPLITS[query_split]
 
 
 @dataclass

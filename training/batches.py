@@ -42,17 +42,22 @@ def sample_captions(image_rows: np.ndarray, captions_of: list[np.ndarray], rng: 
 
 
 class CachedBatches:
-    """Batches over cached features (V, N, D); the weak and strong views differ when V > 1."""
+    """Batches over cached features (V, N, D); the weak and strong views differ when V > 1.
+
+    ``noise_rows`` are the rows whose spread sets the noise scale: the whole train split (not a
+    worker's shard, so every worker adds the same noise scale; never val or test).
+    """
 
     def __init__(self, features: torch.Tensor, rows: np.ndarray, labels: np.ndarray,
-                 captions_of: list[np.ndarray], batch_size: int, noise: float, seed: int):
+                 captions_of: list[np.ndarray], batch_size: int, noise: float, seed: int, *, noise_rows: np.ndarray):
         self.features = features  # (V, N, D)
         self.rows = rows
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.captions_of = captions_of
         self.batch_size = batch_size
         # Noise relative to each feature dimension's spread, so one setting fits any backbone.
-        self.noise_scale = noise * features[0].std(dim=0, keepdim=True)  # (1, D)
+        spread = features[0, torch.as_tensor(noise_rows, device=features.device)].std(dim=0, keepdim=True)  # (1, D)
+        self.noise_scale = noise * spread
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 

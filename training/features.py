@@ -1,8 +1,9 @@
 """Image loading, dihedral views, and cached encoder features.
 
 With a frozen backbone the features of each image view never change, so they are computed
-once and cached on disk, keyed by the encoder's weights and the exact inputs. A fine-tuned
-encoder has other weights, hence another key: a cache can never serve stale features.
+once and cached on disk, keyed by the encoder's weights and the exact inputs: the images by the
+sha256 of their bytes, not their paths, so an image replaced in place gets a new key. A
+fine-tuned encoder has other weights, hence another key: a cache can never serve stale features.
 """
 from __future__ import annotations
 
@@ -48,6 +49,12 @@ def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
         raise ValueError(f"dihedral view must be in 0..7, got {view}")
     out = torch.rot90(images, view % 4, dims=(2, 3))
     return torch.flip(out, dims=(3,)) if view >= 4 else out
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes: what an image cache entry is keyed by."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -97,16 +104,18 @@ def image_features(encoder: nn.Module, paths: list[Path], image_size: int, mean,
     """Pooled features of every image under each dihedral view: float32 (V, N, D).
 
     Each view is cached on its own, under a key made of the encoder's fingerprint and pooled
-    stages, the preprocessing, the view and the file list; the views not in the cache are computed together,
-    decoding each image once.
+    stages, the preprocessing, the view and the content of the files in order (their sha256;
+    hashing UCM's 2,100 images takes about 0.1 s); the views not in the cache are computed
+    together, decoding each image once.
     """
     cache = cache or FeatureCache(None)
     fingerprint = module_fingerprint(encoder)
     # The weights' fingerprint does not say which stages are pooled: the same backbone with other
     # pool_levels gives other features.
     levels = list(getattr(encoder, "pool_levels", []))
+    files = hashlib.sha256("\n".join(file_digest(p) for p in paths).encode()).hexdigest()
     keys = {v: FeatureCache.key(kind="image", encoder=fingerprint, levels=levels, size=image_size, mean=list(mean),
-                                std=list(std), view=v, paths=[str(Path(p).resolve()) for p in paths]) for v in views}
+                                std=list(std), view=v, files=files) for v in views}
     found = {v: cache.get(keys[v]) for v in views}
     missing = tuple(v for v in views if found[v] is None)
     if missing:

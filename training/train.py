@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from evaluation.retrieval import evaluate_rows
+from evaluation.retrieval import database_splits, evaluate_rows
 
 from .batches import Batch, CachedBatches, CaptionBatches, ImageBatches
 from .config import ExperimentConfig, check, save_config, to_dict
@@ -72,7 +72,8 @@ class DatasetIndex:
         return np.asarray([r.index for r in self.dataset.split(*splits)], dtype=np.int64)
 
     def database_rows(self, query_split: str) -> np.ndarray:
-        return np.asarray([r.index for r in self.dataset.other_splits(query_split)], dtype=np.int64)
+        """Rows the queries of ``query_split`` are ranked against (evaluation.retrieval.DATABASE_SPLITS)."""
+        return self.rows(*database_splits(query_split))
 
 
 def build_model(config: ExperimentConfig, num_classes: int) -> tuple[HashingModel, HashingObjective]:
@@ -226,7 +227,7 @@ class Trainer:
         if self.config.image.freeze_backbone:
             features = torch.as_tensor(self.encoders.image_features(t.views), device=self.device)
             return CachedBatches(features, rows, self.index.labels, self.index.captions_of, t.batch_size,
-                                 t.feature_noise, seed)
+                                 t.feature_noise, seed, noise_rows=self.index.rows("train"))
         paths = [r.path for r in self.index.dataset.records]
         return ImageBatches(paths, rows, self.index.labels, self.index.captions_of, self.config.image.image_size,
                             t.batch_size, t.loader_workers, seed)
@@ -435,7 +436,7 @@ def train_and_select(config: ExperimentConfig, index: DatasetIndex, device: torc
     ema = (torch.optim.swa_utils.AveragedModel(heads, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay),
                                                use_buffers=True) if t.ema_decay else None)
     train_rows = index.rows("train")
-    val_db = train_rows  # val queries are ranked against train only: no test data is ever seen
+    val_db = index.database_rows("val")  # train only: no test data is ever seen
     batches = trainer.batches(context.shard(train_rows), context.seed(t.seed))
     if context.rank:
         # The model was built from the common seed, so every worker starts from the same weights

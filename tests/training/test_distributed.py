@@ -34,8 +34,8 @@ def test_every_rank_gets_as_many_rows_and_steps_and_a_seed_of_its_own(world):
         assert len({len(s) for s in shards}) == 1, (n, world, [len(s) for s in shards])
         assert set(np.concatenate(shards)) == set(rows)  # padding repeats rows, it drops none
         for batch_size in (2, 3, 4, 8):
-            steps = {len(CachedBatches(features, s, np.zeros(40), captions_of, batch_size, 0.1, c.seed(0)))
-                     for s, c in zip(shards, contexts)}
+            steps = {len(CachedBatches(features, s, np.zeros(40), captions_of, batch_size, 0.1, c.seed(0),
+                                       noise_rows=rows)) for s, c in zip(shards, contexts)}
             steps |= {len(CaptionBatches(s, np.zeros(40), captions_of, batch_size, c.seed(0)))
                       for s, c in zip(shards, contexts)}
             assert len(steps) == 1, (n, world, batch_size, steps)
@@ -55,7 +55,7 @@ def test_ranks_draw_different_batches_from_the_same_rows():
     draws = []
     for rank in range(2):
         batches = CachedBatches(features, rows, np.zeros(16), captions_of, 16, 0.1,
-                                LoopContext(rank=rank, world_size=2).seed(0))
+                                LoopContext(rank=rank, world_size=2).seed(0), noise_rows=rows)
         batch = next(iter(batches))
         draws.append((batch.images.tolist(), batch.captions.tolist(), batch.weak))
     assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]

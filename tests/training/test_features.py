@@ -1,0 +1,65 @@
+"""The feature cache and the feature noise: keyed by image content, scaled on train images only."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from training.batches import CachedBatches
+from training.config import ImageTowerConfig, config_from_dict
+from training.features import FeatureCache, image_features
+from training.models import ImageEncoder
+
+
+def test_an_image_replaced_in_place_gets_new_features(ucm_dir, tmp_path):
+    sources = sorted(p for p in (ucm_dir / "images").rglob("*") if p.is_file())[:3]
+    assert len(sources) == 3
+    paths = [tmp_path / f"scene{i}{source.suffix}" for i, source in enumerate(sources)]
+    for source, path in zip(sources, paths):
+        shutil.copyfile(source, path)
+    torch.manual_seed(0)
+    encoder = ImageEncoder(ImageTowerConfig(backbone="test_efficientnet", weights="none", image_size=64))
+    cache = FeatureCache(tmp_path / "cache")
+
+    def features():
+        return image_features(encoder, paths, 64, (0.5,) * 3, (0.5,) * 3, views=(0, 5), cache=cache)
+
+    before = features()  # (V, 3, D), now cached
+    assert np.array_equal(features(), before)  # same files: served from the cache
+    shutil.copyfile(sources[2], paths[0])  # new bytes, same path
+    after = features()
+    assert not np.allclose(after[:, 0], before[:, 0])
+    np.testing.assert_allclose(after[:, 0], before[:, 2], rtol=1e-5, atol=1e-6)  # the new image's features
+    np.testing.assert_array_equal(after[:, 1:], before[:, 1:])
+    uncached = image_features(encoder, paths, 64, (0.5,) * 3, (0.5,) * 3, views=(0, 5))
+    np.testing.assert_allclose(after, uncached, rtol=1e-5, atol=1e-6)
+
+
+def test_feature_noise_is_scaled_by_the_spread_of_the_train_rows_only():
+    torch.manual_seed(0)
+    features = torch.randn(2, 10, 4)  # (V, N, D)
+    features[:, 6:] *= 100  # val and test images spread far wider
+    train = np.arange(6)
+    batches = CachedBatches(features, train[::2], np.zeros(10), [np.array([i]) for i in range(10)], 4, 0.5, 0,
+                            noise_rows=train)
+    expected = 0.5 * features[0, :6].std(dim=0, keepdim=True)  # (1, D)
+    torch.testing.assert_close(batches.noise_scale, expected)
+
+
+def test_training_noise_scale_ignores_val_and_test_images(subset, tiny_text_encoder, tmp_path):
+    from training.data import load_dataset
+    from training.train import DatasetIndex, Trainer
+
+    config = config_from_dict(tiny_config(tiny_text_encoder))
+    index = DatasetIndex.build(load_dataset(subset))
+    trainer = Trainer(config, index, torch.device("cpu"), FeatureCache(tmp_path / "cache"))
+    train = index.rows("train")
+    batches = trainer.batches(train[::2], seed=0)  # a worker's shard: the scale is still the split's
+    features = torch.as_tensor(trainer.encoders.image_features(config.train.views))  # (V, N, D)
+    expected = config.train.feature_noise * features[0, torch.as_tensor(train)].std(dim=0, keepdim=True)
+    torch.testing.assert_close(batches.noise_scale, expected)
+    everything = config.train.feature_noise * features[0].std(dim=0, keepdim=True)
+    assert not torch.allclose(batches.noise_scale, everything)
