@@ -225,12 +225,15 @@ async def image_upload(request: Request, limit: int, model: type[BaseModel]) -> 
         form = await request.form()
     except Exception as err:  # malformed multipart
         raise ApiError(400, "invalid_form", f"cannot parse the multipart form: {err}") from None
-    upload = form.get("image")
-    if upload is None or isinstance(upload, str):
-        raise ApiError(422, "missing_image", 'the form needs a file field named "image"')
-    data = await upload.read()
-    check_size(len(data), limit)
-    return data, {k: v for k, v in form.items() if k != "image"}
+    try:
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(422, "missing_image", 'the form needs a file field named "image"')
+        data = await upload.read()
+        check_size(len(data), limit)
+        return data, {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
+    finally:
+        await form.close()  # large parts are spooled to temporary files
 
 
 # --- decoding images (off the event loop) ------------------------------------------------------------

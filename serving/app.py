@@ -38,6 +38,9 @@ def build_app(settings: ServeSettings | dict):
                              caption_version=settings.caption_version)
     manifests = {c: served[c] for c in ("images", "captions") if c in served}
     images = manifests["images"]
+    if settings.rerank == "fusion" and "captions" not in manifests:
+        raise ValueError(f"rerank: fusion needs a caption index, and release {served.get('release')} of "
+                         f"{settings.index} has none")
     model_dir = Path(settings.model or images["extra"].get("model_dir") or "")
     if not model_dir.is_dir():
         raise ValueError(f"model version folder {str(model_dir)!r} not found (give model in the settings)")

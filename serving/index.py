@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -208,6 +209,9 @@ class Shard:
                              f"it takes {sorted(self.kind.defaults)}")
         self.search_params = {**self.kind.defaults, **(search_params or {})}
         self.index = build_faiss_index(self.codes, bits, factory) if len(self.codes) else None
+        # Search-time parameters live on the faiss index and HNSW's depends on k: concurrent searches
+        # (a shard replica answers in a thread pool) must not search with each other's settings.
+        self._tune_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -256,8 +260,9 @@ class Shard:
         return out_d, out_r
 
     def _search_approximate(self, queries, k):
-        self.kind.tune(self.index, self.search_params, k)
-        distances, positions = self.index.search(queries, k)  # (Q, k), -1 where faiss found nothing
+        with self._tune_lock:
+            self.kind.tune(self.index, self.search_params, k)
+            distances, positions = self.index.search(queries, k)  # (Q, k), -1 where faiss found nothing
         found = positions >= 0
         rows = np.where(found, self.rows[np.where(found, positions, 0)], MISSING_ROW)
         distances = np.where(found, distances, MISSING_DISTANCE).astype(np.int32)

@@ -15,7 +15,10 @@ class QueryEncoder:
         self.text = TextEncoder(text_spec, threads) if text_spec is not None else None
 
     def reconfigure(self, config: dict) -> None:
-        """Hot batching settings: {"batch_max_size", "batch_wait_s"}."""
+        """Hot batching settings (serving.settings.EncoderConfig: "batch_max_size", "batch_wait_s")."""
+        from serving.settings import check_encoder_settings
+
+        config = check_encoder_settings(config)
         for method in (self.encode_text, self.encode_image):
             method.set_max_batch_size(int(config["batch_max_size"]))
             method.set_batch_wait_timeout_s(float(config["batch_wait_s"]))

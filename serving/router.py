@@ -110,6 +110,19 @@ async def _result(response):
     return await response
 
 
+async def _all_or_none(coroutines) -> list:
+    """The results of ``coroutines`` run at once; when one fails, the others are cancelled (no call keeps
+    retrying for a request that has already failed)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _finite(code: np.ndarray) -> np.ndarray:
     if not np.isfinite(code).all():
         raise RuntimeError("the encoder returned a code with NaN or infinite values")
@@ -228,6 +241,9 @@ class Router:
             if status >= 500:
                 log.warning("%s: %s", endpoint, err.message)
             return error_response(err.status, err.code, err.message)
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's code): not a server error
+            raise
         except Exception:
             rid = request_id()
             log.exception("%s: unexpected error in request %s", endpoint, rid)
@@ -310,8 +326,8 @@ class Router:
                 results = asymmetric_rerank(code, hits, self.meta["bits"])[:k]
         else:
             depth = max(k, self.config["rerank_depth"])
-            images, captions = await asyncio.gather(self._search("images", packed, depth, call),
-                                                    self._search("captions", packed, depth, call))
+            images, captions = await _all_or_none([self._search("images", packed, depth, call),
+                                                   self._search("captions", packed, depth, call)])
             with call.timer("rerank"):
                 results = fuse(images, captions, self.meta["bits"], fusion)[:k]
         return {"k": k, "rerank": rerank, "fusion": fusion if rerank == "fusion" else None, "results": results}
@@ -320,8 +336,8 @@ class Router:
                       with_codes: bool = False) -> list[dict]:
         """Scatter one query to every shard group of ``collection`` at once, merge the top-k (distance, row)."""
         start = time.perf_counter()
-        answers = await asyncio.gather(*[self._call(h, "search", call, packed, k, with_codes)
-                                         for h in self.shards[collection]])
+        answers = await _all_or_none([self._call(h, "search", call, packed, k, with_codes)
+                                      for h in self.shards[collection]])
         call.timings["search"] = call.timings.get("search", 0.0) + (time.perf_counter() - start) * 1000
         with call.timer("merge"):
             return merge_hits(answers, k, self.meta["bits"], self.meta["refs"][collection], with_codes)
@@ -343,6 +359,7 @@ class Router:
                 self.metrics.retries.inc(1, tags={"callee": name, "reason": "not_ready"})
                 if not_ready >= NOT_READY_TRIES:
                     raise ApiError(503, "shard_not_ready", str(err)) from None
+                await asyncio.sleep(min(0.001 * not_ready, max(call.remaining(), 0)))  # spread over replicas' loads
             except RayTaskError:
                 raise  # the replica's own code failed: not a lost replica, retrying would fail the same way
             except RETRYABLE as err:

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 RERANK_MODES = ("none", "asymmetric", "fusion")
 FUSION_RULES = ("average", "max")
 
-_STRICT = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+# strict: a YAML "50" or `true` is not taken for a number (ints are still accepted for floats)
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class RouterConfig(BaseModel):
@@ -30,8 +31,8 @@ class RouterConfig(BaseModel):
     rerank: Literal["none", "asymmetric", "fusion"] = "none"  # default re-ranking
     rerank_depth: int = Field(100, ge=1, le=10_000)  # R: candidates re-ranked
     fusion: Literal["average", "max"] = "average"  # of the image-code and caption-code scores
-    deadline_s: float = Field(5.0, gt=0)  # a request's whole budget: encoder, lookup, fan-out, retries
-    shard_timeout_s: float = Field(2.0, gt=0)  # one shard call's budget before it is retried
+    deadline_s: float = Field(5.0, gt=0, le=600)  # a request's whole budget: encoder, lookup, fan-out, retries
+    shard_timeout_s: float = Field(2.0, gt=0, le=600)  # one call's budget before it is retried
     shard_retries: int = Field(2, ge=0, le=20)  # retries of a lost or timed-out call
 
     @model_validator(mode="after")
@@ -84,7 +85,7 @@ class ServeSettings(RouterConfig, EncoderConfig):
     # Node-local copies of the shards a replica serves, fetched from the artifact root and verified
     # there (one folder per node below it). A copy that fails its checksum fails the replica's health check.
     shard_cache_dir: str = "/tmp/terrahash/shards"
-    shard_health_period_s: float = Field(2.0, gt=0)  # how often Serve checks a shard replica
+    shard_health_period_s: float = Field(2.0, gt=0, le=3600)  # how often Serve checks a shard replica
     # A log line per shard call in every shard replica: off by default, as the router's access log
     # already has every request and the lines cost CPU that the searches need under load.
     shard_access_log: bool = False
@@ -133,6 +134,14 @@ def check_hot_settings(config: dict) -> dict:
         return RouterConfig.model_validate(config).model_dump()
     except ValidationError as err:
         raise ValueError(describe(err, "router settings")) from None
+
+
+def check_encoder_settings(config: dict) -> dict:
+    """Validate the encoder's user_config (on every ``reconfigure``); the checked dict."""
+    try:
+        return EncoderConfig.model_validate(config).model_dump()
+    except ValidationError as err:
+        raise ValueError(describe(err, "encoder settings")) from None
 
 
 def load_settings(path: str | Path, **overrides) -> ServeSettings:

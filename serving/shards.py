@@ -8,8 +8,9 @@ the source's manifest there. Three outcomes, each reported to ``ShardReports`` w
 * a copy that was already in the cache fails its check (the node's disk copy went bad): the copy is
   dropped and the replica fails its health check, so Serve replaces it with one that fetches afresh;
   meanwhile the router retries its calls (``ShardNotReady``) on the group's other replicas;
-* a copy just fetched from the source fails: the source itself is bad, a restart would fail the same
-  way, so the replica stays up, healthy and unready, and says why.
+* a file read from the source fails its check (checked in memory, before it enters the cache), or is
+  missing there: the source itself is bad, a restart would fail the same way, so the replica stays up,
+  healthy and unready, and says why.
 
 ``ShardReports`` (one small replica) keeps each shard replica's latest report and the reasons of recent
 replacements; the router's ``/v1/readyz`` reads it, so readiness covers every replica, not one at random.
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
-from cluster.artifacts import LocalRoot
+from cluster.artifacts import LocalRoot, sha256_file
 from serving.index import ShardIntegrityError, load_shard, merge_topk, read_manifest
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to each replica's log file
@@ -40,21 +41,50 @@ class ShardNotReady(RuntimeError):
     """A shard replica that holds no verified copy of its shards: it answers no searches."""
 
 
-def fetch_to_cache(source, cache: Path, collection: str, version: str, name: str):
-    """Copy one shard's files and the source's manifest into ``cache`` (files already there are kept);
-    the list of keys fetched now. The manifest is always the source's, so checks are against it."""
+class LocalCopyBad(ShardIntegrityError):
+    """A node-local copy that no longer matches the source's manifest (the source itself may be fine)."""
+
+
+def sync_to_cache(source, cache: Path, collection: str, version: str, name: str) -> None:
+    """Make ``cache`` hold verified copies of one shard's files and the source's manifest, under a per-node
+    lock (replicas on one node share the cache).
+
+    A file already cached is checked against the manifest's sha256: when it no longer matches it is
+    deleted and LocalCopyBad raised (a fresh replica fetches it again). A file not cached is read from
+    the source and checked in memory before it is written: missing or wrong there is a
+    ShardIntegrityError about the source, and nothing bad enters the cache.
+    """
+    import fcntl
+
     manifest = read_manifest(source, version, collection)
-    local = LocalRoot(cache)
-    prefix = f"index/{collection}"
-    local.write_bytes(f"{prefix}/{version}/manifest.json", source.read_bytes(f"{prefix}/{version}/manifest.json"))
     entry = next((e for e in manifest["shards"] if e["name"] == name), None)
-    fetched = []
-    for info in (entry or {}).get("files", {}).values():
-        key = f"{prefix}/{info['path']}"
-        if not (cache / key).exists():
-            local.write_bytes(key, source.read_bytes(key))  # written to a temporary name, then renamed
-            fetched.append(key)
-    return fetched
+    if entry is None:
+        raise ShardIntegrityError(name, f"not in the manifest of {collection}/{version}")
+    local, prefix = LocalRoot(cache), f"index/{collection}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        local.write_bytes(f"{prefix}/{version}/manifest.json", source.read_bytes(f"{prefix}/{version}/manifest.json"))
+        stale = []
+        for info in entry["files"].values():
+            key, path = f"{prefix}/{info['path']}", cache / prefix / info["path"]
+            if path.exists():
+                actual = sha256_file(path)
+                if actual != info["sha256"]:
+                    path.unlink()
+                    stale.append(LocalCopyBad(name, "checksum mismatch", str(path), info["sha256"], actual))
+                continue
+            try:
+                blob = source.read_bytes(key)
+            except FileNotFoundError as err:
+                raise ShardIntegrityError(name, f"missing at the source ({err})", info["path"]) from None
+            actual = hashlib.sha256(blob).hexdigest()
+            if actual != info["sha256"]:
+                raise ShardIntegrityError(name, "checksum mismatch at the source", info["path"], info["sha256"], actual)
+            local.write_bytes(key, blob)  # verified bytes only; written to a temporary name, then renamed
+    if stale:
+        raise LocalCopyBad(name, f"node-local copy at {cache} failed its check ({stale[0]}); dropped it, "
+                                 "this replica will be replaced by one that fetches it again")
 
 
 def cache_folder(cache_dir: str | os.PathLike, node: str, source_uri: str) -> Path:
@@ -66,11 +96,6 @@ async def _result(response):
     return await response
 
 
-def drop_cached(cache: Path, collection: str, version: str, name: str) -> None:
-    for path in (cache / "index" / collection / version).glob(f"{name}.*"):
-        path.unlink(missing_ok=True)
-
-
 @serve.deployment(num_replicas=1, max_ongoing_requests=256)
 class ShardReports:
     """Latest report of every shard replica, and why recent ones were replaced (for ``/v1/readyz``)."""
@@ -79,15 +104,15 @@ class ShardReports:
         self.reports: dict[str, dict] = {}
         self.replaced: list[dict] = []
 
-    def report(self, report: dict) -> None:
+    async def report(self, report: dict) -> None:
         self.reports[report["replica"]] = {**report, "updated": time.time()}
 
-    def snapshot(self) -> dict:
+    async def snapshot(self) -> dict:
         """{"replicas": [current reports], "replaced": [recent replacements]}, each sorted."""
         now = time.time()
         for replica, report in list(self.reports.items()):
             if now - report["updated"] > REPORT_TTL_PERIODS * report["period_s"] + 5:
-                del self.reports[replica]
+                self.reports.pop(replica, None)
                 if not report["healthy"]:
                     self.replaced.append({**report, "replaced": now})
         self.replaced = [r for r in self.replaced if now - r["replaced"] < HISTORY_S]
@@ -139,16 +164,12 @@ class ShardServer:
         """The verified shard: read from the source, or through the node-local ``cache``."""
         if cache is None:
             return load_shard(source, version, name, collection)
-        fetched = fetch_to_cache(source, cache, collection, version, name)
         try:
-            return load_shard(LocalRoot(cache), version, name, collection)
-        except ShardIntegrityError as err:
-            if not fetched:  # an old local copy went bad: drop it, and have Serve replace this replica
-                drop_cached(cache, collection, version, name)
-                self.healthy = False
-                raise ShardIntegrityError(name, f"node-local copy at {cache} failed its check ({err}); "
-                                                "dropped it, this replica will be replaced") from None
-            raise ShardIntegrityError(name, f"the source copy is bad ({err})") from None
+            sync_to_cache(source, cache, collection, version, name)
+        except LocalCopyBad:
+            self.healthy = False  # the health check fails: Serve replaces this replica
+            raise
+        return load_shard(LocalRoot(cache), version, name, collection)  # row counts, widths, order
 
     async def check_health(self) -> None:
         """Serve's health check: reports to ShardReports, and fails while the node-local copy is bad."""
@@ -167,10 +188,14 @@ class ShardServer:
             log.warning("could not report readiness: %s", err)
 
     def ready(self) -> list[dict]:
-        """One {"shard", "ready", "rows", "problem"} per shard of the group (rows 0 while not serving)."""
-        rows = [len(shard) for shard in self.shards] if not self.problems else [0] * len(self.labels)
-        return [{"shard": label, "ready": label not in self.problems, "rows": n, "problem": self.problems.get(label)}
-                for label, n in zip(self.labels, rows)]
+        """One {"shard", "ready", "rows", "problem"} per shard of the group. A group serves all its shards or
+        none: one bad shard holds the others back (rows 0 while not serving)."""
+        if not self.problems:
+            return [{"shard": label, "ready": True, "rows": len(shard), "problem": None}
+                    for label, shard in zip(self.labels, self.shards)]
+        held = f"held back: {', '.join(sorted(self.problems))} of this replica's group is not serving"
+        return [{"shard": label, "ready": False, "rows": 0, "problem": self.problems.get(label, held)}
+                for label in self.labels]
 
     def search(self, queries: np.ndarray, k: int, with_codes: bool = False) -> dict:
         """Top-k of packed ``queries`` (Q, bytes) over the group: distances, rows, ids, image ids (and
