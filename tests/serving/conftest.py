@@ -10,6 +10,17 @@ from tests.conftest import free_port, write_subset
 SHARDS = 3
 
 
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """Tiny searches gain nothing from OpenMP, and its spinning threads crawl on a busy 2-core machine."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture
 def local_root(tmp_path):
     """An empty artifact root in a folder."""

@@ -18,13 +18,7 @@ from serving.index import (MISSING_DISTANCE, MISSING_ROW, IndexVersionError, Sha
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Tiny searches gain nothing from OpenMP, and its spinning threads crawl on a busy 2-core machine."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def reference_topk(queries, db, rows, k):
