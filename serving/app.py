@@ -60,7 +60,7 @@ def build_app(settings: ServeSettings | dict):
               for name, manifest in manifests.items()}
     refs = {name: ImageRefs(m, settings.image_base) for name, m in manifests.items()}
     meta = {"model_version": images["model_version"], "bits": images["bits"], "image_size": spec.image["size"],
-            "release": served.get("release"), "index_version": {name: m["version"] for name, m in manifests.items()},
+            "index_version": {name: m["version"] for name, m in manifests.items()},
             "shards": {name: [f"{name}/{m['version']}/{e['name']}" for e in m["shards"]] for name, m in manifests.items()},
             "shard_count": {name: len(m["shards"]) for name, m in manifests.items()}, "shards_per_replica": per_replica,
             "refs": refs}
