@@ -13,6 +13,13 @@ relative to the images' common folder when the JSON points outside its own folde
 is ``<image id>#<n>``. That root is recorded for the rows it wrote (``image_roots``), so the items of
 an add keep the root of their own dataset. Manifests and releases record the model's code space
 (serving.spec). No torch: images are decoded with serving.encoders.
+
+Model: a folder of exported students, or a registered version (``models:/NAME/VERSION`` or
+``models:/NAME@ALIAS``), fetched from the registry (serving.registry.fetch_model). A registered
+version is recorded in the manifests' ``extra.model`` and the release's ``model`` as
+``{"uri": "models:/NAME/VERSION", "name", "version"}`` (the number, even when asked by alias), and the
+version is tagged with the release (``terrahash.index_releases``). ``served_model`` tells serving which
+model a release was built with; ``index add`` fetches it from the registry the same way.
 """
 from __future__ import annotations
 
@@ -64,9 +71,40 @@ def find_spec(model_dir: str | Path, kind: str, variant: str = "fp32") -> Path:
     return found[0]
 
 
-def model_version_label(model_dir: Path, image_spec: Path) -> str:
-    """``<folder>@<image model sha256[:12]>``: two models never share a label, so never an index."""
-    return f"{model_dir.name}@{load_spec(image_spec).data['model_sha256'][:12]}"
+def model_version_label(model_dir: Path, image_spec: Path, name: str | None = None) -> str:
+    """``<name or folder>@<image model sha256[:12]>`` (a registered version's name is ``NAME/VERSION``):
+    two models never share a label, so never an index."""
+    return f"{name or model_dir.name}@{load_spec(image_spec).data['model_sha256'][:12]}"
+
+
+def served_model(release_or_manifests: dict) -> str:
+    """What serving loads when no model is given: ``models:/NAME/VERSION`` when the release (or its image
+    manifest) records a registered version, else the model folder the index was built from (older
+    indexes). Takes a release file, resolve_release's answer, or {"images": manifest, ...}."""
+    record = release_or_manifests
+    model = record.get("model")
+    images = record.get("images") if isinstance(record.get("images"), dict) else None
+    if not model and images is not None and "extra" in images:  # a manifest, not a release's collection entry
+        model = images["extra"].get("model")
+    if model:
+        return model["uri"]
+    folder = images.get("extra", {}).get("model_dir") if images is not None else None
+    if not folder:
+        raise ValueError(f"release {record.get('release', '?')} records neither a registered model nor a model "
+                         f"folder; give the model to serve")
+    return folder
+
+
+def _fetch(model, tracking_uri: str | None, cache_dir) -> tuple[Path, dict | None, object]:
+    """(local folder, the manifests' ``extra.model`` record or None, the registry ModelRef or None) of a
+    folder, a run name under runs/ (``resolve_model``) or a ``models:/`` URI."""
+    from serving.registry import fetch_model, parse_model_uri, resolve_model as resolve_registered
+
+    if parse_model_uri(model) is None:
+        return resolve_model(model), None, None
+    ref = resolve_registered(model, tracking_uri)
+    folder = fetch_model(ref, cache_dir, tracking_uri)
+    return folder, {"uri": ref.version_uri, "name": ref.name, "version": ref.version}, ref
 
 
 def model_code_space(model_dir: Path, image_spec: Path) -> str:
@@ -225,26 +263,32 @@ def _skipped(skipped: list) -> dict:
 def build_indexes(model: str | Path, data: str | Path, n_shards: int, out: str, *, factory: str = "BFlat",
                   variant: str = "fp32", captions: bool = True, batch_size: int = 64,
                   address: str | None = None, splits: tuple[str, ...] | None = None,
-                  skip_bad_images: bool = False) -> dict:
+                  skip_bad_images: bool = False, tracking_uri: str | None = None,
+                  model_cache: str | Path | None = None) -> dict:
     """Encode a dataset, write index versions of ``images`` (and ``captions``) to ``out`` and publish a
     release naming them. Returns {"release": release, "images": manifest, "captions": manifest or None}.
 
+    ``model``: a folder, a run name under runs/, or ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS``
+    (fetched into ``model_cache``, default serving.registry.DEFAULT_CACHE, from the registry at
+    ``tracking_uri``), which is recorded in the manifests and the release and tagged with the release.
     ``skip_bad_images``: images that cannot be decoded are left out (with their captions), counted
     and listed in the image manifest's extra, instead of failing the build.
     """
-    model_dir = resolve_model(model)
+    from serving.registry import DEFAULT_CACHE, add_index_release_tag
+
+    model_dir, registered, ref = _fetch(model, tracking_uri, model_cache or DEFAULT_CACHE)
     image_spec = find_spec(model_dir, "image", variant)
     code_space = model_code_space(model_dir, image_spec)
     text_spec = find_spec(model_dir, "text", variant) if captions else None
     if text_spec is not None:
         _check_text_space(text_spec, code_space)
     items = dataset_items(data, splits)
-    label = model_version_label(model_dir, image_spec)
+    label = model_version_label(model_dir, image_spec, registered and f"{registered['name']}/{registered['version']}")
     bits = load_spec(image_spec).bits
     _ensure_ray(address)
     codes, items, skipped = _encode_items(image_spec, items, batch_size, skip_bad_images)
     extra = {"model_dir": str(model_dir), "image_spec": image_spec.name, "dataset": str(Path(data).resolve()),
-             "image_root": str(items.image_root)}
+             "image_root": str(items.image_root), **({"model": registered} if registered else {})}
     common = {"model_version": label, "code_space": code_space, "image_root": str(items.image_root)}
     manifests = {"images": build_index(codes, items.image_ids, bits, n_shards, out, factory, collection="images",
                                        extra={**extra, **_skipped(skipped)}, **common),
@@ -255,25 +299,42 @@ def build_indexes(model: str | Path, data: str | Path, n_shards: int, out: str, 
                                             collection="captions", image_ids=items.caption_image_ids,
                                             texts=items.captions, extra={**extra, "text_spec": text_spec.name},
                                             **common)
-    return {"release": publish_release(out, manifests), **manifests}
+    release = publish_release(out, manifests)
+    if ref is not None:
+        from cluster.artifacts import open_root
+
+        add_index_release_tag(ref, open_root(out).uri, release["release"], tracking_uri)
+    return {"release": release, **manifests}
 
 
 def add_images(data: str | Path, out: str, *, base_release: str | None = None, captions: bool = True,
                batch_size: int = 64, address: str | None = None, splits: tuple[str, ...] | None = None,
-               skip_bad_images: bool = False) -> dict:
+               skip_bad_images: bool = False, tracking_uri: str | None = None,
+               model_cache: str | Path | None = None) -> dict:
     """Add a dataset's images (and captions) to the image and caption versions of release
     ``base_release`` (default: the latest), with the model the index was built with, and publish a
     new release (serving.index.add_release: concurrent adds to the latest all land in it). Returns
     {"release": release, "images": manifest, "captions": manifest or None}.
 
     The new items are referenced from their own dataset's image root. The base's caption index is
-    carried over unchanged when the captions are not added (``captions`` False).
+    carried over unchanged when the captions are not added (``captions`` False). The model is the
+    base's registered version (``extra.model``), fetched from the registry at ``tracking_uri`` into
+    ``model_cache``, so an add works on any machine; an index built from a folder uses that folder.
+    The new release is tagged on the registered version.
     """
+    from serving.registry import DEFAULT_CACHE, add_index_release_tag
+
     base = resolve_release(out, base_release)
     images = base["images"]
-    model_dir = Path(images["extra"]["model_dir"])
+    registered = images["extra"].get("model")
+    ref = None
+    if registered:
+        model_dir, _, ref = _fetch(registered["uri"], tracking_uri, model_cache or DEFAULT_CACHE)
+    else:
+        model_dir = Path(images["extra"]["model_dir"])
     image_spec = model_dir / images["extra"]["image_spec"]
-    if model_version_label(model_dir, image_spec) != images["model_version"]:
+    name = registered and f"{registered['name']}/{registered['version']}"
+    if model_version_label(model_dir, image_spec, name) != images["model_version"]:
         raise ValueError(f"the model in {model_dir} is no longer the one index {images['version']} was built with "
                          f"({images['model_version']}); build a new index")
     check_code_space(image_spec, images)
@@ -287,6 +348,11 @@ def add_images(data: str | Path, out: str, *, base_release: str | None = None, c
         text_codes, _ = encode_all(text_spec, items.captions, batch_size * 4, "captions")
         additions["captions"] = {"codes": text_codes, "ids": items.caption_ids, "image_ids": items.caption_image_ids,
                                  "texts": items.captions}
-    return add_release(out, additions, base_release=base["release"] if base_release else None,
-                       model_version=images["model_version"], code_space=images.get("code_space"),
-                       image_root=str(items.image_root), extra=_skipped(skipped))
+    result = add_release(out, additions, base_release=base["release"] if base_release else None,
+                         model_version=images["model_version"], code_space=images.get("code_space"),
+                         image_root=str(items.image_root), extra=_skipped(skipped))
+    if ref is not None:
+        from cluster.artifacts import open_root
+
+        add_index_release_tag(ref, open_root(out).uri, result["release"]["release"], tracking_uri)
+    return result

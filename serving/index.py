@@ -565,7 +565,8 @@ def publish_release(root, manifests: dict, *, base_release: str | None = None, r
 
     Written last, after the versions it names are complete: ``index/releases/rNNNN.json`` =
     {format, release, base_release, created, model_version, code_space, bits, collections:
-    {name: {version, manifest_sha256, rows}}}. Created exclusively (a local hard link of a fsynced
+    {name: {version, manifest_sha256, rows}}}, and ``model`` ({uri: "models:/NAME/VERSION", name,
+    version}) when the image manifest records a registered model version (``extra.model``). Created exclusively (a local hard link of a fsynced
     file, or a conditional put on S3): with ``release`` given, exactly that name or
     ReleaseConflictError if another writer took it; otherwise the next free number.
     """
@@ -590,6 +591,8 @@ def publish_release(root, manifests: dict, *, base_release: str | None = None, r
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model_version": images["model_version"], "code_space": images.get("code_space"),
             "bits": images["bits"], "bit_order": images.get("bit_order", BIT_ORDER), "collections": collections}
+    if images.get("extra", {}).get("model"):  # the registered model version the codes came from
+        body["model"] = dict(images["extra"]["model"])
     if release is not None:
         _check_release_name(release)
         names = [release]
