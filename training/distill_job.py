@@ -2,9 +2,11 @@
 
 The job: students trained on the teacher's codes (``distill.distill``; in one process or as a Ray
 Train job), exported to ONNX fp32 and int8 with their specs (``export.export_students``), checked
-on the test split against the torch students and the teacher (reported only: the students are
-chosen on val), then logged to MLflow with the teacher's run as lineage and registered as a new
-version of ``config.registered_model``.
+against the torch students and the teacher on val (database: train) and on the test split, from one
+encoding pass (``evaluation.parity.parity_reports``), then logged to MLflow with the teacher's run as
+lineage and registered as a new version of ``config.registered_model``. The val figures are also set
+as tags on the model version: they are what the promotion gates compare (serving/promotion.py); the
+test figures are reported only.
 """
 from __future__ import annotations
 
@@ -97,8 +99,11 @@ def file_sizes(onnx_dir: Path) -> dict[str, int]:
 
 def run_distillation(teacher: str | Path, config: DistillConfig, data_dir, out_dir, cache_dir=None,
                      parity_split: str = "test") -> dict:
-    """Distil, export, check and register; writes ``out_dir/metrics.json`` and returns it."""
-    from evaluation.parity import parity
+    """Distil, export, check and register; writes ``out_dir/metrics.json`` and returns it.
+
+    ``metrics["parity"]`` is the ``parity_split`` report (test: reported only), ``metrics["val_parity"]``
+    the val one; run metrics ``parity/...`` (the former), ``val/<model>/...`` and ``val_parity/...``."""
+    from evaluation.parity import metric_name, parity_reports, version_figures
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,22 +122,27 @@ def run_distillation(teacher: str | Path, config: DistillConfig, data_dir, out_d
         metrics = train_students(teacher_dir, config, data_dir, out, cache_dir)
         calibration, held_out = _export_sets(dataset)
         exported = export_students(out, calibration_images=calibration, held_out_images=held_out)
-        report = parity(teacher_dir, out, data_dir, cache_dir, split=parity_split)
-        metrics.update(teacher_run_id=teacher_run, parity=report, sizes=file_sizes(out / ONNX_DIR),
+        reports = parity_reports(teacher_dir, out, data_dir, cache_dir, splits=tuple(dict.fromkeys(("val", parity_split))))
+        report, val = reports[parity_split], reports["val"]
+        metrics.update(teacher_run_id=teacher_run, parity=report, val_parity=val, sizes=file_sizes(out / ONNX_DIR),
                        int8_image_choice=exported.get("image", {}).get("int8_agreement"))
+        version_tags = version_figures(val, "val")  # what the model version carries for the promotion gates
         figures = {**flatten({"parity": {"bit_agreement": report["bit_agreement_with_torch"],
-                                         "map_ratio": report["map_ratio"]}}, sep="/"), **metrics["sizes"]}
-        tracker.log_metrics({k.replace(" ", "_").replace("+", "and"): v for k, v in figures.items()})
+                                         "map_ratio": report["map_ratio"]}}, sep="/"), **metrics["sizes"],
+                   **flatten({"val": {m: val["figures"][m] for m in ("teacher", "fp32", "int8")}}, sep="/"),
+                   **version_tags}
+        tracker.log_metrics({metric_name(k): v for k, v in figures.items()})
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         if tracker.run_id:
             tracker.client.log_artifacts(tracker.run_id, str(out / ONNX_DIR), ONNX_DIR)
-            metrics["registered"] = register_students(tracker, config.registered_model, teacher_run)
+            metrics["registered"] = register_students(tracker, config.registered_model, teacher_run, version_tags)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 
 
-def register_students(tracker, name: str, teacher_run: str | None) -> dict:
-    """A new version of registered model ``name`` whose source is this run's ``onnx/`` artifacts."""
+def register_students(tracker, name: str, teacher_run: str | None, figures: dict[str, float] | None = None) -> dict:
+    """A new version of registered model ``name`` whose source is this run's ``onnx/`` artifacts, tagged
+    with its teacher's run id and ``figures`` (the val figures, shown in MLflow's model registry UI)."""
     from mlflow.exceptions import MlflowException
 
     client = tracker.client
@@ -143,7 +153,8 @@ def register_students(tracker, name: str, teacher_run: str | None) -> dict:
             raise
     run = client.get_run(tracker.run_id)
     version = client.create_model_version(name, f"{run.info.artifact_uri}/{ONNX_DIR}", run_id=tracker.run_id,
-                                          tags={"teacher.run_id": teacher_run or "unknown"})
+                                          tags={"teacher.run_id": teacher_run or "unknown",
+                                                **{k: f"{v:.6f}" for k, v in (figures or {}).items()}})
     log.info("registered %s version %s", name, version.version)
     return {"name": name, "version": version.version}
 
