@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from cluster.lifecycle_cli import add_lifecycle_commands
 from cluster.serving_cli import add_serving_commands
 
 DEFAULT_DATA = os.environ.get("TERRAHASH_DATA", "../shared/data/ucm_captions")
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("reports", nargs="+", help="JSON files written by `terrahash eval --json`")
     summary.set_defaults(handler=_summarize)
     add_serving_commands(sub, common)
+    add_lifecycle_commands(sub)
     return parser
 
 

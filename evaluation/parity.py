@@ -28,7 +28,8 @@ def parity_reports(teacher_dir, students_dir, data_dir, cache_dir=None, splits=(
     the torch students' codes are each computed once (the torch students on the union of the splits'
     query images and captions) and every split's figures are read from them.
 
-    A report: {"split", "bit_agreement_with_torch": {variant: {"image", "text"}}, "figures": {model:
+    A report: {"split", "bit_agreement_with_torch": {variant: {"image", "text"}}, "bit_agreement_with_teacher"
+    (the same, of the ONNX students' codes with the teacher's), "figures": {model:
     binary figures}, "map_ratio": {model: {task: student mAP@all / teacher mAP@all}}}; the models are
     "teacher", "fp32", "int8" and "fp32 text + teacher images"."""
     import torch
@@ -72,11 +73,14 @@ def parity_reports(teacher_dir, students_dir, data_dir, cache_dir=None, splits=(
         query_captions = np.concatenate([index.captions_of[r] for r in query])
         mine_images = torch_images[[image_at[int(r)] for r in query]]
         mine_captions = torch_captions[[caption_at[int(r)] for r in query_captions]]
-        report = {"split": split, "bit_agreement_with_torch": {}, "figures": {}}
+        report = {"split": split, "bit_agreement_with_torch": {}, "bit_agreement_with_teacher": {}, "figures": {}}
         for name in VARIANTS:
             images, captions = codes[name]
             report["bit_agreement_with_torch"][name] = {"image": bit_agreement(images[query], mine_images),
                                                         "text": bit_agreement(captions[query_captions], mine_captions)}
+            report["bit_agreement_with_teacher"][name] = {
+                "image": bit_agreement(images[query], teacher.images[query]),
+                "text": bit_agreement(captions[query_captions], teacher.captions[query_captions])}
         db = index.database_rows(split)
         for name, (images, captions) in models.items():
             report["figures"][name] = evaluate_rows(images, captions, index.labels, index.captions_of, query, db)["binary"]
@@ -101,7 +105,8 @@ def metric_name(key: str) -> str:
 
 def version_figures(report: dict, prefix: str = "val") -> dict[str, float]:
     """The figures of one split's report under flat names: ``val/fp32/image_to_image/map_all``,
-    ``val/int8/mr``, ``val/teacher/...``, ``val_parity/bit_agreement/fp32/image``,
+    ``val/int8/mr``, ``val/teacher/...``, ``val_parity/bit_agreement/fp32/image`` (with the torch
+    students), ``val_parity/teacher_agreement/fp32/image`` (with the teacher),
     ``val_parity/map_ratio/fp32/text_to_image`` ... (``prefix`` names the split)."""
     figures = {}
     for model in VERSION_MODELS:
@@ -110,10 +115,10 @@ def version_figures(report: dict, prefix: str = "val") -> dict[str, float]:
             for part in path:
                 value = value[part]
             figures["/".join((prefix, model, *path))] = float(value)
-    for kind in ("bit_agreement_with_torch", "map_ratio"):
-        for model, values in report[kind].items():
+    for kind, name in (("bit_agreement_with_torch", "bit_agreement"), ("bit_agreement_with_teacher", "teacher_agreement"),
+                       ("map_ratio", "map_ratio")):
+        for model, values in report.get(kind, {}).items():
             for what, value in values.items():
-                name = kind.replace("_with_torch", "")
                 figures[f"{prefix}_parity/{name}/{metric_name(model)}/{what}"] = float(value)
     return figures
 
@@ -128,6 +133,9 @@ def format_parity(report: dict) -> str:
         target = PARITY_TARGETS[name]
         lines += [f"  {name} {kind:<6}{value:>10.5f}  (target >= {target}: {'met' if value >= target else 'NOT met'})"
                   for kind, value in values.items()]
+    lines.append(f"bit agreement with the teacher ({report['split']} split):")
+    for name, values in report.get("bit_agreement_with_teacher", {}).items():
+        lines += [f"  {name} {kind:<6}{value:>10.5f}" for kind, value in values.items()]
     lines.append(f"binary mAP@all relative to the teacher (target >= {PARITY_TARGETS['map_ratio']}):")
     for name, values in report["map_ratio"].items():
         lines += [f"  {name:<28}{task:<16}{value:>8.4f}" for task, value in values.items()]
