@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -86,7 +87,7 @@ def _build(args: argparse.Namespace) -> int:
     result = _tracked(_index_job(args, "index-build"), lambda: build_indexes(
         args.model, args.data, args.shards, args.out, factory=args.factory, variant=args.variant,
         captions=not args.no_captions, batch_size=args.batch_size, address=args.address,
-        skip_bad_images=args.skip_bad_images))
+        skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri))
     _print_versions(args.out, result)
     return 0
 
@@ -96,7 +97,7 @@ def _add(args: argparse.Namespace) -> int:
 
     result = _tracked(_index_job(args, "index-add"), lambda: add_images(
         args.data, args.out, base_release=args.base, captions=not args.no_captions, batch_size=args.batch_size,
-        address=args.address, skip_bad_images=args.skip_bad_images))
+        address=args.address, skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri))
     _print_versions(args.out, result)
     return 0
 
@@ -138,7 +139,7 @@ def _release(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serving.app import ServeSettings, load_settings, run_local
+    from serving.app import ServeSettings, load_settings
 
     if args.labels_data is not None and not Path(args.labels_data).exists():
         raise FileNotFoundError(f"dataset {args.labels_data!r} (--data) not found")
@@ -146,21 +147,32 @@ def _serve(args: argparse.Namespace) -> int:
                  "shard_replicas": args.shard_replicas, "shards_per_replica": args.shards_per_replica}
     settings = (load_settings(args.config, **overrides) if args.config
                 else ServeSettings.from_dict({k: v for k, v in overrides.items() if v is not None}))
-    print(f"serving index {settings.index} on http://{args.host}:{args.port}/v1 (docs at /docs); Ctrl-C stops",
-          flush=True)
-    if not (args.query or args.exit):
-        run_local(settings, host=args.host, port=args.port)
+    arms = settings.arm_list()  # checks that every arm has an index
+    if args.render:
+        import yaml
+
+        from serving.serve_config import serve_config
+
+        text = yaml.safe_dump(serve_config(settings, host=args.host, port=args.port), sort_keys=False)
+        Path(args.render).write_text(_RENDER_HEADER + text)
+        print(f"wrote the Serve config of {len(arms)} arm(s) to {args.render}: `serve deploy {args.render}`")
         return 0
     from ray import serve
 
-    run_local(settings, host=args.host, port=args.port, blocking=False)
-    url = f"http://{args.host}:{args.port}"
+    from serving.app import check_arms, deploy_local
+
+    check_arms(settings)
+    where = settings.index or ", ".join(f"{a.name}: {a.index}" for a in arms)
+    print(f"serving {where} on http://{args.host}:{args.port}/v1 (docs at /docs); Ctrl-C stops", flush=True)
+    deploy_local(settings, host=args.host, port=args.port)
+    url = f"http://{args.host}:{args.port}{settings.route_prefix.rstrip('/')}"
     try:
         _wait_ready(url, timeout=args.ready_timeout)
-        labels = _labels(settings, args.labels_data)
-        for query in args.query:
-            answer = _post_json(f"{url}/v1/search/text", {"query": query, "k": args.k})
-            print(_format_answer(query, answer, labels), flush=True)
+        if args.query:
+            labels = _labels(settings, args.labels_data)
+            for query in args.query:
+                answer = _post_json(f"{url}/v1/search/text", {"query": query, "k": args.k})
+                print(_format_answer(query, answer, labels), flush=True)
         if args.exit:
             return 0
         print("serving until Ctrl-C", flush=True)
@@ -170,6 +182,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         serve.shutdown()
+
+
+_RENDER_HEADER = """# Serve config written by `terrahash serve --render` from the serve settings (serving/settings.py).
+# Applications: the router's (Router + Canary), one per index release, one per model version. The split
+# is the Router's and Canary's user_config "traffic": `terrahash traffic set` changes it in place.
+"""
 
 
 def _wait_ready(url: str, timeout: float) -> None:
@@ -202,7 +220,8 @@ def _labels(settings, data: str | None) -> dict[str, str]:
     from serving.index import resolve_release
 
     if data is None:
-        served = resolve_release(settings.index, settings.release, image_version=settings.image_version)
+        arm = settings.arm_list()[0]
+        served = resolve_release(arm.index, arm.release, image_version=settings.image_version)
         data = served["images"].get("extra", {}).get("dataset")
         if not data or not Path(data).exists():
             return {}
@@ -222,7 +241,8 @@ def _dataset_labels(data: str) -> dict[str, str]:
 
 
 def _format_answer(query: str, answer: dict, labels: dict[str, str]) -> str:
-    lines = [f"query: {query!r} (model {answer.get('model_version', '?')}, index {answer.get('index_version', '?')}, "
+    lines = [f"query: {query!r} (arm {answer.get('arm', '?')}: model {answer.get('model_version', '?')}, "
+             f"index {answer.get('index_version', '?')}, "
              f"{answer.get('latency_ms', 0):.1f} ms server-side)"]
     for rank, hit in enumerate(answer["results"], 1):
         label = labels.get(hit["image_id"], "")
@@ -249,6 +269,9 @@ def _release_line(out: str, release: dict) -> str:
     versions = ", ".join(f"{c} {e['version']}" for c, e in sorted(release["collections"].items()))
     return (f"release {release['release']} in {out}: {versions} (model {release['model_version']}, "
             f"code space {release.get('code_space') or 'unknown'})")
+
+
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its AVX2 probe says INFO lines on every start
 
 
 def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
@@ -289,9 +312,10 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
                                             "stable hash of its id, and write shard files, ids and a manifest; the "
                                             "captions become a second index for fusion and image-to-text search; "
                                             "then publish a release naming both.")
-    build.add_argument("--model", required=True, metavar="VERSION_OR_DIR",
-                       help="folder of exported students (ONNX + spec files), or a run name under runs/ "
-                            "whose students/onnx holds them")
+    build.add_argument("--model", required=True, metavar="MODEL",
+                       help="models:/NAME/VERSION or models:/NAME@ALIAS (fetched from the MLflow registry; the "
+                            "release records the version), a folder of exported students (ONNX + spec files), "
+                            "or a run name under runs/ whose students/onnx holds them")
     build.add_argument("--shards", type=int, required=True, help="number of shards")
     build.add_argument("--out", required=True, metavar="URI", help="artifact root: a folder or s3://bucket/prefix")
     build.add_argument("--factory", default="BFlat", help="faiss binary index factory string (default: %(default)s)")
@@ -330,11 +354,15 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     release.set_defaults(handler=_release)
 
     serve = subparsers.add_parser("serve", help="run the search service locally (Ray Serve)",
-                                  description="Deploy the search app on a local Ray (or $RAY_ADDRESS) and serve "
-                                              "HTTP until interrupted. For a cluster, use serving/deploy.yaml "
-                                              "with `serve deploy`.")
-    serve.add_argument("--index", required=True, metavar="URI", help="artifact root holding the index")
-    serve.add_argument("--model", help="model version folder (default: the one the index was built with)")
+                                  description="Deploy the search app on a local Ray (or $RAY_ADDRESS) from its Serve "
+                                              "config and serve HTTP until interrupted. With `arms` in --config, "
+                                              "each arm is a model version and an index release with a share of "
+                                              "traffic (then --index is not needed); `terrahash traffic` changes the "
+                                              "split live. For a cluster, --render writes the Serve config for "
+                                              "`serve deploy`.")
+    serve.add_argument("--index", metavar="URI", help="artifact root holding the index (not needed with arms)")
+    serve.add_argument("--model", help="models:/NAME/VERSION, models:/NAME@ALIAS or a folder (default: the model "
+                                       "the index release was built with)")
     serve.add_argument("--release", help="index release to serve (default: the latest)")
     serve.add_argument("--config", help="YAML file of serve settings (serving.app.ServeSettings fields)")
     serve.add_argument("--shard-replicas", type=int, help="replicas per shard (default: 2)")
@@ -352,6 +380,12 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
                        help="dataset folder, to print the class of each result of --query (default: the dataset "
                             "the index was built from, if it is still there)")
     serve.add_argument("--exit", action="store_true", help="stop once the --query answers are printed")
+    serve.add_argument("--render", metavar="FILE",
+                       help="write the Serve config of these settings (every application) to FILE and exit")
     serve.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for readiness (default: %(default)s)")
     serve.set_defaults(handler=_serve)
+
+    from cluster.traffic_cli import add_traffic_commands
+
+    add_traffic_commands(subparsers)
 

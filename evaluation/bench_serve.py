@@ -208,7 +208,7 @@ def serve_layout(root: Path, queries: list[str], k: int, layout: str, sequential
     import ray
     from ray import serve
 
-    from serving.app import ServeSettings, build_app
+    from serving.app import ServeSettings, run_apps
     from tests.conftest import free_port
 
     os.environ.update(serve_env)  # read by Serve's processes at start (controller and proxy inherit it)
@@ -219,7 +219,7 @@ def serve_layout(root: Path, queries: list[str], k: int, layout: str, sequential
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = ServeSettings(index=str(root), shard_replicas=1, spread_shards=False, rerank="none",
                                  shard_num_cpus=0.5, encoder_num_cpus=0.5, router_num_cpus=0.5, **LAYOUTS[layout])
-        serve.run(build_app(settings), name="bench", route_prefix="/")
+        run_apps(settings, name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1/search/text"
         sequential(url, queries, k, 30)  # warm-up
         seq = summarize(sequential(url, queries, k, sequential_n))

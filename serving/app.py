@@ -1,74 +1,115 @@
-"""The Ray Serve search app, composed by ``build_app``: query encoder, shard groups, readiness reports, router.
+"""The search service as Serve applications: one per index, one per model version, and the router's.
 
-Deployments (one app, built with ``.bind()``; each in a module of its own):
+Traffic arms (serving/traffic.py) are built from three kinds of application, so that an arm can be
+added, re-weighted or removed while the others keep serving, without restarting a replica:
 
-* ``QueryEncoder`` (serving/query_encoder.py): the model version's ONNX students, with request batching.
-  Image queries always go through it; text queries too when ``router_encodes_text`` is off.
-* ``<collection>-shard-XXXXX`` (or ``-shard-XXXXX-YYYYY`` for a group; serving/shards.py): the shards of
-  the release's image index (and caption index), ``shards_per_replica`` shards per deployment, each with
-  ``shard_replicas`` replicas, at most one per node, serving node-local verified copies.
-* ``ShardReports`` (serving/shards.py): every shard replica's latest readiness report.
-* ``Router`` (serving/router.py): the FastAPI ingress: validation (serving/api.py), one deadline per
-  request, fan-out with retries, merge and re-ranking (serving/ranking.py).
+* ``<app>-index-<key>`` (``index_app``): one index release, its shard groups (serving/shards.py,
+  ``shards_per_replica`` shards per deployment, ``shard_replicas`` replicas each, at most one per node,
+  serving node-local verified copies), ``ShardReports`` and ``IndexInfo`` (what the router needs to
+  know of the index). Arms that declare the same index and release share it.
+* ``<app>-model-<key>`` (``model_app``): a ``QueryEncoder`` (serving/query_encoder.py) for one model
+  version, fetched on its own node from the registry's artifact store (serving/registry.py).
+* ``<app>`` (``router_app``): the ``Router`` (serving/router.py, the FastAPI ingress) and the
+  ``Canary`` controller (serving/canary.py). The split lives in their ``user_config``.
 
-The encoder must speak the index's code space (``serving.spec.check_code_space``): a model of another
-code space is refused at build, naming both. Nothing here imports torch.
+``serving.serve_config.serve_config(settings)`` writes the whole set as one Serve config (for
+``serve deploy`` or ``terrahash serve``); ``run_apps`` deploys the same set from Python. The encoder
+must speak the index's code space (``serving.spec.check_code_space``), checked when the model
+application starts. Nothing here imports torch.
 """
 import logging
-from pathlib import Path
 
 from ray import serve
 
+from serving.canary import Canary
 from serving.index import ImageRefs, resolve_release
 from serving.query_encoder import QueryEncoder
 from serving.router import Router
+from serving.serve_config import app_specs, index_fields, model_fields, router_fields
 from serving.settings import ServeSettings, load_settings  # noqa: F401  (the app's public settings API)
 from serving.shards import ShardReports, ShardServer
 
 log = logging.getLogger(__name__)
 
 
-def build_app(settings: ServeSettings | dict):
-    """The Serve application for ``settings``: encoder, shard deployments, reports and router, bound together."""
-    from serving.build import find_spec
-    from serving.spec import check_code_space, load_spec
+@serve.deployment(num_replicas=1)
+class IndexInfo:
+    """The ingress of an index application: what a router needs to use the index. The shard deployments
+    and the reports are bound to it only to make them part of the application; nothing is searched here."""
 
-    settings = settings if isinstance(settings, ServeSettings) else ServeSettings.from_dict(settings)
+    def __init__(self, info: dict, shards: list, reports):
+        self.info = info
+
+    async def describe(self) -> dict:
+        return self.info
+
+
+def index_app(args: dict):
+    """An index release's shard groups, readiness reports and ``IndexInfo``."""
+    settings = ServeSettings.from_dict(dict(args), "index application")
     served = resolve_release(settings.index, settings.release, image_version=settings.image_version,
                              caption_version=settings.caption_version)
     manifests = {c: served[c] for c in ("images", "captions") if c in served}
     images = manifests["images"]
-    if settings.rerank == "fusion" and "captions" not in manifests:
-        raise ValueError(f"rerank: fusion needs a caption index, and release {served.get('release')} of "
-                         f"{settings.index} has none")
-    model_dir = Path(settings.model or images["extra"].get("model_dir") or "")
-    if not model_dir.is_dir():
-        raise ValueError(f"model version folder {str(model_dir)!r} not found (give model in the settings)")
-    image_spec = find_spec(model_dir, "image", settings.encoder_variant)
-    text_spec = find_spec(model_dir, "text", settings.encoder_variant)
-    spec = load_spec(image_spec)
-    for path in (image_spec, text_spec):
-        check_code_space(path, images)
-    encoder = QueryEncoder.options(
-        num_replicas=settings.encoder_replicas, user_config=settings.encoder_config(),
-        ray_actor_options=_actor_options(settings, settings.encoder_num_cpus, settings.encoder_resources),
-    ).bind(str(image_spec), None if settings.router_encodes_text else str(text_spec), settings.encoder_threads)
     reports = ShardReports.options(ray_actor_options=_actor_options(settings, 0.01, {})).bind()
     per_replica = {name: shards_per_replica(settings, len(m["shards"])) for name, m in manifests.items()}
-    shards = {name: [_shard_deployment(settings, manifest, group, reports)
-                     for group in _groups([e["name"] for e in manifest["shards"]], per_replica[name])]
-              for name, manifest in manifests.items()}
-    refs = {name: ImageRefs(m, settings.image_base) for name, m in manifests.items()}
-    meta = {"model_version": images["model_version"], "bits": images["bits"], "image_size": spec.image["size"],
+    groups, names = {}, {}
+    for collection, manifest in manifests.items():
+        groups[collection] = _groups([e["name"] for e in manifest["shards"]], per_replica[collection])
+        names[collection] = [_group_name(manifest, group) for group in groups[collection]]
+    for collection, manifest in manifests.items():
+        groups[collection] = [_shard_deployment(settings, manifest, group, reports) for group in groups[collection]]
+    info = {"index": settings.index, "release": served.get("release"), "model_version": images["model_version"],
+            "model": _served_model(served), "code_space": images.get("code_space"), "bits": images["bits"],
             "index_version": {name: m["version"] for name, m in manifests.items()},
-            "shards": {name: [f"{name}/{m['version']}/{e['name']}" for e in m["shards"]] for name, m in manifests.items()},
-            "shard_count": {name: len(m["shards"]) for name, m in manifests.items()}, "shards_per_replica": per_replica,
-            "refs": refs}
+            "shards": {name: [f"{name}/{m['version']}/{e['name']}" for e in m["shards"]]
+                       for name, m in manifests.items()},
+            "shard_count": {name: len(m["shards"]) for name, m in manifests.items()},
+            "shards_per_replica": per_replica, "groups": names,
+            "refs": {name: ImageRefs(m, settings.image_base) for name, m in manifests.items()}, "reports": True}
+    return IndexInfo.options(ray_actor_options=_actor_options(settings, 0.01, {})).bind(
+        info, [g for gs in groups.values() for g in gs], reports)
+
+
+def _served_model(served: dict) -> str | None:
+    """What the index was built with: its registered model version, else the recorded folder."""
+    from serving import build
+
+    if hasattr(build, "served_model"):
+        return build.served_model(served)
+    return served["images"].get("extra", {}).get("model_dir")
+
+
+def model_app(args: dict):
+    """One model version's ``QueryEncoder`` (its ingress)."""
+    settings = ServeSettings.from_dict(dict(args), "model application")
+    return QueryEncoder.options(
+        num_replicas=settings.encoder_replicas, user_config=settings.encoder_config(),
+        ray_actor_options=_actor_options(settings, settings.encoder_num_cpus, settings.encoder_resources),
+    ).bind({"model": settings.model, "index": settings.index, "release": settings.release,
+            "variant": settings.encoder_variant, "threads": settings.encoder_threads,
+            "load_text": not settings.router_encodes_text, "tracking_uri": settings.tracking_uri,
+            "cache_dir": settings.model_cache_dir})
+
+
+def router_app(args: dict, router_config: dict | None = None, canary_config: dict | None = None):
+    """The router and the canary controller; their user_configs (the split, the limits) come from the
+    Serve config's deployment entries, or ``router_config`` / ``canary_config`` when run from Python."""
+    settings = ServeSettings.from_dict(dict(args), "router application")
+    canary = Canary.options(
+        num_replicas=1, ray_actor_options=_actor_options(settings, 0.05, {}),
+        **({"user_config": canary_config} if canary_config is not None else {}),
+    ).bind(settings.app_name, settings.tracking_uri)
     return Router.options(
-        num_replicas=settings.router_replicas, user_config=settings.router_config(),
+        num_replicas=settings.router_replicas,
         ray_actor_options=_actor_options(settings, settings.router_num_cpus, settings.router_resources),
-    ).bind(encoder, shards["images"], shards.get("captions", []), meta, reports,
-           str(text_spec) if settings.router_encodes_text else None, settings.encoder_threads, settings.decode_threads)
+        **({"user_config": router_config} if router_config is not None else {}),
+    ).bind(canary, {"encoder_threads": settings.encoder_threads, "decode_threads": settings.decode_threads,
+                    "router_encodes_text": settings.router_encodes_text, "tracking_uri": settings.tracking_uri,
+                    "model_cache_dir": settings.model_cache_dir, "app_name": settings.app_name})
+
+
+BUILDERS = {"index": index_app, "model": model_app, "router": router_app}
 
 
 def shards_per_replica(settings: ServeSettings, shards: int) -> int:
@@ -86,9 +127,13 @@ def _groups(names: list[str], size: int) -> list[list[str]]:
     return [names[i:i + size] for i in range(0, len(names), size)]
 
 
-def _shard_deployment(settings: ServeSettings, manifest: dict, shard_names: list[str], reports):
+def _group_name(manifest: dict, shard_names: list[str]) -> str:
     suffix = shard_names[0] if len(shard_names) == 1 else f"{shard_names[0]}-{shard_names[-1].rsplit('-', 1)[-1]}"
-    options = {"name": f"{manifest['collection']}-{suffix}", "num_replicas": settings.shard_replicas,
+    return f"{manifest['collection']}-{suffix}"
+
+
+def _shard_deployment(settings: ServeSettings, manifest: dict, shard_names: list[str], reports):
+    options = {"name": _group_name(manifest, shard_names), "num_replicas": settings.shard_replicas,
                "ray_actor_options": _actor_options(settings, settings.shard_num_cpus, settings.shard_resources),
                "logging_config": {"enable_access_log": bool(settings.shard_access_log)},
                "health_check_period_s": settings.shard_health_period_s}
@@ -105,14 +150,64 @@ def _actor_options(settings: ServeSettings, num_cpus: float, resources: dict) ->
 
 
 def app_builder(args: dict):
-    """Application builder for ``serve deploy`` / ``serve run``: ``args`` are ServeSettings fields."""
-    return build_app(ServeSettings.from_dict(dict(args)))
+    """Kept for Serve configs of one application: ``args`` are ServeSettings fields; one arm, served alone
+    (its index and model applications must be deployed beside it, as ``serve_config`` writes them)."""
+    return router_app(router_fields(ServeSettings.from_dict(dict(args))))
 
 
-def run_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, name: str = "terrahash",
-              blocking: bool = True):
-    """Start Ray (or join $RAY_ADDRESS) and Serve, deploy the app, and block until interrupted."""
+def check_arms(settings: ServeSettings) -> list[dict]:
+    """Before deploying: every arm's release resolves, its model loads here, and speaks the index's code
+    space (``CodeSpaceError`` naming both otherwise). Returns, per arm, the model QueryEncoder would load."""
+    from serving.query_encoder import load_model
+    from serving.spec import check_code_space
+
+    loaded = []
+    for arm in settings.arm_list():
+        served = resolve_release(arm.index, arm.release, image_version=settings.image_version,
+                                 caption_version=settings.caption_version)
+        model = load_model(arm.model, arm.index, arm.release, settings.encoder_variant, settings.tracking_uri,
+                           settings.model_cache_dir)
+        for spec in (model["image_spec"], model["text_spec"]):
+            check_code_space(spec, served["images"])
+        loaded.append(model)
+    return loaded
+
+
+def run_apps(settings: ServeSettings, name: str | None = None, route_prefix: str | None = None) -> None:
+    """Deploy every application of ``settings`` from Python (``serve.run``), the router's last.
+
+    The split changes live only in a declarative deployment (``deploy_local``); here a new split
+    means running again, which restarts the router.
+    """
+    updates = {k: v for k, v in (("app_name", name), ("route_prefix", route_prefix)) if v is not None}
+    settings = settings.model_copy(update=updates) if updates else settings
+    check_arms(settings)
+    specs = app_specs(settings)
+    for spec in specs:
+        kind = spec["kind"]
+        if kind == "router":
+            users = {d["name"]: d["user_config"] for d in spec["deployments"]}
+            app = router_app(spec["args"], users["Router"], users["Canary"])
+        else:
+            app = BUILDERS[kind](spec["args"])
+        serve.run(app, name=spec["name"], route_prefix=spec["route_prefix"])  # waits until it runs
+
+
+def delete_apps(name: str = "terrahash") -> None:
+    """Delete the router application ``name`` and its index and model applications."""
+    ours = [app for app in serve.status().applications
+            if app == name or app.startswith((f"{name}-index-", f"{name}-model-"))]
+    for app in sorted(ours, key=lambda a: a != name):  # the router first: nothing calls the others then
+        serve.delete(app)
+
+
+def deploy_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> dict:
+    """Start Ray (or join $RAY_ADDRESS) and Serve, and apply the settings' Serve config declaratively,
+    so that ``terrahash traffic set`` can change the split live. Returns the config applied."""
     import ray
+
+    from serving.control import apply_config
+    from serving.serve_config import serve_config
 
     if not ray.is_initialized():
         ray.init(address="auto" if _ray_address_set() else None, configure_logging=False)
@@ -122,10 +217,16 @@ def run_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000
                     len(nodes), settings.shard_replicas)
         settings = settings.model_copy(update={"spread_shards": False})
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(settings), name=name, route_prefix="/", blocking=blocking)
+    config = serve_config(settings, host=host, port=port)
+    apply_config(config)
+    return config
 
 
 def _ray_address_set() -> bool:
     import os
 
     return bool(os.environ.get("RAY_ADDRESS"))
+
+
+__all__ = ["IndexInfo", "index_app", "model_app", "router_app", "run_apps", "deploy_local", "app_builder",
+           "shards_per_replica", "index_fields", "model_fields"]

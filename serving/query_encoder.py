@@ -3,16 +3,53 @@ import numpy as np
 from ray import serve
 
 
+def load_model(model: str | None, index: str | None, release: str | None, variant: str,
+               tracking_uri: str | None = None, cache_dir: str = "/tmp/terrahash/models") -> dict:
+    """Fetch a model version onto this node and find its specs: ``model`` (models:/NAME/VERSION,
+    models:/NAME@ALIAS or a folder), or with None the one the index release was built with.
+    Returns {"model", "folder", "image_spec", "text_spec", "model_version", "code_space", "bits", "image_size"}."""
+    from serving.build import find_spec, model_code_space, model_version_label
+    from serving.registry import fetch_model, parse_model_uri, resolve_model
+    from serving.spec import load_spec
+
+    if model is None:
+        from serving.app import _served_model
+        from serving.index import resolve_release
+
+        if not index:
+            raise ValueError("no model given, and no index whose release names one")
+        model = _served_model(resolve_release(index, release))
+        if not model:
+            raise ValueError(f"release {release or 'latest'} of {index} records no model; give one")
+    registered = None
+    if parse_model_uri(model) is not None:  # pin an alias to the version it names now
+        ref = resolve_model(model, tracking_uri)
+        registered = {"name": ref.name, "version": str(ref.version)}
+        model = ref
+    folder = fetch_model(model, cache_dir=cache_dir, tracking_uri=tracking_uri)
+    image_spec, text_spec = find_spec(folder, "image", variant), find_spec(folder, "text", variant)
+    spec = load_spec(image_spec)
+    return {"model": registered and f"models:/{registered['name']}/{registered['version']}" or str(model),
+            "registered": registered, "variant": variant, "folder": str(folder), "image_spec": str(image_spec), "text_spec": str(text_spec),
+            "model_version": model_version_label(folder, image_spec),
+            "code_space": model_code_space(folder, image_spec), "bits": spec.bits, "image_size": spec.image["size"]}
+
+
 @serve.deployment(max_ongoing_requests=64)
 class QueryEncoder:
     """The text and image students of one model version, batched across concurrent requests."""
 
-    def __init__(self, image_spec: str, text_spec: str | None, threads: int = 1):
-        """``text_spec`` None: text is encoded by the router (router_encodes_text), so not loaded here."""
+    def __init__(self, config: dict):
+        """``config``: model, index, release, variant, threads, load_text (off when the router encodes
+        text itself), tracking_uri, cache_dir."""
         from serving.encoders import ImageEncoder, TextEncoder
 
-        self.image = ImageEncoder(image_spec, threads)
-        self.text = TextEncoder(text_spec, threads) if text_spec is not None else None
+        self.loaded = load_model(config.get("model"), config.get("index"), config.get("release"),
+                                 config.get("variant", "fp32"), config.get("tracking_uri"),
+                                 config.get("cache_dir", "/tmp/terrahash/models"))
+        threads = int(config.get("threads", 1))
+        self.image = ImageEncoder(self.loaded["image_spec"], threads)
+        self.text = TextEncoder(self.loaded["text_spec"], threads) if config.get("load_text") else None
 
     def reconfigure(self, config: dict) -> None:
         """Hot batching settings (serving.settings.EncoderConfig: "batch_max_size", "batch_wait_s")."""
@@ -23,9 +60,15 @@ class QueryEncoder:
             method.set_max_batch_size(int(config["batch_max_size"]))
             method.set_batch_wait_timeout_s(float(config["batch_wait_s"]))
 
+    async def describe(self) -> dict:
+        """What this encoder serves (model, its version label, code space, bits, image size)."""
+        return {k: v for k, v in self.loaded.items() if k not in ("folder", "image_spec", "text_spec")}
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def encode_text(self, texts: list[str]) -> list[np.ndarray]:
         """Texts -> continuous codes, one (bits,) float32 array per text (validated by the router)."""
+        if self.text is None:
+            raise RuntimeError("this encoder was started without its text student (the router encodes text)")
         return list(self.text.encode(texts))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)

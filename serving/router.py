@@ -1,4 +1,12 @@
-"""The router: the app's FastAPI ingress. It validates, encodes, scatters to every shard group, merges, answers.
+"""The router: the app's FastAPI ingress. It validates, picks the traffic arm, encodes, scatters to every
+shard group of the arm's index, merges, answers.
+
+Each request is answered by one arm (serving/traffic.py: sticky per ``X-Client-Id``, forced by
+``X-TerraHash-Arm``); the answer says which (``"arm"`` and the ``X-TerraHash-Arm`` header) with its
+model and index versions. A non-primary arm that fails (5xx, an exception) or exceeds ``arm_timeout_s``
+is answered by the primary within the same deadline (``"fallback_from"``). Shadow arms get copies in
+the background, compared with the client's answer. Per-arm figures go to Ray's metrics and, every
+second, to the canary controller (serving/canary.py).
 
 Every request gets one budget, ``deadline_s``, that covers all of it: reading the body, decoding,
 the encoder call, the id lookup, the fan-out and every retry; past it the answer is a JSON 504.
@@ -10,6 +18,7 @@ traceback is in the replica's log. Request counts and latencies go to Ray's metr
 
 import asyncio
 import logging
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +31,7 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException
 
+from serving.arms import Arm, ArmStats, Backends, garbage_code
 from serving.api import (CAPTION_BODY, IMAGE_BODY, TEXT_BODY, ApiError, CaptionSearch, ImageSearch, TextSearch,
                          check_query, decode_in_pool, error_response, image_upload, parse_body,
                          parse_choice, parse_k, read_json)
@@ -30,6 +40,7 @@ from serving.index import stable_shard
 from serving.ranking import asymmetric_rerank, fuse, merge_hits
 from serving.settings import FUSION_RULES, RERANK_MODES, check_hot_settings
 from serving.shards import ShardNotReady
+from serving.traffic import Traffic, assign, check_traffic, mirrored, overlap_at_k, rank_correlation
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to each replica's log file
 
@@ -38,6 +49,7 @@ NOT_READY_TRIES = 16  # calls that met a replica without a verified copy before 
 # A lost or overloaded replica: worth another try within the deadline (Serve may pick another replica).
 RETRYABLE = (RayError, asyncio.TimeoutError, BackPressureError, ReplicaUnavailableError, DeploymentUnavailableError)
 LATENCY_BUCKETS = (.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
+REPORT_PERIOD_S = 1.0
 
 
 class RouterMetrics:
@@ -56,6 +68,21 @@ class RouterMetrics:
                                          boundaries=list(LATENCY_BUCKETS), tag_keys=("endpoint",))
         self.retries = metrics.Counter("terrahash_call_retries", description="calls to other deployments retried",
                                        tag_keys=("callee", "reason"))
+        self.arm_requests = metrics.Counter("terrahash_arm_requests", description="requests per traffic arm by "
+                                            "outcome (ok, a failure's reason, shadow_*)", tag_keys=("arm", "outcome"))
+        self.arm_latency = metrics.Histogram("terrahash_arm_request_seconds", description="latency of an arm's answers",
+                                             boundaries=list(LATENCY_BUCKETS), tag_keys=("arm",))
+        self.fallbacks = metrics.Counter("terrahash_arm_fallbacks", description="requests of an arm answered by the "
+                                         "primary instead", tag_keys=("arm", "reason"))
+        self.shadow_overlap = metrics.Histogram("terrahash_shadow_overlap", description="overlap@k of a shadow arm's "
+                                                "top-k with the client's answer", boundaries=[.1, .2, .3, .4, .5, .6,
+                                                                                             .7, .8, .9, .99],
+                                                tag_keys=("arm",))
+        # Prometheus histogram buckets must be positive: the rank correlation rho (in [-1, 1]) is exported
+        # as (1 + rho) / 2, 1 for the same order, 0 for the reverse.
+        self.shadow_rank = metrics.Histogram("terrahash_shadow_rank_agreement", description="(1 + Spearman's rho) "
+                                             "/ 2 of the common ids of a shadow arm's and the client's top-k",
+                                             boundaries=[.1, .25, .5, .75, .9, .95, .99], tag_keys=("arm",))
 
     def count(self, endpoint: str, status: int, seconds: float | None = None) -> None:
         self.requests.inc(1, tags={"endpoint": endpoint, "status": str(status)})
@@ -158,25 +185,36 @@ async def _http_error(request: Request, err: HTTPException):
 @serve.deployment(max_ongoing_requests=100)
 @serve.ingress(api)
 class Router:
-    """HTTP ingress: validate, encode, scatter to every shard group, merge the top-k, re-rank, answer."""
+    """HTTP ingress: validate, pick the arm, encode, scatter to every shard group, merge the top-k, answer."""
 
-    def __init__(self, encoder, image_shards: list, caption_shards: list, meta: dict, reports=None,
-                 text_spec: str | None = None, threads: int = 1, decode_threads: int = 2):
-        self.encoder, self.reports = encoder, reports
-        self.shards = {"images": list(image_shards), "captions": list(caption_shards)}  # one handle per group
-        self.meta = meta  # model_version, versions, shard labels, bits, image_size, image_base, shard counts
-        self.text = None
-        if text_spec is not None:  # router_encodes_text
-            from serving.encoders import TextEncoder
-
-            self.text = TextEncoder(text_spec, threads)
-        self.decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
+    def __init__(self, canary, options: dict):
+        """``options``: encoder_threads, decode_threads, router_encodes_text, tracking_uri, model_cache_dir,
+        app_name. The split and the limits come with ``reconfigure``."""
+        self.canary, self.options = canary, dict(options)
+        self.backends = Backends(self.options)
+        self.arms: dict[str, Arm] = {}
+        self.traffic: Traffic | None = None
+        self.decoder = ThreadPoolExecutor(max_workers=int(options.get("decode_threads", 2)),
+                                          thread_name_prefix="decode")
         self.config = None
         self.metrics = metrics()
+        self.stats = ArmStats()
+        self.rng = random.Random()
+        self._background: set[asyncio.Task] = set()
+        self._reporter: asyncio.Task | None = None
 
-    def reconfigure(self, config: dict) -> None:
-        """Hot limits, defaults and the deadline (serving.settings.RouterConfig)."""
-        self.config = check_hot_settings(dict(config))
+    async def reconfigure(self, config: dict) -> None:
+        """Hot limits, defaults, the deadline (serving.settings.RouterConfig) and the split ("traffic",
+        serving.traffic.Traffic): new arms are resolved in the background, removed ones dropped."""
+        config = dict(config)
+        if "traffic" not in config:
+            raise ValueError("router settings: traffic: missing (the arms; see serving.serve_config.traffic)")
+        traffic = check_traffic(config.pop("traffic"))
+        self.config = check_hot_settings(config)
+        self.arms = self.backends.arms(traffic.arms)
+        self.traffic = traffic
+        if self._reporter is None or self._reporter.done():
+            self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
     # --- endpoints ---
 
@@ -187,9 +225,15 @@ class Router:
 
     @api.get("/v1/readyz")
     async def readyz(self):
-        """Readiness: every shard is held, verified, by at least one replica; lists every shard replica's
-        own report and the reasons of recent replacements (503 when a shard has no ready replica)."""
+        """Readiness: every live arm's backend is resolved and every shard of its index is held, verified,
+        by at least one replica; lists every shard replica's own report, the reasons of recent
+        replacements, and each arm's state (503 when a live arm or a shard is not ready)."""
         return await self._timed("readyz", None, lambda request, call: self._readiness(call), wrap=False)
+
+    @api.get("/v1/traffic")
+    async def traffic_status(self):
+        """The split and, per arm, its share, requests, errors, latency, probe and shadow figures and verdict."""
+        return await self._timed("traffic", None, lambda request, call: self._traffic_status(call), wrap=False)
 
     @api.post("/v1/search/text", openapi_extra=TEXT_BODY)
     async def search_text(self, request: Request):
@@ -212,6 +256,19 @@ class Router:
         """Image to text: rank the indexed captions for an uploaded image or {"image_id": ...} (JSON)."""
         return await self._timed("captions", request, self._captions)
 
+    async def probe(self, arm: str, kind: str, payload, k: int) -> list[str]:
+        """One probe query of the canary controller on ``arm`` (no fallback): the top-k ids. ``kind`` "text"
+        (payload: the query) or "image" (payload: the image file's bytes)."""
+        call = Call(self.config["deadline_s"])
+        if arm not in self.arms:
+            raise KeyError(f"no arm {arm!r}")
+        if kind == "text":
+            run = self._text_run(payload, k, "none", "average")
+        else:
+            run = self._image_run(payload, k, "none", "average")
+        answer = await asyncio.wait_for(self._on_arm(self.arms[arm], run, call), call.remaining())
+        return [hit["id"] for hit in answer["results"]]
+
     # --- request handling ---
 
     async def _timed(self, endpoint: str, request: Request | None, handler, wrap: bool = True):
@@ -228,12 +285,13 @@ class Router:
             if isinstance(answer, JSONResponse):
                 status = answer.status_code
                 return answer
-            total = (time.perf_counter() - start) * 1000
+            headers = {}
             if wrap:
-                answer.update({"model_version": self.meta["model_version"],
-                               "index_version": self.meta["index_version"], "latency_ms": round(total, 3),
+                total = (time.perf_counter() - start) * 1000
+                answer.update({"latency_ms": round(total, 3),
                                "timings_ms": {k: round(v, 3) for k, v in call.timings.items()}})
-            response = JSONResponse(answer)
+                headers["X-TerraHash-Arm"] = answer["arm"]
+            response = JSONResponse(answer, headers=headers)
             status = 200
             return response
         except ApiError as err:
@@ -252,61 +310,194 @@ class Router:
         finally:
             self.metrics.count(endpoint, status, time.perf_counter() - start)
 
+    async def _dispatch(self, request: Request, call: Call, run) -> dict:
+        """Answer with the request's arm, or with the primary when that arm fails or is too slow; mirror
+        copies to the shadow arms in the background. ``run(arm, call)`` does the arm-specific work."""
+        traffic = self.traffic
+        primary = self.arms[traffic.primary]
+        forced = request.headers.get("x-terrahash-arm") if request is not None else None
+        if forced is not None:
+            if forced not in self.arms:
+                raise ApiError(422, "unknown_arm", f"X-TerraHash-Arm: no arm {forced!r} (arms: {sorted(self.arms)})")
+            return await self._on_arm(self.arms[forced], run, call)
+        client = request.headers.get("x-client-id") if request is not None else None
+        arm = self.arms[assign(traffic, client or None, self.rng)]
+        answer = None
+        if arm is not primary:
+            start = time.perf_counter()
+            reason = "not_ready"
+            if arm.ready:
+                try:
+                    answer = await asyncio.wait_for(self._on_arm(arm, run, call),
+                                                    max(min(traffic.arm_timeout_s, call.remaining()), 0.001))
+                except ApiError as err:
+                    if err.status < 500:
+                        raise  # the client's mistake: the primary would refuse it too
+                    reason = err.code
+                except asyncio.TimeoutError:
+                    reason = "timeout"
+                except Exception as err:  # noqa: BLE001 - any failure of a challenger falls back
+                    reason = type(err).__name__
+                    log.warning("arm %s failed, answered by %s: %s", arm.name, primary.name, err)
+            self.stats.record(arm.name, answer is not None, time.perf_counter() - start,
+                              fallback=answer is None)
+            self.metrics.arm_requests.inc(1, tags={"arm": arm.name, "outcome": "ok" if answer else reason})
+            if answer is None:
+                self.metrics.fallbacks.inc(1, tags={"arm": arm.name, "reason": reason})
+                answer = await self._counted(primary, run, call)
+                answer["fallback_from"] = arm.name
+        else:
+            answer = await self._counted(primary, run, call)
+        for shadow in mirrored(traffic, self.rng):
+            if shadow.name in self.arms and self.arms[shadow.name].ready:
+                task = asyncio.get_running_loop().create_task(self._shadow(self.arms[shadow.name], run, answer))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        return answer
+
+    async def _counted(self, arm: Arm, run, call: Call) -> dict:
+        start = time.perf_counter()
+        try:
+            answer = await self._on_arm(arm, run, call)
+        except BaseException as err:
+            client_error = isinstance(err, ApiError) and err.status < 500
+            self.stats.record(arm.name, client_error, time.perf_counter() - start)
+            self.metrics.arm_requests.inc(1, tags={"arm": arm.name, "outcome": "ok" if client_error else "error"})
+            raise
+        seconds = time.perf_counter() - start
+        self.stats.record(arm.name, True, seconds)
+        self.metrics.arm_requests.inc(1, tags={"arm": arm.name, "outcome": "ok"})
+        self.metrics.arm_latency.observe(seconds, tags={"arm": arm.name})
+        return answer
+
+    async def _on_arm(self, arm: Arm, run, call: Call) -> dict:
+        """``run`` on one arm, with the arm's injected faults; the answer names the arm and its versions."""
+        if not await arm.backend.wait_ready(call.remaining() - 0.05):
+            raise ApiError(503, "arm_not_ready", f"arm {arm.name}: {arm.backend.problem}")
+        fault = arm.route.fault
+        if fault is not None:
+            if fault.delay_s:
+                await asyncio.sleep(fault.delay_s)
+            if fault.error_rate and self.rng.random() < fault.error_rate:
+                raise RuntimeError(f"fault injected into arm {arm.name}")
+        answer = await run(arm, call)
+        answer.update(arm.versions())
+        return answer
+
+    async def _shadow(self, arm: Arm, run, client_answer: dict) -> None:
+        """A mirrored copy on a shadow arm, with its own budget; compared with the client's answer."""
+        start = time.perf_counter()
+        call = Call(self.traffic.shadow_timeout_s)
+        try:
+            answer = await asyncio.wait_for(self._on_arm(arm, run, call), self.traffic.shadow_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # noqa: BLE001 - a shadow's failure is only counted
+            self.stats.record(arm.name, False, time.perf_counter() - start, shadow=True)
+            self.metrics.arm_requests.inc(1, tags={"arm": arm.name, "outcome": f"shadow_{type(err).__name__}"})
+            return
+        mine = [h["id"] for h in client_answer.get("results", [])]
+        theirs = [h["id"] for h in answer.get("results", [])]
+        k = int(client_answer.get("k") or len(mine) or 1)
+        overlap, rank = overlap_at_k(mine, theirs, k), rank_correlation(mine, theirs)
+        self.stats.record(arm.name, True, time.perf_counter() - start, shadow=True, overlap=overlap, rank=rank)
+        self.metrics.arm_requests.inc(1, tags={"arm": arm.name, "outcome": "shadow_ok"})
+        self.metrics.shadow_overlap.observe(overlap, tags={"arm": arm.name})
+        if rank is not None:
+            self.metrics.shadow_rank.observe((1 + rank) / 2, tags={"arm": arm.name})
+
+    async def _report_loop(self) -> None:
+        """Every second, this replica's per-arm figures to the canary controller (lost reports are only lost)."""
+        from ray.serve import get_replica_context
+
+        replica = get_replica_context().replica_tag
+        while True:
+            await asyncio.sleep(REPORT_PERIOD_S)
+            report = self.stats.drain()
+            if report["live"] or report["shadow"]:
+                try:
+                    await asyncio.wait_for(_result(self.canary.report.remote(replica, report)), 5.0)
+                except Exception as err:  # noqa: BLE001
+                    log.warning("canary report failed: %s", type(err).__name__)
+
+    # --- the endpoints' work, per arm ---
+
     async def _search_text(self, request: Request, call: Call) -> dict:
         body = parse_body(TextSearch, await read_json(request, self.config["max_query_chars"] * 4 + 4096))
         query = check_query(body.query, self.config)
         k, rerank, fusion = self._options(body.model_dump())
-        with call.timer("encode"):
-            if self.text is not None:
-                code = self.text.encode([query])[0]  # (bits,) float32
-            else:
-                code = await self._call(self.encoder, "encode_text", call, query)
-        return await self._rank(_finite(code), k, rerank, fusion, call)
+        return await self._dispatch(request, call, self._text_run(query, k, rerank, fusion))
+
+    def _text_run(self, query: str, k: int, rerank: str, fusion: str):
+        async def run(arm: Arm, call: Call) -> dict:
+            with call.timer("encode"):
+                if arm.backend.text is not None:
+                    code = arm.backend.text.encode([query])[0]  # (bits,) float32
+                else:
+                    code = await self._call(arm.backend.encoder, "encode_text", call, query)
+            return await self._rank(arm, self._faulty(arm, _finite(code), query), k, rerank, fusion, call)
+        return run
 
     async def _search_image(self, request: Request, call: Call) -> dict:
         data, params = await image_upload(request, self.config["max_upload_bytes"], ImageSearch)
         k, rerank, fusion = self._options(params)
-        code = await self._encode_image(data, call)
-        return await self._rank(code, k, rerank, fusion, call)
+        return await self._dispatch(request, call, self._image_run(data, k, rerank, fusion))
+
+    def _image_run(self, data: bytes, k: int, rerank: str, fusion: str):
+        async def run(arm: Arm, call: Call) -> dict:
+            code = await self._encode_image(arm, data, call)
+            return await self._rank(arm, code, k, rerank, fusion, call)
+        return run
 
     async def _search_similar(self, image_id: str, request: Request, call: Call) -> dict:
         k = parse_k(request.query_params.get("k"), self.config)
-        packed = await self._indexed_code(image_id, call)
-        hits = await self._search("images", packed[None], k + 1, call)
-        results = [h for h in hits if h["id"] != image_id][:k]  # exact: self removed from the top k+1
-        return {"query": {"image_id": image_id}, "k": k, "rerank": "none", "results": results}
+
+        async def run(arm: Arm, call: Call) -> dict:
+            packed = await self._indexed_code(arm, image_id, call)
+            hits = await self._search(arm, "images", packed[None], k + 1, call)
+            results = [h for h in hits if h["id"] != image_id][:k]  # exact: self removed from the top k+1
+            return {"query": {"image_id": image_id}, "k": k, "rerank": "none", "results": results}
+        return await self._dispatch(request, call, run)
 
     async def _captions(self, request: Request, call: Call) -> dict:
-        if not self.shards["captions"]:
-            raise ApiError(404, "no_caption_index", "this deployment has no caption index")
         data, params = await image_upload(request, self.config["max_upload_bytes"], CaptionSearch)
         k = parse_k(params.get("k"), self.config)
-        if data is None:  # {"image_id": ...}
-            packed = await self._indexed_code(params["image_id"], call)
-            hits = await self._search("captions", packed[None], k, call)
-            return {"query": {"image_id": params["image_id"]}, "k": k, "results": hits}
-        code = await self._encode_image(data, call)
-        hits = await self._search("captions", pack_signs(code[None]), k, call)
-        return {"query": {"image": "upload"}, "k": k, "results": hits}
+
+        async def run(arm: Arm, call: Call) -> dict:
+            if not arm.backend.shards["captions"]:
+                raise ApiError(404, "no_caption_index", "this deployment has no caption index")
+            if data is None:  # {"image_id": ...}
+                packed = await self._indexed_code(arm, params["image_id"], call)
+                hits = await self._search(arm, "captions", packed[None], k, call)
+                return {"query": {"image_id": params["image_id"]}, "k": k, "results": hits}
+            code = await self._encode_image(arm, data, call)
+            hits = await self._search(arm, "captions", pack_signs(code[None]), k, call)
+            return {"query": {"image": "upload"}, "k": k, "results": hits}
+        return await self._dispatch(request, call, run)
 
     def _options(self, params: dict) -> tuple[int, str, str]:
         k = parse_k(params.get("k"), self.config)
         rerank = parse_choice(params.get("rerank"), RERANK_MODES, self.config["rerank"], "rerank")
         fusion = parse_choice(params.get("fusion"), FUSION_RULES, self.config["fusion"], "fusion")
-        if rerank == "fusion" and not self.shards["captions"]:
-            raise ApiError(422, "invalid_rerank", "fusion needs a caption index, and this deployment has none")
         return k, rerank, fusion
 
-    async def _encode_image(self, data: bytes, call: Call) -> np.ndarray:
-        with call.timer("decode"):
-            pixels = await decode_in_pool(self.decoder, data, self.meta["image_size"], self.config["max_image_pixels"])
-        with call.timer("encode"):
-            return _finite(await self._call(self.encoder, "encode_image", call, pixels))
+    def _faulty(self, arm: Arm, code: np.ndarray, seed_text: str) -> np.ndarray:
+        fault = arm.route.fault
+        return garbage_code(code.shape[-1], seed_text) if fault is not None and fault.garbage else code
 
-    async def _indexed_code(self, image_id: str, call: Call) -> np.ndarray:
+    async def _encode_image(self, arm: Arm, data: bytes, call: Call) -> np.ndarray:
+        with call.timer("decode"):
+            pixels = await decode_in_pool(self.decoder, data, arm.backend.model["image_size"],
+                                          self.config["max_image_pixels"])
+        with call.timer("encode"):
+            code = _finite(await self._call(arm.backend.encoder, "encode_image", call, pixels))
+        return self._faulty(arm, code, str(len(data)) + str(data[-64:]))
+
+    async def _indexed_code(self, arm: Arm, image_id: str, call: Call) -> np.ndarray:
         """The stored code of an indexed image: asked of the one shard group that holds it."""
-        shard = stable_shard(image_id, self.meta["shard_count"]["images"])
-        handle = self.shards["images"][shard // self.meta["shards_per_replica"]["images"]]
+        index = arm.backend.index
+        shard = stable_shard(image_id, index["shard_count"]["images"])
+        handle = arm.backend.shards["images"][shard // index["shards_per_replica"]["images"]]
         with call.timer("lookup"):
             code = await self._call(handle, "code_of", call, image_id)
         if code is None:
@@ -315,32 +506,35 @@ class Router:
 
     # --- searching ---
 
-    async def _rank(self, code: np.ndarray, k: int, rerank: str, fusion: str, call: Call) -> dict:
+    async def _rank(self, arm: Arm, code: np.ndarray, k: int, rerank: str, fusion: str, call: Call) -> dict:
         packed = pack_signs(code[None])  # (1, bytes)
+        bits = arm.backend.index["bits"]
         if rerank == "none":
-            results = await self._search("images", packed, k, call)
+            results = await self._search(arm, "images", packed, k, call)
         elif rerank == "asymmetric":
             depth = max(k, self.config["rerank_depth"])
-            hits = await self._search("images", packed, depth, call, with_codes=True)
+            hits = await self._search(arm, "images", packed, depth, call, with_codes=True)
             with call.timer("rerank"):
-                results = asymmetric_rerank(code, hits, self.meta["bits"])[:k]
+                results = asymmetric_rerank(code, hits, bits)[:k]
         else:
+            if not arm.backend.shards["captions"]:
+                raise ApiError(422, "invalid_rerank", "fusion needs a caption index, and this deployment has none")
             depth = max(k, self.config["rerank_depth"])
-            images, captions = await _all_or_none([self._search("images", packed, depth, call),
-                                                   self._search("captions", packed, depth, call)])
+            images, captions = await _all_or_none([self._search(arm, "images", packed, depth, call),
+                                                   self._search(arm, "captions", packed, depth, call)])
             with call.timer("rerank"):
-                results = fuse(images, captions, self.meta["bits"], fusion)[:k]
+                results = fuse(images, captions, bits, fusion)[:k]
         return {"k": k, "rerank": rerank, "fusion": fusion if rerank == "fusion" else None, "results": results}
 
-    async def _search(self, collection: str, packed: np.ndarray, k: int, call: Call,
+    async def _search(self, arm: Arm, collection: str, packed: np.ndarray, k: int, call: Call,
                       with_codes: bool = False) -> list[dict]:
         """Scatter one query to every shard group of ``collection`` at once, merge the top-k (distance, row)."""
         start = time.perf_counter()
         answers = await _all_or_none([self._call(h, "search", call, packed, k, with_codes)
-                                      for h in self.shards[collection]])
+                                      for h in arm.backend.shards[collection]])
         call.timings["search"] = call.timings.get("search", 0.0) + (time.perf_counter() - start) * 1000
         with call.timer("merge"):
-            return merge_hits(answers, k, self.meta["bits"], self.meta["refs"][collection], with_codes)
+            return merge_hits(answers, k, arm.backend.index["bits"], arm.backend.index["refs"][collection], with_codes)
 
     async def _call(self, handle, method: str, call: Call, *args):
         """One call to another deployment within the request's budget: a lost replica or a timeout is
@@ -369,16 +563,50 @@ class Router:
                 log.warning("%s.%s failed (attempt %d of %d): %s", name, method, retries,
                             self.config["shard_retries"] + 1, type(err).__name__)
                 if retries > self.config["shard_retries"]:
-                    raise ApiError(503, f"{'encoder' if handle is self.encoder else 'shard'}_unavailable",
+                    raise ApiError(503, f"{'encoder' if name == 'QueryEncoder' else 'shard'}_unavailable",
                                    f"{name} did not answer after {retries} attempts") from None
                 await asyncio.sleep(min(0.02 * retries, max(call.remaining(), 0)))  # let the handle learn of a loss
 
     async def _readiness(self, call: Call) -> JSONResponse:
+        traffic = self.traffic
+        arms = {name: {"ready": arm.ready, "problem": arm.backend.problem, "weight": arm.route.weight,
+                       "shadow": arm.route.shadow, **arm.versions()} for name, arm in self.arms.items()}
+        required = [a for a in self.arms.values()
+                    if not a.route.shadow and (a.route.weight > 0 or a.name == traffic.primary)]
+        body = {"ready": True, "degraded": False, "shards": [], "replicas": [], "replaced": []}
+        problems, seen = [], set()
+        for arm in required:
+            if not arm.ready:
+                body["ready"] = False
+                problems.append(f"arm {arm.name}: {arm.backend.problem}")
+                continue
+            if arm.backend.index_app in seen:
+                continue
+            seen.add(arm.backend.index_app)
+            index = await self._index_readiness(arm, call)
+            if index.get("problem"):
+                problems.append(f"arm {arm.name}: {index['problem']}")
+            for key in ("shards", "replicas", "replaced"):
+                body[key] += index.get(key, [])
+            body["ready"] = body["ready"] and index["ready"]
+            body["degraded"] = body["degraded"] or index.get("degraded", False)
+        primary = self.arms[traffic.primary].versions()
+        body.update(arms=arms, primary=traffic.primary, model_version=primary["model_version"],
+                    index_version=primary["index_version"])
+        if problems:
+            body["problem"] = "; ".join(problems)
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    async def _index_readiness(self, arm: Arm, call: Call) -> dict:
+        """One index's readiness from its shard replicas' own reports."""
+        if arm.backend.reports is None:
+            return {"ready": False, "problem": "the index application has no readiness reports"}
         try:
-            snapshot = await self._call(self.reports, "snapshot", call)
+            snapshot = await self._call(arm.backend.reports, "snapshot", call)
         except ApiError as err:
-            return JSONResponse({"ready": False, "problem": f"no readiness reports: {err.message}"}, status_code=503)
-        per_shard: dict[str, list[dict]] = {label: [] for c in COLLECTIONS for label in self.meta["shards"].get(c, [])}
+            return {"ready": False, "problem": f"no readiness reports: {err.message}"}
+        labels = arm.backend.index["shards"]
+        per_shard: dict[str, list[dict]] = {label: [] for c in COLLECTIONS for label in labels.get(c, [])}
         for replica in snapshot["replicas"]:
             for shard in replica["shards"]:
                 if shard["shard"] in per_shard:
@@ -393,8 +621,19 @@ class Router:
         mine = set(per_shard)
         replicas = [r for r in snapshot["replicas"] if any(s["shard"] in mine for s in r["shards"])]
         replaced = [r for r in snapshot["replaced"] if any(s["shard"] in mine for s in r["shards"])]
-        ready = all(s["ready"] for s in shards)
-        body = {"ready": ready, "degraded": any(not s["ready"] for r in replicas for s in r["shards"]),
-                "shards": shards, "replicas": replicas, "replaced": replaced,
-                "model_version": self.meta["model_version"], "index_version": self.meta["index_version"]}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        return {"ready": all(s["ready"] for s in shards),
+                "degraded": any(not s["ready"] for r in replicas for s in r["shards"]),
+                "shards": shards, "replicas": replicas, "replaced": replaced}
+
+    async def _traffic_status(self, call: Call) -> JSONResponse:
+        """The canary controller's figures per arm, with this router's view of each arm."""
+        try:
+            status = await self._call(self.canary, "status", call)
+        except ApiError as err:
+            status = {"problem": f"the canary controller did not answer: {err.message}", "arms": {}}
+        for name, arm in self.arms.items():
+            status.setdefault("arms", {}).setdefault(name, {}).update(
+                ready=arm.ready, problem=arm.backend.problem, weight=arm.route.weight, shadow=arm.route.shadow,
+                **arm.versions())
+        status.update(primary=self.traffic.primary, salt=self.traffic.salt)
+        return JSONResponse(status)

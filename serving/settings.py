@@ -1,8 +1,9 @@
 """The search app's settings: typed and range-checked (pydantic), unknown keys an error, hot ones split out.
 
-``ServeSettings`` is everything ``build_app`` needs; its hot fields (``HOT_ROUTER``, ``HOT_ENCODER``) travel
-as Serve ``user_config`` and change without restarting replicas (``reconfigure`` re-checks them with
-``RouterConfig`` / ``EncoderConfig``).
+``ServeSettings`` is everything the apps are built from (serving/apps.py); its hot fields (``HOT_ROUTER``,
+``HOT_ENCODER``, the traffic split and the canary's limits) travel as Serve ``user_config`` and change
+without restarting replicas (``reconfigure`` re-checks them with ``RouterConfig`` / ``EncoderConfig`` /
+``serving.traffic.Traffic`` / ``CanaryConfig``).
 """
 from __future__ import annotations
 
@@ -51,11 +52,70 @@ class EncoderConfig(BaseModel):
     batch_wait_s: float = Field(0.002, ge=0, le=1)
 
 
+class Fault(BaseModel):
+    """Injected faults of one arm (drills and tests of the rollback path; see serving.traffic)."""
+
+    model_config = _STRICT
+
+    error_rate: float = Field(0.0, ge=0, le=1)
+    delay_s: float = Field(0.0, ge=0, le=60)
+    garbage: bool = False
+
+
+class ArmSettings(BaseModel):
+    """One traffic arm: a model version and an index release, and its share of traffic."""
+
+    model_config = _STRICT
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    model: str | None = None  # models:/NAME/VERSION, models:/NAME@ALIAS or a folder; default the release's model
+    index: str | None = None  # artifact root of the arm's index; default the settings' index
+    release: str | None = None  # default: the latest release of that root
+    weight: float = Field(0.0, ge=0, le=100)  # percent of live traffic (shadow: percent of requests mirrored)
+    shadow: bool = False
+    alias: str | None = None  # the registry alias the arm stands for; default the model URI's @ALIAS
+    fault: Fault | None = None
+
+
+class CanaryConfig(BaseModel):
+    """The canary controller's hot settings: the sliding window, the limits past which a challenger is
+    rolled back, and the probe queries that measure each arm's retrieval quality live."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    interval_s: float = Field(1.0, gt=0, le=3600)  # how often the arms are judged
+    window_s: float = Field(60.0, gt=0, le=86_400)  # the sliding window the figures are computed over
+    min_requests: int = Field(20, ge=1)  # fewer requests in the window: no data yet for errors and latency
+    min_probes: int = Field(10, ge=1)  # fewer probe answers in the window: no data yet for quality
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    max_p99_ms: float = Field(1000.0, gt=0)
+    max_probe_map_drop: float = Field(0.15, ge=0, le=1)  # below the primary's probe mAP@k by more: rolled back
+    probe_data: str | None = None  # Karpathy-style dataset folder whose val split gives the probes; None: none
+    probe_rate: float = Field(2.0, ge=0, le=1000)  # probe queries per second, per arm
+    probe_count: int = Field(40, ge=2, le=10_000)  # probes drawn from val (half captions, half images)
+    probe_k: int = Field(10, ge=1, le=1000)
+    auto_rollback: bool = True
+    root: str | None = None  # artifact root of the audit log; default $TERRAHASH_ROOT or ./terrahash-root
+    record_every_s: float = Field(30.0, gt=0)  # how often each registered arm's record goes to MLflow
+
+
 class ServeSettings(RouterConfig, EncoderConfig):
     """Everything the app is built from; unknown keys are an error."""
 
-    index: str  # artifact root holding index/ (releases and both collections): a folder or s3://
-    model: str | None = None  # model version folder (ONNX + specs); default: the image index's model_dir
+    index: str | None = None  # artifact root holding index/ (releases and both collections): a folder or s3://
+    model: str | None = None  # models:/NAME/VERSION, models:/NAME@ALIAS or a folder; default the release's model
+    # Traffic arms; none: one arm, "default", from index / model / release.
+    arms: list[ArmSettings] = Field(default_factory=list)
+    salt: str = "terrahash"  # of the sticky client assignment (a new salt reshuffles every client)
+    primary: str | None = None  # the arm that answers when another fails; default the first live arm
+    arm_timeout_s: float = Field(1.0, gt=0, le=600)  # a non-primary arm's budget before the primary answers
+    shadow_timeout_s: float = Field(2.0, gt=0, le=600)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
+    app_name: str = Field("terrahash", pattern=r"^[a-z][a-z0-9_-]{0,40}$")  # the router's Serve application
+    route_prefix: str = "/"
+    tracking_uri: str | None = None  # MLflow, for models:/ URIs; default $MLFLOW_TRACKING_URI
+    model_cache_dir: str = "/tmp/terrahash/models"  # node-local copies of registered model versions
     release: str | None = None  # the index release served (e.g. r0003); default the latest
     image_version: str | None = None  # override the release's image index version
     caption_version: str | None = None  # override the release's caption index version
@@ -110,6 +170,18 @@ class ServeSettings(RouterConfig, EncoderConfig):
     def check(self) -> None:
         """Re-validate (settings changed by assignment are checked as they are set)."""
         type(self).model_validate(self.model_dump())
+
+    def arm_list(self) -> list[ArmSettings]:
+        """The arms, each with its index filled in; without arms, one live arm from index / model / release."""
+        if not self.arms and not self.index:
+            raise ValueError("serve settings: give index (an artifact root) or arms")
+        for arm in self.arms:
+            if not (arm.index or self.index):
+                raise ValueError(f"serve settings: arm {arm.name!r} has no index, and the settings give none")
+        if not self.arms:
+            return [ArmSettings(name="default", model=self.model, index=self.index, release=self.release,
+                                weight=100.0)]
+        return [arm.model_copy(update={"index": arm.index or self.index}) for arm in self.arms]
 
     def router_config(self) -> dict:
         return {name: getattr(self, name) for name in self.HOT_ROUTER}

@@ -105,7 +105,7 @@ def serve_app(local_ray, built_index, tmp_path_factory):
     """The app on the session's local Ray, over HTTP on a free loopback port; yields its base URL."""
     from ray import serve
 
-    from serving.app import ServeSettings, build_app
+    from serving.app import ServeSettings, run_apps
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -113,7 +113,7 @@ def serve_app(local_ray, built_index, tmp_path_factory):
                              shard_num_cpus=0.05, encoder_num_cpus=0.1, router_num_cpus=0.05,
                              max_upload_bytes=200_000, max_image_pixels=1_000_000, max_query_chars=200, max_k=50,
                              shard_cache_dir=str(tmp_path_factory.mktemp("shard_cache")))
-    serve.run(build_app(settings), name="terrahash", route_prefix="/")
+    run_apps(settings)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/v1/readyz")
     yield url

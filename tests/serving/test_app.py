@@ -237,9 +237,7 @@ def test_health_readiness_metrics_and_docs(serve_app, ray_metrics_url):
 
 
 def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index):
-    from ray import serve
-
-    from serving.app import build_app
+    from serving.app import run_apps
 
     settings = dict(index=str(built_index["root"]), shard_replicas=1, spread_shards=False, shard_num_cpus=0.05,
                     encoder_num_cpus=0.1, router_num_cpus=0.05, max_upload_bytes=200_000,
@@ -248,23 +246,21 @@ def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index):
     assert status == 200
     try:
         # Also: text encoded by the encoder deployment instead of the router, one deployment per shard.
-        serve.run(build_app(ServeSettings(**settings, max_k=5, default_k=5, router_encodes_text=False,
-                                          shards_per_replica=1)), name="terrahash", route_prefix="/")
+        run_apps(ServeSettings(**settings, max_k=5, default_k=5, router_encodes_text=False, shards_per_replica=1))
         status, body = post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 6})
         assert status == 422 and "1 to 5" in body["error"]["message"]
         status, body = post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 5})
         assert status == 200 and body["results"] == in_router["results"]
     finally:
-        serve.run(build_app(ServeSettings(**settings, max_k=50)), name="terrahash", route_prefix="/")
+        run_apps(ServeSettings(**settings, max_k=50, shards_per_replica=3))
     with pytest.raises(ValueError, match="max_kk: unknown key"):
         ServeSettings.from_dict({"index": "x", "max_kk": 3})
 
 
 def test_a_corrupted_shard_is_refused_and_readiness_says_why(serve_app, built_index, tmp_path):
     import ray
-    from ray import serve
 
-    from serving.app import build_app
+    from serving.app import delete_apps, run_apps
 
     root = tmp_path / "corrupt"
     shutil.copytree(built_index["root"], root)
@@ -274,7 +270,7 @@ def test_a_corrupted_shard_is_refused_and_readiness_says_why(serve_app, built_in
     victim.write_bytes(bytes(data))
     settings = ServeSettings(index=str(root), shard_replicas=1, spread_shards=False, shard_num_cpus=0.05,
                              encoder_num_cpus=0.1, router_num_cpus=0.05, shards_per_replica=1)
-    serve.run(build_app(settings), name="corrupt", route_prefix="/corrupt")
+    run_apps(settings, name="corrupt", route_prefix="/corrupt")
     try:
         status, body = call(f"{serve_app}/corrupt/v1/readyz")
         assert status == 503 and not body["ready"]
@@ -284,17 +280,17 @@ def test_a_corrupted_shard_is_refused_and_readiness_says_why(serve_app, built_in
         status, body = post_json(f"{serve_app}/corrupt/v1/search/text", {"query": "a river"})
         assert status == 503 and body["error"]["code"] == "shard_not_ready"
         logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
-        lines = [line for f in logs.glob("replica_corrupt_*.log") for line in f.read_text().splitlines()
+        lines = [line for f in logs.glob("replica_corrupt-index-*.log") for line in f.read_text().splitlines()
                  if "refusing shard images/v0001/shard-00002" in line]
         assert lines and "checksum mismatch" in lines[0]
     finally:
-        serve.delete("corrupt")
+        delete_apps("corrupt")
     wait_http(f"{serve_app}/v1/readyz")  # the other app never noticed
 
 
 def test_an_encoder_of_another_code_space_is_refused_at_build(built_index, model_dir, tmp_path):
     """A ``model`` override whose students were trained into other codes (same bits) cannot serve the index."""
-    from serving.app import build_app
+    from serving.app import check_arms
 
     other = tmp_path / "other_model"
     shutil.copytree(model_dir, other)
@@ -302,22 +298,31 @@ def test_an_encoder_of_another_code_space_is_refused_at_build(built_index, model
         data = json.loads(spec.read_text())
         spec.write_text(json.dumps({**data, "code_space": "sha256:" + "0" * 64}))
     with pytest.raises(ValueError) as err:
-        build_app(ServeSettings(index=str(built_index["root"]), model=str(other)))
+        check_arms(ServeSettings(index=str(built_index["root"]), model=str(other)))
     message = str(err.value)
     assert "sha256:" + "0" * 64 in message and built_index["images"]["code_space"] in message
     assert str(other) in message and "index/images/v0001/manifest.json" in message
 
 
-def test_serving_app_imports_no_torch(built_index, tmp_path):
-    """Build and start the whole app in process (Serve's local testing mode), then look at sys.modules."""
+def test_serving_app_imports_no_torch(built_index, ucm_many, tmp_path):
+    """Everything a replica runs, in one process: the three applications built (manifests read), the model
+    loaded and used by both encoders, the canary's probes read; then no torch, timm or transformers."""
     code = f"""
-import sys
-from ray import serve
-from serving.app import ServeSettings, build_app
-import cluster.serving_cli, serving.build
-app = build_app(ServeSettings(index={str(built_index['root'])!r}, shard_replicas=1, spread_shards=False))
-handle = serve.run(app, _local_testing_mode=True)
-assert handle.healthz.remote().result() == {{"status": "ok"}}
+import sys, numpy as np
+import cluster.serving_cli, serving.build, serving.canary, serving.control, serving.router
+from serving.app import ServeSettings, index_app, model_app, router_app
+from serving.encoders import ImageEncoder, TextEncoder
+from serving.query_encoder import load_model
+from serving.serve_config import app_specs
+settings = ServeSettings(index={str(built_index['root'])!r}, shard_replicas=1, spread_shards=False,
+                         canary={{"probe_data": {str(ucm_many)!r}}})
+for spec in app_specs(settings):
+    {{"index": index_app, "model": model_app, "router": router_app}}[spec["kind"]](spec["args"])
+model = load_model(None, settings.index, None, "fp32")
+assert TextEncoder(model["text_spec"]).encode(["a river"]).shape == (1, model["bits"])
+pixels = np.zeros((model["image_size"], model["image_size"], 3), np.uint8)
+assert ImageEncoder(model["image_spec"]).encode([pixels]).shape == (1, model["bits"])
+assert serving.canary.load_probes({str(ucm_many)!r}, 8)["queries"]
 bad = sorted(m for m in ("torch", "timm", "transformers") if m in sys.modules)
 print("HEAVY", bad)
 sys.exit(1 if bad else 0)
@@ -331,22 +336,20 @@ def test_the_app_serves_an_index_from_s3(serve_app, built_index, s3_endpoint, mo
     import uuid
 
     import boto3
-    from ray import serve
-
-    from serving.app import build_app
+    from serving.app import delete_apps, run_apps
 
     prefix = f"served/{uuid.uuid4().hex}"
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     local = Path(built_index["root"])
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         client.upload_file(str(path), "terrahash-test", f"{prefix}/{path.relative_to(local).as_posix()}")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # for build_app, which reads the manifests here
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # for run_apps, which reads the manifests here
     env = {name: os.environ[name] for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                                "AWS_DEFAULT_REGION")}
     settings = ServeSettings(index=f"s3://terrahash-test/{prefix}", shard_replicas=1, spread_shards=False,
                              shard_num_cpus=0.05, encoder_num_cpus=0.1, router_num_cpus=0.05,
                              runtime_env={"env_vars": env})
-    serve.run(build_app(settings), name="s3", route_prefix="/s3")
+    run_apps(settings, name="s3", route_prefix="/s3")
     try:
         wait_http(f"{serve_app}/s3/v1/readyz")
         query = {"query": "a beach with white waves", "k": 10}
@@ -354,23 +357,31 @@ def test_the_app_serves_an_index_from_s3(serve_app, built_index, s3_endpoint, mo
         assert status == 200 and len(from_s3["results"]) == 10
         assert from_s3["results"] == post_json(f"{serve_app}/v1/search/text", query)[1]["results"]
     finally:
-        serve.delete("s3")
+        delete_apps("s3")
 
 
-def test_the_shipped_serve_config_is_valid():
-    """serving/deploy.yaml parses as a Serve config, its args as ServeSettings, its hot settings as such."""
+def test_the_shipped_serve_config_is_rendered_from_the_shipped_settings():
+    """serving/deploy.yaml is what `terrahash serve --render` writes from serving/serve.yaml: a valid Serve
+    config whose applications' args are ServeSettings and whose user_configs are the hot settings."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.settings import check_hot_settings
+    from serving.serve_config import serve_config
+    from serving.settings import check_hot_settings, load_settings
+    from serving.traffic import check_traffic
 
-    config = ServeDeploySchema.model_validate(yaml.safe_load((Path(__file__).parents[2] / "serving" / "deploy.yaml")
-                                                             .read_text()))
-    [app] = config.applications
-    assert app.import_path == "serving.app:app_builder"
-    settings = ServeSettings.from_dict(app.args)
-    by_name = {d.name: d.user_config for d in app.deployments}
-    assert check_hot_settings(by_name["Router"]) == by_name["Router"]
-    assert set(by_name["Router"]) == set(settings.HOT_ROUTER)
-    assert set(by_name["QueryEncoder"]) == set(settings.HOT_ENCODER)
-    assert {**settings.router_config(), **by_name["Router"]} == settings.router_config()  # the two agree
+    shipped = Path(__file__).parents[2] / "serving"
+    deployed = yaml.safe_load((shipped / "deploy.yaml").read_text())
+    assert deployed == serve_config(load_settings(shipped / "serve.yaml"), host="0.0.0.0"), \
+        "serving/deploy.yaml is stale: run terrahash serve --config serving/serve.yaml --render serving/deploy.yaml --host 0.0.0.0"
+    config = ServeDeploySchema.model_validate(deployed)
+    kinds = {app.import_path.rsplit(":", 1)[1]: app for app in config.applications}
+    assert set(kinds) == {"index_app", "model_app", "router_app"}
+    assert len([a for a in config.applications if a.import_path.endswith("model_app")]) == 2  # two arms
+    for app in config.applications:
+        ServeSettings.from_dict(app.args)
+    router = {d.name: d.user_config for d in kinds["router_app"].deployments}
+    hot = {k: v for k, v in router["Router"].items() if k != "traffic"}
+    assert check_hot_settings(hot) == hot and set(hot) == set(ServeSettings.HOT_ROUTER)
+    assert [a.name for a in check_traffic(router["Router"]["traffic"]).arms] == ["champion", "challenger"]
+    assert router["Canary"]["traffic"] == router["Router"]["traffic"]

@@ -99,15 +99,23 @@ def _replica_nodes(app: str) -> dict[str, int]:
 
     counts: dict[str, int] = {}
     for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        if actor.class_name.startswith(f"ServeReplica:{app}:images-shard"):
+        if actor.class_name.startswith(f"ServeReplica:{_index_app(app)}:images-shard"):
             counts[actor.node_id] = counts.get(actor.node_id, 0) + 1
     return counts
+
+
+def _index_app(app: str) -> str:
+    """The index application of router application ``app`` (serving/app.py: ``<app>-index-<key>``)."""
+    from ray import serve
+
+    [name] = [a for a in serve.status().applications if a.startswith(f"{app}-index-")]
+    return name
 
 
 def _shard_status(app: str) -> dict:
     from ray import serve
 
-    deployments = serve.status().applications[app].deployments
+    deployments = serve.status().applications[_index_app(app)].deployments
     return {name: {"status": str(d.status), "replicas": {str(k): v for k, v in d.replica_states.items()}}
             for name, d in deployments.items() if name.startswith("images-shard")}
 
@@ -174,11 +182,10 @@ def drill(index_root: str, cache: str) -> dict:
 
 
 def node_loss_drill(cluster, workers, index_root: str, cache: str, port: int, expected: dict) -> dict:
-    from ray import serve
 
-    from serving.app import build_app
+    from serving.app import delete_apps, run_apps
 
-    serve.run(build_app(_settings(index_root, f"{cache}/node-loss")), name="drill", route_prefix="/")
+    run_apps(_settings(index_root, f"{cache}/node-loss"), name="drill", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/search/similar/"
     failed, wrong, answered = [], [], [0]
     before = _replica_nodes("drill")
@@ -197,7 +204,7 @@ def node_loss_drill(cluster, workers, index_root: str, cache: str, port: int, ex
         time.sleep(1)
         status = _shard_status("drill")
     after = _replica_nodes("drill")
-    serve.delete("drill")
+    delete_apps("drill")
     return {"sent": answered[0], "failed": failed, "wrong": wrong,
             "killed_node_replicas": before.get(victim.node_id, 0), "recovered": _recovered(status, 2),
             "status": status, "replicas_per_node_before": before, "replicas_per_node_after": after}
@@ -208,10 +215,9 @@ def corrupt_copy_drill(index_root: str, cache: str, port: int, expected: dict) -
     import shutil
 
     import ray
-    from ray import serve
 
     from cluster.artifacts import open_root
-    from serving.app import build_app
+    from serving.app import delete_apps, run_apps
     from serving.shards import cache_folder
 
     cache = f"{cache}/corrupt"
@@ -222,8 +228,8 @@ def corrupt_copy_drill(index_root: str, cache: str, port: int, expected: dict) -
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
-    serve.run(build_app(_settings(index_root, cache, shards_per_replica=SHARDS, shard_health_period_s=3.0)),
-              name="heal", route_prefix="/heal")
+    run_apps(_settings(index_root, cache, shards_per_replica=SHARDS, shard_health_period_s=3.0),
+             name="heal", route_prefix="/heal")
     ready_url = f"http://127.0.0.1:{port}/heal/v1/readyz"
     first = _readiness(ready_url)
     failed, wrong, answered = [], [], [0]
@@ -233,7 +239,7 @@ def corrupt_copy_drill(index_root: str, cache: str, port: int, expected: dict) -
     while not (last.get("ready") and not last.get("degraded") and last.get("replaced")) and time.monotonic() < deadline:
         time.sleep(1)
         last = _readiness(ready_url)
-    serve.delete("heal")
+    delete_apps("heal")
     return {"sent": answered[0], "failed": failed, "wrong": wrong, "bad_node": bad_node,
             "first_readiness": first, "last_readiness": last}
 

@@ -17,6 +17,8 @@ import pytest
 pytest.importorskip("ray.serve")
 from ray import serve  # noqa: E402
 
+from serving.app import IndexInfo  # noqa: E402
+from serving.canary import Canary  # noqa: E402
 from serving.index import ImageRefs  # noqa: E402
 from serving.router import Router  # noqa: E402
 from serving.shards import ShardNotReady  # noqa: E402
@@ -29,6 +31,10 @@ SLOW_S = 0.4
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.01})
 class FakeEncoder:
     """Text encoder whose query says what goes wrong: "nan", "boom", "slow"; anything else a fixed code."""
+
+    async def describe(self) -> dict:
+        return {"model": "fake", "model_version": "fake", "registered": None, "variant": "fp32",
+                "code_space": None, "bits": BITS, "image_size": 32}
 
     async def encode_text(self, text: str) -> np.ndarray:
         if text == "nan":
@@ -72,33 +78,53 @@ class FakeShards:
             await asyncio.sleep(SLOW_S)
 
 
-def _meta() -> dict:
-    return {"model_version": "fake", "bits": BITS, "image_size": 32, "release": None,
-            "index_version": {"images": "v0001"}, "shards": {"images": ["images/v0001/shard-00000"]},
-            "shard_count": {"images": 1}, "shards_per_replica": {"images": 1},
+def _info() -> dict:
+    return {"index": "fake", "release": None, "model_version": "fake", "model": "fake", "code_space": None,
+            "bits": BITS, "index_version": {"images": "v0001"}, "shards": {"images": ["images/v0001/shard-00000"]},
+            "shard_count": {"images": 1}, "shards_per_replica": {"images": 1}, "groups": {"images": ["images-shard-00000"]},
             "refs": {"images": ImageRefs({"extra": {}}, "")}}
 
 
 def _router(name: str, shards, **hot):
+    """Run ``name`` (the router, on /name) with a fake encoder application and a fake index application."""
+    serve.run(FakeEncoder.options(name="QueryEncoder").bind(), name=f"{name}-model", route_prefix=None)
+    serve.run(IndexInfo.options(ray_actor_options={"num_cpus": 0.01}).bind(_info(), [shards], None),
+              name=f"{name}-index", route_prefix=None)
+    traffic = {"arms": [{"name": "main", "weight": 100.0, "model_app": f"{name}-model", "index_app": f"{name}-index"}]}
     config = {"max_query_chars": 100, "max_k": 20, "default_k": 5, "max_upload_bytes": 4_000_000,
               "max_image_pixels": 40_000_000, "rerank": "none", "rerank_depth": 20, "fusion": "average",
-              "deadline_s": 5.0, "shard_timeout_s": 2.0, "shard_retries": 2, **hot}
-    return Router.options(name=f"{name}-router", user_config=config, ray_actor_options={"num_cpus": 0.01}).bind(
-        FakeEncoder.options(name=f"{name}-encoder").bind(), [shards], [], _meta(), None, None, 1, 1)
+              "deadline_s": 5.0, "shard_timeout_s": 2.0, "shard_retries": 2, **hot, "traffic": traffic}
+    canary = Canary.options(user_config={"enabled": False, "traffic": traffic},
+                            ray_actor_options={"num_cpus": 0.01}).bind(name)
+    serve.run(Router.options(user_config=config, ray_actor_options={"num_cpus": 0.01}).bind(
+        canary, {"router_encodes_text": False, "decode_threads": 1}), name=name, route_prefix=f"/{name}")
+
+
+def _wait_answers(url: str, timeout: float = 60.0) -> None:
+    """Until the router has found its fake arm (no readiness reports here: the fakes have none)."""
+    deadline = time.monotonic() + timeout
+    while post_json(f"{url}/v1/search/text", {"query": "fine"})[0] != 200:
+        assert time.monotonic() < deadline, f"{url} never answered"
+        time.sleep(0.2)
+
+
+def _shards(name: str, **options):
+    return FakeShards.options(name="images-shard-00000", **options)
 
 
 @pytest.fixture(scope="module")
 def fake_apps(serve_app):
     """Three apps on the session's Serve: slow shards (deadline 1 s), a half-bad shard group, plain."""
-    apps = {"slow": _router("slow", FakeShards.options(name="slow-shards", num_replicas=1).bind(slow=True),
-                            deadline_s=1.0),
-            "halfbad": _router("halfbad", FakeShards.options(name="halfbad-shards", num_replicas=2).bind(half_bad=True)),
-            "plain": _router("plain", FakeShards.options(name="plain-shards", num_replicas=1).bind())}
-    for name, app in apps.items():
-        serve.run(app, name=name, route_prefix=f"/{name}")
+    _router("slow", _shards("slow", num_replicas=1).bind(slow=True), deadline_s=1.0)
+    _router("halfbad", _shards("halfbad", num_replicas=2).bind(half_bad=True))
+    _router("plain", _shards("plain", num_replicas=1).bind())
+    apps = ("slow", "halfbad", "plain")
+    for name in apps:
+        _wait_answers(f"{serve_app}/{name}")
     yield {name: f"{serve_app}/{name}" for name in apps}
     for name in apps:
-        serve.delete(name)
+        for app in (name, f"{name}-model", f"{name}-index"):
+            serve.delete(app)
 
 
 def test_one_deadline_covers_every_call_of_a_request(fake_apps):
@@ -107,8 +133,8 @@ def test_one_deadline_covers_every_call_of_a_request(fake_apps):
     assert call(f"{url}/v1/search/similar/img3?k=5")[0] == 200
     assert post_json(f"{url}/v1/search/text", {"query": "slow"})[0] == 200
     # A deadline shorter than the two calls but longer than each: the request runs out, not a call.
-    serve.run(_router("slow", FakeShards.options(name="slow-shards", num_replicas=1).bind(slow=True), deadline_s=0.6),
-              name="slow", route_prefix="/slow")
+    _router("slow", _shards("slow", num_replicas=1).bind(slow=True), deadline_s=0.6)
+    _wait_answers(url)
     for path, payload in (("/v1/search/similar/img3?k=5", None), ("/v1/search/text", {"query": "slow"})):
         start = time.monotonic()
         status, body = post_json(f"{url}{path}", payload) if payload else call(f"{url}{path}")

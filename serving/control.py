@@ -1,0 +1,79 @@
+"""Changing a running app's split: read the Serve config it was deployed from, change the traffic in the
+router's and the canary's ``user_config``, apply it again.
+
+Serve reconfigures replicas in place when only a ``user_config`` changes, and leaves an application
+untouched when its import path, args and runtime_env are unchanged: a new weight restarts nothing, a
+new arm only adds its applications. The app must have been deployed from a config (``terrahash serve``
+and ``serve deploy`` do; ``serving.app.run_apps`` does not).
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Callable
+
+_lock = threading.Lock()  # one change at a time from this process
+SPLIT_DEPLOYMENTS = ("Router", "Canary")
+
+
+class NotDeclarative(RuntimeError):
+    """The app was not deployed from a Serve config, so its split cannot change in place."""
+
+
+def _client():
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client()
+
+
+def apply_config(config: dict) -> None:
+    """Apply a whole Serve config (``serve deploy`` format); applications left out are removed."""
+    from ray.serve.schema import ServeDeploySchema
+
+    _client().deploy_apps(ServeDeploySchema.parse_obj(config))
+
+
+def current_config() -> dict:
+    """The Serve config of every application deployed from a config, as applied."""
+    details = _client().get_serve_details()
+    apps = [copy.deepcopy(app["deployed_app_config"]) for app in details.get("applications", {}).values()
+            if app.get("deployed_app_config") and app.get("source") != "imperative"]
+    http = {k: v for k, v in (details.get("http_options") or {}).items() if k in ("host", "port")}
+    return {"proxy_location": details.get("proxy_location") or "EveryNode", "http_options": http,
+            "applications": apps}
+
+
+def router_app_config(config: dict, app_name: str) -> dict:
+    for app in config["applications"]:
+        if app["name"] == app_name:
+            return app
+    names = [a["name"] for a in config["applications"]]
+    raise NotDeclarative(f"no application {app_name!r} deployed from a config (deployed from one: {names}); "
+                         f"`terrahash serve` and `serve deploy` deploy that way")
+
+
+def current_traffic(app_name: str = "terrahash") -> dict:
+    app = router_app_config(current_config(), app_name)
+    for deployment in app.get("deployments", []):
+        if deployment["name"] == "Router":
+            return deployment["user_config"]["traffic"]
+    raise NotDeclarative(f"application {app_name!r} has no Router user_config")
+
+
+def update_traffic(app_name: str, change: Callable[[dict], dict]) -> dict:
+    """Apply ``change(traffic) -> traffic`` to the running app's split; returns the new split."""
+    from serving.traffic import check_traffic
+
+    with _lock:
+        config = current_config()
+        app = router_app_config(config, app_name)
+        deployments = {d["name"]: d for d in app.get("deployments", [])}
+        if "Router" not in deployments:
+            raise NotDeclarative(f"application {app_name!r} has no Router user_config")
+        traffic = check_traffic(change(copy.deepcopy(deployments["Router"]["user_config"]["traffic"])))
+        new = traffic.model_dump(mode="json")
+        for name in SPLIT_DEPLOYMENTS:
+            if name in deployments:
+                deployments[name]["user_config"] = {**deployments[name].get("user_config", {}), "traffic": new}
+        apply_config(config)
+        return new
