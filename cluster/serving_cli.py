@@ -148,6 +148,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = (load_settings(args.config, **overrides) if args.config
                 else ServeSettings.from_dict({k: v for k, v in overrides.items() if v is not None}))
     arms = settings.arm_list()  # checks that every arm has an index
+    if not args.render:
+        settings = settings.with_absolute_paths()
     if args.render:
         import yaml
 

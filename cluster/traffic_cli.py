@@ -45,7 +45,7 @@ def format_status(traffic: dict, status: dict) -> str:
              + (f" ({status['probes']['problem']})" if (status.get("probes") or {}).get("problem") else ""), header]
     for arm in traffic["arms"]:
         s = status.get("arms", {}).get(arm["name"], {})
-        probe, shadow = s.get("probe") or {}, s.get("shadow") or {}
+        probe, shadow = s.get("probe") or {}, s.get("mirror") or {}
         verdict = s.get("verdict") or {}
         weight = f"{arm['weight']:g}{'s' if arm.get('shadow') else ''}"
         lines.append(f"{arm['name']:<12}{weight:>7}{_fmt(s.get('share'), '.0%'):>7}{s.get('requests', 0):>9}"
@@ -89,11 +89,11 @@ def _apply(args: argparse.Namespace) -> int:
     import time
 
     from serving.app import check_arms
-    from serving.control import apply_config, current_config, current_traffic, update_traffic
+    from serving.control import apply_new_config, current_config, current_traffic, update_traffic
     from serving.serve_config import serve_config
     from serving.settings import load_settings
 
-    settings = load_settings(args.config)
+    settings = load_settings(args.config).with_absolute_paths()
     check_arms(settings)
     _connect(args.address)
     kept = {arm.name for arm in settings.arm_list()}
@@ -103,7 +103,7 @@ def _apply(args: argparse.Namespace) -> int:
         time.sleep(DRAIN_S)
     http = current_config()["http_options"]
     config = serve_config(settings, host=http.get("host", "127.0.0.1"), port=int(http.get("port", 8000)))
-    apply_config(config)
+    apply_new_config(config, args.app)
     print(f"applied {args.config}: arms " + ", ".join(f"{a.name}={a.weight:g}" for a in settings.arm_list()))
     return 0
 

@@ -92,9 +92,14 @@ def model_app(args: dict):
             "cache_dir": settings.model_cache_dir})
 
 
-def router_app(args: dict, router_config: dict | None = None, canary_config: dict | None = None):
+def router_app(args: dict):
     """The router and the canary controller; their user_configs (the split, the limits) come from the
-    Serve config's deployment entries, or ``router_config`` / ``canary_config`` when run from Python."""
+    Serve config's deployment entries."""
+    return _router_app(args)
+
+
+def _router_app(args: dict, router_config: dict | None = None, canary_config: dict | None = None):
+    """``router_app``, with the user_configs given here when run from Python (``run_apps``)."""
     settings = ServeSettings.from_dict(dict(args), "router application")
     canary = Canary.options(
         num_replicas=1, ray_actor_options=_actor_options(settings, 0.05, {}),
@@ -187,7 +192,7 @@ def run_apps(settings: ServeSettings, name: str | None = None, route_prefix: str
         kind = spec["kind"]
         if kind == "router":
             users = {d["name"]: d["user_config"] for d in spec["deployments"]}
-            app = router_app(spec["args"], users["Router"], users["Canary"])
+            app = _router_app(spec["args"], users["Router"], users["Canary"])
         else:
             app = BUILDERS[kind](spec["args"])
         serve.run(app, name=spec["name"], route_prefix=spec["route_prefix"])  # waits until it runs

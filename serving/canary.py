@@ -106,6 +106,7 @@ class Canary:
         self.models: dict[str, dict] = {}  # arm -> QueryEncoder.describe()
         self.gates: dict[str, dict] = {}
         self.probe_set: dict | None = None
+        self.routers: dict[str, tuple[float, int]] = {}  # router replica -> (last report, revision of its split)
         self.probe_problem: str | None = None
         self._probe_source: str | None = None
         self._probe_next = 0
@@ -152,10 +153,16 @@ class Canary:
     async def report(self, replica: str, report: dict) -> None:
         """A router replica's per-arm samples since its last report (serving.arms.ArmStats)."""
         now = time.time()
+        self.routers[replica] = (now, int(report.get("revision", 0)))
         for kind, series in (("live", self.live), ("shadow", self.shadow)):
             for arm, samples in report.get(kind, {}).items():
                 for sample in samples:
                     series[arm].add(now, *sample)
+
+    async def revisions(self) -> dict[str, int]:
+        """The revision of the split each router replica heard from in the last 5 s has."""
+        now = time.time()
+        return {replica: revision for replica, (seen, revision) in self.routers.items() if now - seen < 5.0}
 
     async def status(self) -> dict:
         """Per arm: weight, share, requests, errors, p50/p99, probes, shadow figures, verdict, rollback, gates."""
@@ -236,7 +243,7 @@ class Canary:
             if arm.shadow:
                 overlaps = [s[3] for s in series if s[3] is not None]
                 ranks = [s[4] for s in series if s[4] is not None]
-                f["shadow"] = {"overlap_at_k": float(np.mean(overlaps)) if overlaps else None,
+                f["mirror"] = {"overlap_at_k": float(np.mean(overlaps)) if overlaps else None,
                                "rank_correlation": float(np.mean(ranks)) if ranks else None}
             else:
                 f["fallbacks"] = sum(1 for s in series if s[3])
@@ -291,7 +298,8 @@ class Canary:
         from serving.control import update_traffic
 
         log.warning("rolling back arm %s: %s", arm.name, "; ".join(reasons))
-        record = {"time": _now(), "reasons": reasons, "figures": figures, "weights": None, "alias": None}
+        record = {"time": _now(), "reasons": reasons, "figures": figures, "weights": None, "alias": None,
+                  "done": False}
         self.rollbacks[arm.name] = record
         self.rollback_counter.inc(1, tags={"arm": arm.name, "reason": _reason_tag(reasons)})
         primary = self.traffic.primary
@@ -325,6 +333,7 @@ class Canary:
             except Exception as err:  # noqa: BLE001
                 record["alias"] = f"not moved: {err}"
                 log.error("arm %s: could not move alias %s back: %s", arm.name, arm.alias, err)
+        record["done"] = True
 
     async def _model(self, arm) -> dict:
         if arm.name not in self.models:

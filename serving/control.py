@@ -60,8 +60,30 @@ def current_traffic(app_name: str = "terrahash") -> dict:
     raise NotDeclarative(f"application {app_name!r} has no Router user_config")
 
 
-def update_traffic(app_name: str, change: Callable[[dict], dict]) -> dict:
-    """Apply ``change(traffic) -> traffic`` to the running app's split; returns the new split."""
+def wait_applied(app_name: str, revision: int, timeout: float = 60.0) -> None:
+    """Until every running router replica of ``app_name`` reports (to the canary controller) a split of at
+    least ``revision``: a changed split has then reached every replica."""
+    import time
+
+    from ray import serve
+
+    canary = serve.get_deployment_handle("Canary", app_name)
+    deadline = time.monotonic() + timeout
+    while True:
+        router = serve.status().applications[app_name].deployments["Router"]
+        running = int(router.replica_states.get("RUNNING", 0))
+        revisions = canary.revisions.remote().result(timeout_s=10)
+        if running and len([r for r in revisions.values() if r >= revision]) >= running:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the split of {app_name!r} (revision {revision}) has not reached every router replica "
+                               f"after {timeout:.0f} s: {revisions}, {running} running")
+        time.sleep(0.2)
+
+
+def update_traffic(app_name: str, change: Callable[[dict], dict], wait: bool = True) -> dict:
+    """Apply ``change(traffic) -> traffic`` to the running app's split; returns the new split once every
+    router replica has it (``wait``)."""
     from serving.traffic import check_traffic
 
     with _lock:
@@ -70,10 +92,46 @@ def update_traffic(app_name: str, change: Callable[[dict], dict]) -> dict:
         deployments = {d["name"]: d for d in app.get("deployments", [])}
         if "Router" not in deployments:
             raise NotDeclarative(f"application {app_name!r} has no Router user_config")
-        traffic = check_traffic(change(copy.deepcopy(deployments["Router"]["user_config"]["traffic"])))
-        new = traffic.model_dump(mode="json")
+        old = deployments["Router"]["user_config"]["traffic"]
+        changed = change(copy.deepcopy(old))
+        changed["revision"] = int(old.get("revision", 0)) + 1
+        new = check_traffic(changed).model_dump(mode="json")
         for name in SPLIT_DEPLOYMENTS:
             if name in deployments:
                 deployments[name]["user_config"] = {**deployments[name].get("user_config", {}), "traffic": new}
         apply_config(config)
-        return new
+    if wait:
+        wait_applied(app_name, new["revision"])
+    return new
+
+
+def update_canary(app_name: str, changes: dict) -> dict:
+    """Change the canary controller's hot settings (serving.settings.CanaryConfig) in place."""
+    from serving.settings import CanaryConfig
+
+    with _lock:
+        config = current_config()
+        app = router_app_config(config, app_name)
+        [deployment] = [d for d in app.get("deployments", []) if d["name"] == "Canary"]
+        current = dict(deployment["user_config"])
+        traffic = current.pop("traffic")
+        checked = CanaryConfig.model_validate({**current, **changes}).model_dump(mode="json")
+        deployment["user_config"] = {**checked, "traffic": traffic}
+        apply_config(config)
+    return checked
+
+
+def apply_new_config(config: dict, app_name: str = "terrahash", wait: bool = True) -> None:
+    """Apply a whole Serve config written from settings (arms added or removed) to a running app: its split
+    gets the next revision, and with ``wait`` this returns once every router replica has it."""
+    try:
+        revision = int(current_traffic(app_name).get("revision", 0)) + 1
+    except NotDeclarative:
+        revision = 0  # not running yet: a first deployment
+    app = router_app_config(config, app_name)
+    for deployment in app.get("deployments", []):
+        if deployment["name"] in SPLIT_DEPLOYMENTS:
+            deployment["user_config"]["traffic"]["revision"] = revision
+    apply_config(config)
+    if wait and revision:
+        wait_applied(app_name, revision, timeout=600)  # new arms' applications may take minutes to build

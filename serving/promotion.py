@@ -32,6 +32,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -64,6 +65,8 @@ class GateConfig(BaseModel):
     min_bit_agreement_int8: float = Field(PARITY_TARGETS["int8"], ge=0, le=1)
     min_map_ratio: float = Field(PARITY_TARGETS["map_ratio"], ge=0)  # student mAP@all / teacher's, fp32 and int8
     min_teacher_agreement: float = Field(0.9, ge=0, le=1)  # bits of the fp32 students equal to the teacher's
+    # the encoder variants that will serve (serving's encoder_variant): only theirs must meet parity
+    variants: list[Literal["fp32", "int8"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
     min_canary_requests: int = Field(50, ge=0)
     max_canary_age_h: float = Field(24.0, ge=0)  # an older canary record does not count; 0: any age
     champion_alias: str = "champion"  # the alias the canary gate guards
@@ -249,11 +252,11 @@ def _val_gate(ref: ModelRef, alias: str, mlflow_client, config: GateConfig) -> G
 def _parity_gate(ref: ModelRef, config: GateConfig) -> Gate:
     wanted = {f"bit agreement {v} {kind}": (f"val_parity/bit_agreement/{v}/{kind}",
                                             getattr(config, f"min_bit_agreement_{v}"))
-              for v in ("fp32", "int8") for kind in ("image", "text")}
+              for v in config.variants for kind in ("image", "text")}
     wanted.update({f"teacher agreement fp32 {kind}": (f"val_parity/teacher_agreement/fp32/{kind}",
                                                       config.min_teacher_agreement) for kind in ("image", "text")})
     wanted.update({f"map ratio {v} {task}": (f"val_parity/map_ratio/{v}/{task}", config.min_map_ratio)
-                   for v in ("fp32", "int8") for task in ("image_to_image", "text_to_image")})
+                   for v in config.variants for task in ("image_to_image", "text_to_image")})
     values = version_figures(ref, {label: key for label, (key, _) in wanted.items()})
     missing = [wanted[label][0] for label in wanted if label not in values]
     if missing:

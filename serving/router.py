@@ -202,6 +202,7 @@ class Router:
         self.rng = random.Random()
         self._background: set[asyncio.Task] = set()
         self._reporter: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
 
     async def reconfigure(self, config: dict) -> None:
         """Hot limits, defaults, the deadline (serving.settings.RouterConfig) and the split ("traffic",
@@ -214,7 +215,9 @@ class Router:
         self.arms = self.backends.arms(traffic.arms)
         self.traffic = traffic
         if self._reporter is None or self._reporter.done():
+            self._wake = asyncio.Event()
             self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
+        self._wake.set()  # tell the canary at once which revision of the split this replica has
 
     # --- endpoints ---
 
@@ -407,18 +410,22 @@ class Router:
             self.metrics.shadow_rank.observe((1 + rank) / 2, tags={"arm": arm.name})
 
     async def _report_loop(self) -> None:
-        """Every second, this replica's per-arm figures to the canary controller (lost reports are only lost)."""
+        """Every second (and at once after a reconfigure), this replica's per-arm figures and the revision of
+        the split it has, to the canary controller (a lost report is only lost)."""
         from ray.serve import get_replica_context
 
         replica = get_replica_context().replica_tag
         while True:
-            await asyncio.sleep(REPORT_PERIOD_S)
-            report = self.stats.drain()
-            if report["live"] or report["shadow"]:
-                try:
-                    await asyncio.wait_for(_result(self.canary.report.remote(replica, report)), 5.0)
-                except Exception as err:  # noqa: BLE001
-                    log.warning("canary report failed: %s", type(err).__name__)
+            try:
+                await asyncio.wait_for(self._wake.wait(), REPORT_PERIOD_S)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            report = {**self.stats.drain(), "revision": self.traffic.revision}
+            try:
+                await asyncio.wait_for(_result(self.canary.report.remote(replica, report)), 5.0)
+            except Exception as err:  # noqa: BLE001
+                log.warning("canary report failed: %s", type(err).__name__)
 
     # --- the endpoints' work, per arm ---
 

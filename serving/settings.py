@@ -183,6 +183,22 @@ class ServeSettings(RouterConfig, EncoderConfig):
                                 weight=100.0)]
         return [arm.model_copy(update={"index": arm.index or self.index}) for arm in self.arms]
 
+    def with_absolute_paths(self) -> "ServeSettings":
+        """Local paths made absolute (replicas may not start in this directory); the audit root defaulted
+        here ($TERRAHASH_ROOT, else ./terrahash-root), so that the canary writes where `terrahash history` reads."""
+        import os
+
+        from serving.audit import default_root
+
+        def absolute(path: str | None) -> str | None:
+            return path if path is None or "://" in path or path.startswith("models:/") else os.path.abspath(path)
+
+        canary = self.canary.model_copy(update={"root": absolute(default_root(self.canary.root)),
+                                                "probe_data": absolute(self.canary.probe_data)})
+        arms = [arm.model_copy(update={"index": absolute(arm.index), "model": absolute(arm.model)}) for arm in self.arms]
+        return self.model_copy(update={"index": absolute(self.index), "model": absolute(self.model), "canary": canary,
+                                       "arms": arms})
+
     def router_config(self) -> dict:
         return {name: getattr(self, name) for name in self.HOT_ROUTER}
 

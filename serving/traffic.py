@@ -53,6 +53,7 @@ class Traffic(BaseModel):
     arm_timeout_s: float = Field(1.0, gt=0, le=600)  # a non-primary arm's budget before its client is
     #                                                  answered by the primary instead
     shadow_timeout_s: float = Field(2.0, gt=0, le=600)
+    revision: int = Field(0, ge=0)  # raised by every change, so a change can be seen to have reached each replica
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -36,7 +36,7 @@ from tests.conftest import tiny_config  # noqa: E402
 from tests.training.test_distill_job import TINY_STUDENTS  # noqa: E402
 
 NAME = "lifecycle-students"
-TINY_GATES = {"min_map_ratio": 0.0, "min_bit_agreement_int8": 0.9}
+TINY_GATES = {"min_map_ratio": 0.0, "min_bit_agreement_int8": 0.9, "variants": ["fp32", "int8"]}
 
 
 @pytest.fixture(scope="module")
