@@ -11,10 +11,12 @@ import json
 
 
 def _connect(address: str | None) -> None:
+    import logging
     import os
 
     import ray
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no handle and long-poll INFO lines here
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace="serve",
                  log_to_driver=False, configure_logging=False)

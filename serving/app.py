@@ -215,7 +215,9 @@ def deploy_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8
     from serving.serve_config import serve_config
 
     if not ray.is_initialized():
-        ray.init(address="auto" if _ray_address_set() else None, configure_logging=False)
+        # the replicas' and Serve's own lines stay in their log files (/tmp/ray/session_latest/logs/serve)
+        ray.init(address="auto" if _ray_address_set() else None, configure_logging=False, log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if settings.spread_shards and len(nodes) < settings.shard_replicas:
         log.warning("%d node(s) cannot spread %d replicas per shard one per node; placing them freely",

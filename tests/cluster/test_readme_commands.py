@@ -26,13 +26,19 @@ def readme_commands(path: Path) -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0].strip()
-            if re.match(r"terrahash (index|serve)\b", line):
+            if re.match(r"terrahash (index|serve)\b", line) and not _arms(line):
                 commands.append(" ".join(line.split()))
     for span in re.findall(r"`(terrahash (?:index|serve)\b[^`]*)`", text):
         words = re.sub(r"\[[^\]]*\]", "", span).split()
-        if "|" not in span and len(words) > (3 if words[1] == "index" else 2):  # a command, not its name
+        if "|" not in span and len(words) > (3 if words[1] == "index" else 2) and not _arms(span):  # a command
             commands.append(" ".join(words))
     return commands
+
+
+def _arms(command: str) -> bool:
+    """``serve --config FILE`` (traffic arms) and ``--render``: run by tests/serving/test_traffic.py and
+    tests/serving/test_app.py (the shipped Serve config), not here."""
+    return "--config" in command or "--render" in command
 
 
 def new_imagery(folder: Path, n: int = 3) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import shutil
 import threading
 import time
@@ -174,13 +175,15 @@ def test_assignment_is_sticky_and_raising_a_weight_only_moves_clients_to_the_cha
         check_traffic({"arms": [{**arms[0], "weight": 50.0}, arms[1]]})
 
 
-def test_split_by_client_id_over_http(ab):
+def test_split_by_client_id_over_http(ab, capsys):
     """20 client ids x 50 requests at 30%: one arm per client, the share of clients as the rule says (and
     within binomial tolerance of 30%); at 60% no client returns to the champion."""
     from serving.control import current_traffic
 
+    from cluster.cli import main
+
     url = ab["url"]
-    set_traffic({"champion": 70, "challenger": 30})
+    assert main(["traffic", "set", "--app", APP, "--weights", "champion=70,challenger=30"]) == 0  # the CLI itself
 
     fallbacks = []
 
@@ -209,6 +212,10 @@ def test_split_by_client_id_over_http(ab):
     assert all(later[c] == {"challenger"} for c in on_challenger), (on_challenger, later)  # nobody moved back
     assert len([c for c in clients if later[c] == {"challenger"}]) >= len(on_challenger)
     assert len(fallbacks) < 0.05 * 2 * CLIENTS * PER_CLIENT  # a healthy challenger is rarely too slow
+    capsys.readouterr()
+    assert main(["traffic", "status", "--app", APP]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^champion\s+40\s", table, re.M) and re.search(r"^challenger\s+60\s", table, re.M), table
     status, body, _ = text(url, client="user-0", arm="champion")  # forced
     assert status == 200 and body["arm"] == "champion" and body["model_version"]
     assert text(url, arm="nobody")[0] == 422
