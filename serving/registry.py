@@ -157,6 +157,16 @@ def _registered_model(mlflow_client, name: str):
                                  f"{names or 'none'}") from None
 
 
+def _other_source(folder: Path, ref: ModelRef) -> str | None:
+    """A cached copy fetched for another registration of the same name and version (another registry, or a
+    version deleted and registered again) is not this one."""
+    try:
+        source = json.loads((folder / FETCH_RECORD).read_text()).get("source")
+    except (OSError, ValueError):
+        return "no fetch record"
+    return None if source == ref.source else f"it was fetched from {source}, this version's files are at {ref.source}"
+
+
 def fetch_model(uri, cache_dir: str | Path = DEFAULT_CACHE, tracking_uri: str | None = None,
                 verify: str = "size") -> Path:
     """A local folder holding the model version's ONNX files and specs.
@@ -180,7 +190,7 @@ def fetch_model(uri, cache_dir: str | Path = DEFAULT_CACHE, tracking_uri: str | 
     parent.mkdir(parents=True, exist_ok=True)
     with _locked(parent / f".{ref.version}.lock"):
         if target.exists():
-            problem = cached_problem(target, verify)
+            problem = cached_problem(target, verify) or _other_source(target, ref)
             if problem is None:
                 return target
             log.warning("cached copy of %s is bad (%s): fetching it again", ref.version_uri, problem)

@@ -272,7 +272,11 @@ def test_a_corrupted_shard_is_refused_and_readiness_says_why(serve_app, built_in
                              encoder_num_cpus=0.1, router_num_cpus=0.05, shards_per_replica=1)
     run_apps(settings, name="corrupt", route_prefix="/corrupt")
     try:
+        deadline = time.monotonic() + 60
         status, body = call(f"{serve_app}/corrupt/v1/readyz")
+        while not body.get("shards") and time.monotonic() < deadline:  # the router is still finding its arm
+            time.sleep(0.2)
+            status, body = call(f"{serve_app}/corrupt/v1/readyz")
         assert status == 503 and not body["ready"]
         bad = [s for s in body["shards"] if not s["ready"]]
         assert [s["shard"] for s in bad] == ["images/v0001/shard-00002"]

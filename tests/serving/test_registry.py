@@ -118,6 +118,10 @@ def test_fetch_downloads_once_verifies_and_refetches_a_damaged_copy(registered, 
     assert fetch_model(uri, cache, registered["uri"]) == local and len(downloads) == 2
     assert registry.cached_problem(local, "sha256") is None
     assert not [p for p in (cache / NAME).iterdir() if p.name.endswith(".partial")]
+    # The same name and version fetched from another registry earlier (its record names another source).
+    record = json.loads((local / registry.FETCH_RECORD).read_text())
+    (local / registry.FETCH_RECORD).write_text(json.dumps({**record, "source": "mlflow-artifacts:/elsewhere/onnx"}))
+    assert fetch_model(uri, cache, registered["uri"]) == local and len(downloads) == 3
 
 
 def test_fetch_refuses_a_version_whose_model_does_not_match_its_spec(registered, tmp_path):
