@@ -217,8 +217,6 @@ def _post_json(url: str, payload: dict) -> dict:
 def _labels(settings, data: str | None) -> dict[str, str]:
     """Image id -> class, to name what a --query found: from ``data`` (--data), else from the dataset the
     served image index was built from when it is still there; {} when neither is readable."""
-    import logging
-
     from serving.index import resolve_release
 
     if data is None:

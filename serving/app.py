@@ -25,7 +25,7 @@ from serving.canary import Canary
 from serving.index import ImageRefs, resolve_release
 from serving.query_encoder import QueryEncoder
 from serving.router import Router
-from serving.serve_config import app_specs, index_fields, model_fields, router_fields
+from serving.serve_config import app_specs, router_fields
 from serving.settings import ServeSettings, load_settings  # noqa: F401  (the app's public settings API)
 from serving.shards import ShardReports, ShardServer
 
@@ -73,11 +73,9 @@ def index_app(args: dict):
 
 def _served_model(served: dict) -> str | None:
     """What the index was built with: its registered model version, else the recorded folder."""
-    from serving import build
+    from serving.build import served_model
 
-    if hasattr(build, "served_model"):
-        return build.served_model(served)
-    return served["images"].get("extra", {}).get("model_dir")
+    return served_model(served)
 
 
 def model_app(args: dict):
@@ -234,6 +232,3 @@ def _ray_address_set() -> bool:
 
     return bool(os.environ.get("RAY_ADDRESS"))
 
-
-__all__ = ["IndexInfo", "index_app", "model_app", "router_app", "run_apps", "deploy_local", "app_builder",
-           "shards_per_replica", "index_fields", "model_fields"]
