@@ -1,8 +1,14 @@
 """Reader for Karpathy-style caption datasets (RSICD, UCM-Captions, Sydney-Captions).
 
-The layout is ``{"dataset": name, "images": [{"filename", "filepath"?, "split", "sentences":
+The layout is ``{"dataset": name, "images": [{"filename", "filepath"?, "split"?, "sentences"?:
 [{"raw", ...}], "class"?, "imgid"?}]}``; the image file is ``<root>/<filepath>/<filename>``
 (RSICD has no ``filepath`` and keeps its images in one folder next to the JSON).
+
+Two kinds of labelled sets beyond the caption datasets are read too, for evaluation: image-only
+sets (an entry with a ``class`` and no ``sentences``, or an empty list: ``ImageRecord.captions``
+is then empty) and sets without a ``split`` field (``ImageRecord.split`` is None, in no split).
+``split`` and ``class`` are given for every entry or for none. Training needs captions:
+``CaptionDataset.require_captions`` says which images lack them.
 Every problem is reported with the file it was found in; nothing is skipped silently.
 """
 from __future__ import annotations
@@ -30,9 +36,9 @@ class DatasetError(ValueError):
 class ImageRecord:
     index: int  # position in the dataset (stable id used by indexes and metrics)
     path: Path
-    captions: tuple[str, ...]
+    captions: tuple[str, ...]  # empty for an image-only entry
     label: str | None  # scene class, when the dataset gives one
-    split: str
+    split: str | None  # None when the dataset has no split field
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,24 @@ class CaptionDataset:
         self.split(name)  # validates the name
         excluded = {name} | ({"restval"} if name == "train" else set())
         return [r for r in self.records if r.split not in excluded]
+
+    @property
+    def has_splits(self) -> bool:
+        """Whether the dataset says which split each image is in."""
+        return any(r.split is not None for r in self.records)
+
+    def without_captions(self, records: list[ImageRecord] | None = None) -> list[ImageRecord]:
+        """The records (default: all) that have no caption."""
+        return [r for r in (self.records if records is None else records) if not r.captions]
+
+    def require_captions(self, splits: tuple[str, ...], purpose: str) -> None:
+        """Fail, naming the file and the first images, if an image of ``splits`` has no caption."""
+        missing = self.without_captions(self.split(*splits))
+        if missing:
+            names = ", ".join(r.path.name for r in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise DatasetError(f"{self.json_path}: {purpose} needs captions, but {len(missing)} image(s) of the "
+                               f"{'/'.join(splits)} split(s) have none ({names}); image-only sets can be "
+                               "evaluated (terrahash eval), not trained on")
 
     def label_ids(self, records: list[ImageRecord]) -> list[int]:
         """Class index of each record; fails if the dataset has no classes."""
@@ -133,23 +157,23 @@ def load_dataset(data: str | Path, check_images: bool = True, skip_bad_images: b
         where = f"{json_path}: images[{position}]"
         if not isinstance(entry, dict):
             raise DatasetError(f"{where}: expected an object, got {type(entry).__name__}")
-        for key in ("filename", "split", "sentences"):
-            if key not in entry:
-                raise DatasetError(f"{where}: missing key {key!r}")
-        if entry["split"] not in KNOWN_SPLITS:
-            raise DatasetError(f"{where} ({entry['filename']}): unknown split {entry['split']!r}; known: {list(KNOWN_SPLITS)}")
-        try:
-            captions = tuple(s["raw"].strip() for s in entry["sentences"])
+        if "filename" not in entry:
+            raise DatasetError(f"{where}: missing key 'filename'")
+        split = entry.get("split")
+        if split is not None and split not in KNOWN_SPLITS:
+            raise DatasetError(f"{where} ({entry['filename']}): unknown split {split!r}; known: {list(KNOWN_SPLITS)}")
+        try:  # no "sentences" (or an empty list): an image-only entry
+            captions = tuple(s["raw"].strip() for s in entry.get("sentences", []))
         except (TypeError, KeyError, AttributeError):
             raise DatasetError(f"{where} ({entry['filename']}): every sentence needs a 'raw' string") from None
-        if not captions or not all(captions):
-            raise DatasetError(f"{where} ({entry['filename']}): has an empty caption list or an empty caption")
+        if not all(captions):
+            raise DatasetError(f"{where} ({entry['filename']}): has an empty caption")
         path = _image_path(root, entry)
         problem = _check_image(path) if check_images else None
         if problem:
             bad.append((str(path), problem))
             continue
-        records.append(ImageRecord(len(records), path, captions, entry.get("class"), entry["split"]))
+        records.append(ImageRecord(len(records), path, captions, entry.get("class"), split))
 
     if bad and not skip_bad_images:
         listing = "; ".join(f"{p}: {why}" for p, why in bad[:5])
@@ -159,5 +183,8 @@ def load_dataset(data: str | Path, check_images: bool = True, skip_bad_images: b
     labelled = sum(r.label is not None for r in records)
     if 0 < labelled < len(records):
         raise DatasetError(f"{json_path}: {len(records) - labelled} images have no 'class' while others do")
+    with_split = sum(r.split is not None for r in records)
+    if 0 < with_split < len(records):
+        raise DatasetError(f"{json_path}: {len(records) - with_split} images have no 'split' while others do")
     name = document.get("dataset") or json_path.parent.name
     return CaptionDataset(name, json_path, tuple(records), tuple(bad))

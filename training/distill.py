@@ -126,6 +126,7 @@ def teacher_targets(teacher_dir: str | Path, data_dir: str | Path, cache_dir: st
     device = device or torch.device("cpu")
     model, config, state = load_trained(teacher_dir, device)
     index = DatasetIndex.build(load_dataset(data_dir))
+    index.dataset.require_captions(("train", "val", "test"), "distillation")  # the text student learns them
     if list(index.dataset.classes) != state["classes"]:
         raise ValueError(f"{data_dir}: classes differ from those teacher {teacher_dir} was trained with; "
                          "distil on the teacher's dataset")

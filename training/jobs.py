@@ -173,6 +173,7 @@ def run_training(config: ExperimentConfig, data_dir: str | Path, out_dir: str | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(data_dir, skip_bad_images=skip_bad_images)
+    dataset.require_captions(("train", "val"), "training")  # before any run is started
     train_images = len(dataset.split("train")) * config.train.epochs
     schedule = config.train.schedule
     artifacts = ARTIFACTS + ((EVAL_JSON.format(split=eval_split),) if eval_split else ())

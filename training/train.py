@@ -66,7 +66,7 @@ class DatasetIndex:
             captions_of.append(np.arange(len(captions), len(captions) + len(record.captions)))
             captions.extend(record.captions)
             owner.extend([row] * len(record.captions))
-        return cls(dataset, labels, captions, np.asarray(owner), captions_of)
+        return cls(dataset, labels, captions, np.asarray(owner, dtype=np.int64), captions_of)
 
     def rows(self, *splits: str) -> np.ndarray:
         return np.asarray([r.index for r in self.dataset.split(*splits)], dtype=np.int64)
@@ -126,7 +126,9 @@ def image_codes(encoders: Encoders) -> np.ndarray:
 
 
 def caption_codes(encoders: Encoders) -> np.ndarray:
-    """Continuous codes (M, nbits) of every caption."""
+    """Continuous codes (M, nbits) of every caption ((0, nbits) for an image-only dataset)."""
+    if not encoders.index.captions:
+        return np.zeros((0, encoders.config.train.bits), dtype=np.float32)
     return head_codes(encoders.model.text_head, encoders.text_features(), encoders.device)
 
 
@@ -397,6 +399,7 @@ def fit(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
     seed_everything(t.seed)
     device = default_device(t.device)
     index = DatasetIndex.build(load_dataset(data_dir, skip_bad_images=skip_bad_images))
+    index.dataset.require_captions(("train", "val"), "training")  # the text terms and val selection use them
     cache = FeatureCache(Path(cache_dir) if cache_dir else None)
     context = context or LoopContext()
     images_processed = len(index.rows("train")) * t.epochs

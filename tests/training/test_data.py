@@ -287,11 +287,28 @@ def test_entry_not_an_object(fake):
     expect_error(folder, doc, "images[1]", "expected an object", "str")
 
 
-@pytest.mark.parametrize("key", ["filename", "split", "sentences"])
-def test_missing_key(fake, key):
+def test_missing_filename(fake):
     folder, doc = fake
-    del doc["images"][2][key]
-    expect_error(folder, doc, "images[2]", f"missing key {key!r}")
+    del doc["images"][2]["filename"]
+    expect_error(folder, doc, "images[2]", "missing key 'filename'")
+
+
+def test_missing_sentences_is_an_image_only_entry(fake):
+    # Image-only labelled sets are read for evaluation (tests/evaluation/test_transfer.py).
+    folder, doc = fake
+    del doc["images"][2]["sentences"]
+    doc["images"][1]["sentences"] = []
+    ds = load_doc(folder, doc)
+    assert [r.captions for r in ds.records][1:] == [(), ()]
+    with pytest.raises(DatasetError, match="training needs captions.*b.jpg"):
+        ds.require_captions(("train", "val"), "training")
+    ds.require_captions(("train",), "training")  # a.jpg has its captions
+
+
+def test_split_missing_for_one_image_only(fake):
+    folder, doc = fake
+    del doc["images"][2]["split"]
+    expect_error(folder, doc, "1 images have no 'split' while others do")
 
 
 def test_unknown_split_in_file(fake):
@@ -319,7 +336,7 @@ def test_sentence_without_raw(fake, bad_sentences):
     expect_error(folder, doc, "images[0]", "a.jpg", "'raw'")
 
 
-@pytest.mark.parametrize("caps", [[], [""], ["fine", "   "], ["\n"]], ids=["none", "empty", "blank", "newline"])
+@pytest.mark.parametrize("caps", [[""], ["fine", "   "], ["\n"]], ids=["empty", "blank", "newline"])
 def test_empty_caption(fake, caps):
     folder, doc = fake
     doc["images"][2]["sentences"] = sentences(*caps)
