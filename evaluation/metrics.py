@@ -1,4 +1,9 @@
-"""Retrieval metrics for binary hash codes (Hamming ranking, mAP, P@k, PR curves, R@k)."""
+"""Retrieval metrics for binary hash codes (Hamming ranking, asymmetric scores, mAP, P@k, PR curves, R@k).
+
+The class-relevance figures (mAP, P@k) take an optional ``exclude`` mask (Q, N): database items a
+query must not retrieve (itself, in a leave-one-out protocol). They are left out of that query's
+ranking, as if the database did not hold them.
+"""
 
 from __future__ import annotations
 
@@ -93,6 +98,25 @@ def hamming_distances(query_codes, db_codes, block_rows: int | None = None) -> n
     return out
 
 
+def asymmetric_scores(query_codes, db_codes) -> np.ndarray:
+    """Inner products of continuous query codes with binary database codes: float64 (Q, N).
+
+    The query side is the pre-sign code (any real values); the database side is binarised as
+    ``to_bits`` reads it and scored as {-1, +1}. Rank them descending (higher is closer). The
+    query's scale does not change its ranking, so it is not normalised.
+    """
+    queries = np.asarray(query_codes, dtype=np.float64)
+    if queries.ndim != 2:
+        raise ValueError(f"query codes must be a 2-D array (n, bits), got shape {queries.shape}")
+    if not np.isfinite(queries).all():
+        raise ValueError("query codes contain NaN or infinite values")
+    signs = to_bits(db_codes).astype(np.float64) * 2.0 - 1.0  # (N, bits) of -1 / +1
+    if queries.shape[1] != signs.shape[1]:
+        raise ValueError(f"code lengths differ: query codes have {queries.shape[1]} bits, "
+                         f"database codes have {signs.shape[1]} bits")
+    return queries @ signs.T  # (Q, N)
+
+
 def rank(distances, db_ids=None, descending: bool = False) -> np.ndarray:
     """Rank the database for every query: int64 (Q, N) indices into the database.
 
@@ -175,25 +199,29 @@ def average_precision(ranked_relevance, k: int | None = None) -> np.ndarray:
 
 
 def mean_average_precision(
-    distances, relevance, k: int | None = None, db_ids=None, descending: bool = False
+    distances, relevance, k: int | None = None, db_ids=None, descending: bool = False, exclude=None
 ) -> float:
     """mAP@k: rank with `rank`, then average `average_precision` over queries.
 
-    See average_precision for the AP@k convention (k=None: whole ranking).
+    See average_precision for the AP@k convention (k=None: whole ranking); ``exclude`` (Q, N):
+    items left out of each query's ranking (module docstring).
     """
-    ranked = _ranked_relevance(distances, relevance, db_ids, descending, k, allow_none=True)
+    ranked, _ = _ranked_relevance(distances, relevance, db_ids, descending, k, allow_none=True, exclude=exclude)
     return float(average_precision(ranked).mean())
 
 
 def precision_at_k(
-    distances, relevance, k: int, db_ids=None, descending: bool = False
+    distances, relevance, k: int, db_ids=None, descending: bool = False, exclude=None
 ) -> float:
     """Mean over queries of (number of relevant items in the top k) / k.
 
-    Ranking ties are broken by db id; a k larger than N is treated as N.
+    Ranking ties are broken by db id; a k larger than N is treated as N (larger than what a query
+    may retrieve once ``exclude`` is applied: as that number).
     """
-    ranked = _ranked_relevance(distances, relevance, db_ids, descending, k, allow_none=False)
-    return float(ranked.mean(axis=1).mean())
+    ranked, kept = _ranked_relevance(distances, relevance, db_ids, descending, k, allow_none=False, exclude=exclude)
+    if exclude is None:
+        return float(ranked.mean(axis=1).mean())
+    return float((ranked.sum(axis=1) / np.maximum(kept, 1)).mean())
 
 
 def precision_recall_curve(query_codes, db_codes, relevance) -> dict:
@@ -337,8 +365,13 @@ def _db_ids(db_ids, n_db: int) -> np.ndarray:
     return ids
 
 
-def _ranked_relevance(distances, relevance, db_ids, descending, k, allow_none) -> np.ndarray:
-    """Relevance in ranked order, cut to the top k: bool (Q, k)."""
+def _ranked_relevance(distances, relevance, db_ids, descending, k, allow_none, exclude=None):
+    """Relevance in ranked order, cut to the top k: bool (Q, k), and how many of those k
+    positions each query may fill: int (Q,) (k, or fewer where ``exclude`` leaves fewer items).
+
+    Excluded items are moved to the end of their query's ranking (the others keep their order)
+    and count as not relevant, so they change neither AP nor the hits in the top k.
+    """
     distances = _as_matrix(distances, "distances")
     k = _check_k(k, distances.shape[1], allow_none=allow_none)
     relevance = _check_relevance(relevance, distances.shape)
@@ -346,5 +379,12 @@ def _ranked_relevance(distances, relevance, db_ids, descending, k, allow_none) -
         raise ValueError("need at least one query")
     if k == 0:
         raise ValueError("the database is empty; nothing to rank")
-    order = rank(distances, db_ids=db_ids, descending=descending)[:, :k]  # (Q, k)
-    return np.take_along_axis(relevance, order, axis=1)
+    order = rank(distances, db_ids=db_ids, descending=descending)  # (Q, N)
+    kept = np.full(distances.shape[0], k, dtype=np.int64)
+    if exclude is not None:
+        exclude = _check_relevance(exclude, distances.shape, name="exclude")
+        relevance = relevance & ~exclude
+        ranked_out = np.take_along_axis(exclude, order, axis=1)  # (Q, N) excluded, in ranked order
+        order = np.take_along_axis(order, np.argsort(ranked_out, axis=1, kind="stable"), axis=1)
+        kept = np.minimum(k, (~exclude).sum(axis=1))
+    return np.take_along_axis(relevance, order[:, :k], axis=1), kept

@@ -5,8 +5,17 @@ query of the evaluated split (``DATABASE_SPLITS``: val against train only, as ch
 selection ranks it, so no test item is ever seen; test against train + val), relevance = same
 scene class. Instance figures (``r1/r5/r10``, ``mr``)
 follow the RS image-text retrieval literature: computed on the split alone, a caption's ground
-truth is its image, an image's ground truth is its captions. Binary codes are ranked by Hamming
-distance, float codes by cosine similarity; ties go to the lower database id in both.
+truth is its image, an image's ground truth is its captions.
+
+Three similarities (``SIMILARITIES``, the report's keys): ``binary`` ranks sign codes on both
+sides by Hamming distance; ``asymmetric`` scores the query's continuous (pre-sign) code by inner
+product with every binary database code, the whole database ranked; ``float`` ranks continuous
+codes on both sides by cosine similarity. Ties go to the lower database id in all three.
+
+A dataset without the splits the protocol needs (no split field, or an empty query split or
+database) is evaluated leave-one-out (``LEAVE_ONE_OUT``): every image is a query against all the
+others, never against itself (nor its own captions). Splits with no captions give only the
+image-to-image figures; the text ones are None.
 """
 from __future__ import annotations
 
@@ -31,18 +40,49 @@ def database_splits(query_split: str) -> tuple[str, ...]:
     return DATABASE_SPLITS[query_split]
 
 
+# How the report's "database" entry names the rule used when the splits cannot be.
+LEAVE_ONE_OUT = "leave_one_out"
+SPLITS = "splits"
+
+# Report keys of the three ways of ranking, and the similarity each one uses.
+SIMILARITIES = {"binary": "hamming", "asymmetric": "asymmetric", "float": "cosine"}
+
+
+def choose_rows(query_rows: np.ndarray, db_rows: np.ndarray, n_images: int, query_split: str) -> tuple:
+    """(query rows, database rows, the report's "database" entry) for ``query_split``.
+
+    The protocol's rows when the split and its database both hold images; otherwise every image
+    of the dataset against all the others (leave-one-out: a query's own image is never ranked).
+    """
+    if len(query_rows) and len(db_rows):
+        return query_rows, db_rows, {"rule": SPLITS, "splits": list(database_splits(query_split)),
+                                     "images": int(len(db_rows))}
+    if n_images < 2:
+        raise ValueError(f"leave-one-out evaluation needs at least 2 images, the dataset has {n_images}")
+    why = (f"split {query_split!r} has no images" if not len(query_rows)
+           else f"its database splits {list(database_splits(query_split))} have no images")
+    everything = np.arange(n_images, dtype=np.int64)
+    return everything, everything, {"rule": LEAVE_ONE_OUT, "splits": [], "images": int(n_images),
+                                    "why": why, "queries": "every image, against all the others (never itself)"}
+
+
 @dataclass
 class SplitCodes:
     """Codes of one side of the protocol: images, their captions, and who owns what."""
 
     images: np.ndarray  # (N, nbits) codes of the images
     image_labels: np.ndarray  # (N,) class index of each image
-    captions: np.ndarray  # (M, nbits) codes of the captions
+    captions: np.ndarray  # (M, nbits) codes of the captions (M may be 0)
     caption_owner: np.ndarray  # (M,) row in ``images`` of each caption's image
+    image_ids: np.ndarray | None = None  # (N,) dataset rows: a query never retrieves its own image or captions
 
     @property
     def caption_labels(self) -> np.ndarray:
         return self.image_labels[self.caption_owner]
+
+    @property
+    def caption_ids(self) -> np.ndarray | None:
+        return None if self.image_ids is None else self.image_ids[self.caption_owner]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -51,49 +91,78 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a @ b.T  # (Q, N)
 
 
-def _scores(queries: np.ndarray, db: np.ndarray, binary: bool) -> tuple[np.ndarray, bool]:
-    """(score matrix, descending?) for the chosen similarity."""
-    if binary:
+def scores(queries: np.ndarray, db: np.ndarray, similarity: str) -> tuple[np.ndarray, bool]:
+    """(score matrix (Q, N), descending?) of queries against database codes.
+
+    ``hamming``: both sides binary; ``asymmetric``: continuous queries, binary database (inner
+    product); ``cosine``: both sides continuous.
+    """
+    if similarity == "hamming":
         return metrics.hamming_distances(queries, db), False
-    return _cosine(queries.astype(np.float64), db.astype(np.float64)), True
+    if similarity == "asymmetric":
+        return metrics.asymmetric_scores(queries, db), True
+    if similarity == "cosine":
+        return _cosine(queries.astype(np.float64), db.astype(np.float64)), True
+    raise ValueError(f"unknown similarity {similarity!r}; known: hamming, asymmetric, cosine")
 
 
-def retrieval_figures(query: SplitCodes, database: SplitCodes, binary: bool = True) -> dict:
+def _same(query_ids: np.ndarray | None, db_ids: np.ndarray | None) -> np.ndarray | None:
+    """Mask (Q, N) of database items that are the query's own image, or None if there are none."""
+    if query_ids is None or db_ids is None:
+        return None
+    mask = query_ids[:, None] == db_ids[None, :]
+    return mask if mask.any() else None
+
+
+def _class_figures(q: np.ndarray, db: np.ndarray, q_labels, db_labels, similarity: str, exclude,
+                   names: tuple[str, ...]) -> dict:
+    """The class-relevance figures ``names`` (map_all, map_50, p_at_10) of q against db."""
+    score, desc = scores(q, db, similarity)
+    rel = metrics.relevance_from_labels(q_labels, db_labels)
+    compute = {
+        "map_all": lambda: metrics.mean_average_precision(score, rel, descending=desc, exclude=exclude),
+        "map_50": lambda: metrics.mean_average_precision(score, rel, k=50, descending=desc, exclude=exclude),
+        "p_at_10": lambda: metrics.precision_at_k(score, rel, k=10, descending=desc, exclude=exclude),
+    }
+    return {name: compute[name]() for name in names}
+
+
+def retrieval_figures(query: SplitCodes, database: SplitCodes, similarity: str = "hamming",
+                      own: SplitCodes | None = None) -> dict:
     """All figures of the protocol for one split as queries, as a nested dict.
 
-    With ``binary`` the codes must be {-1, +1} (or {0, 1}); otherwise they are continuous and
-    ranked by cosine similarity (the float baseline the hash codes are measured against).
+    ``similarity`` is one of ``scores``'s: with ``hamming`` the codes must be {-1, +1} (or
+    {0, 1}); with ``cosine`` they are continuous (the float baseline the hash codes are measured
+    against); with ``asymmetric`` the query codes are continuous and the database's binary.
+    ``own`` is the query split as a database for the instance figures (default ``query``; the
+    split's binary codes for ``asymmetric``). Without query captions the text figures are None;
+    without database captions image-to-text mAP is.
     """
-    i2i, desc = _scores(query.images, database.images, binary)
-    i2i_rel = metrics.relevance_from_labels(query.image_labels, database.image_labels)
-    t2i, _ = _scores(query.captions, database.images, binary)
-    t2i_rel = metrics.relevance_from_labels(query.caption_labels, database.image_labels)
-    i2t, _ = _scores(query.images, database.captions, binary)
-    i2t_rel = metrics.relevance_from_labels(query.image_labels, database.caption_labels)
+    own = query if own is None else own
+    figures = {"image_to_image": _class_figures(query.images, database.images, query.image_labels,
+                                                database.image_labels, similarity,
+                                                _same(query.image_ids, database.image_ids),
+                                                ("map_all", "map_50", "p_at_10")),
+               "text_to_image": None, "image_to_text": None, "mr": None}
+    if not len(query.captions):
+        return figures
 
     # Instance protocol on the split alone.
-    t2i_own, _ = _scores(query.captions, query.images, binary)
+    t2i_own, desc = scores(query.captions, own.images, similarity)
     t2i_gt = query.caption_owner[:, None] == np.arange(len(query.images))[None, :]  # (M, N)
-    i2t_own, _ = _scores(query.images, query.captions, binary)
+    i2t_own, _ = scores(query.images, own.captions, similarity)
     r_t2i = metrics.recall_at_k(t2i_own, t2i_gt, descending=desc)
     r_i2t = metrics.recall_at_k(i2t_own, t2i_gt.T, descending=desc)
 
-    return {
-        "image_to_image": {
-            "map_all": metrics.mean_average_precision(i2i, i2i_rel, descending=desc),
-            "map_50": metrics.mean_average_precision(i2i, i2i_rel, k=50, descending=desc),
-            "p_at_10": metrics.precision_at_k(i2i, i2i_rel, k=10, descending=desc),
-        },
-        "text_to_image": {
-            "map_all": metrics.mean_average_precision(t2i, t2i_rel, descending=desc),
-            "r1": r_t2i[1], "r5": r_t2i[5], "r10": r_t2i[10],
-        },
-        "image_to_text": {
-            "map_all": metrics.mean_average_precision(i2t, i2t_rel, descending=desc),
-            "r1": r_i2t[1], "r5": r_i2t[5], "r10": r_i2t[10],
-        },
-        "mr": metrics.mean_recall(r_t2i, r_i2t),
-    }
+    t2i = _class_figures(query.captions, database.images, query.caption_labels, database.image_labels,
+                         similarity, _same(query.caption_ids, database.image_ids), ("map_all",))
+    i2t = (_class_figures(query.images, database.captions, query.image_labels, database.caption_labels,
+                          similarity, _same(query.image_ids, database.caption_ids), ("map_all",))
+           if len(database.captions) else {"map_all": None})
+    figures["text_to_image"] = {**t2i, "r1": r_t2i[1], "r5": r_t2i[5], "r10": r_t2i[10]}
+    figures["image_to_text"] = {**i2t, "r1": r_i2t[1], "r5": r_i2t[5], "r10": r_i2t[10]}
+    figures["mr"] = metrics.mean_recall(r_t2i, r_i2t)
+    return figures
 
 
 def image_pr_curve(query: SplitCodes, database: SplitCodes) -> dict:
@@ -103,41 +172,63 @@ def image_pr_curve(query: SplitCodes, database: SplitCodes) -> dict:
     return {name: np.asarray(values).tolist() for name, values in curve.items()}
 
 
-def format_table(binary: dict, floats: dict | None = None, title: str = "") -> str:
-    """The figures as a plain-text table, binary beside float when given."""
-    rows = [(f"{task}.{name}", value) for task in TASKS for name, value in binary[task].items()]
-    rows.append(("mr", binary["mr"]))
+def _cell(value) -> str:
+    return f"{value:>12.4f}" if value is not None else f"{'-':>12}"
+
+
+def format_table(binary: dict, floats: dict | None = None, title: str = "", asymmetric: dict | None = None,
+                 footnotes: tuple[str, ...] = ()) -> str:
+    """The figures as a plain-text table: binary, then asymmetric and float beside it when given.
+    A figure that could not be computed (no captions) shows as "-"."""
+    columns = {"binary": binary, "asymmetric": asymmetric, "float": floats}
+    columns = {name: figures for name, figures in columns.items() if figures is not None}
+    rows = [(task, name) for task in TASKS for name in (binary[task] or {})]
+    if not binary["text_to_image"]:  # the text rows are shown, empty, so that the reader sees why
+        rows += [(task, name) for task in TASKS[1:] for name in ("map_all",)]
+    rows.append(("mr", ""))
     lines = [title] if title else []
-    lines.append(f"{'metric':<24}{'binary':>10}" + (f"{'float':>10}" if floats else ""))
-    for key, value in rows:
-        task, _, name = key.partition(".")
-        other = (floats[task][name] if name else floats[task]) if floats else None
-        lines.append(f"{key:<24}{value:>10.4f}" + (f"{other:>10.4f}" if other is not None else ""))
+    lines.append(f"{'metric':<24}" + "".join(f"{name:>12}" for name in columns))
+    for task, name in rows:
+        values = [(figures[task] or {}).get(name) if name else figures[task] for figures in columns.values()]
+        lines.append(f"{task + ('.' + name if name else ''):<24}" + "".join(_cell(v) for v in values))
+    lines.extend(footnotes)
     return "\n".join(lines)
 
 
 def split_codes(images: np.ndarray, captions: np.ndarray, labels: np.ndarray, captions_of: list[np.ndarray],
                 rows: np.ndarray) -> SplitCodes:
     """The codes of the given image rows and of their captions (``captions_of[row]``: that image's
-    caption rows), with caption owners local to ``rows``."""
-    caption_rows = np.concatenate([captions_of[r] for r in rows])
+    caption rows), with caption owners local to ``rows``; ``image_ids`` are the rows."""
+    rows = np.asarray(rows, dtype=np.int64)
+    caption_rows = np.concatenate([np.asarray(captions_of[r], dtype=np.int64) for r in rows] or [np.zeros(0, np.int64)])
     owner = np.repeat(np.arange(len(rows)), [len(captions_of[r]) for r in rows])
-    return SplitCodes(images[rows], labels[rows], captions[caption_rows], owner)
+    return SplitCodes(images[rows], labels[rows], captions[caption_rows], owner, rows)
+
+
+def signs(codes: np.ndarray) -> np.ndarray:
+    """Binary codes of continuous ones, as training's binarize: >= 0 -> +1, < 0 -> -1 (int8)."""
+    return np.where(codes >= 0, 1, -1).astype(np.int8)
 
 
 def _signs(codes: SplitCodes) -> SplitCodes:
-    sign = lambda x: np.where(x >= 0, 1, -1).astype(np.int8)  # noqa: E731  (as training's binarize: 0 -> +1)
-    return SplitCodes(sign(codes.images), codes.image_labels, sign(codes.captions), codes.caption_owner)
+    return SplitCodes(signs(codes.images), codes.image_labels, signs(codes.captions), codes.caption_owner,
+                      codes.image_ids)
 
 
 def evaluate_rows(images: np.ndarray, captions: np.ndarray, labels: np.ndarray, captions_of: list[np.ndarray],
-                  query_rows: np.ndarray, db_rows: np.ndarray, pr_curve: bool = False) -> dict:
-    """Binary and float figures of the query rows against the database rows, from continuous codes:
-    ``images`` (N, nbits), ``captions`` (M, nbits), ``labels`` (N,) and each image's caption rows."""
+                  query_rows: np.ndarray, db_rows: np.ndarray, pr_curve: bool = False,
+                  asymmetric: bool = False) -> dict:
+    """Binary and float figures (and with ``asymmetric`` the asymmetric ones) of the query rows
+    against the database rows, from continuous codes: ``images`` (N, nbits), ``captions``
+    (M, nbits), ``labels`` (N,) and each image's caption rows. A query row that is also a
+    database row is not ranked against itself (leave-one-out)."""
     query = split_codes(images, captions, labels, captions_of, query_rows)
     database = split_codes(images, captions, labels, captions_of, db_rows)
-    figures = {"binary": retrieval_figures(_signs(query), _signs(database), binary=True),
-               "float": retrieval_figures(query, database, binary=False)}
+    binary_query, binary_db = _signs(query), _signs(database)
+    figures = {"binary": retrieval_figures(binary_query, binary_db, "hamming"),
+               "float": retrieval_figures(query, database, "cosine")}
+    if asymmetric:
+        figures["asymmetric"] = retrieval_figures(query, binary_db, "asymmetric", own=binary_query)
     if pr_curve:
-        figures["pr_curve"] = image_pr_curve(_signs(query), _signs(database))
+        figures["pr_curve"] = image_pr_curve(binary_query, binary_db)
     return figures
