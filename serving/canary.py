@@ -9,8 +9,8 @@ One replica (``Canary``, in the router's application). Its inputs:
   never the test split), scored by class relevance as mAP@k and recall@k.
 
 Every ``interval_s`` each arm other than the primary that takes traffic (or mirrors it) is judged over
-the last ``window_s``: error rate above ``max_error_rate``, p99 above ``max_p99_ms`` or probe mAP@k
-below the primary's by more than ``max_probe_map_drop`` rolls it back (``auto_rollback``): its weight
+the last ``window_s``: error rate above ``max_error_rate``, p99 above ``max_p99_ms`` (of client requests,
+or of probes while client requests are too few to judge) or probe mAP@k below the primary's by more than ``max_probe_map_drop`` rolls it back (``auto_rollback``): its weight
 goes to the primary (applied through the Serve config, serving/control.py), its registry alias moves
 back to the version it held before (serving/promotion.py, with an entry in the audit log), and a metric
 and a log line say why. Too few requests and too few probes is "no data yet": neither healthy nor
@@ -100,7 +100,7 @@ class Canary:
         self.traffic: Traffic | None = None
         self.live: dict[str, _Series] = collections.defaultdict(_Series)  # (t, ok, seconds, fallback)
         self.shadow: dict[str, _Series] = collections.defaultdict(_Series)  # (t, ok, seconds, overlap, rank)
-        self.probes: dict[str, _Series] = collections.defaultdict(_Series)  # (t, ok, ap, recall)
+        self.probes: dict[str, _Series] = collections.defaultdict(_Series)  # (t, ok, ap, recall, seconds)
         self.verdicts: dict[str, dict] = {}
         self.rollbacks: dict[str, dict] = {}
         self.models: dict[str, dict] = {}  # arm -> QueryEncoder.describe()
@@ -210,19 +210,20 @@ class Canary:
                 task.add_done_callback(self._inflight.discard)
 
     async def _probe(self, arm: str, query: dict) -> None:
-        k = self.config.probe_k
+        k, start = self.config.probe_k, time.perf_counter()
         try:
             ids = await asyncio.wait_for(self.router.probe.remote(arm, query["kind"], query["payload"], k + 1),
                                          timeout=10.0)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a failed probe counts against the arm
-            self.probes[arm].add(time.time(), False, 0.0, 0.0)
+            self.probes[arm].add(time.time(), False, 0.0, 0.0, time.perf_counter() - start)
             return
+        seconds = time.perf_counter() - start
         ids = [i for i in ids if i != query["self"]][:k]
         label = query["label"]
         ap, recall = probe_scores(ids, label, self.probe_set["labels"], self.probe_set["class_sizes"][label], k)
-        self.probes[arm].add(time.time(), True, ap, recall)
+        self.probes[arm].add(time.time(), True, ap, recall, seconds)
 
     def _figures(self, now: float) -> dict:
         cutoff = now - (self.config.window_s if self.config else 60.0)
@@ -233,13 +234,15 @@ class Canary:
             errors = sum(1 for s in series if not s[1])
             probes = self.probes[arm.name].since(cutoff)
             answered = [p for p in probes if p[1]]
+            probe_ms = np.array([p[4] for p in answered], dtype=float) * 1000
             f = {"requests": len(series), "errors": errors,
                  "error_rate": errors / len(series) if series else None,
                  "p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
                  "p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None,
                  "probe": {"count": len(probes), "errors": len(probes) - len(answered),
                            "map_at_k": float(np.mean([p[2] for p in answered])) if answered else None,
-                           "recall_at_k": float(np.mean([p[3] for p in answered])) if answered else None}}
+                           "recall_at_k": float(np.mean([p[3] for p in answered])) if answered else None,
+                           "p99_ms": float(np.percentile(probe_ms, 99)) if probe_ms.size else None}}
             if arm.shadow:
                 overlaps = [s[3] for s in series if s[3] is not None]
                 ranks = [s[4] for s in series if s[4] is not None]
@@ -282,6 +285,8 @@ class Canary:
                     reasons.append(f"p99 {f['p99_ms']:.0f} ms > {c.max_p99_ms:.0f} ms")
             if probes["count"] >= c.min_probes:
                 judged = True
+                if f["requests"] < c.min_requests and probes["p99_ms"] is not None and probes["p99_ms"] > c.max_p99_ms:
+                    reasons.append(f"probe p99 {probes['p99_ms']:.0f} ms > {c.max_p99_ms:.0f} ms")  # little live traffic
                 if probes["errors"] / probes["count"] > c.max_error_rate:
                     reasons.append(f"probe error rate {probes['errors'] / probes['count']:.3f} > {c.max_error_rate}")
                 elif probes["map_at_k"] is not None and primary_map is not None \
