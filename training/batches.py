@@ -25,6 +25,9 @@ class Batch:
     captions: torch.Tensor  # (B,) row of each sampled caption in the dataset's caption list
     labels: torch.Tensor  # (B,) class ids
     images: torch.Tensor  # (B,) dataset row of each image
+    # (B,) which wording of each caption: 0 the caption itself, v > 0 its v-th augmented variant
+    # (training/captions.py); None when captions are not augmented
+    caption_variants: torch.Tensor | None = None
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -41,6 +44,16 @@ def sample_captions(image_rows: np.ndarray, captions_of: list[np.ndarray], rng: 
     return np.array([captions_of[i][rng.integers(len(captions_of[i]))] for i in image_rows], dtype=np.int64)
 
 
+def caption_batch(image_rows: np.ndarray, captions_of: list[np.ndarray], rng: np.random.Generator,
+                  variants: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch's caption rows, and with ``variants`` > 0 a wording of each drawn uniformly from
+    the caption and its ``variants`` augmented copies (nothing more is drawn without them)."""
+    captions = torch.as_tensor(sample_captions(image_rows, captions_of, rng))
+    if not variants:
+        return captions, None
+    return captions, torch.as_tensor(rng.integers(variants + 1, size=len(image_rows)))
+
+
 class CachedBatches:
     """Batches over cached features (V, N, D); the weak and strong views differ when V > 1.
 
@@ -49,8 +62,10 @@ class CachedBatches:
     """
 
     def __init__(self, features: torch.Tensor, rows: np.ndarray, labels: np.ndarray,
-                 captions_of: list[np.ndarray], batch_size: int, noise: float, seed: int, *, noise_rows: np.ndarray):
+                 captions_of: list[np.ndarray], batch_size: int, noise: float, seed: int, *, noise_rows: np.ndarray,
+                 caption_variants: int = 0):
         self.features = features  # (V, N, D)
+        self.caption_variants = caption_variants
         self.rows = rows
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.captions_of = captions_of
@@ -90,8 +105,8 @@ class CachedBatches:
             # sees each image under few views, and noise is what keeps the heads from memorising them.
             weak = weak + 0.5 * self._noise(weak)
             strong = strong + self._noise(strong)
-            yield Batch(weak, strong, torch.as_tensor(sample_captions(rows, self.captions_of, self.rng)),
-                        self.labels[index], index)
+            captions, variants = caption_batch(rows, self.captions_of, self.rng, self.caption_variants)
+            yield Batch(weak, strong, captions, self.labels[index], index, variants)
 
 
 class AugmentedImages(Dataset):
@@ -123,8 +138,9 @@ class ImageBatches:
     """Batches of augmented images for fine-tuning, loaded by a DataLoader."""
 
     def __init__(self, paths: list, rows: np.ndarray, labels: np.ndarray, captions_of: list[np.ndarray],
-                 image_size: int, batch_size: int, workers: int, seed: int):
+                 image_size: int, batch_size: int, workers: int, seed: int, caption_variants: int = 0):
         self.rows = rows
+        self.caption_variants = caption_variants
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.captions_of = captions_of
         self.rng = np.random.default_rng(seed)
@@ -147,15 +163,17 @@ class ImageBatches:
         for weak, strong, local in self.loader:
             rows = self.rows[local.numpy()]
             index = torch.as_tensor(rows)
-            yield Batch(weak, strong, torch.as_tensor(sample_captions(rows, self.captions_of, self.rng)),
-                        self.labels[index], index)
+            captions, variants = caption_batch(rows, self.captions_of, self.rng, self.caption_variants)
+            yield Batch(weak, strong, captions, self.labels[index], index, variants)
 
 
 class CaptionBatches:
     """Batches of image rows with one sampled caption each, and no image data: the text job's input."""
 
-    def __init__(self, rows: np.ndarray, labels: np.ndarray, captions_of: list[np.ndarray], batch_size: int, seed: int):
+    def __init__(self, rows: np.ndarray, labels: np.ndarray, captions_of: list[np.ndarray], batch_size: int, seed: int,
+                 caption_variants: int = 0):
         self.rows = rows
+        self.caption_variants = caption_variants
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.captions_of = captions_of
         self.batch_size = batch_size
@@ -175,5 +193,5 @@ class CaptionBatches:
         for start, stop in batch_bounds(len(order), self.batch_size):
             rows = order[start:stop]
             index = torch.as_tensor(rows)
-            yield Batch(None, None, torch.as_tensor(sample_captions(rows, self.captions_of, self.rng)),
-                        self.labels[index], index)
+            captions, variants = caption_batch(rows, self.captions_of, self.rng, self.caption_variants)
+            yield Batch(None, None, captions, self.labels[index], index, variants)

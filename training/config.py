@@ -155,12 +155,33 @@ class LossConfig:
     # tower defines the code space; the light text tower learns to map into it. A small value lets
     # captions refine instance detail in image codes without pulling classes together.
     image_grad_from_text: Fraction = 1.0
+    # Last bits of the code kept for instance detail (training/objective.py): no class proxy sees
+    # them, and the cross-modal terms reach the image codes there with this gradient scale. 0: one
+    # undivided code.
+    instance_bits: NonNegativeInt = 0
+    instance_grad_from_text: Fraction = 1.0
+    # Identical captions of different images in a batch are all positives of each other in the
+    # image-text InfoNCE (a multi-positive target), not negatives it must push apart.
+    duplicate_positives: bool = False
     proxy_temperature: Positive = 0.2
     contrastive_temperature: Positive = 0.07
     margin: NonNegative = 0.2
     # Cosine of caption features above which two captions count as related.
     caption_relatedness: Annotated[float, Range(ge=-1, le=1)] = 0.8
     quantization_sigma: Positive = 0.5
+
+
+@dataclass
+class CaptionAugmentConfig:
+    # Augmented copies of every training caption (training/captions.py); a batch draws each
+    # caption's wording uniformly from it and its copies. 0: captions as written.
+    variants: NonNegativeInt = 0
+    word_dropout: Fraction = 0.1  # each word dropped with this probability
+    synonym: Fraction = 0.5  # each listed word or phrase replaced by one of its synonyms
+    reorder: Fraction = 0.5  # a caption's clauses shuffled
+    # Std of Gaussian noise on the frozen text encoder's features (relative to each feature's spread
+    # over the train captions): a smoother text head for sentences unlike the training captions.
+    feature_noise: NonNegative = 0.0
 
 
 @dataclass
@@ -178,6 +199,7 @@ class TrainConfig:
     # Std of Gaussian noise on the cached features of both views (the weak one gets half), relative
     # to each feature's spread over the train images.
     feature_noise: NonNegative = 0.1
+    captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
     eval_every: Count = 5  # epochs between val evaluations (checkpoint selection)
     selection: Name = "class_and_instance"  # val figure the checkpoint is chosen by (see train.SELECTION)
     ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.0  # moving average of the head weights; 0 turns it off

@@ -3,6 +3,13 @@
 Terms are returned as a dict so each one is logged; ``total_loss`` sums them by weight.
 The class proxies live here and are shared by both modalities: the text head learns to map
 captions onto the image proxies, i.e. into the image code space.
+
+With ``loss.instance_bits`` = I > 0 the code is split: its first nbits - I bits (the class part)
+are what the proxy terms see, and the cross-modal terms reach the image codes there only through
+``image_grad_from_text``; its last I bits (the instance part) have no proxy and take the
+cross-modal gradient at full strength (``instance_grad_from_text``). Images of a class then
+share their class part, which keeps class retrieval exact, while the instance part tells them
+apart the way their captions do.
 """
 from __future__ import annotations
 
@@ -23,11 +30,32 @@ def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x.detach() + scale * (x - x.detach())
 
 
+def split_gradient(h: torch.Tensor, class_bits: int, class_scale: float, instance_scale: float) -> torch.Tensor:
+    """``h`` (B, nbits) with the gradient of its first ``class_bits`` columns scaled by
+    ``class_scale`` and that of the others by ``instance_scale``."""
+    if class_bits >= h.shape[1] or class_scale == instance_scale:
+        return scale_gradient(h, class_scale)
+    return torch.cat([scale_gradient(h[:, :class_bits], class_scale),
+                      scale_gradient(h[:, class_bits:], instance_scale)], dim=1)
+
+
+def duplicate_captions(caption_features: torch.Tensor, threshold: float = 0.999) -> torch.Tensor:
+    """(B, B) bool: caption j says what caption i says (same text up to the encoder's precision).
+    Image i and the caption of image j are then both true matches of each other."""
+    unit = F.normalize(caption_features, dim=1)
+    same = unit @ unit.T >= threshold
+    return same | torch.eye(len(unit), dtype=torch.bool, device=unit.device)
+
+
 class HashingObjective(nn.Module):
     def __init__(self, config: LossConfig, num_classes: int, nbits: int):
         super().__init__()
+        if config.instance_bits >= nbits:
+            raise ValueError(f"config.loss.instance_bits: {config.instance_bits} leaves no class bits in a "
+                             f"{nbits}-bit code; it must be below train.bits")
         self.config = config
-        self.proxy = HashProxyLoss(num_classes, nbits, config.proxy_temperature)
+        self.class_bits = nbits - config.instance_bits
+        self.proxy = HashProxyLoss(num_classes, self.class_bits, config.proxy_temperature)
         self.self_distill = SelfDistilledHashingLoss()
         self.quantization = BCEQuantizationLoss(config.quantization_sigma)
         self.contrastive = ImageTextContrastiveLoss(config.contrastive_temperature)
@@ -57,22 +85,26 @@ class HashingObjective(nn.Module):
         w = self.config.weights
         image_side, text_side = h_strong is not None, h_text is not None
         terms: dict[str, torch.Tensor] = {}
-        h_image = scale_gradient(h_weak, self.config.image_grad_from_text)  # image codes as the text terms see them
+        # image codes as the text terms see them
+        h_image = split_gradient(h_weak, self.class_bits, self.config.image_grad_from_text,
+                                 self.config.instance_grad_from_text)
+        c = self.class_bits
         trained = [h_weak, h_strong] if image_side else []  # codes this step updates
         if text_side:
             trained.append(h_text)
         if image_side and w.get("hash_proxy", 0):
-            terms["hash_proxy"] = (self.proxy(h_weak, labels) + self.proxy(h_strong, labels)) / 2
+            terms["hash_proxy"] = (self.proxy(h_weak[:, :c], labels) + self.proxy(h_strong[:, :c], labels)) / 2
         if text_side and w.get("text_hash_proxy", 0):
             proxies = (target_proxies if target_proxies is not None
                        else scale_gradient(self.proxy.proxies, self.config.image_grad_from_text))
-            terms["text_hash_proxy"] = self.proxy(h_text, labels, proxies=proxies)
+            terms["text_hash_proxy"] = self.proxy(h_text[:, :c], labels, proxies=proxies)
         if image_side and w.get("self_distill", 0):
             terms["self_distill"] = self.self_distill(h_weak, h_strong)
         if w.get("quantization", 0):
             terms["quantization"] = self.quantization(torch.cat(trained))
         if text_side and w.get("contrastive", 0):
-            terms["contrastive"] = self.contrastive(h_image, h_text)
+            positives = duplicate_captions(caption_features) if self.config.duplicate_positives else None
+            terms["contrastive"] = self.contrastive(h_image, h_text, positives)
         if text_side and w.get("margin", 0):
             terms["margin"] = self.margin(h_image, h_text, self.relatedness(labels, caption_features))
         if text_side and w.get("alignment", 0):

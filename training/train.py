@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from evaluation.retrieval import database_splits, evaluate_rows
 
 from .batches import Batch, CachedBatches, CaptionBatches, ImageBatches
+from .captions import caption_variants
 from .config import ExperimentConfig, check, save_config, to_dict
 from .data import CaptionDataset, load_dataset
 from .features import FeatureCache, default_device, image_features, module_fingerprint, normalize, text_features
@@ -220,19 +221,45 @@ class Trainer:
         # Caption features of the (frozen) text encoder: relatedness between captions, and the
         # text tower's input when it is frozen.
         self.caption_features = torch.as_tensor(self.encoders.text_features(), device=device)
+        self._prepare_caption_variants(cache)
+
+    def _prepare_caption_variants(self, cache: FeatureCache) -> None:
+        """The augmented wordings of the train captions (others keep their own), and with a frozen
+        text encoder their features: ``variant_texts[v][m]``, ``variant_features`` (V + 1, M, D)."""
+        aug, index = self.config.train.captions, self.index
+        self.variant_texts: list[list[str]] = [index.captions]
+        self.variant_features = self.caption_features[None]  # (1, M, D)
+        train_captions = np.concatenate([index.captions_of[r] for r in index.rows("train")] or [np.zeros(0, int)])
+        if aug.variants and len(train_captions):
+            rates = {"word_dropout": aug.word_dropout, "synonym": aug.synonym, "reorder": aug.reorder}
+            for texts in caption_variants(index.captions, train_captions, aug.variants, self.config.train.seed, **rates):
+                wording = list(index.captions)
+                for row, text in zip(train_captions.tolist(), texts):
+                    wording[row] = text
+                self.variant_texts.append(wording)
+            if self.config.text.freeze_encoder:
+                self.variant_features = torch.stack([self.caption_features] + [
+                    torch.as_tensor(text_features(self.model.text_encoder, wording, cache=cache,
+                                                  desc=f"caption variant {v}"), device=self.device)
+                    for v, wording in enumerate(self.variant_texts[1:], 1)])
+        self.text_noise = None
+        if aug.feature_noise and len(train_captions):
+            spread = self.caption_features[torch.as_tensor(train_captions, device=self.device)].std(dim=0)  # (D,)
+            self.text_noise = aug.feature_noise * spread
 
     def batches(self, rows: np.ndarray, seed: int):
         """The training batches over ``rows`` (this worker's shard), drawn with ``seed``."""
         t = self.config.train
+        variants = len(self.variant_texts) - 1
         if self.role == "text":
-            return CaptionBatches(rows, self.index.labels, self.index.captions_of, t.batch_size, seed)
+            return CaptionBatches(rows, self.index.labels, self.index.captions_of, t.batch_size, seed, variants)
         if self.config.image.freeze_backbone:
             features = torch.as_tensor(self.encoders.image_features(t.views), device=self.device)
             return CachedBatches(features, rows, self.index.labels, self.index.captions_of, t.batch_size,
-                                 t.feature_noise, seed, noise_rows=self.index.rows("train"))
+                                 t.feature_noise, seed, noise_rows=self.index.rows("train"), caption_variants=variants)
         paths = [r.path for r in self.index.dataset.records]
         return ImageBatches(paths, rows, self.index.labels, self.index.captions_of, self.config.image.image_size,
-                            t.batch_size, t.loader_workers, seed)
+                            t.batch_size, t.loader_workers, seed, variants)
 
     def _image_codes(self, views: torch.Tensor) -> torch.Tensor:
         if self.config.image.freeze_backbone:
@@ -241,10 +268,14 @@ class Trainer:
         x = normalize(views.to(self.device).permute(0, 2, 3, 1), image.mean, image.std)
         return self.model.image_head(self.model.image_encoder(x.contiguous(memory_format=torch.channels_last)))
 
-    def _text_codes(self, caption_rows: torch.Tensor) -> torch.Tensor:
+    def _text_codes(self, caption_rows: torch.Tensor, variants: torch.Tensor | None = None) -> torch.Tensor:
+        variants = torch.zeros_like(caption_rows) if variants is None else variants
         if self.config.text.freeze_encoder:
-            return self.model.text_head(self.caption_features[caption_rows.to(self.device)])
-        texts = [self.index.captions[i] for i in caption_rows.tolist()]
+            features = self.variant_features[variants.to(self.device), caption_rows.to(self.device)]  # (B, D)
+            if self.text_noise is not None and self.model.text_head.training:
+                features = features + torch.randn_like(features) * self.text_noise
+            return self.model.text_head(features)
+        texts = [self.variant_texts[v][i] for v, i in zip(variants.tolist(), caption_rows.tolist())]
         return self.model.text_head(self.model.text_encoder.encode(texts))
 
     def use_snapshot(self, snapshot: Snapshot) -> None:
@@ -259,11 +290,12 @@ class Trainer:
         caption_features = self.caption_features[batch.captions.to(self.device)]
         if self.role == "text":
             h_image = self._snapshot_codes[batch.images.to(self.device)]  # (B, nbits), constants
-            return self.objective(h_image, None, self._text_codes(batch.captions), labels, caption_features,
+            return self.objective(h_image, None, self._text_codes(batch.captions, batch.caption_variants), labels,
+                                  caption_features,
                                   target_proxies=self._snapshot_proxies)
         h_weak = self._image_codes(batch.weak)
         h_strong = self._image_codes(batch.strong)
-        h_text = self._text_codes(batch.captions) if self.role == "joint" else None
+        h_text = self._text_codes(batch.captions, batch.caption_variants) if self.role == "joint" else None
         return self.objective(h_weak, h_strong, h_text, labels, caption_features)
 
     def train_mode(self, on: bool) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training.config import LossConfig
-from training.objective import HashingObjective, scale_gradient
+from training.objective import HashingObjective, duplicate_captions, scale_gradient
 
 
 def codes(*shape, seed=0):
@@ -59,3 +59,48 @@ def test_relatedness_is_one_for_same_class_and_grows_with_caption_similarity():
     assert r[0, 3] == 0.0  # cos 0.6 is below the threshold
     torch.testing.assert_close(r, r.T)
     torch.testing.assert_close(r.diagonal(), torch.ones(4))
+
+
+def test_a_split_code_keeps_the_proxies_off_its_instance_bits():
+    """instance_bits = 3 of 8: the proxy terms see bits 0..4 only; with image_grad_from_text 0 the
+    cross-modal terms reach the image codes on the instance bits alone."""
+    objective = HashingObjective(LossConfig(instance_bits=3, image_grad_from_text=0.0), 3, 8)
+    assert objective.proxy.proxies.shape == (3, 5)
+    proxy_only = {k: 0.0 for k in LossConfig().weights}
+    proxy_only.update(hash_proxy=1.0)
+    objective.config.weights = proxy_only
+    h_weak, h_strong = codes(4, 8), codes(4, 8, seed=1)
+    objective.total(objective(h_weak, h_strong, None, torch.tensor([0, 1, 2, 0]), torch.randn(4, 5))).backward()
+    assert h_weak.grad[:, :5].abs().sum() > 0 and h_weak.grad[:, 5:].abs().sum() == 0
+
+    cross_modal = {k: 0.0 for k in LossConfig().weights}
+    cross_modal.update(contrastive=1.0, margin=1.0, alignment=1.0)
+    objective.config.weights = cross_modal
+    h_image, h_text = codes(4, 8, seed=3), codes(4, 8, seed=4)
+    objective.total(objective(h_image, h_image.detach(), h_text, torch.tensor([0, 1, 2, 0]),
+                              torch.randn(4, 5))).backward()
+    assert h_image.grad[:, :5].abs().sum() == 0 and h_image.grad[:, 5:].abs().sum() > 0
+
+
+def test_instance_bits_must_leave_class_bits():
+    with pytest.raises(ValueError, match="instance_bits"):
+        HashingObjective(LossConfig(instance_bits=8), 3, 8)
+
+
+def test_identical_captions_are_positives_of_each_other_in_the_contrastive_term():
+    """Two images with the same caption: with duplicate_positives the InfoNCE target splits between
+    them, so swapping their captions changes nothing; without it, it does."""
+    only = {k: 0.0 for k in LossConfig().weights}
+    only.update(contrastive=1.0)
+    features = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert duplicate_captions(features).tolist() == [[True, True, False, False], [True, True, False, False],
+                                                     [False, False, True, False], [False, False, False, True]]
+    h_image, h_text = codes(4, 8).detach(), codes(4, 8, seed=1).detach()
+    swapped = h_text[[1, 0, 2, 3]]
+    labels = torch.tensor([0, 1, 2, 0])
+    losses = {}
+    for on in (True, False):
+        objective = HashingObjective(LossConfig(weights=only, duplicate_positives=on), 3, 8)
+        losses[on] = [float(objective(h_image, h_image, t, labels, features)["contrastive"]) for t in (h_text, swapped)]
+    assert losses[True][0] == pytest.approx(losses[True][1])
+    assert losses[False][0] != pytest.approx(losses[False][1])

@@ -61,6 +61,26 @@ def test_same_seed_same_model(subset, tiny_text_encoder, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_split_code_with_augmented_captions_trains_and_draws_the_same_per_seed(subset, tiny_text_encoder, tmp_path,
+                                                                                 freeze):
+    """instance_bits, duplicate positives and caption variants (cached features when the text
+    encoder is frozen, reworded text through it otherwise): the run trains, its proxies cover the
+    class bits only, and the same seed gives the same model."""
+    data = tiny_config(tiny_text_encoder, freeze=freeze, epochs=2)
+    data["loss"] = {"instance_bits": 8, "duplicate_positives": True}
+    data["train"]["captions"] = {"variants": 2, "feature_noise": 0.1}
+    config = config_from_dict(data)
+    fit(config, subset, tmp_path / "a", cache_dir=tmp_path / "cache", progress=False)
+    fit(config, subset, tmp_path / "b", cache_dir=tmp_path / "cache", progress=False)
+    a = torch.load(tmp_path / "a" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)
+    assert a["objective"]["proxy.proxies"].shape == (3, 8)  # 16 bits, 8 of them instance bits
+    assert all(torch.equal(a["text_head"][k], b["text_head"][k]) for k in a["text_head"])
+    written = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert all(np.isfinite(e["loss"]["total"]) for e in written["history"])
+
+
 def test_fine_tuning_path_trains_the_encoders(subset, tiny_text_encoder, tmp_path):
     config = config_from_dict(tiny_config(tiny_text_encoder, freeze=False, epochs=2))
     fit(config, subset, tmp_path / "run", progress=False)

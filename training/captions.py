@@ -1,0 +1,113 @@
+"""Caption augmentation: reworded copies of the training captions, so the text tower learns what a
+caption says rather than how the dataset's annotators worded it.
+
+Remote sensing caption sets are written from a few templates ("There are many planes parked at the
+airport."), so a text head trained on them alone maps the templates well and the sentences users type
+badly. Each augmented variant of a caption applies, in this order:
+
+1. clause reordering: the caption is cut at commas, semicolons, " while " and " and " between clauses,
+   and its clauses are shuffled (with probability ``reorder``);
+2. synonyms: every word or phrase of ``SYNONYMS`` is replaced by a random member of its group (with
+   probability ``synonym`` each);
+3. word dropout: every word is dropped with probability ``word_dropout`` (one word at least stays).
+
+Variants are drawn from ``numpy.random.default_rng((seed, caption_row, variant))``: the same seed gives
+the same variants, whatever else the run draws, and a caption's variants do not depend on the others.
+With a frozen text encoder the variants' features are computed once and cached like the captions'.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+# Groups of interchangeable words and phrases in aerial scene descriptions (lower case). A phrase
+# matches whole words only; longer phrases are tried first.
+SYNONYMS: tuple[tuple[str, ...], ...] = (
+    ("plane", "airplane", "aircraft", "jet"),
+    ("planes", "airplanes", "aircraft", "jets"),
+    ("parked", "standing", "stationed"),
+    ("many", "lots of", "numerous", "a lot of", "plenty of"),
+    ("some", "several", "a few"),
+    ("building", "structure", "block"),
+    ("buildings", "structures", "blocks"),
+    ("house", "home", "residence"),
+    ("houses", "homes", "residences", "dwellings"),
+    ("road", "street"),
+    ("roads", "streets"),
+    ("car", "vehicle", "automobile"),
+    ("cars", "vehicles", "automobiles"),
+    ("tree", "plant"),
+    ("trees", "vegetation", "greenery"),
+    ("river", "stream", "waterway"),
+    ("big", "large", "huge"),
+    ("small", "little", "tiny"),
+    ("next to", "beside", "near", "by", "close to"),
+    ("around", "surrounding", "encircling"),
+    ("lots", "plots", "patches"),
+    ("green", "verdant", "grassy"),
+    ("boats", "ships", "vessels"),
+    ("boat", "ship", "vessel"),
+    ("parking lot", "car park", "parking area"),
+    ("lined up", "in rows", "in a row"),
+    ("dense", "crowded", "packed"),
+    ("sparse", "scattered", "spread out"),
+    ("field", "ground", "pitch"),
+    ("white", "pale"),
+    ("dark", "black"),
+    ("piece", "area", "patch"),
+    ("meadow", "grassland", "lawn"),
+    ("sea", "ocean", "water"),
+    ("there are", "we can see", "you can see", "the image shows"),
+    ("there is", "we can see", "you can see", "the image shows"),
+)
+
+_CLAUSE_BREAK = re.compile(r"\s*(?:[,;]|\bwhile\b|\band\b(?= (?:a|an|the|some|many|two|three|several|lots)\b))\s*")
+
+
+def _synonym_table() -> tuple[dict[tuple[str, ...], tuple[str, ...]], int]:
+    table: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for group in SYNONYMS:
+        for phrase in group:
+            table.setdefault(tuple(phrase.split()), group)
+    return table, max(len(k) for k in table)
+
+
+_TABLE, _LONGEST = _synonym_table()
+
+
+def _replace_synonyms(words: list[str], rate: float, rng: np.random.Generator) -> list[str]:
+    out, i = [], 0
+    while i < len(words):
+        for n in range(min(_LONGEST, len(words) - i), 0, -1):
+            group = _TABLE.get(tuple(words[i:i + n]))
+            if group is not None:
+                out.extend(group[rng.integers(len(group))].split() if rng.random() < rate else words[i:i + n])
+                i += n
+                break
+        else:
+            out.append(words[i])
+            i += 1
+    return out
+
+
+def augment_caption(text: str, rng: np.random.Generator, word_dropout: float = 0.1, synonym: float = 0.5,
+                    reorder: float = 0.5) -> str:
+    """One reworded copy of ``text`` (lower case, the final full stop kept if it had one)."""
+    clauses = [c for c in _CLAUSE_BREAK.split(text.strip().rstrip(".").lower()) if c]
+    if len(clauses) > 1 and rng.random() < reorder:
+        clauses = [clauses[i] for i in rng.permutation(len(clauses))]
+    words = _replace_synonyms(" , ".join(clauses).split(), synonym, rng)
+    kept = [w for w in words if w == "," or rng.random() >= word_dropout]
+    if all(w == "," for w in kept):
+        kept = [w for w in words if w != ","][:1]
+    sentence = " ".join(kept).replace(" ,", ",").strip(", ")
+    return sentence + "." if text.strip().endswith(".") else sentence
+
+
+def caption_variants(captions: list[str], rows: np.ndarray, variants: int, seed: int, **rates) -> list[list[str]]:
+    """``variants`` augmented copies of each caption of ``rows``: out[v][i] is variant v + 1 of
+    caption ``rows[i]`` (variant 0 is the caption itself)."""
+    return [[augment_caption(captions[row], np.random.default_rng((seed, int(row), v)), **rates) for row in rows]
+            for v in range(variants)]
+
