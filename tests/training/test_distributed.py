@@ -126,13 +126,9 @@ class S3Watch:
                 for o in listing if o["Key"].endswith("checkpoint_manager_snapshot.json")]
 
 
-def registered_checkpoints(storage) -> int:
+def registered_checkpoints(storage: "S3Watch") -> int:
     """How many checkpoints Ray Train's controller has registered for the run under ``storage``."""
-    if isinstance(storage, S3Watch):
-        texts = storage.snapshots()
-    else:
-        texts = [p.read_bytes() for p in storage.rglob("checkpoint_manager_snapshot.json")]
-    for text in texts:
+    for text in storage.snapshots():
         try:
             return len(json.loads(text)["checkpoint_results"])
         except (ValueError, KeyError):
@@ -153,9 +149,10 @@ def kill_a_worker_after_first_checkpoint(storage: Path, killed: list, timeout: f
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("storage", ["local", "s3"])
 def test_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(local_ray, subset, tiny_text_encoder,
-                                                                              tmp_path, request, monkeypatch, storage):
+                                                                              tmp_path, request, monkeypatch):
+    """The uninterrupted baseline reports to local storage; the interrupted run to S3 on loopback
+    (Ray Train reads both through the same pyarrow filesystem layer, so one resumed run covers it)."""
     from training.distributed import fit_distributed
 
     data = tiny_config(tiny_text_encoder, epochs=16)
@@ -165,11 +162,9 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(loca
     config.distributed.storage = str(tmp_path / "ray_a")
     baseline = fit_distributed(config, subset, tmp_path / "baseline", cache_dir=tmp_path / "cache")
 
-    if storage == "s3":  # checkpoints go to an S3 endpoint on loopback; the killer watches the bucket
-        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_endpoint"))
-        target, watched = f"s3://terrahash-test/{tmp_path.name}", S3Watch(f"{tmp_path.name}/")
-    else:
-        target, watched = tmp_path / "ray_b", tmp_path / "ray_b"
+    # checkpoints go to an S3 endpoint on loopback; the killer watches the bucket
+    monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_endpoint"))
+    target, watched = f"s3://terrahash-test/{tmp_path.name}", S3Watch(f"{tmp_path.name}/")
     killed: list[int] = []
     killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(watched, killed))
     killer.start()
