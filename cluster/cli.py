@@ -103,6 +103,24 @@ def _summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_options(data_help: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Parent parsers of the options of commands that read a dataset: (--data, --cache-dir,
+    --no-cache, --device; the same with --skip-bad-images), --data helped by ``data_help``."""
+    data_options = argparse.ArgumentParser(add_help=False)
+    data_options.add_argument("--data", default=DEFAULT_DATA, help=data_help)
+    data_options.add_argument("--cache-dir", default=DEFAULT_CACHE,
+                              help="where features of frozen encoders are cached (default: %(default)s, "
+                                   "or $TERRAHASH_CACHE)")
+    data_options.add_argument("--no-cache", action="store_true", help="recompute features instead of caching them")
+    data_options.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                              help="compute device (default: the config's, auto)")
+    common = argparse.ArgumentParser(add_help=False, parents=[data_options])
+    common.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out missing or undecodable images (counted, logged and listed in the output) "
+                             "instead of stopping")
+    return data_options, common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="terrahash",
@@ -114,20 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     # Options of every command that reads the dataset; `common` adds --skip-bad-images to them.
     # distill has no --skip-bad-images: the teacher's codes and the parity report are of the
     # teacher's whole dataset, so a bad image there stops it.
-    data_options = argparse.ArgumentParser(add_help=False)
-    data_options.add_argument("--data", default=DEFAULT_DATA,
-                              help="dataset folder holding one Karpathy-style dataset*.json (default: %(default)s, "
-                                   "or $TERRAHASH_DATA)")
-    data_options.add_argument("--cache-dir", default=DEFAULT_CACHE,
-                              help="where features of frozen encoders are cached (default: %(default)s, "
-                                   "or $TERRAHASH_CACHE)")
-    data_options.add_argument("--no-cache", action="store_true", help="recompute features instead of caching them")
-    data_options.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                              help="compute device (default: the config's, auto)")
-    common = argparse.ArgumentParser(add_help=False, parents=[data_options])
-    common.add_argument("--skip-bad-images", action="store_true",
-                        help="leave out missing or undecodable images (counted, logged and listed in the output) "
-                             "instead of stopping")
+    data_options, common = _dataset_options("dataset folder holding one Karpathy-style dataset*.json (default: "
+                                            "%(default)s, or $TERRAHASH_DATA)")
+    # eval reads class-folder sets too (training.data); its --data says so.
+    _, eval_options = _dataset_options(
+        "labelled dataset folder, in one of two layouts: a Karpathy-style dataset*.json (captions, classes, "
+        "splits optional), or, when the folder holds no dataset*.json, one subfolder per class with its images "
+        "(DIR/<class>/*.jpg|png|tif at any depth, as RSSCN7, AID or UC Merced's own release come; image-only, no "
+        "splits, so evaluated leave-one-out) (default: %(default)s, or "
+        "$TERRAHASH_DATA)")
 
     train = sub.add_parser("train", parents=[common], help="train the image and text hashing towers",
                            description="Train the asymmetric hashing model, in one process (CPU or one GPU) or "
@@ -174,10 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser(
-        "eval", parents=[common], help="retrieval figures of a trained model, on its dataset or another labelled one",
+        "eval", parents=[eval_options],
+        help="retrieval figures of a trained model, on its dataset or another labelled one",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_paragraphs(
-            "Retrieval figures of a trained model on a split of any labelled Karpathy-style dataset.",
+            "Retrieval figures of a trained model on a split of any labelled dataset: a Karpathy-style "
+            "dataset*.json, or a folder of class folders (DIR/<class>/*.jpg|png|tif, no JSON; see --data).",
             "Queries are the split's images and captions; the database is train + val for test, train only for val "
             "(as checkpoint selection ranks it), val + test for train. Class relevance (mAP@all, mAP@50, P@10) uses "
             "the evaluated dataset's own classes, so a model can be measured on another dataset than its training "

@@ -9,6 +9,14 @@ sets (an entry with a ``class`` and no ``sentences``, or an empty list: ``ImageR
 is then empty) and sets without a ``split`` field (``ImageRecord.split`` is None, in no split).
 ``split`` and ``class`` are given for every entry or for none. Training needs captions:
 ``CaptionDataset.require_captions`` says which images lack them.
+
+A folder without a ``dataset*.json`` is read as a *class-folder* set, the layout image archives
+come in (RSSCN7, AID, UC Merced's own release): one subfolder per class, ``DIR/<class>/**/*``
+(JPEG, PNG or TIFF, at any depth inside the class folder; sorted by path; hidden files and folders
+left out). Each image becomes an image-only record of that class, in no split (evaluation then goes
+leave-one-out). Its ``json_path`` is the folder itself, and its fingerprint a hash of every
+image's path in the folder and its bytes.
+
 Every problem is reported with the file it was found in; nothing is skipped silently.
 """
 from __future__ import annotations
@@ -16,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -26,6 +36,12 @@ log = logging.getLogger(__name__)
 KNOWN_SPLITS = ("train", "val", "test", "restval")
 # Folders RSICD-style datasets keep their images in when the JSON has no filepath.
 _IMAGE_DIR_CANDIDATES = ("", "images", "RSICD_images", "imgs")
+# Layouts load_dataset reads (CaptionDataset.layout).
+KARPATHY, CLASS_FOLDERS = "karpathy", "class_folders"
+# Image files a class folder's images are found by (compared in lower case).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+ACCEPTED_LAYOUTS = ("a Karpathy-style dataset*.json annotation file, or one subfolder per class holding its "
+                    "images (DIR/<class>/*.jpg|png|tif, any depth inside the class folder)")
 
 
 class DatasetError(ValueError):
@@ -44,9 +60,10 @@ class ImageRecord:
 @dataclass(frozen=True)
 class CaptionDataset:
     name: str
-    json_path: Path
+    json_path: Path  # the annotation file; for a class-folder set, the folder
     records: tuple[ImageRecord, ...]
     skipped: tuple[tuple[str, str], ...] = ()  # (file, reason) of images left out on request
+    layout: str = KARPATHY  # or CLASS_FOLDERS
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -77,7 +94,14 @@ class CaptionDataset:
         return [r for r in (self.records if records is None else records) if not r.captions]
 
     def require_captions(self, splits: tuple[str, ...], purpose: str) -> None:
-        """Fail, naming the file and the first images, if an image of ``splits`` has no caption."""
+        """Fail, naming the file and the first images, if an image of ``splits`` has no caption (or
+        the dataset has no splits at all, as a class-folder set)."""
+        if self.records and not self.has_splits:
+            missing = self.without_captions()
+            what = f"{len(missing)} of its {len(self.records)} images have no caption and " if missing else ""
+            raise DatasetError(f"{self.json_path}: {purpose} needs captions and the {'/'.join(splits)} split(s), but "
+                               f"{what}no image is in a split; image-only and split-less sets can be evaluated "
+                               "(terrahash eval), not trained on")
         missing = self.without_captions(self.split(*splits))
         if missing:
             names = ", ".join(r.path.name for r in missing[:3]) + (" ..." if len(missing) > 3 else "")
@@ -93,8 +117,26 @@ class CaptionDataset:
         return [lookup[r.label] for r in records]
 
     def fingerprint(self) -> str:
-        """Content hash of the annotation file (names the data a model was trained on)."""
+        """Content hash of the annotation file (names the data a model was trained on); of a
+        class-folder set, of every image file it found (skipped ones too): path and bytes."""
+        if self.layout == CLASS_FOLDERS:
+            return self._folder_fingerprint
         return hashlib.sha256(self.json_path.read_bytes()).hexdigest()[:16]
+
+    @cached_property
+    def _folder_fingerprint(self) -> str:
+        # Paths relative to the folder: a copy of the set elsewhere has the same fingerprint. The
+        # bytes are hashed once per load (a large archive takes seconds).
+        files = sorted({Path(r.path) for r in self.records} | {Path(p) for p, _ in self.skipped})
+        digest = hashlib.sha256(f"{CLASS_FOLDERS}\n".encode())
+        for path in files:
+            try:
+                with open(path, "rb") as f:
+                    content = hashlib.file_digest(f, "sha256").hexdigest()
+            except OSError:
+                content = "missing"
+            digest.update(f"{path.relative_to(self.json_path).as_posix()}\t{content}\n".encode())
+        return digest.hexdigest()[:16]
 
 
 def find_annotation_file(data_dir: Path) -> Path:
@@ -133,15 +175,47 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
-def load_dataset(data: str | Path, check_images: bool = True, skip_bad_images: bool = False) -> CaptionDataset:
-    """Read a Karpathy-style dataset from its folder or JSON file.
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
 
-    ``check_images`` decodes every image once so that a corrupt file fails here, before any
-    training starts. Bad images raise DatasetError listing them all, unless
-    ``skip_bad_images``, in which case they are left out, counted and logged, and kept in
-    ``dataset.skipped``.
-    """
-    json_path = find_annotation_file(Path(data))
+
+def _class_folder_images(folder: Path) -> list[tuple[Path, str]]:
+    """(image file, class) of every image in the class folders of ``folder``, sorted by path;
+    fails, saying which layouts are accepted, when there are none."""
+    found, empty = [], []
+    for entry in sorted(folder.iterdir()):
+        if _is_hidden(entry.name) or not entry.is_dir():
+            continue
+        images = []
+        for parent, dirs, files in os.walk(entry):
+            dirs[:] = [d for d in dirs if not _is_hidden(d)]
+            images += [Path(parent) / f for f in files
+                       if not _is_hidden(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        if images:
+            found += [(path, entry.name) for path in sorted(images, key=lambda p: p.relative_to(entry).as_posix())]
+        else:
+            empty.append(entry.name)
+    loose = [p.name for p in folder.iterdir()
+             if p.is_file() and not _is_hidden(p.name) and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not found:
+        hint = f" ({len(loose)} image(s) lie directly in it, in no class folder)" if loose else ""
+        raise DatasetError(f"{folder}: no dataset*.json annotation file and no class folder holding images{hint}; "
+                           f"accepted layouts: {ACCEPTED_LAYOUTS}")
+    classes = sorted({label for _, label in found})
+    if len(classes) == 1:
+        raise DatasetError(f"{folder}: one class folder only ({classes[0]!r}), and class relevance needs two or "
+                           f"more; if the classes are the subfolders of {classes[0]!r}, give "
+                           f"{folder / classes[0]} instead")
+    if empty:
+        log.warning("%s: %d folder(s) without images, not read as classes: %s", folder, len(empty), empty[:5])
+    if loose:
+        log.warning("%s: %d image(s) directly in the folder, in no class folder, left out: %s", folder,
+                    len(loose), sorted(loose)[:5])
+    return found
+
+
+def _karpathy_entries(json_path: Path) -> tuple[str, list[tuple[Path, tuple[str, ...], str | None, str | None]]]:
+    """The dataset's name and (image file, captions, class, split) of every entry of its JSON."""
     root = json_path.parent
     try:
         document = json.loads(json_path.read_text())
@@ -152,7 +226,7 @@ def load_dataset(data: str | Path, check_images: bool = True, skip_bad_images: b
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         raise DatasetError(f"{json_path}: expected an object with an 'images' list (Karpathy layout)")
 
-    records, bad = [], []
+    entries = []
     for position, entry in enumerate(document["images"]):
         where = f"{json_path}: images[{position}]"
         if not isinstance(entry, dict):
@@ -168,23 +242,44 @@ def load_dataset(data: str | Path, check_images: bool = True, skip_bad_images: b
             raise DatasetError(f"{where} ({entry['filename']}): every sentence needs a 'raw' string") from None
         if not all(captions):
             raise DatasetError(f"{where} ({entry['filename']}): has an empty caption")
-        path = _image_path(root, entry)
+        entries.append((_image_path(root, entry), captions, entry.get("class"), split))
+    return document.get("dataset") or json_path.parent.name, entries
+
+
+def load_dataset(data: str | Path, check_images: bool = True, skip_bad_images: bool = False) -> CaptionDataset:
+    """Read a Karpathy-style dataset from its folder or JSON file, or a class-folder set from its
+    folder (one without a ``dataset*.json``: module docstring).
+
+    ``check_images`` decodes every image once so that a corrupt file fails here, before any
+    training starts. Bad images raise DatasetError listing them all, unless
+    ``skip_bad_images``, in which case they are left out, counted and logged, and kept in
+    ``dataset.skipped``.
+    """
+    data = Path(data)
+    if data.is_dir() and not any(data.glob("dataset*.json")):
+        source, layout, name = data, CLASS_FOLDERS, data.resolve().name
+        entries = [(path, (), label, None) for path, label in _class_folder_images(data)]
+    else:
+        source, layout = find_annotation_file(data), KARPATHY
+        name, entries = _karpathy_entries(source)
+
+    records, bad = [], []
+    for path, captions, label, split in entries:
         problem = _check_image(path) if check_images else None
         if problem:
             bad.append((str(path), problem))
             continue
-        records.append(ImageRecord(len(records), path, captions, entry.get("class"), split))
+        records.append(ImageRecord(len(records), path, captions, label, split))
 
     if bad and not skip_bad_images:
         listing = "; ".join(f"{p}: {why}" for p, why in bad[:5])
-        raise DatasetError(f"{json_path}: {len(bad)} image(s) cannot be used ({listing}{' ...' if len(bad) > 5 else ''})")
+        raise DatasetError(f"{source}: {len(bad)} image(s) cannot be used ({listing}{' ...' if len(bad) > 5 else ''})")
     if bad:
-        log.warning("%s: skipped %d bad image(s), first: %s", json_path, len(bad), bad[0])
+        log.warning("%s: skipped %d bad image(s), first: %s", source, len(bad), bad[0])
     labelled = sum(r.label is not None for r in records)
     if 0 < labelled < len(records):
-        raise DatasetError(f"{json_path}: {len(records) - labelled} images have no 'class' while others do")
+        raise DatasetError(f"{source}: {len(records) - labelled} images have no 'class' while others do")
     with_split = sum(r.split is not None for r in records)
     if 0 < with_split < len(records):
-        raise DatasetError(f"{json_path}: {len(records) - with_split} images have no 'split' while others do")
-    name = document.get("dataset") or json_path.parent.name
-    return CaptionDataset(name, json_path, tuple(records), tuple(bad))
+        raise DatasetError(f"{source}: {len(records) - with_split} images have no 'split' while others do")
+    return CaptionDataset(name, source, tuple(records), tuple(bad), layout)
