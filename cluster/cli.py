@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "labelled dataset folder, in one of two layouts: a Karpathy-style dataset*.json (captions, classes, "
         "splits optional), or, when the folder holds no dataset*.json, one subfolder per class with its images "
         "(DIR/<class>/*.jpg|png|tif at any depth, as RSSCN7, AID or UC Merced's own release come; image-only, no "
-        "splits, so evaluated leave-one-out) (default: %(default)s, or "
-        "$TERRAHASH_DATA)")
+        "splits, so evaluated leave-one-out), such as a set written by `python -m evaluation.transfer_set` "
+        "(default: %(default)s, or $TERRAHASH_DATA)")
 
     train = sub.add_parser("train", parents=[common], help="train the image and text hashing towers",
                            description="Train the asymmetric hashing model, in one process (CPU or one GPU) or "
@@ -206,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Every figure comes three ways: binary (Hamming on sign codes, the JSON's top level), asymmetric (the "
             "continuous query code scored by inner product against every binary database code, the whole database "
             "ranked: JSON key \"asymmetric\") and float (cosine on continuous codes: \"float\"). Prints the "
-            "table; --json writes the report."))
+            "table; --json writes the report.",
+            "A shifted copy of a split, as another sensor and scale would see it (zoom, arbitrary rotation, colour, "
+            "blur or JPEG, another size), is written in the class-folder layout by `python -m evaluation.transfer_set "
+            "--data DIR --split test --out OUT` and evaluated with --data OUT (evaluation/README.md)."))
     evaluate.add_argument("--model", required=True, help="folder written by `terrahash train`")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="query split (default: test)")
     evaluate.add_argument("--json", help="write the figures to this JSON file")

@@ -229,4 +229,4 @@ def test_eval_help_names_both_layouts(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "dataset*.json" in text and "one subfolder per class" in text
+    assert "dataset*.json" in text and "one subfolder per class" in text and "evaluation.transfer_set" in text
