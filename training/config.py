@@ -143,6 +143,7 @@ class LossConfig:
     weights: dict[str, NonNegative] = field(default_factory=lambda: {
         "hash_proxy": 1.0,  # L_HP, image codes against class proxies
         "text_hash_proxy": 1.0,  # L_HP, text codes against the same (image) proxies
+        "instance_hash_proxy": 0.0,  # L_HP on the instance bits alone, against proxies of their own
         "self_distill": 1.0,  # L_SdH between the weak and the strong image view
         "quantization": 0.1,  # L_bce-Q on image and text codes
         "contrastive": 0.5,  # symmetric image-text InfoNCE on continuous codes

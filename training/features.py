@@ -157,12 +157,14 @@ def text_features(encoder, texts: list[str], batch_size: int = 256, cache: Featu
         return cached
     was_training = encoder.training
     encoder.eval()
-    # Sort by length so each batch pads little; restore the order afterwards.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = np.zeros((len(texts), encoder.feature_dim), dtype=np.float32)
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
-        idx = order[start:start + batch_size]
-        out[idx] = encoder.encode([texts[i] for i in idx]).float().cpu().numpy()
+    # Each distinct text once (caption sets repeat many), sorted by length so each batch pads
+    # little; then every text takes its distinct text's row.
+    distinct = sorted(set(texts), key=lambda t: (len(t), t))
+    rows = np.zeros((len(distinct), encoder.feature_dim), dtype=np.float32)
+    for start in tqdm(range(0, len(distinct), batch_size), desc=desc, unit="batch"):
+        rows[start:start + batch_size] = encoder.encode(distinct[start:start + batch_size]).float().cpu().numpy()
     encoder.train(was_training)
+    where = {text: i for i, text in enumerate(distinct)}
+    out = rows[[where[t] for t in texts]] if texts else np.zeros((0, encoder.feature_dim), dtype=np.float32)
     cache.put(key, out)
     return out

@@ -56,6 +56,10 @@ class HashingObjective(nn.Module):
         self.config = config
         self.class_bits = nbits - config.instance_bits
         self.proxy = HashProxyLoss(num_classes, self.class_bits, config.proxy_temperature)
+        # The instance part's own class proxies (the ``instance_hash_proxy`` term): a weak class pull
+        # that keeps the images of a class nearer each other there than the images of other classes.
+        self.instance_proxy = (HashProxyLoss(num_classes, config.instance_bits, config.proxy_temperature)
+                               if config.instance_bits and config.weights.get("instance_hash_proxy", 0) else None)
         self.self_distill = SelfDistilledHashingLoss()
         self.quantization = BCEQuantizationLoss(config.quantization_sigma)
         self.contrastive = ImageTextContrastiveLoss(config.contrastive_temperature)
@@ -94,6 +98,9 @@ class HashingObjective(nn.Module):
             trained.append(h_text)
         if image_side and w.get("hash_proxy", 0):
             terms["hash_proxy"] = (self.proxy(h_weak[:, :c], labels) + self.proxy(h_strong[:, :c], labels)) / 2
+        if image_side and self.instance_proxy is not None:
+            terms["instance_hash_proxy"] = (self.instance_proxy(h_weak[:, c:], labels)
+                                            + self.instance_proxy(h_strong[:, c:], labels)) / 2
         if text_side and w.get("text_hash_proxy", 0):
             proxies = (target_proxies if target_proxies is not None
                        else scale_gradient(self.proxy.proxies, self.config.image_grad_from_text))

@@ -104,3 +104,16 @@ def test_identical_captions_are_positives_of_each_other_in_the_contrastive_term(
         losses[on] = [float(objective(h_image, h_image, t, labels, features)["contrastive"]) for t in (h_text, swapped)]
     assert losses[True][0] == pytest.approx(losses[True][1])
     assert losses[False][0] != pytest.approx(losses[False][1])
+
+
+def test_the_instance_proxy_term_pulls_the_instance_bits_alone_towards_proxies_of_their_own():
+    only = {k: 0.0 for k in LossConfig().weights}
+    only.update(instance_hash_proxy=1.0)
+    objective = HashingObjective(LossConfig(weights=only, instance_bits=3), 3, 8)
+    assert objective.instance_proxy.proxies.shape == (3, 3)
+    h_weak, h_strong = codes(4, 8), codes(4, 8, seed=1)
+    terms = objective(h_weak, h_strong, None, torch.tensor([0, 1, 2, 0]), torch.randn(4, 5))
+    assert set(terms) == {"instance_hash_proxy"}
+    objective.total(terms).backward()
+    assert h_weak.grad[:, :5].abs().sum() == 0 and h_weak.grad[:, 5:].abs().sum() > 0
+    assert HashingObjective(LossConfig(instance_bits=3), 3, 8).instance_proxy is None  # weight 0: no proxies
