@@ -63,9 +63,10 @@ class CachedBatches:
 
     def __init__(self, features: torch.Tensor, rows: np.ndarray, labels: np.ndarray,
                  captions_of: list[np.ndarray], batch_size: int, noise: float, seed: int, *, noise_rows: np.ndarray,
-                 caption_variants: int = 0):
+                 caption_variants: int = 0, weak_views: int | None = None):
         self.features = features  # (V, N, D)
         self.caption_variants = caption_variants
+        self.weak_views = weak_views or features.shape[0]  # the first ones: views the weak side is drawn from
         self.rows = rows
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.captions_of = captions_of
@@ -95,8 +96,8 @@ class CachedBatches:
         views = self.features.shape[0]
         for start, stop in batch_bounds(len(order), self.batch_size):
             rows = order[start:stop]
-            weak_view = self.rng.integers(views, size=len(rows))
-            # A different view for the strong side whenever there is one.
+            weak_view = self.rng.integers(self.weak_views, size=len(rows))
+            # A different view for the strong side whenever there is one (sensor views included).
             strong_view = (weak_view + 1 + self.rng.integers(max(views - 1, 1), size=len(rows))) % views
             index = torch.as_tensor(rows)
             weak = self.features[torch.as_tensor(weak_view), index]  # (B, D)

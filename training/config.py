@@ -197,6 +197,9 @@ class TrainConfig:
     seed: NonNegativeInt = 0  # worker r of a Ray Train job draws with seed + r
     device: Device = "auto"
     views: Views = (0, 5)  # dihedral views cached when the backbone is frozen (5: rot90 + flip)
+    # Cached sensor views on top (training/features.py sensor_view: an arbitrary rotation, a zoom,
+    # colour and blur, drawn per image): the strong view is drawn from them too, the weak one never.
+    sensor_views: NonNegativeInt = 0
     # Std of Gaussian noise on the cached features of both views (the weak one gets half), relative
     # to each feature's spread over the train images.
     feature_noise: NonNegative = 0.1

@@ -51,6 +51,38 @@ def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
     return torch.flip(out, dims=(3,)) if view >= 4 else out
 
 
+# Sensor views (``train.sensor_views``): how another sensor or another flight would see the scene.
+# Each parameter is drawn per image and view from numpy's default_rng((SENSOR_SEED, view, row)).
+SENSOR_SEED = 20261201
+SENSOR_SHIFT = {"angle": 40.0,  # rotation in degrees, uniform in [-40, 40], corners cropped away
+                "zoom": (0.6, 1.0),  # side of the random square kept, as a fraction of the image's
+                "brightness": 0.25, "contrast": 0.25, "saturation": 0.35, "hue": 0.04,  # +- ranges
+                "blur_sigma": (0.0, 1.5)}  # Gaussian blur, sigma uniform in the range
+
+
+def sensor_view(image: torch.Tensor, view: int, row: int) -> torch.Tensor:
+    """Sensor view ``view`` of one uint8 image (3, H, W) of dataset row ``row``: rotated by an
+    arbitrary angle (the corners cut off, so no fill shows), zoomed in on a random square, its
+    colours shifted and blurred; the same (view, row) always gives the same view."""
+    from torchvision.transforms.v2 import functional as TF
+
+    rng, shift = np.random.default_rng((SENSOR_SEED, view, row)), SENSOR_SHIFT
+    size = image.shape[-1]
+    angle = float(rng.uniform(-shift["angle"], shift["angle"]))
+    rad = np.deg2rad(abs(angle))
+    inner = int(size / (np.cos(rad) + np.sin(rad)))  # the largest upright square inside the rotated one
+    out = TF.center_crop(TF.rotate(image, angle, interpolation=TF.InterpolationMode.BILINEAR), [inner, inner])
+    side = max(8, int(inner * rng.uniform(*shift["zoom"])))
+    top, left = (int(rng.integers(inner - side + 1)) for _ in range(2))
+    out = TF.resized_crop(out, top, left, side, side, [size, size], antialias=True)
+    out = TF.adjust_brightness(out, 1 + rng.uniform(-shift["brightness"], shift["brightness"]))
+    out = TF.adjust_contrast(out, 1 + rng.uniform(-shift["contrast"], shift["contrast"]))
+    out = TF.adjust_saturation(out, 1 + rng.uniform(-shift["saturation"], shift["saturation"]))
+    out = TF.adjust_hue(out, rng.uniform(-shift["hue"], shift["hue"]))
+    sigma = float(rng.uniform(*shift["blur_sigma"]))
+    return TF.gaussian_blur(out, [9, 9], [sigma, sigma]) if sigma > 0.1 else out
+
+
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes: what an image cache entry is keyed by."""
     with open(path, "rb") as f:
@@ -100,8 +132,9 @@ def default_device(name: str = "auto") -> torch.device:
 @torch.inference_mode()
 def image_features(encoder: nn.Module, paths: list[Path], image_size: int, mean, std,
                    views: tuple[int, ...] = (0,), batch_size: int = 64, device: torch.device | None = None,
-                   cache: FeatureCache | None = None, desc: str = "image features") -> np.ndarray:
-    """Pooled features of every image under each dihedral view: float32 (V, N, D).
+                   cache: FeatureCache | None = None, desc: str = "image features", sensor_views: int = 0) -> np.ndarray:
+    """Pooled features of every image under each dihedral view, then under ``sensor_views`` sensor
+    views (``sensor_view``): float32 (V + S, N, D).
 
     Each view is cached on its own, under a key made of the encoder's fingerprint and pooled
     stages, the preprocessing, the view and the content of the files in order (their sha256;
@@ -114,8 +147,11 @@ def image_features(encoder: nn.Module, paths: list[Path], image_size: int, mean,
     # pool_levels gives other features.
     levels = list(getattr(encoder, "pool_levels", []))
     files = hashlib.sha256("\n".join(file_digest(p) for p in paths).encode()).hexdigest()
+    views = tuple(views) + tuple(f"sensor-{k}" for k in range(sensor_views))
     keys = {v: FeatureCache.key(kind="image", encoder=fingerprint, levels=levels, size=image_size, mean=list(mean),
-                                std=list(std), view=v, files=files) for v in views}
+                                std=list(std), view=v, files=files,
+                                **({"shift": SENSOR_SHIFT, "seed": SENSOR_SEED} if isinstance(v, str) else {}))
+            for v in views}
     found = {v: cache.get(keys[v]) for v in views}
     missing = tuple(v for v in views if found[v] is None)
     if missing:
@@ -136,9 +172,16 @@ def _compute_image_features(encoder, paths, image_size, mean, std, views, batch_
     for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
         batch = torch.from_numpy(np.stack([load_image(p, image_size) for p in paths[start:start + batch_size]]))
         x = normalize(batch.to(device), mean, std)
+
+        def view_of(v) -> torch.Tensor:
+            if isinstance(v, str):  # "sensor-K"
+                k = int(v.split("-")[1])
+                shifted = torch.stack([sensor_view(image.permute(2, 0, 1), k, start + i) for i, image in enumerate(batch)])
+                return normalize(shifted.permute(0, 2, 3, 1).to(device), mean, std)
+            return dihedral(x, v)
         # Rotate first, then lay out channels-last: a rotated channels-last tensor is strided
         # oddly and convolutions on it run at half speed.
-        chunks.append(torch.stack([encoder(dihedral(x, v).contiguous(memory_format=torch.channels_last)).float().cpu()
+        chunks.append(torch.stack([encoder(view_of(v).contiguous(memory_format=torch.channels_last)).float().cpu()
                                    for v in views]))  # (V, b, D)
     encoder.train(was_training)
     return torch.cat(chunks, dim=1).numpy()  # (V, N, D)

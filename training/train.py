@@ -96,13 +96,13 @@ class Encoders:
         self.cache = cache
         self.paths = [r.path for r in index.dataset.records]
 
-    def image_features(self, views: tuple[int, ...] = (0,)) -> np.ndarray:
-        """(V, N, D) features of every image of the dataset."""
+    def image_features(self, views: tuple[int, ...] = (0,), sensor_views: int = 0) -> np.ndarray:
+        """(V + S, N, D) features of every image of the dataset: dihedral views, then sensor views."""
         image = self.config.image
         frozen = image.freeze_backbone
         return image_features(self.model.image_encoder, self.paths, image.image_size, image.mean, image.std,
                               views=views, device=self.device, cache=self.cache if frozen else None,
-                              batch_size=128 if self.device.type == "cuda" else 64)
+                              batch_size=128 if self.device.type == "cuda" else 64, sensor_views=sensor_views)
 
     def text_features(self) -> np.ndarray:
         """(M, D) features of every caption of the dataset."""
@@ -254,9 +254,10 @@ class Trainer:
         if self.role == "text":
             return CaptionBatches(rows, self.index.labels, self.index.captions_of, t.batch_size, seed, variants)
         if self.config.image.freeze_backbone:
-            features = torch.as_tensor(self.encoders.image_features(t.views), device=self.device)
+            features = torch.as_tensor(self.encoders.image_features(t.views, t.sensor_views), device=self.device)
             return CachedBatches(features, rows, self.index.labels, self.index.captions_of, t.batch_size,
-                                 t.feature_noise, seed, noise_rows=self.index.rows("train"), caption_variants=variants)
+                                 t.feature_noise, seed, noise_rows=self.index.rows("train"), caption_variants=variants,
+                                 weak_views=len(t.views))
         paths = [r.path for r in self.index.dataset.records]
         return ImageBatches(paths, rows, self.index.labels, self.index.captions_of, self.config.image.image_size,
                             t.batch_size, t.loader_workers, seed, variants)

@@ -63,3 +63,20 @@ def test_training_noise_scale_ignores_val_and_test_images(subset, tiny_text_enco
     torch.testing.assert_close(batches.noise_scale, expected)
     everything = config.train.feature_noise * features[0].std(dim=0, keepdim=True)
     assert not torch.allclose(batches.noise_scale, everything)
+
+
+def test_sensor_views_are_the_same_per_view_and_row_and_show_no_fill(ucm_dir):
+    """A sensor view is drawn from (view, row) alone; it is rotated off-axis and cropped so no
+    fill colour shows in its corners."""
+    from training.features import load_image, sensor_view
+
+    image = torch.from_numpy(load_image(ucm_dir / "images" / "airplane" / "airplane00.jpg", 64)).permute(2, 0, 1)
+    first = sensor_view(image, 0, 3)
+    assert first.shape == image.shape and first.dtype == torch.uint8
+    assert torch.equal(first, sensor_view(image, 0, 3))
+    assert not torch.equal(first, sensor_view(image, 1, 3)) and not torch.equal(first, sensor_view(image, 0, 4))
+    assert not torch.equal(first, image)
+    for view in range(6):
+        out = sensor_view(image, view, 0)
+        corners = out[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # (3, 4)
+        assert (corners.sum(dim=0) > 0).all(), f"view {view} shows fill in a corner"

@@ -65,11 +65,12 @@ def test_same_seed_same_model(subset, tiny_text_encoder, tmp_path):
 def test_a_split_code_with_augmented_captions_trains_and_draws_the_same_per_seed(subset, tiny_text_encoder, tmp_path,
                                                                                  freeze):
     """instance_bits, duplicate positives and caption variants (cached features when the text
-    encoder is frozen, reworded text through it otherwise): the run trains, its proxies cover the
-    class bits only, and the same seed gives the same model."""
+    encoder is frozen, reworded text through it otherwise), and a cached sensor view: the run
+    trains, its proxies cover the class bits only, and the same seed gives the same model."""
     data = tiny_config(tiny_text_encoder, freeze=freeze, epochs=2)
     data["loss"] = {"instance_bits": 8, "duplicate_positives": True}
     data["train"]["captions"] = {"variants": 2, "feature_noise": 0.1}
+    data["train"]["sensor_views"] = 1 if freeze else 0
     config = config_from_dict(data)
     fit(config, subset, tmp_path / "a", cache_dir=tmp_path / "cache", progress=False)
     fit(config, subset, tmp_path / "b", cache_dir=tmp_path / "cache", progress=False)
