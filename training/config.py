@@ -161,6 +161,9 @@ class LossConfig:
     # undivided code.
     instance_bits: NonNegativeInt = 0
     instance_grad_from_text: Fraction = 1.0
+    # How much of the instance bits' gradient reaches the image head's layers shared with the class
+    # bits (training/models.py HashHead); below 1 the class part keeps its trunk to itself.
+    instance_trunk_grad: Fraction = 1.0
     # Identical captions of different images in a batch are all positives of each other in the
     # image-text InfoNCE (a multi-positive target), not negatives it must push apart.
     duplicate_positives: bool = False

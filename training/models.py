@@ -12,6 +12,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ImageTowerConfig, TextTowerConfig
@@ -21,10 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class HashHead(nn.Module):
-    """MLP from features to ``nbits`` continuous codes in (-1, 1)."""
+    """MLP from features to ``nbits`` continuous codes in (-1, 1).
 
-    def __init__(self, in_dim: int, nbits: int, hidden: tuple[int, ...] = (), dropout: float = 0.0):
+    With ``instance_bits`` = I > 0 and ``trunk_grad`` < 1, the gradient that the last I outputs
+    (the instance part of a split code, training/objective.py) send into the layers they share with
+    the class part is scaled by ``trunk_grad`` (0: the instance part learns on top of features that
+    only the class part shapes). Values are the same either way; only training differs.
+    """
+
+    def __init__(self, in_dim: int, nbits: int, hidden: tuple[int, ...] = (), dropout: float = 0.0,
+                 instance_bits: int = 0, trunk_grad: float = 1.0):
         super().__init__()
+        self.instance_bits, self.trunk_grad = instance_bits, trunk_grad
         # Standardise the input: features pooled from several levels differ in scale.
         layers: list[nn.Module] = [nn.BatchNorm1d(in_dim)] if hidden else []
         width = in_dim
@@ -36,7 +45,13 @@ class HashHead(nn.Module):
         self.nbits = nbits
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.mlp(features))  # (B, nbits)
+        if not (self.training and self.instance_bits and self.trunk_grad != 1.0 and len(self.mlp) > 1):
+            return torch.tanh(self.mlp(features))  # (B, nbits)
+        shared, last = self.mlp[:-1](features), self.mlp[-1]  # (B, width), Linear(width, nbits)
+        c = self.nbits - self.instance_bits
+        guarded = shared.detach() + self.trunk_grad * (shared - shared.detach())
+        return torch.tanh(torch.cat([F.linear(shared, last.weight[:c], last.bias[:c]),
+                                     F.linear(guarded, last.weight[c:], last.bias[c:])], dim=1))
 
 
 def binarize(codes: torch.Tensor) -> torch.Tensor:
@@ -144,7 +159,8 @@ class HashingModel(nn.Module):
 
 
 def build_heads(image: ImageTowerConfig, text: TextTowerConfig, nbits: int,
-                image_dim: int, text_dim: int) -> tuple[HashHead, HashHead]:
+                image_dim: int, text_dim: int, instance_bits: int = 0,
+                instance_trunk_grad: float = 1.0) -> tuple[HashHead, HashHead]:
     """The asymmetric pair of hash heads (deep for images, shallow for text)."""
-    return (HashHead(image_dim, nbits, image.head_hidden, image.dropout),
+    return (HashHead(image_dim, nbits, image.head_hidden, image.dropout, instance_bits, instance_trunk_grad),
             HashHead(text_dim, nbits, text.head_hidden, text.dropout))

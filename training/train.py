@@ -82,7 +82,8 @@ def build_model(config: ExperimentConfig, num_classes: int) -> tuple[HashingMode
     image_encoder = ImageEncoder(config.image)
     text_encoder = TextEncoder(config.text)
     image_head, text_head = build_heads(config.image, config.text, config.train.bits,
-                                        image_encoder.feature_dim, text_encoder.feature_dim)
+                                        image_encoder.feature_dim, text_encoder.feature_dim,
+                                        config.loss.instance_bits, config.loss.instance_trunk_grad)
     model = HashingModel(image_head, text_head, image_encoder, text_encoder)
     return model, HashingObjective(config.loss, num_classes, config.train.bits)
 

@@ -64,3 +64,20 @@ def test_local_checkpoint_weights_load_by_path(tmp_path):
 def test_missing_local_weights_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         ImageEncoder(ImageTowerConfig(backbone="test_efficientnet", weights=str(tmp_path / "nope.pth")))
+
+
+def test_a_head_can_keep_its_trunk_from_the_instance_bits_gradient():
+    """trunk_grad 0: the last instance_bits outputs train their own weights but send nothing into
+    the shared layers; the values are those of the plain head."""
+    torch.manual_seed(0)
+    plain = HashHead(6, 8, (5,))
+    guarded = HashHead(6, 8, (5,), instance_bits=3, trunk_grad=0.0)
+    guarded.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(guarded(x), plain(x))
+    guarded(x)[:, 5:].sum().backward()  # only the instance outputs
+    first = guarded.mlp[1].weight.grad  # the shared hidden layer
+    assert first is None or first.abs().sum() == 0
+    assert guarded.mlp[-1].weight.grad[5:].abs().sum() > 0
+    plain(x)[:, 5:].sum().backward()
+    assert plain.mlp[1].weight.grad.abs().sum() > 0
