@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "eval_<split>.json to --out, and logs it all to MLflow (one parent run, child "
                                        "runs per job and for the evaluation) with energy and CO2.")
     train.add_argument("--config", required=True,
-                       help="YAML config file, or a shipped config name: fast (frozen backbones, cached features, "
-                            "minutes on a CPU) or full (fine-tuned backbones, for a GPU)")
+                       help="YAML config file, or a shipped config name: fast_split (the default of the demo: "
+                            "frozen backbones, a code with class and instance bits, minutes on a CPU), fast "
+                            "(class codes only), fast_instance, or full (fine-tuned backbones, for a GPU)")
     train.add_argument("--out", help="output folder (default: runs/<config>-<bits>)")
     train.add_argument("--bits", type=int, help="code length, overriding the config (a multiple of 8 from 8 to 1024)")
     train.add_argument("--epochs", type=int, help="number of epochs, overriding the config")

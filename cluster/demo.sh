@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on local defaults (local Ray, ./mlruns.db, folders under runs/, the shared data):
 #   1. set up the environment;
-#   2. train the `fast` teacher (checkpoint chosen on val) and evaluate it on the test split;
+#   2. train the `fast_split` teacher (checkpoint chosen on val) and evaluate it on the test split;
 #   3. distil it into ONNX students (fp32 + int8), check parity, register them in MLflow;
 #   4. build a 4-shard index of the dataset's image (and caption) codes with the image student;
 #   5. serve it with Ray Serve, answer two real text queries over HTTP, and keep serving (Ctrl-C stops).
@@ -10,12 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BITS=${1:-64}
 DATA=${TERRAHASH_DATA:-../shared/data/ucm_captions}
-RUN="runs/fast-$BITS"
+RUN="runs/fast_split-$BITS"
 QUERY=${DEMO_QUERY:-"many planes parked next to a long building"}
 QUERY2=${DEMO_QUERY2:-"several planes are parked at the airport"}
 bash cluster/setup.sh
 # checkpoint.pt, config.yaml, metrics.json and eval_test.json in $RUN
-.venv/bin/terrahash train --config fast --bits "$BITS" --data "$DATA" --out "$RUN" --eval-split test
+.venv/bin/terrahash train --config fast_split --bits "$BITS" --data "$DATA" --out "$RUN" --eval-split test
 # $RUN/students: student checkpoints, onnx/ (models + specs), metrics.json with the parity report
 .venv/bin/terrahash distill --teacher "$RUN" --data "$DATA" --out "$RUN/students"
 rm -rf "$RUN/index"
