@@ -126,9 +126,14 @@ class S3Watch:
                 for o in listing if o["Key"].endswith("checkpoint_manager_snapshot.json")]
 
 
-def registered_checkpoints(storage: "S3Watch") -> int:
-    """How many checkpoints Ray Train's controller has registered for the run under ``storage``."""
-    for text in storage.snapshots():
+def registered_checkpoints(storage) -> int:
+    """How many checkpoints Ray Train's controller has registered for the run under ``storage``
+    (a folder, or an S3Watch of a bucket prefix)."""
+    if isinstance(storage, S3Watch):
+        texts = storage.snapshots()
+    else:
+        texts = [p.read_bytes() for p in storage.rglob("checkpoint_manager_snapshot.json")]
+    for text in texts:
         try:
             return len(json.loads(text)["checkpoint_results"])
         except (ValueError, KeyError):
