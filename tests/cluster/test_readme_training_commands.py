@@ -111,7 +111,7 @@ def test_every_readme_training_command_runs(local_ray, places, capsys):
         out = capsys.readouterr().out
         if argv[0] in ("eval", "summarize"):
             assert "map_all" in out or "mAP" in out, (command, out[-2000:])
-    assert (places["runs"] / "fast-64" / "students" / "onnx").is_dir()  # the main job's distill ran
+    assert (places["runs"] / "fast_split-64" / "students" / "onnx").is_dir()  # the main job's distill ran
 
 
 @pytest.mark.parametrize("command", commands(r"python -m evaluation\.\w+"))
