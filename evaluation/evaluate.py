@@ -48,7 +48,7 @@ def transfer_reasons(training: dict, classes: list[str], fingerprint: str) -> li
     if training["classes"] != classes:
         reasons.append(f"classes differ ({len(training['classes'])} trained, {len(classes)} evaluated)")
     if training["dataset_fingerprint"] and training["dataset_fingerprint"] != fingerprint:
-        reasons.append(f"annotation file differs (fingerprint {training['dataset_fingerprint']} trained, "
+        reasons.append(f"dataset differs (fingerprint {training['dataset_fingerprint']} trained, "
                        f"{fingerprint} evaluated)")
     return reasons
 

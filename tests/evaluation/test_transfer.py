@@ -135,5 +135,5 @@ def test_same_classes_other_annotation_file_is_a_transfer_figure(trained, subset
     document["dataset"] = "ucm_subset_copy"
     (tmp_path / "dataset_copy.json").write_text(json.dumps(document))
     report = evaluate_model(trained / "run", tmp_path, "test", cache_dir=trained / "cache", device="cpu")
-    assert report["transfer"] is True and "annotation file differs" in report["transfer_reasons"][0]
+    assert report["transfer"] is True and "dataset differs" in report["transfer_reasons"][0]
     assert report["text_to_image"] is not None  # it has captions: every figure is there

@@ -228,7 +228,7 @@ def test_terrahash_eval_on_the_transfer_set(trained, recut, tmp_path, capsys):
     report = json.loads(out.read_text())
     # The training classes, other images: a transfer figure by its fingerprint, leave-one-out.
     assert report["classes"] == report["trained_on"]["classes"] == ["agricultural", "airplane", "baseballdiamond"]
-    assert report["transfer"] is True and "annotation file differs" in report["transfer_reasons"][0]
+    assert report["transfer"] is True and "dataset differs" in report["transfer_reasons"][0]
     assert report["database"]["rule"] == "leave_one_out" and report["database"]["images"] == 6
     for kind in (report, report["asymmetric"], report["float"]):
         assert all(0.0 <= v <= 1.0 for v in kind["image_to_image"].values())
