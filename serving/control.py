@@ -30,7 +30,7 @@ def apply_config(config: dict) -> None:
     """Apply a whole Serve config (``serve deploy`` format); applications left out are removed."""
     from ray.serve.schema import ServeDeploySchema
 
-    _client().deploy_apps(ServeDeploySchema.parse_obj(config))
+    _client().deploy_apps(ServeDeploySchema.model_validate(config))
 
 
 def current_config() -> dict:

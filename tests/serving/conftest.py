@@ -49,6 +49,40 @@ def model_dir(tmp_path_factory, tiny_text_encoder, subset):
 
 
 @pytest.fixture(scope="session")
+def ranking_model_dir(tmp_path_factory, tiny_text_encoder, ucm_many):
+    """A model version folder whose image codes rank by class: the packaged ImageNet EfficientNet-Lite0
+    (128 px) with a PCA hashing head fitted on ``ucm_many``'s train images (probe mAP@10 of val images
+    about 0.7 where the random students sit at chance), and the tiny text student. For checks that need
+    a model better than garbage, such as a rollback on probe mAP."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from serving.encoders import preprocess_images
+    from tests.training.test_export import tiny_students
+    from training.data import load_dataset
+    from training.export import export_image_student, export_text_student
+    from training.students import ImageStudent, ImageStudentConfig
+
+    bits = 32
+    config = ImageStudentConfig(backbone="tf_efficientnet_lite0", image_size=128, pool_levels=(), head_hidden=(),
+                                dropout=0.0)
+    image = ImageStudent(config, bits).eval()
+    train = [str(r.path) for r in load_dataset(ucm_many).split("train")]
+    pixels = torch.as_tensor(preprocess_images(train, config.image_size, config.mean, config.std))
+    with torch.no_grad():
+        features = image.encoder(pixels).double()  # (N, D)
+        mean = features.mean(dim=0)
+        components = torch.linalg.svd(features - mean, full_matrices=False).Vh[:bits]  # (bits, D)
+        image.head.mlp[-1].weight.copy_(components.float())
+        image.head.mlp[-1].bias.copy_(-(components @ mean).float())
+    _, text, tokenizer = tiny_students(tiny_text_encoder, bits=bits)
+    out = tmp_path_factory.mktemp("ranking_model") / "onnx"
+    export_image_student(image, out, pixels[:4].numpy())
+    export_text_student(text, tokenizer, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ucm_many(ucm_dir, tmp_path_factory):
     """210 real UCM images: all 21 classes x (6 train, 2 val, 2 test), referenced in place."""
     return write_subset(ucm_dir, tmp_path_factory.mktemp("ucm_many"), classes=21,

@@ -1,7 +1,7 @@
 """Traffic arms over real Serve, HTTP and MLflow: sticky split, live changes, shadow copies, automatic rollback.
 
-One declarative deployment ("ab", on /ab) of the tiny real-image index, with a champion and a challenger
-arm, serves every test here; the split and the faults change through the running app's Serve config, as
+One declarative deployment ("ab", on /ab) of a real-image index coded by a model that ranks by class
+(conftest ``ranking_model_dir``), with a champion and a challenger arm, serves every test here; the split and the faults change through the running app's Serve config, as
 ``terrahash traffic set`` changes them. The challenger's misbehaviour is injected into its arm (serving
 .traffic fault injection), so every failure mode is exact and repeatable.
 """
@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 from serving.traffic import assign, check_traffic
+from tests.serving.conftest import SHARDS
 from tests.serving.test_registry import MODEL_FILES, register
 
 pytest.importorskip("ray.serve")
@@ -71,7 +72,8 @@ def wait_until(predicate, timeout: float, what: str):
         value = predicate()
         if value:
             return value
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}" + (f"; last seen: {value!r}"[:2000]
+                                                                               if value not in (None, False) else "")
         time.sleep(0.25)
 
 
@@ -109,16 +111,26 @@ class Load:
 
 
 @pytest.fixture(scope="module")
-def lifecycle(mlflow_server, model_dir, tmp_path_factory) -> dict:
-    """Two registered versions of the tiny students (the same files), and an audit root."""
+def lifecycle(mlflow_server, ranking_model_dir, tmp_path_factory) -> dict:
+    """Two registered versions of a model that ranks by class (the same files), and an audit root."""
     folder = tmp_path_factory.mktemp("traffic_version") / "onnx"
-    shutil.copytree(model_dir, folder, ignore=MODEL_FILES)
+    shutil.copytree(ranking_model_dir, folder, ignore=MODEL_FILES)
     versions = [register(mlflow_server, folder, NAME) for _ in range(2)]
     return {"tracking_uri": mlflow_server, "versions": versions, "root": str(tmp_path_factory.mktemp("audit"))}
 
 
 @pytest.fixture(scope="module")
-def ab(serve_app, built_index, ucm_many, lifecycle, tmp_path_factory):
+def ranking_index(local_ray, ranking_model_dir, ucm_many, tmp_path_factory) -> dict:
+    """3-shard indexes of the real images, coded by the model that ranks by class: garbage codes must
+    score clearly worse than the champion's for the probe mAP drill to mean anything."""
+    from serving.build import build_indexes
+
+    root = tmp_path_factory.mktemp("ranking_index")
+    return {"root": root, **build_indexes(ranking_model_dir, ucm_many, SHARDS, str(root), batch_size=32)}
+
+
+@pytest.fixture(scope="module")
+def ab(serve_app, ranking_index, ucm_many, lifecycle, tmp_path_factory):
     """The "ab" app: champion (the index's own model) and challenger (the registry's @challenger)."""
     from serving.app import check_arms, delete_apps
     from serving.control import apply_config
@@ -129,7 +141,7 @@ def ab(serve_app, built_index, ucm_many, lifecycle, tmp_path_factory):
     promote(NAME, lifecycle["versions"][0], "challenger", root=lifecycle["root"], force=True,
             reason="first challenger of the traffic tests", tracking_uri=lifecycle["tracking_uri"])
     settings = ServeSettings.from_dict({
-        "index": str(built_index["root"]), "app_name": APP, "route_prefix": f"/{APP}",
+        "index": str(ranking_index["root"]), "app_name": APP, "route_prefix": f"/{APP}",
         "tracking_uri": lifecycle["tracking_uri"], "model_cache_dir": str(tmp_path_factory.mktemp("models")),
         "arms": [{"name": "champion", "weight": 100.0},
                  {"name": "challenger", "model": f"models:/{NAME}@challenger", "weight": 0.0}],
@@ -221,7 +233,7 @@ def test_split_by_client_id_over_http(ab, capsys):
     assert text(url, arm="nobody")[0] == 422
 
 
-def test_live_weight_changes_and_arms_added_and_removed_lose_no_request(ab, model_dir):
+def test_live_weight_changes_and_arms_added_and_removed_lose_no_request(ab, ranking_model_dir):
     """Weights 0 -> 50 -> 100 -> 0 and a third arm added then removed, under load: 0 failed requests,
     no replica restarted."""
     from cluster.traffic_cli import _without
@@ -236,7 +248,7 @@ def test_live_weight_changes_and_arms_added_and_removed_lose_no_request(ab, mode
             set_traffic({"champion": 100 - weight, "challenger": weight})
             time.sleep(2.5)
         third = settings.model_copy(update={"arms": [*settings.arms, settings.arms[0].model_copy(
-            update={"name": "third", "model": str(model_dir), "weight": 0.0})]})
+            update={"name": "third", "model": str(ranking_model_dir), "weight": 0.0})]})
         config = serve_config(third, port=current_config()["http_options"]["port"])
         apply_new_config(config, APP)
         wait_until(lambda: text(url, arm="third")[0] == 200, 90, "the third arm answers")
@@ -312,14 +324,15 @@ def test_a_failing_challenger_is_rolled_back_with_no_failed_request(ab, fault, r
     try:
         start = time.monotonic()
         with Load(url, threads=3) as load:
-            status = wait_until(lambda: (lambda s: (s["arms"]["challenger"]["rollback"] or {}).get("done") and s)(
-                _traffic(url)),
+            status = wait_until(lambda: (lambda s: (s["arms"]["challenger"]["rollback"] or {}).get("done") and s
+                                         or _Seen(s["arms"]))(_traffic(url)),
                                 ab["settings"].canary.window_s + 25, f"the challenger rolled back on {reason}")
             took = time.monotonic() - start
             time.sleep(1)
         assert load.failed() == [], load.failed()[:5]
         challenger = status["arms"]["challenger"]
         assert any(reason in r for r in challenger["rollback"]["reasons"]), challenger
+        assert status["arms"]["champion"]["probe"]["map_at_k"] > 0.2, status["arms"]["champion"]  # above chance
         assert took < ab["settings"].canary.window_s + 25
         assert _traffic(url)["arms"]["challenger"]["weight"] == 0
         alias = MlflowClient(ab["tracking_uri"]).get_model_version_by_alias(NAME, "challenger")
@@ -330,6 +343,18 @@ def test_a_failing_challenger_is_rolled_back_with_no_failed_request(ab, fault, r
         assert last["action"] == "auto-rollback" and last["from_version"] == str(second) and reason in last["reason"]
     finally:  # the next drill starts from a healthy split whatever this one found
         set_traffic({"champion": 100, "challenger": 0}, faults={"challenger": None})
+
+
+class _Seen(str):
+    """A falsy value that a timed-out wait prints: what the canary saw last."""
+
+    def __new__(cls, arms: dict):
+        return super().__new__(cls, json.dumps({name: {key: arm.get(key) for key in ("verdict", "requests", "probe",
+                                                                                      "rollback")}
+                                                for name, arm in arms.items()}))
+
+    def __bool__(self):
+        return False
 
 
 def _traffic(url: str) -> dict:

@@ -26,12 +26,12 @@ IMAGE_CONFIG = ImageStudentConfig(backbone="test_efficientnet", weights="none", 
                                   head_hidden=(32,))
 
 
-def tiny_students(text_folder: Path):
+def tiny_students(text_folder: Path, bits: int = BITS):
     """A random image student and a text student cut from the tiny BERT (1 of its 2 layers)."""
     torch.manual_seed(0)
-    image = ImageStudent(IMAGE_CONFIG, BITS).eval()
+    image = ImageStudent(IMAGE_CONFIG, bits).eval()
     teacher = TorchTextEncoder(TextTowerConfig(encoder=str(text_folder), max_length=16))
-    text = build_text_student(TextStudentConfig(num_layers=1), teacher, HashHead(teacher.feature_dim, BITS, (16,)))
+    text = build_text_student(TextStudentConfig(num_layers=1), teacher, HashHead(teacher.feature_dim, bits, (16,)))
     return image, text.eval(), teacher.tokenizer
 
 
