@@ -144,6 +144,8 @@ class LossConfig:
         "hash_proxy": 1.0,  # L_HP, image codes against class proxies
         "text_hash_proxy": 1.0,  # L_HP, text codes against the same (image) proxies
         "instance_hash_proxy": 0.0,  # L_HP on the instance bits alone, against proxies of their own
+        # the instance bits' similarities kept to the frozen image features' (losses.FeatureStructureLoss)
+        "instance_structure": 0.0,
         "self_distill": 1.0,  # L_SdH between the weak and the strong image view
         "quantization": 0.1,  # L_bce-Q on image and text codes
         "contrastive": 0.5,  # symmetric image-text InfoNCE on continuous codes
@@ -164,6 +166,9 @@ class LossConfig:
     # How much of the instance bits' gradient reaches the image head's layers shared with the class
     # bits (training/models.py HashHead); below 1 the class part keeps its trunk to itself.
     instance_trunk_grad: Fraction = 1.0
+    # Hidden widths of an image-head branch of the instance bits' own (from the backbone features);
+    # empty: they share the class bits' hidden layers.
+    instance_head_hidden: Widths = ()
     # Identical captions of different images in a batch are all positives of each other in the
     # image-text InfoNCE (a multi-positive target), not negatives it must push apart.
     duplicate_positives: bool = False

@@ -298,6 +298,30 @@ class BitDecorrelationLoss(nn.Module):
         return corr[off_diag].pow(2).mean()
 
 
+class FeatureStructureLoss(nn.Module):
+    """Codes that keep the pretrained features' neighbourhoods: the cosine similarities of the codes
+    of a batch are pulled to those of the backbone features, centred over the batch (so that the
+    features' common direction, which every image shares, says nothing).
+
+        f_i = (x_i - mean_j x_j) / ||.||,  u_i = h_i / ||h_i||
+        L = mean_{i != j} (u_i . u_j - f_i . f_j)^2
+
+    What a class proxy cannot keep (how alike two scenes of classes never trained on look) stays
+    in the codes that carry it. Shapes: h (B, nbits), x (B, D). Returns a scalar; 0 if B < 2.
+    """
+
+    def forward(self, h: Tensor, x: Tensor) -> Tensor:
+        _check_codes(h, "h")
+        if x.shape[0] != h.shape[0]:
+            raise ValueError(f"h has {h.shape[0]} rows but x {x.shape[0]}")
+        f = F.normalize(x - x.mean(dim=0, keepdim=True), dim=1)  # (B, D)
+        u = F.normalize(h, dim=1)  # (B, nbits)
+        off_diag = ~torch.eye(h.shape[0], dtype=torch.bool, device=h.device)
+        if not off_diag.any():
+            return h.sum() * 0.0
+        return (u @ u.T - (f @ f.T).detach())[off_diag].pow(2).mean()
+
+
 def total_loss(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
     """Sum weights[k] * terms[k] over the keys of `terms`.
 

@@ -27,24 +27,24 @@ class HashHead(nn.Module):
     With ``instance_bits`` = I > 0 and ``trunk_grad`` < 1, the gradient that the last I outputs
     (the instance part of a split code, training/objective.py) send into the layers they share with
     the class part is scaled by ``trunk_grad`` (0: the instance part learns on top of features that
-    only the class part shapes). Values are the same either way; only training differs.
+    only the class part shapes). Values are the same either way; only training differs. With
+    ``instance_hidden`` widths the instance part is a branch of its own instead (features -> its
+    hidden layers -> I outputs): the class part's layers never see the instance objective, and the
+    instance part still learns from the features themselves.
     """
 
     def __init__(self, in_dim: int, nbits: int, hidden: tuple[int, ...] = (), dropout: float = 0.0,
-                 instance_bits: int = 0, trunk_grad: float = 1.0):
+                 instance_bits: int = 0, trunk_grad: float = 1.0, instance_hidden: tuple[int, ...] = ()):
         super().__init__()
         self.instance_bits, self.trunk_grad = instance_bits, trunk_grad
-        # Standardise the input: features pooled from several levels differ in scale.
-        layers: list[nn.Module] = [nn.BatchNorm1d(in_dim)] if hidden else []
-        width = in_dim
-        for size in hidden:
-            layers += [nn.Linear(width, size), nn.BatchNorm1d(size), nn.GELU(), nn.Dropout(dropout)]
-            width = size
-        layers.append(nn.Linear(width, nbits))
-        self.mlp = nn.Sequential(*layers)
+        branch = bool(instance_bits and instance_hidden)
+        self.mlp = _mlp(in_dim, nbits - instance_bits if branch else nbits, hidden, dropout)
+        self.instance_mlp = _mlp(in_dim, instance_bits, instance_hidden, dropout) if branch else None
         self.nbits = nbits
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.instance_mlp is not None:  # (B, nbits - I) class part, (B, I) instance part
+            return torch.tanh(torch.cat([self.mlp(features), self.instance_mlp(features)], dim=1))
         if not (self.training and self.instance_bits and self.trunk_grad != 1.0 and len(self.mlp) > 1):
             return torch.tanh(self.mlp(features))  # (B, nbits)
         shared, last = self.mlp[:-1](features), self.mlp[-1]  # (B, width), Linear(width, nbits)
@@ -52,6 +52,17 @@ class HashHead(nn.Module):
         guarded = shared.detach() + self.trunk_grad * (shared - shared.detach())
         return torch.tanh(torch.cat([F.linear(shared, last.weight[:c], last.bias[:c]),
                                      F.linear(guarded, last.weight[c:], last.bias[c:])], dim=1))
+
+
+def _mlp(in_dim: int, out_dim: int, hidden: tuple[int, ...], dropout: float) -> nn.Sequential:
+    # Standardise the input: features pooled from several levels differ in scale.
+    layers: list[nn.Module] = [nn.BatchNorm1d(in_dim)] if hidden else []
+    width = in_dim
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.BatchNorm1d(size), nn.GELU(), nn.Dropout(dropout)]
+        width = size
+    layers.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*layers)
 
 
 def binarize(codes: torch.Tensor) -> torch.Tensor:
@@ -160,7 +171,9 @@ class HashingModel(nn.Module):
 
 def build_heads(image: ImageTowerConfig, text: TextTowerConfig, nbits: int,
                 image_dim: int, text_dim: int, instance_bits: int = 0,
-                instance_trunk_grad: float = 1.0) -> tuple[HashHead, HashHead]:
+                instance_trunk_grad: float = 1.0,
+                instance_hidden: tuple[int, ...] = ()) -> tuple[HashHead, HashHead]:
     """The asymmetric pair of hash heads (deep for images, shallow for text)."""
-    return (HashHead(image_dim, nbits, image.head_hidden, image.dropout, instance_bits, instance_trunk_grad),
+    return (HashHead(image_dim, nbits, image.head_hidden, image.dropout, instance_bits, instance_trunk_grad,
+                     instance_hidden),
             HashHead(text_dim, nbits, text.head_hidden, text.dropout))

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import LossConfig
 from .losses import (BCEQuantizationLoss, BitBalanceLoss, BitDecorrelationLoss, DistributionAlignmentLoss,
-                     HashProxyLoss, ImageTextContrastiveLoss, MarginScalableContrastiveLoss,
+                     FeatureStructureLoss, HashProxyLoss, ImageTextContrastiveLoss, MarginScalableContrastiveLoss,
                      SelfDistilledHashingLoss, total_loss)
 
 
@@ -61,6 +61,7 @@ class HashingObjective(nn.Module):
         self.instance_proxy = (HashProxyLoss(num_classes, config.instance_bits, config.proxy_temperature)
                                if config.instance_bits and config.weights.get("instance_hash_proxy", 0) else None)
         self.self_distill = SelfDistilledHashingLoss()
+        self.structure = FeatureStructureLoss()
         self.quantization = BCEQuantizationLoss(config.quantization_sigma)
         self.contrastive = ImageTextContrastiveLoss(config.contrastive_temperature)
         self.margin = MarginScalableContrastiveLoss(config.margin)
@@ -78,8 +79,11 @@ class HashingObjective(nn.Module):
 
     def forward(self, h_weak: torch.Tensor, h_strong: torch.Tensor | None, h_text: torch.Tensor | None,
                 labels: torch.Tensor, caption_features: torch.Tensor,
-                target_proxies: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Named loss terms. Shapes: codes (B, nbits), labels (B,) class ids, caption_features (B, D).
+                target_proxies: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Named loss terms. Shapes: codes (B, nbits), labels (B,) class ids, caption_features (B, D),
+        ``image_features`` (B, D') the frozen backbone's features of the weak view (for the
+        ``instance_structure`` term; without them the term is not computed).
 
         The split schedules compute one side only. The image job passes ``h_text=None``: only the
         image terms. The text job passes the image job's published codes of the batch's images as
@@ -105,6 +109,9 @@ class HashingObjective(nn.Module):
             proxies = (target_proxies if target_proxies is not None
                        else scale_gradient(self.proxy.proxies, self.config.image_grad_from_text))
             terms["text_hash_proxy"] = self.proxy(h_text[:, :c], labels, proxies=proxies)
+        if image_side and image_features is not None and self.config.instance_bits \
+                and w.get("instance_structure", 0):
+            terms["instance_structure"] = self.structure(h_weak[:, c:], image_features)
         if image_side and w.get("self_distill", 0):
             terms["self_distill"] = self.self_distill(h_weak, h_strong)
         if w.get("quantization", 0):

@@ -83,7 +83,8 @@ def build_model(config: ExperimentConfig, num_classes: int) -> tuple[HashingMode
     text_encoder = TextEncoder(config.text)
     image_head, text_head = build_heads(config.image, config.text, config.train.bits,
                                         image_encoder.feature_dim, text_encoder.feature_dim,
-                                        config.loss.instance_bits, config.loss.instance_trunk_grad)
+                                        config.loss.instance_bits, config.loss.instance_trunk_grad,
+                                        config.loss.instance_head_hidden)
     model = HashingModel(image_head, text_head, image_encoder, text_encoder)
     return model, HashingObjective(config.loss, num_classes, config.train.bits)
 
@@ -298,7 +299,8 @@ class Trainer:
         h_weak = self._image_codes(batch.weak)
         h_strong = self._image_codes(batch.strong)
         h_text = self._text_codes(batch.captions, batch.caption_variants) if self.role == "joint" else None
-        return self.objective(h_weak, h_strong, h_text, labels, caption_features)
+        features = batch.weak.to(self.device) if self.config.image.freeze_backbone else None  # (B, D)
+        return self.objective(h_weak, h_strong, h_text, labels, caption_features, image_features=features)
 
     def train_mode(self, on: bool) -> None:
         self.model.train(on)

@@ -11,6 +11,7 @@ from training.losses import (
     BitBalanceLoss,
     BitDecorrelationLoss,
     DistributionAlignmentLoss,
+    FeatureStructureLoss,
     HashProxyLoss,
     ImageTextContrastiveLoss,
     MarginScalableContrastiveLoss,
@@ -425,6 +426,27 @@ def test_bit_decorrelation_hand_values():
     assert loss(t([[1.0, 1.0, -1.0], [1.0, -1.0, 1.0]])).item() == pytest.approx(1 / 3)
     # one bit: no off-diagonal entries
     assert loss(t([[1.0], [-1.0]])).item() == 0.0
+
+
+def test_feature_structure_hand_values():
+    loss = FeatureStructureLoss()
+    # centred features (1, 0), (-1, 0): cosine -1. Codes (1, 1), (-1, -1): cosine -1 too -> 0
+    features = t([[3.0, 5.0], [1.0, 5.0]])
+    assert loss(t([[1.0, 1.0], [-1.0, -1.0]]), features).item() == pytest.approx(0.0, abs=1e-6)
+    # codes (1, 1), (1, -1): cosine 0 against -1 -> 1 (both off-diagonal entries)
+    assert loss(t([[1.0, 1.0], [1.0, -1.0]]), features).item() == pytest.approx(1.0)
+    # the features' shared offset says nothing: the same figure without it
+    assert loss(t([[1.0, 1.0], [1.0, -1.0]]), features - t([[2.0, 5.0]])).item() == pytest.approx(1.0)
+
+
+def test_feature_structure_trains_the_codes_only():
+    torch.manual_seed(0)
+    h = torch.tanh(torch.randn(6, 8)).requires_grad_()
+    x = torch.randn(6, 16).requires_grad_()
+    FeatureStructureLoss()(h, x).backward()
+    assert h.grad.abs().sum() > 0 and (x.grad is None or x.grad.abs().sum() == 0)
+    with pytest.raises(ValueError, match="rows"):
+        FeatureStructureLoss()(h, x[:5])
 
 
 def test_bit_losses_shape_errors():

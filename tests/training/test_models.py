@@ -81,3 +81,21 @@ def test_a_head_can_keep_its_trunk_from_the_instance_bits_gradient():
     assert guarded.mlp[-1].weight.grad[5:].abs().sum() > 0
     plain(x)[:, 5:].sum().backward()
     assert plain.mlp[1].weight.grad.abs().sum() > 0
+
+
+def test_an_instance_branch_is_a_head_of_its_own():
+    """instance_hidden: the last instance_bits outputs come from their own layers on the features, so
+    their gradient never reaches the class part's layers, and the class part's never reaches theirs."""
+    torch.manual_seed(0)
+    head = HashHead(6, 8, (5,), instance_bits=3, instance_hidden=(4,)).train()
+    assert head.mlp[-1].out_features == 5 and head.instance_mlp[-1].out_features == 3
+    x = torch.randn(4, 6)
+    codes = head(x)
+    assert codes.shape == (4, 8) and codes.abs().max() < 1
+    codes[:, 5:].sum().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in head.mlp.parameters())
+    assert head.instance_mlp[1].weight.grad.abs().sum() > 0
+    head.zero_grad(set_to_none=True)
+    head(x)[:, :5].sum().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in head.instance_mlp.parameters())
+    assert HashHead(6, 8, (5,), instance_bits=3).instance_mlp is None  # no widths: one shared trunk

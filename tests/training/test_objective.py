@@ -117,3 +117,17 @@ def test_the_instance_proxy_term_pulls_the_instance_bits_alone_towards_proxies_o
     objective.total(terms).backward()
     assert h_weak.grad[:, :5].abs().sum() == 0 and h_weak.grad[:, 5:].abs().sum() > 0
     assert HashingObjective(LossConfig(instance_bits=3), 3, 8).instance_proxy is None  # weight 0: no proxies
+
+
+def test_the_structure_term_shapes_the_instance_bits_of_the_weak_view_alone():
+    only = {k: 0.0 for k in LossConfig().weights}
+    only.update(instance_structure=1.0)
+    objective = HashingObjective(LossConfig(weights=only, instance_bits=3), 3, 8)
+    h_weak, h_strong = codes(4, 8), codes(4, 8, seed=1)
+    labels, captions = torch.tensor([0, 1, 2, 0]), torch.randn(4, 5)
+    assert objective(h_weak, h_strong, None, labels, captions) == {}  # no features given: not computed
+    terms = objective(h_weak, h_strong, None, labels, captions, image_features=torch.randn(4, 16))
+    assert set(terms) == {"instance_structure"}
+    objective.total(terms).backward()
+    assert h_weak.grad[:, :5].abs().sum() == 0 and h_weak.grad[:, 5:].abs().sum() > 0
+    assert h_strong.grad is None or h_strong.grad.abs().sum() == 0
