@@ -44,8 +44,10 @@ class ExportError(RuntimeError):
 def _export(module: torch.nn.Module, args: tuple, input_names: list[str], dynamic: dict, path: Path) -> None:
     """torch.export-based ONNX export of ``module`` in eval mode, one self-contained file."""
     module = module.eval()
-    # The exporter's graph passes log a line per deduplicated initializer (hundreds) at INFO.
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    # The exporter's graph passes log a line per deduplicated initializer (hundreds) at INFO, and
+    # its optimizer a line per folded constant and rewrite pass.
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     with torch.no_grad():
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
                                     output_names=[OUTPUT], dynamic_shapes=dynamic, external_data=False,
