@@ -216,6 +216,27 @@ class _TextTask:
     def train_mode(self, on: bool) -> None:
         self.student.train(on)
 
+    def with_variants(self, rows: np.ndarray, targets: TeacherTargets, seed: int) -> np.ndarray:
+        """``rows`` and the rows of ``caption_variants`` reworded copies of each of their captions,
+        appended to the task's captions with the teacher's codes of them as targets."""
+        if not self.c.caption_variants:
+            return rows
+        from .captions import caption_variants
+        from .features import text_features
+        from .train import head_codes
+
+        rates = targets.config.train.captions
+        texts = [t for variant in caption_variants(list(self.captions), rows, self.c.caption_variants, seed,
+                                                   word_dropout=rates.word_dropout, synonym=rates.synonym,
+                                                   reorder=rates.reorder) for t in variant]
+        teacher = targets.model
+        codes = head_codes(teacher.text_head, text_features(teacher.text_encoder, texts, desc="reworded captions"),
+                           self.device)  # (R * variants, bits)
+        first = len(self.captions)
+        self.captions = list(self.captions) + texts
+        self.targets = torch.cat([self.targets, torch.as_tensor(codes, device=self.device, dtype=self.targets.dtype)])
+        return np.concatenate([rows, np.arange(first, first + len(texts), dtype=np.int64)])
+
     def _tokens(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
         tokens = self.tokenizer([self.captions[r] for r in rows], padding=True, truncation=True,
                                 max_length=self.student.max_length, return_tensors="pt")
@@ -375,6 +396,7 @@ def distill(teacher_dir: str | Path, config: DistillConfig, data_dir: str | Path
         else:
             task = _TextTask(config, targets, device)
             rows, val = _unique_caption_rows(index, train_images), _unique_caption_rows(index, val_images)
+            rows = task.with_variants(rows, targets, config.seed)  # val stays the captions as written
         mine = (shared, own) if resumed and shared["student"] == kind else None
         results[kind] = _fit_student(task, config, rows, val, out, context, progress and context.is_chief, extra,
                                      done=dict(results), resumed=mine)

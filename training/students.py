@@ -64,6 +64,10 @@ class TextStudentConfig:
     epochs: Count = 20
     batch_size: BatchSize = 64
     lr: Positive = 1e-4  # the whole student (encoder and head)
+    # Reworded copies of each distinct training caption (training/captions.py, at the teacher's
+    # train.captions rates), coded by the teacher and learnt beside the captions as written: the
+    # student follows the teacher on wordings the dataset does not use. 0: the captions only.
+    caption_variants: NonNegativeInt = 0
 
 
 @dataclass

@@ -182,3 +182,29 @@ def test_distill_can_train_the_image_backbone_on_decoded_images(tiny_teacher, su
     start = ImageStudent(config.image, 16).encoder.state_dict()
     assert all(torch.equal(start[k], encoders[True][k]) for k in start)  # frozen: untouched
     assert any(not torch.equal(start[k], encoders[False][k]) for k in start if start[k].is_floating_point())
+
+
+def test_the_text_student_also_learns_reworded_captions_with_the_teachers_codes(tiny_teacher, subset, tmp_path):
+    """caption_variants: each distinct train caption's reworded copies join the rows the text student
+    trains on, each with the teacher's own code of that wording as its target; val stays as written."""
+    from evaluation.evaluate import text_codes
+    from training.distill import _TextTask, _unique_caption_rows, teacher_targets
+
+    config = distill_config_from_dict({"students": ["text"], "device": "cpu", "eval_every": 1,
+                                       "text": {"num_layers": 1, "epochs": 1, "batch_size": 16,
+                                                "caption_variants": 2}})
+    targets = teacher_targets(tiny_teacher, subset, tmp_path / "cache", torch.device("cpu"))
+    task = _TextTask(config, targets, torch.device("cpu"))
+    rows = _unique_caption_rows(targets.index, targets.index.rows("train"))
+    grown = task.with_variants(rows, targets, seed=0)
+    assert len(grown) == 3 * len(rows) and list(grown[:len(rows)]) == list(rows)
+    added = [task.captions[r] for r in grown[len(rows):]]
+    assert sum(a != targets.index.captions[r] for a, r in zip(added, np.tile(rows, 2))) > len(rows) // 2  # reworded
+    expected = text_codes(targets.model, added[:5], torch.device("cpu"))
+    np.testing.assert_allclose(task.targets[grown[len(rows):len(rows) + 5]].numpy(), expected, atol=1e-5)
+    again = _TextTask(config, targets, torch.device("cpu")).with_variants(rows, targets, seed=0)
+    assert list(again) == list(grown)
+    context = RecordingContext()
+    distill(tiny_teacher, config, subset, tmp_path / "students", cache_dir=tmp_path / "cache", progress=False,
+            context=context)
+    assert context.shards == [len(grown)]
