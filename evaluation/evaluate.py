@@ -53,14 +53,6 @@ def transfer_reasons(training: dict, classes: list[str], fingerprint: str) -> li
     return reasons
 
 
-def text_codes(model, texts: list[str], device) -> np.ndarray:
-    """Continuous codes (Q, nbits) of free texts through the model's text tower."""
-    from training.features import text_features
-    from training.train import head_codes
-
-    return head_codes(model.text_head, text_features(model.text_encoder, texts, desc="free-text queries"), device)
-
-
 def free_text_report(query_set, codes: np.ndarray, classes: tuple[str, ...], db_codes: np.ndarray,
                      db_labels: np.ndarray) -> dict:
     """The ``free_text`` entry: figures of the queries of the dataset's classes (others left out)."""
@@ -86,7 +78,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "te
     free-text query file ``queries`` when given)."""
     from training.data import load_dataset
     from training.features import FeatureCache, default_device
-    from training.train import DatasetIndex, Encoders, dataset_codes, load_trained
+    from training.train import DatasetIndex, Encoders, dataset_codes, load_trained, text_codes
 
     from .free_text import load_queries
     from .retrieval import choose_rows, database_splits, evaluate_rows
@@ -120,8 +112,9 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "te
               "skipped_images": list(dataset.skipped),
               "model": str(model_dir), "config": config.name, "checkpoint_epoch": state["epoch"]}
     if query_set is not None:
-        report["free_text"] = free_text_report(query_set, text_codes(model, query_set.texts(), torch_device),
-                                               dataset.classes, images[db_rows], index.labels[db_rows])
+        codes = text_codes(model, query_set.texts(), torch_device, desc="free-text queries")
+        report["free_text"] = free_text_report(query_set, codes, dataset.classes, images[db_rows],
+                                               index.labels[db_rows])
     return report
 
 

@@ -192,6 +192,11 @@ class CaptionAugmentConfig:
     # over the train captions): a smoother text head for sentences unlike the training captions.
     feature_noise: NonNegative = 0.0
 
+    @property
+    def rates(self) -> dict[str, float]:
+        """The keyword arguments of training.captions.augment_caption."""
+        return {"word_dropout": self.word_dropout, "synonym": self.synonym, "reorder": self.reorder}
+
 
 @dataclass
 class TrainConfig:

@@ -222,16 +222,11 @@ class _TextTask:
         if not self.c.caption_variants:
             return rows
         from .captions import caption_variants
-        from .features import text_features
-        from .train import head_codes
+        from .train import text_codes
 
-        rates = targets.config.train.captions
         texts = [t for variant in caption_variants(list(self.captions), rows, self.c.caption_variants, seed,
-                                                   word_dropout=rates.word_dropout, synonym=rates.synonym,
-                                                   reorder=rates.reorder) for t in variant]
-        teacher = targets.model
-        codes = head_codes(teacher.text_head, text_features(teacher.text_encoder, texts, desc="reworded captions"),
-                           self.device)  # (R * variants, bits)
+                                                   **targets.config.train.captions.rates) for t in variant]
+        codes = text_codes(targets.model, texts, self.device, desc="reworded captions")  # (R * variants, bits)
         first = len(self.captions)
         self.captions = list(self.captions) + texts
         self.targets = torch.cat([self.targets, torch.as_tensor(codes, device=self.device, dtype=self.targets.dtype)])

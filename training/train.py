@@ -122,6 +122,11 @@ def head_codes(head: torch.nn.Module, features: np.ndarray, device: torch.device
     return torch.cat(out).numpy()
 
 
+def text_codes(model: HashingModel, texts: list[str], device: torch.device, desc: str = "texts") -> np.ndarray:
+    """Continuous codes (Q, nbits) of any texts through the model's text tower (encoder, then head)."""
+    return head_codes(model.text_head, text_features(model.text_encoder, texts, desc=desc), device)
+
+
 def image_codes(encoders: Encoders) -> np.ndarray:
     """Continuous codes (N, nbits) of every image: the mean of its codes under the configured dihedral views."""
     views = encoders.image_features(encoders.config.image.encode_views)  # (V, N, D)
@@ -233,8 +238,8 @@ class Trainer:
         self.variant_features = self.caption_features[None]  # (1, M, D)
         train_captions = np.concatenate([index.captions_of[r] for r in index.rows("train")] or [np.zeros(0, int)])
         if aug.variants and len(train_captions):
-            rates = {"word_dropout": aug.word_dropout, "synonym": aug.synonym, "reorder": aug.reorder}
-            for texts in caption_variants(index.captions, train_captions, aug.variants, self.config.train.seed, **rates):
+            for texts in caption_variants(index.captions, train_captions, aug.variants, self.config.train.seed,
+                                          **aug.rates):
                 wording = list(index.captions)
                 for row, text in zip(train_captions.tolist(), texts):
                     wording[row] = text

@@ -187,8 +187,8 @@ def test_distill_can_train_the_image_backbone_on_decoded_images(tiny_teacher, su
 def test_the_text_student_also_learns_reworded_captions_with_the_teachers_codes(tiny_teacher, subset, tmp_path):
     """caption_variants: each distinct train caption's reworded copies join the rows the text student
     trains on, each with the teacher's own code of that wording as its target; val stays as written."""
-    from evaluation.evaluate import text_codes
     from training.distill import _TextTask, _unique_caption_rows, teacher_targets
+    from training.train import text_codes
 
     config = distill_config_from_dict({"students": ["text"], "device": "cpu", "eval_every": 1,
                                        "text": {"num_layers": 1, "epochs": 1, "batch_size": 16,
