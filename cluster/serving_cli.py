@@ -38,7 +38,7 @@ class IndexJob:
 def _index_job(args: argparse.Namespace, name: str) -> IndexJob:
     tracking = TrackingConfig(enabled=not args.no_track, tracking_uri=args.tracking_uri or "",
                               system_metrics=False)
-    return IndexJob(name=name, model=str(getattr(args, "model", "") or ""), data=args.data, out=args.out,
+    return IndexJob(name=name, model=str(getattr(args, "model", "") or ""), data=args.images or args.data, out=args.out,
                     shards=getattr(args, "shards", None), factory=getattr(args, "factory", None),
                     variant=getattr(args, "variant", None), base=getattr(args, "base", None),
                     captions=not args.no_captions, batch_size=args.batch_size,
@@ -81,13 +81,21 @@ def _collections(result: dict) -> dict:
     return {c: result[c] for c in ("images", "captions") if result.get(c) is not None}
 
 
+def _source(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(dataset, archive): --images replaces --data; a --sidecar needs --images."""
+    if args.sidecar and not args.images:
+        raise SystemExit("--sidecar describes an archive: give it with --images DIR_OR_PREFIX")
+    return (None, args.images) if args.images else (args.data, None)
+
+
 def _build(args: argparse.Namespace) -> int:
     from serving.build import build_indexes
 
+    data, images = _source(args)
     result = _tracked(_index_job(args, "index-build"), lambda: build_indexes(
-        args.model, args.data, args.shards, args.out, factory=args.factory, variant=args.variant,
+        args.model, data, args.shards, args.out, factory=args.factory, variant=args.variant,
         captions=not args.no_captions, batch_size=args.batch_size, address=args.address,
-        skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri))
+        skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri, images=images, sidecar=args.sidecar))
     _print_versions(args.out, result)
     return 0
 
@@ -95,9 +103,11 @@ def _build(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     from serving.build import add_images
 
+    data, images = _source(args)
     result = _tracked(_index_job(args, "index-add"), lambda: add_images(
-        args.data, args.out, base_release=args.base, captions=not args.no_captions, batch_size=args.batch_size,
-        address=args.address, skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri))
+        data, args.out, base_release=args.base, captions=not args.no_captions, batch_size=args.batch_size,
+        address=args.address, skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri,
+        images=images, sidecar=args.sidecar))
     _print_versions(args.out, result)
     return 0
 
@@ -260,8 +270,10 @@ def _print_versions(out: str, result: dict) -> None:
         print(f"{collection}: version {manifest['version']} in {out}: {manifest['rows']} rows in shards {shards}, "
               f"model {manifest['model_version']}")
         if manifest.get("extra", {}).get("skipped_images"):
-            print(f"{collection}: left out {manifest['extra']['skipped_images']} image(s) that cannot be decoded, "
-                  f"listed in the manifest's extra.skipped_listed")
+            print(f"{collection}: left out {manifest['extra']['skipped_images']} image(s) that cannot be read or "
+                  f"decoded, listed in the manifest's extra.skipped_listed; the first:")
+            for path, reason in manifest["extra"]["skipped_listed"][:5]:
+                print(f"  {path}: {reason}")
     print(_release_line(out, result["release"]))
 
 
@@ -292,6 +304,13 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     data_args.add_argument("--data", default=common.get_default("data"),
                            help="dataset folder holding one Karpathy-style dataset*.json (default: %(default)s, "
                                 "or $TERRAHASH_DATA)")
+    data_args.add_argument("--images", metavar="DIR_OR_PREFIX",
+                           help="index an archive instead of --data: a folder tree or s3://bucket/prefix of JPEG, "
+                                "PNG and TIFF files, no JSON needed (ids are paths relative to it; unreadable files "
+                                "are left out and reported)")
+    data_args.add_argument("--sidecar", metavar="FILE",
+                           help="with --images: a CSV or JSON of per-image classes, captions and metadata by id "
+                                "(see serving/archive.py)")
     data_args.add_argument("--skip-bad-images", action="store_true",
                            help="leave out images that cannot be decoded or are missing (counted, logged and "
                                 "listed in the image manifest) instead of stopping")

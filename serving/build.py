@@ -138,6 +138,7 @@ class Items:
     caption_image_ids: list[str]
     captions: list[str]
     labels: list[str] = ()  # each image's class ("" when the dataset has none)
+    metadata: list[dict] = ()  # each image's other fields (an archive's sidecar), {} when none
 
     def without(self, positions) -> "Items":
         """These items less the images at ``positions`` (and those images' captions)."""
@@ -146,9 +147,10 @@ class Items:
         gone = {self.image_ids[i] for i in drop}
         captions = [j for j, image in enumerate(self.caption_image_ids) if image not in gone]
         labels = list(self.labels) or [""] * len(self.image_ids)
+        metadata = list(self.metadata) or [{}] * len(self.image_ids)
         return Items(self.image_root, [self.image_ids[i] for i in keep], [self.image_paths[i] for i in keep],
                      [self.caption_ids[j] for j in captions], [self.caption_image_ids[j] for j in captions],
-                     [self.captions[j] for j in captions], [labels[i] for i in keep])
+                     [self.captions[j] for j in captions], [labels[i] for i in keep], [metadata[i] for i in keep])
 
 
 def dataset_items(data: str | Path, splits: tuple[str, ...] | None = None) -> Items:
@@ -187,19 +189,28 @@ def _encoder(spec_path: str, threads: int):
 def _encode_batch(spec_path: str, inputs: list, threads: int = 1) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Packed codes (B', bits // 8) of a batch of image paths or texts, and (position, reason) of each
     input that could not be decoded (left out of the codes, which keep the others' order)."""
+    from serving.archive import read_source
     from serving.encoders import InvalidImageError
 
     encoder = _encoder(spec_path, threads)
-    try:
-        return encoder.encode_packed(inputs), []
-    except InvalidImageError:
-        pass  # find the bad ones: one at a time, only in a batch that has one
-    codes, bad = [], []
-    for position, item in enumerate(inputs):
+    fetched, bad = [], []
+    for position, item in enumerate(inputs):  # an archive's s3:// images are fetched here, in the task
+        try:
+            fetched.append(read_source(item))
+        except OSError as err:
+            bad.append((position, f"cannot read it: {err}"))
+    if not bad:
+        try:
+            return encoder.encode_packed(fetched), []
+        except InvalidImageError:
+            pass  # find the bad ones: one at a time, only in a batch that has one
+    codes, readable = [], [p for p in range(len(inputs)) if p not in {b for b, _ in bad}]
+    for position, item in zip(readable, fetched):
         try:
             codes.append(encoder.encode_packed([item])[0])
         except InvalidImageError as err:
             bad.append((position, str(err)))
+    bad.sort()
     width = encoder.bits // 8
     return (np.stack(codes) if codes else np.empty((0, width), np.uint8)), bad
 
@@ -215,6 +226,10 @@ def encode_all(spec_path: Path, inputs: list, batch_size: int = 64, desc: str = 
     if not inputs:
         raise ValueError(f"{desc}: nothing to encode")
     task = ray.remote(num_cpus=num_cpus, max_retries=2)(_encode_batch)
+    if any(isinstance(x, str) and x.startswith("s3://") for x in inputs):
+        from serving.archive import s3_env
+
+        task = task.options(runtime_env={"env_vars": s3_env()})  # the tasks read the objects themselves
     starts = list(range(0, len(inputs), batch_size))
     pending = {task.remote(str(spec_path), inputs[s:s + batch_size]): s for s in starts}
     done: dict[int, tuple] = {}
@@ -255,16 +270,34 @@ def _encode_items(image_spec: Path, items: Items, batch_size: int, skip_bad_imag
     return codes, items, skipped
 
 
+def _items(data, splits, images, sidecar, skip_bad_images: bool) -> tuple[Items, str, bool]:
+    """(the items to index, where they come from, whether bad images are skipped): a Karpathy
+    dataset's, or with ``images`` an archive's, whose unreadable files are always skipped and reported."""
+    if images is not None:
+        from serving.archive import archive_items
+
+        if data is not None:
+            raise ValueError("give a dataset (data) or an archive (images), not both")
+        items = archive_items(images, sidecar)
+        return items, str(items.image_root), True
+    if sidecar is not None:
+        raise ValueError("a sidecar goes with an archive (images), not a dataset")
+    if data is None:
+        raise ValueError("nothing to index: give a dataset (data) or an archive (images)")
+    return dataset_items(data, splits), str(Path(data).resolve()), skip_bad_images
+
+
 def _skipped(skipped: list) -> dict:
     """The manifest's record of the images the run that wrote it left out (an add's replaces its base's)."""
     return {"skipped_images": len(skipped), "skipped_listed": skipped[:SKIPPED_LISTED]}
 
 
-def build_indexes(model: str | Path, data: str | Path, n_shards: int, out: str, *, factory: str = "BFlat",
+def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out: str, *, factory: str = "BFlat",
                   variant: str = "fp32", captions: bool = True, batch_size: int = 64,
                   address: str | None = None, splits: tuple[str, ...] | None = None,
                   skip_bad_images: bool = False, tracking_uri: str | None = None,
-                  model_cache: str | Path | None = None) -> dict:
+                  model_cache: str | Path | None = None, images: str | None = None,
+                  sidecar: str | Path | None = None) -> dict:
     """Encode a dataset, write index versions of ``images`` (and ``captions``) to ``out`` and publish a
     release naming them. Returns {"release": release, "images": manifest, "captions": manifest or None}.
 
@@ -273,6 +306,9 @@ def build_indexes(model: str | Path, data: str | Path, n_shards: int, out: str, 
     ``tracking_uri``), which is recorded in the manifests and the release and tagged with the release.
     ``skip_bad_images``: images that cannot be decoded are left out (with their captions), counted
     and listed in the image manifest's extra, instead of failing the build.
+    ``images``: index an archive instead of ``data`` (a folder or ``s3://`` prefix of image files,
+    serving.archive, with an optional ``sidecar`` of classes, captions and metadata); unreadable
+    files are always left out and reported that way.
     """
     from serving.registry import DEFAULT_CACHE, add_index_release_tag
 
@@ -282,18 +318,18 @@ def build_indexes(model: str | Path, data: str | Path, n_shards: int, out: str, 
     text_spec = find_spec(model_dir, "text", variant) if captions else None
     if text_spec is not None:
         _check_text_space(text_spec, code_space)
-    items = dataset_items(data, splits)
+    items, source, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images)
     label = model_version_label(model_dir, image_spec, registered and f"{registered['name']}/{registered['version']}")
     bits = load_spec(image_spec).bits
     _ensure_ray(address)
     codes, items, skipped = _encode_items(image_spec, items, batch_size, skip_bad_images)
-    extra = {"model_dir": str(model_dir), "image_spec": image_spec.name, "dataset": str(Path(data).resolve()),
+    extra = {"model_dir": str(model_dir), "image_spec": image_spec.name, "dataset": source,
              "image_root": str(items.image_root), **({"model": registered} if registered else {})}
     common = {"model_version": label, "code_space": code_space, "image_root": str(items.image_root)}
     manifests = {"images": build_index(codes, items.image_ids, bits, n_shards, out, factory, collection="images",
                                        extra={**extra, **_skipped(skipped)}, **common),
                  "captions": None}
-    if text_spec is not None:
+    if text_spec is not None and items.captions:
         text_codes, _ = encode_all(text_spec, items.captions, batch_size * 4, "captions")
         manifests["captions"] = build_index(text_codes, items.caption_ids, bits, n_shards, out, factory,
                                             collection="captions", image_ids=items.caption_image_ids,
@@ -307,10 +343,11 @@ def build_indexes(model: str | Path, data: str | Path, n_shards: int, out: str, 
     return {"release": release, **manifests}
 
 
-def add_images(data: str | Path, out: str, *, base_release: str | None = None, captions: bool = True,
+def add_images(data: str | Path | None, out: str, *, base_release: str | None = None, captions: bool = True,
                batch_size: int = 64, address: str | None = None, splits: tuple[str, ...] | None = None,
                skip_bad_images: bool = False, tracking_uri: str | None = None,
-               model_cache: str | Path | None = None) -> dict:
+               model_cache: str | Path | None = None, images: str | None = None,
+               sidecar: str | Path | None = None) -> dict:
     """Add a dataset's images (and captions) to the image and caption versions of release
     ``base_release`` (default: the latest), with the model the index was built with, and publish a
     new release (serving.index.add_release: concurrent adds to the latest all land in it). Returns
@@ -320,25 +357,26 @@ def add_images(data: str | Path, out: str, *, base_release: str | None = None, c
     carried over unchanged when the captions are not added (``captions`` False). The model is the
     base's registered version (``extra.model``), fetched from the registry at ``tracking_uri`` into
     ``model_cache``, so an add works on any machine; an index built from a folder uses that folder.
-    The new release is tagged on the registered version.
+    The new release is tagged on the registered version. ``images`` and ``sidecar``: an archive
+    instead of ``data``, as for ``build_indexes``.
     """
     from serving.registry import DEFAULT_CACHE, add_index_release_tag
 
     base = resolve_release(out, base_release)
-    images = base["images"]
-    registered = images["extra"].get("model")
+    manifest = base["images"]
+    registered = manifest["extra"].get("model")
     ref = None
     if registered:
         model_dir, _, ref = _fetch(registered["uri"], tracking_uri, model_cache or DEFAULT_CACHE)
     else:
-        model_dir = Path(images["extra"]["model_dir"])
-    image_spec = model_dir / images["extra"]["image_spec"]
+        model_dir = Path(manifest["extra"]["model_dir"])
+    image_spec = model_dir / manifest["extra"]["image_spec"]
     name = registered and f"{registered['name']}/{registered['version']}"
-    if model_version_label(model_dir, image_spec, name) != images["model_version"]:
-        raise ValueError(f"the model in {model_dir} is no longer the one index {images['version']} was built with "
-                         f"({images['model_version']}); build a new index")
-    check_code_space(image_spec, images)
-    items = dataset_items(data, splits)
+    if model_version_label(model_dir, image_spec, name) != manifest["model_version"]:
+        raise ValueError(f"the model in {model_dir} is no longer the one index {manifest['version']} was built with "
+                         f"({manifest['model_version']}); build a new index")
+    check_code_space(image_spec, manifest)
+    items, _, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images)
     _ensure_ray(address)
     codes, items, skipped = _encode_items(image_spec, items, batch_size, skip_bad_images)
     additions = {"images": {"codes": codes, "ids": items.image_ids}}
@@ -349,7 +387,7 @@ def add_images(data: str | Path, out: str, *, base_release: str | None = None, c
         additions["captions"] = {"codes": text_codes, "ids": items.caption_ids, "image_ids": items.caption_image_ids,
                                  "texts": items.captions}
     result = add_release(out, additions, base_release=base["release"] if base_release else None,
-                         model_version=images["model_version"], code_space=images.get("code_space"),
+                         model_version=manifest["model_version"], code_space=manifest.get("code_space"),
                          image_root=str(items.image_root), extra=_skipped(skipped))
     if ref is not None:
         from cluster.artifacts import open_root

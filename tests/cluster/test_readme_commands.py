@@ -66,6 +66,8 @@ def localize(command: str, places: dict) -> list[str]:
             word = places["model"]
         elif flag == "--data":
             word = places["added" if words[:2] == ["index", "add"] else "data"]
+        elif flag == "--images" and words[:2] in (["index", "build"], ["index", "add"]):
+            word = places["images"]
         elif flag in ("--out", "--index") or (flag in ("verify", "release") and words[0] == "index"):
             word = places["root"]
         elif flag == "--shards" and word == "N":
@@ -73,7 +75,7 @@ def localize(command: str, places: dict) -> list[str]:
         out.append(word)
     if out[:2] in (["index", "build"], ["index", "add"]):
         out.append("--no-track")  # tracking has its own test (tests/serving/test_build.py)
-        if out[:2] == ["index", "build"] and "--data" not in out:
+        if out[:2] == ["index", "build"] and "--data" not in out and "--images" not in out:
             out += ["--data", places["data"]]  # the README's default is the full dataset
     if out[0] == "serve":
         out += ["--exit", "--port", str(places["port"])]
@@ -83,6 +85,7 @@ def localize(command: str, places: dict) -> list[str]:
 @pytest.fixture
 def places(model_dir, subset, tmp_path):
     return {"model": str(model_dir), "data": str(subset), "added": str(new_imagery(tmp_path / "added")),
+            "images": str(new_imagery(tmp_path / "folder") / "images"),  # a plain folder of images, no JSON
             "root": str(tmp_path / "index-root"), "port": free_port()}
 
 
@@ -91,6 +94,7 @@ def test_readmes_show_the_index_and_serve_commands():
     for needed in ("terrahash index build", "terrahash index add", "terrahash index verify", "terrahash index release",
                    "terrahash serve --index"):
         assert any(c.startswith(needed) for c in commands), (needed, commands)
+    assert any(c.startswith("terrahash index build") and "--images" in c for c in commands)  # a plain folder
     assert any(c.startswith("terrahash serve") and "--data" not in c for c in commands)
 
 
