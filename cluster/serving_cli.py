@@ -88,6 +88,17 @@ def _source(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return (None, args.images) if args.images else (args.data, None)
 
 
+def _chips(args: argparse.Namespace):
+    """The serving.geo.ChipConfig of --chip-size, --chip-overlap, --bands and --sensor."""
+    from serving.geo import ChipConfig
+
+    try:
+        bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else None
+        return ChipConfig(size=args.chip_size, overlap=args.chip_overlap, bands=bands, sensor=args.sensor)
+    except ValueError as err:
+        raise SystemExit(f"--chip-size/--chip-overlap/--bands/--sensor: {err}") from None
+
+
 def _build(args: argparse.Namespace) -> int:
     from serving.build import build_indexes
 
@@ -95,7 +106,8 @@ def _build(args: argparse.Namespace) -> int:
     result = _tracked(_index_job(args, "index-build"), lambda: build_indexes(
         args.model, data, args.shards, args.out, factory=args.factory, variant=args.variant,
         captions=not args.no_captions, batch_size=args.batch_size, address=args.address,
-        skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri, images=images, sidecar=args.sidecar))
+        skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri, images=images, sidecar=args.sidecar,
+        chips=_chips(args)))
     _print_versions(args.out, result)
     return 0
 
@@ -107,7 +119,7 @@ def _add(args: argparse.Namespace) -> int:
     result = _tracked(_index_job(args, "index-add"), lambda: add_images(
         data, args.out, base_release=args.base, captions=not args.no_captions, batch_size=args.batch_size,
         address=args.address, skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri,
-        images=images, sidecar=args.sidecar))
+        images=images, sidecar=args.sidecar, chips=_chips(args)))
     _print_versions(args.out, result)
     return 0
 
@@ -311,6 +323,15 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     data_args.add_argument("--sidecar", metavar="FILE",
                            help="with --images: a CSV or JSON of per-image classes, captions and metadata by id "
                                 "(see serving/archive.py)")
+    data_args.add_argument("--chip-size", type=int, default=256, metavar="PX",
+                           help="with --images: GeoTIFF scenes are cut into chips of this side (default: %(default)s)")
+    data_args.add_argument("--chip-overlap", type=int, default=0, metavar="PX",
+                           help="pixels neighbouring chips share (default: %(default)s)")
+    data_args.add_argument("--bands", metavar="R,G,B",
+                           help="1-based bands of a scene read as red, green, blue (default: the --sensor's, else "
+                                "1,2,3; band 1 for a single-band scene)")
+    data_args.add_argument("--sensor", choices=("rgb", "sentinel2"),
+                           help="band preset: rgb = 1,2,3; sentinel2 = B4,B3,B2 of a 13-band stack")
     data_args.add_argument("--skip-bad-images", action="store_true",
                            help="leave out images that cannot be decoded or are missing (counted, logged and "
                                 "listed in the image manifest) instead of stopping")

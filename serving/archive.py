@@ -17,6 +17,14 @@ metadata) by id:
 A sidecar row whose id names no image file is an error (a sidecar that does not match its archive
 is a mistake worth stopping for); images the sidecar does not name simply have no class or captions.
 
+TIFFs that are scenes (georeferenced, larger than a chip, or not 3 bands of bytes) are cut into
+chips (serving.geo: band selection, percentile stretch, nodata, footprints); each chip is an item
+of its own, ``<scene id>?window=col,row,width,height``, with ``scene``, ``window``, ``bbox``
+(WGS84) and ``datetime`` in its metadata (a sidecar row of the scene adds to every chip's; its
+``datetime`` wins over the file's). A scene that cannot be opened is left out and reported like
+any unreadable image. Scenes are read from local folders; a TIFF under an S3 prefix is read as a
+plain image.
+
 Reading images from S3 goes through ``read_source``: the Ray encoding tasks fetch the bytes of an
 ``s3://`` input themselves (boto3, ``AWS_ENDPOINT_URL`` for another S3-compatible store), so
 nothing is copied to local disk first.
@@ -118,8 +126,17 @@ def read_sidecar(path: str | Path) -> dict[str, dict]:
     return records
 
 
-def archive_items(source: str | Path, sidecar: str | Path | None = None):
-    """The serving.build.Items of an archive (see the module docstring)."""
+def _geo_available() -> bool:
+    try:
+        import rasterio  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def archive_items(source: str | Path, sidecar: str | Path | None = None, chips=None):
+    """The serving.build.Items of an archive (see the module docstring); ``chips`` is the
+    serving.geo.ChipConfig scenes are cut by (default: 256-pixel chips, no overlap)."""
     from serving.build import Items
 
     base, keys = list_images(source)
@@ -128,18 +145,48 @@ def archive_items(source: str | Path, sidecar: str | Path | None = None):
     if unknown:
         raise ArchiveError(f"sidecar {sidecar}: {len(unknown)} id(s) name no image file under {base} "
                            f"(first: {', '.join(unknown[:5])}); ids are paths relative to the archive root")
-    caption_ids, caption_image_ids, captions, labels, metadata = [], [], [], [], []
-    for key in keys:
-        record = records.get(key, {})
+    local = not base.startswith("s3://")
+    geo = local and _geo_available() and any(k.lower().endswith((".tif", ".tiff")) for k in keys)
+    if geo:
+        from serving.geo import ChipConfig
+
+        chips = chips or ChipConfig()
+    out = {name: [] for name in ("ids", "paths", "caption_ids", "caption_image_ids", "captions", "labels",
+                                 "metadata", "skipped")}
+    nodata_chips = 0
+
+    def add(item_id, path, record, metadata):
         for n, caption in enumerate(record.get("captions", [])):
-            caption_ids.append(f"{key}#{n}")
-            caption_image_ids.append(key)
-            captions.append(caption)
-        labels.append(record.get("class", ""))
-        metadata.append(record.get("metadata", {}))
-    paths = [f"{base}/{key}" for key in keys]
-    root = base if base.startswith("s3://") else Path(base)
-    return Items(root, list(keys), paths, caption_ids, caption_image_ids, captions, labels, metadata)
+            out["caption_ids"].append(f"{item_id}#{n}")
+            out["caption_image_ids"].append(item_id)
+            out["captions"].append(caption)
+        out["ids"].append(item_id)
+        out["paths"].append(path)
+        out["labels"].append(record.get("class", ""))
+        out["metadata"].append(metadata)
+
+    for key in keys:
+        record, path = records.get(key, {}), f"{base}/{key}"
+        if geo and key.lower().endswith((".tif", ".tiff")):
+            from serving.geo import is_scene, scene_chips
+
+            try:
+                plan = scene_chips(path, chips) if is_scene(path, chips.size) else None
+            except OSError as err:  # rasterio's RasterioIOError: not a raster it can open
+                out["skipped"].append([path, f"cannot read it as a raster: {err}"])
+                continue
+            if plan is not None:
+                nodata_chips += plan.skipped_nodata
+                for chip in plan.chips:
+                    meta = {"scene": key, "window": list(chip.ref.window), "bbox": chip.bbox and list(chip.bbox),
+                            "datetime": chip.datetime, **record.get("metadata", {})}
+                    add(key + chip.id_suffix, chip.ref, {**record, "captions": []}, meta)
+                continue
+        add(key, path, record, record.get("metadata", {}))
+    root = base if not local else Path(base)
+    extra = {"chips": {"size": chips.size, "overlap": chips.overlap, "skipped_nodata": nodata_chips}} if geo else {}
+    return Items(root, out["ids"], out["paths"], out["caption_ids"], out["caption_image_ids"], out["captions"],
+                 out["labels"], out["metadata"], out["skipped"], extra)
 
 
 # What a task needs to reach the store the driver lists from, when the workers were started
@@ -163,8 +210,10 @@ def _bucket_client(endpoint: str | None):
 
 
 def read_source(item):
-    """An encoder input as given, except an ``s3://`` URI: the object's bytes (FileNotFoundError when
-    it is not there)."""
+    """An encoder input as given, except an ``s3://`` URI (the object's bytes; FileNotFoundError when
+    it is not there) and a scene's chip (its RGB pixels)."""
+    if hasattr(item, "read"):  # a serving.geo.ChipRef: one windowed read of a scene
+        return item.read()
     if not (isinstance(item, str) and item.startswith("s3://")):
         return item
     import os

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +138,9 @@ class Items:
     caption_image_ids: list[str]
     captions: list[str]
     labels: list[str] = ()  # each image's class ("" when the dataset has none)
-    metadata: list[dict] = ()  # each image's other fields (an archive's sidecar), {} when none
+    metadata: list[dict] = ()  # each image's other fields (an archive's sidecar, a chip's footprint), {} when none
+    skipped: list = ()  # [path, reason] of the files left out before encoding (scenes that do not open)
+    extra: dict = field(default_factory=dict)  # recorded in the image manifest (an archive's chipping)
 
     def without(self, positions) -> "Items":
         """These items less the images at ``positions`` (and those images' captions)."""
@@ -150,7 +152,8 @@ class Items:
         metadata = list(self.metadata) or [{}] * len(self.image_ids)
         return Items(self.image_root, [self.image_ids[i] for i in keep], [self.image_paths[i] for i in keep],
                      [self.caption_ids[j] for j in captions], [self.caption_image_ids[j] for j in captions],
-                     [self.captions[j] for j in captions], [labels[i] for i in keep], [metadata[i] for i in keep])
+                     [self.captions[j] for j in captions], [labels[i] for i in keep], [metadata[i] for i in keep],
+                     list(self.skipped), dict(self.extra))
 
 
 def dataset_items(data: str | Path, splits: tuple[str, ...] | None = None) -> Items:
@@ -263,14 +266,15 @@ def _encode_items(image_spec: Path, items: Items, batch_size: int, skip_bad_imag
     """Image codes of ``items``; bad images (undecodable, missing) raise, or with ``skip_bad_images`` are
     left out with their captions, counted and logged: (codes, the items kept, [[path, reason], ...])."""
     codes, bad = encode_all(image_spec, items.image_paths, batch_size, "images", skip_bad=skip_bad_images)
-    skipped = [[items.image_paths[i], why] for i, why in bad]
+    skipped = list(items.skipped) + [[str(items.image_paths[i]), why] for i, why in bad]
+    if skipped:
+        log.warning("left out %d image(s) that cannot be read or decoded, first: %s", len(skipped), skipped[0])
     if bad:
-        log.warning("left out %d image(s) that cannot be decoded, first: %s", len(bad), skipped[0])
         items = items.without(i for i, _ in bad)
     return codes, items, skipped
 
 
-def _items(data, splits, images, sidecar, skip_bad_images: bool) -> tuple[Items, str, bool]:
+def _items(data, splits, images, sidecar, skip_bad_images: bool, chips=None) -> tuple[Items, str, bool]:
     """(the items to index, where they come from, whether bad images are skipped): a Karpathy
     dataset's, or with ``images`` an archive's, whose unreadable files are always skipped and reported."""
     if images is not None:
@@ -278,7 +282,7 @@ def _items(data, splits, images, sidecar, skip_bad_images: bool) -> tuple[Items,
 
         if data is not None:
             raise ValueError("give a dataset (data) or an archive (images), not both")
-        items = archive_items(images, sidecar)
+        items = archive_items(images, sidecar, chips)
         return items, str(items.image_root), True
     if sidecar is not None:
         raise ValueError("a sidecar goes with an archive (images), not a dataset")
@@ -297,7 +301,7 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
                   address: str | None = None, splits: tuple[str, ...] | None = None,
                   skip_bad_images: bool = False, tracking_uri: str | None = None,
                   model_cache: str | Path | None = None, images: str | None = None,
-                  sidecar: str | Path | None = None) -> dict:
+                  sidecar: str | Path | None = None, chips=None) -> dict:
     """Encode a dataset, write index versions of ``images`` (and ``captions``) to ``out`` and publish a
     release naming them. Returns {"release": release, "images": manifest, "captions": manifest or None}.
 
@@ -307,8 +311,9 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
     ``skip_bad_images``: images that cannot be decoded are left out (with their captions), counted
     and listed in the image manifest's extra, instead of failing the build.
     ``images``: index an archive instead of ``data`` (a folder or ``s3://`` prefix of image files,
-    serving.archive, with an optional ``sidecar`` of classes, captions and metadata); unreadable
-    files are always left out and reported that way.
+    serving.archive, with an optional ``sidecar`` of classes, captions and metadata; its GeoTIFF
+    scenes are cut into chips by ``chips``, a serving.geo.ChipConfig); unreadable files are always
+    left out and reported that way.
     """
     from serving.registry import DEFAULT_CACHE, add_index_release_tag
 
@@ -318,7 +323,7 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
     text_spec = find_spec(model_dir, "text", variant) if captions else None
     if text_spec is not None:
         _check_text_space(text_spec, code_space)
-    items, source, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images)
+    items, source, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images, chips)
     label = model_version_label(model_dir, image_spec, registered and f"{registered['name']}/{registered['version']}")
     bits = load_spec(image_spec).bits
     _ensure_ray(address)
@@ -327,7 +332,7 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
              "image_root": str(items.image_root), **({"model": registered} if registered else {})}
     common = {"model_version": label, "code_space": code_space, "image_root": str(items.image_root)}
     manifests = {"images": build_index(codes, items.image_ids, bits, n_shards, out, factory, collection="images",
-                                       extra={**extra, **_skipped(skipped)}, **common),
+                                       extra={**extra, **items.extra, **_skipped(skipped)}, **common),
                  "captions": None}
     if text_spec is not None and items.captions:
         text_codes, _ = encode_all(text_spec, items.captions, batch_size * 4, "captions")
@@ -347,7 +352,7 @@ def add_images(data: str | Path | None, out: str, *, base_release: str | None = 
                batch_size: int = 64, address: str | None = None, splits: tuple[str, ...] | None = None,
                skip_bad_images: bool = False, tracking_uri: str | None = None,
                model_cache: str | Path | None = None, images: str | None = None,
-               sidecar: str | Path | None = None) -> dict:
+               sidecar: str | Path | None = None, chips=None) -> dict:
     """Add a dataset's images (and captions) to the image and caption versions of release
     ``base_release`` (default: the latest), with the model the index was built with, and publish a
     new release (serving.index.add_release: concurrent adds to the latest all land in it). Returns
@@ -376,7 +381,7 @@ def add_images(data: str | Path | None, out: str, *, base_release: str | None = 
         raise ValueError(f"the model in {model_dir} is no longer the one index {manifest['version']} was built with "
                          f"({manifest['model_version']}); build a new index")
     check_code_space(image_spec, manifest)
-    items, _, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images)
+    items, _, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images, chips)
     _ensure_ray(address)
     codes, items, skipped = _encode_items(image_spec, items, batch_size, skip_bad_images)
     additions = {"images": {"codes": codes, "ids": items.image_ids}}
@@ -388,7 +393,7 @@ def add_images(data: str | Path | None, out: str, *, base_release: str | None = 
                                  "texts": items.captions}
     result = add_release(out, additions, base_release=base["release"] if base_release else None,
                          model_version=manifest["model_version"], code_space=manifest.get("code_space"),
-                         image_root=str(items.image_root), extra=_skipped(skipped))
+                         image_root=str(items.image_root), extra={**items.extra, **_skipped(skipped)})
     if ref is not None:
         from cluster.artifacts import open_root
 
