@@ -58,12 +58,14 @@ def main(argv=None) -> int:
 
     from serving.archive import archive_items, read_source
     from serving.build import encode_all, find_spec
+    from serving.encoders import decode_and_resize
 
     spec = find_spec(args.model, "image")
     with tempfile.TemporaryDirectory() as tmp:
         jpegs, scenes = write_archives(Path(args.data), args.tiles, Path(tmp))
         figures = {}
-        ray.init(configure_logging=False, log_to_driver=False) if not ray.is_initialized() else None
+        if not ray.is_initialized():
+            ray.init(configure_logging=False, log_to_driver=False)
         warm = archive_items(jpegs).image_paths
         encode_all(spec, warm * 2, max(1, len(warm) // 4), "warm-up")  # workers started, models loaded, for both
         for name, folder in (("jpeg", jpegs), ("geotiff chips", scenes)):
@@ -74,8 +76,6 @@ def main(argv=None) -> int:
             for item in items.image_paths:
                 pixels = read_source(item)
                 if isinstance(pixels, str):  # a JPEG path: decode it as the encoder would
-                    from serving.encoders import decode_and_resize
-
                     decode_and_resize(pixels, 256)
             read = time.perf_counter() - start
             start = time.perf_counter()

@@ -38,7 +38,8 @@ import json
 from pathlib import Path
 from urllib.parse import urlparse
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+TIFF_SUFFIXES = (".tif", ".tiff")  # read as scenes when they are (serving.geo)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", *TIFF_SUFFIXES)
 CAPTION_SEPARATOR = " | "
 _CLASS_KEYS = ("class", "label")
 
@@ -146,7 +147,7 @@ def archive_items(source: str | Path, sidecar: str | Path | None = None, chips=N
         raise ArchiveError(f"sidecar {sidecar}: {len(unknown)} id(s) name no image file under {base} "
                            f"(first: {', '.join(unknown[:5])}); ids are paths relative to the archive root")
     local = not base.startswith("s3://")
-    geo = local and _geo_available() and any(k.lower().endswith((".tif", ".tiff")) for k in keys)
+    geo = local and _geo_available() and any(k.lower().endswith(TIFF_SUFFIXES) for k in keys)
     if geo:
         from serving.geo import ChipConfig
 
@@ -167,11 +168,11 @@ def archive_items(source: str | Path, sidecar: str | Path | None = None, chips=N
 
     for key in keys:
         record, path = records.get(key, {}), f"{base}/{key}"
-        if geo and key.lower().endswith((".tif", ".tiff")):
-            from serving.geo import is_scene, scene_chips
+        if geo and key.lower().endswith(TIFF_SUFFIXES):
+            from serving.geo import scene_chips
 
             try:
-                plan = scene_chips(path, chips) if is_scene(path, chips.size) else None
+                plan = scene_chips(path, chips, only_scenes=True)  # None: a plain image
             except OSError as err:  # rasterio's RasterioIOError: not a raster it can open
                 out["skipped"].append([path, f"cannot read it as a raster: {err}"])
                 continue
@@ -203,26 +204,24 @@ def s3_env() -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _bucket_client(endpoint: str | None):
-    import boto3
+def _bucket(name: str):
+    """One cluster.artifacts.S3Root per bucket and process, so a task makes one boto3 client."""
+    from cluster.artifacts import S3Root
 
-    return boto3.client("s3", endpoint_url=endpoint)
+    return S3Root(f"s3://{name}")
 
 
 def read_source(item):
     """An encoder input as given, except an ``s3://`` URI (the object's bytes; FileNotFoundError when
-    it is not there) and a scene's chip (its RGB pixels)."""
+    it cannot be read) and a scene's chip (its RGB pixels)."""
     if hasattr(item, "read"):  # a serving.geo.ChipRef: one windowed read of a scene
         return item.read()
     if not (isinstance(item, str) and item.startswith("s3://")):
         return item
-    import os
-
     from botocore.exceptions import ClientError
 
     parsed = urlparse(item)
-    client = _bucket_client(os.environ.get("AWS_ENDPOINT_URL") or None)
     try:
-        return client.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"].read()
-    except ClientError as err:
+        return _bucket(parsed.netloc).read_bytes(parsed.path.lstrip("/"))
+    except ClientError as err:  # read_bytes raises FileNotFoundError itself for a missing key
         raise FileNotFoundError(f"{item}: {err.response.get('Error', {}).get('Code', err)}") from None

@@ -196,19 +196,19 @@ def _encode_batch(spec_path: str, inputs: list, threads: int = 1) -> tuple[np.nd
     from serving.encoders import InvalidImageError
 
     encoder = _encoder(spec_path, threads)
-    fetched, bad = [], []
-    for position, item in enumerate(inputs):  # an archive's s3:// images are fetched here, in the task
+    fetched, bad = [], []  # (position, what the encoder takes), (position, reason)
+    for position, item in enumerate(inputs):  # an archive's s3:// images and chips are read here, in the task
         try:
-            fetched.append(read_source(item))
+            fetched.append((position, read_source(item)))
         except OSError as err:
             bad.append((position, f"cannot read it: {err}"))
     if not bad:
         try:
-            return encoder.encode_packed(fetched), []
+            return encoder.encode_packed([item for _, item in fetched]), []
         except InvalidImageError:
             pass  # find the bad ones: one at a time, only in a batch that has one
-    codes, readable = [], [p for p in range(len(inputs)) if p not in {b for b, _ in bad}]
-    for position, item in zip(readable, fetched):
+    codes = []
+    for position, item in fetched:
         try:
             codes.append(encoder.encode_packed([item])[0])
         except InvalidImageError as err:

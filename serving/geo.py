@@ -139,21 +139,21 @@ def tiff_datetime(value: str | None) -> str | None:
         return None
 
 
-def is_scene(path: str, size: int) -> bool:
-    """Whether a TIFF is read as a scene (georeferenced, larger than a chip, or not 3 bands of bytes)."""
-    import rasterio
-
-    with rasterio.open(path) as src:
-        return src.crs is not None or max(src.width, src.height) > size or src.count != 3 or \
-            src.dtypes[0] != "uint8"
+def _is_scene(src, size: int) -> bool:
+    """Whether an open TIFF is read as a scene (georeferenced, larger than a chip, or not 3 bands of bytes)."""
+    return src.crs is not None or max(src.width, src.height) > size or src.count != 3 or src.dtypes[0] != "uint8"
 
 
-def scene_chips(path: str, config: ChipConfig = ChipConfig()) -> ScenePlan:
-    """The chips of one scene (see the module docstring); raises rasterio's errors for a bad file."""
+def scene_chips(path: str, config: ChipConfig = ChipConfig(), only_scenes: bool = False) -> ScenePlan | None:
+    """The chips of one scene (see the module docstring); raises rasterio's errors for a bad file.
+    With ``only_scenes``, a TIFF that is no scene (3 bands of bytes, no CRS, no larger than a chip)
+    gives None: it is read as a plain image."""
     import rasterio
     from rasterio.warp import transform_bounds
 
     with rasterio.open(path) as src:
+        if only_scenes and not _is_scene(src, config.size):
+            return None
         bands = _bands(config, src.count, path)
         scale = max(1.0, max(src.width, src.height) / config.sample)
         shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
