@@ -25,6 +25,7 @@ class IndexJob:
     model: str
     data: str
     out: str
+    source_kind: str = "dataset"  # dataset (--data), archive (--images) or stac (--stac)
     shards: int | None = None
     factory: str | None = None
     variant: str | None = None
@@ -38,7 +39,9 @@ class IndexJob:
 def _index_job(args: argparse.Namespace, name: str) -> IndexJob:
     tracking = TrackingConfig(enabled=not args.no_track, tracking_uri=args.tracking_uri or "",
                               system_metrics=False)
-    return IndexJob(name=name, model=str(getattr(args, "model", "") or ""), data=args.images or args.data, out=args.out,
+    return IndexJob(name=name, model=str(getattr(args, "model", "") or ""),
+                    data=args.stac or args.images or args.data, out=args.out,
+                    source_kind="stac" if args.stac else "archive" if args.images else "dataset",
                     shards=getattr(args, "shards", None), factory=getattr(args, "factory", None),
                     variant=getattr(args, "variant", None), base=getattr(args, "base", None),
                     captions=not args.no_captions, batch_size=args.batch_size,
@@ -56,7 +59,7 @@ def _tracked(job: IndexJob, work) -> dict:
 
     if not job.tracking.enabled:
         return work()
-    dataset = load_dataset(job.data, check_images=False)
+    dataset = _tracked_source(job, load_dataset)
     images = len(dataset.records)
     with tempfile.TemporaryDirectory(prefix="terrahash-index-") as tmp:
         with track_run(job, tmp, dataset, images_processed=images, run_name=job.name,
@@ -76,16 +79,56 @@ def _tracked(job: IndexJob, work) -> dict:
     return result
 
 
+@dataclass
+class _Listing:
+    """What an MLflow run records of an archive that is no dataset (an S3 prefix, a STAC catalog):
+    its name, its item count and a fingerprint of its item list."""
+
+    name: str
+    records: list
+    digest: str
+
+    def fingerprint(self) -> str:
+        return self.digest
+
+
+def _tracked_source(job: IndexJob, load_dataset):
+    """The dataset the job reads (a local archive is a class-folder set), or for an S3 prefix or a STAC
+    catalog a _Listing of its items."""
+    import hashlib
+
+    source = job.data
+    if job.source_kind != "stac" and not source.startswith("s3://"):
+        return load_dataset(source, check_images=False)
+    if source.startswith("s3://"):
+        from serving.archive import list_images
+
+        keys = list_images(source)[1]
+    else:
+        from serving.stac import read_catalog
+
+        keys = sorted(item.id for item in read_catalog(Path(source)))
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+    return _Listing(source.rstrip("/").rsplit("/", 1)[-1], keys, digest)
+
+
 def _collections(result: dict) -> dict:
     """The collection manifests of a build or add result (not its release)."""
     return {c: result[c] for c in ("images", "captions") if result.get(c) is not None}
 
 
-def _source(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """(dataset, archive): --images replaces --data; a --sidecar needs --images."""
+def _source(args: argparse.Namespace) -> dict:
+    """The build's input: --images or --stac replaces --data; a --sidecar needs --images."""
     if args.sidecar and not args.images:
         raise SystemExit("--sidecar describes an archive: give it with --images DIR_OR_PREFIX")
-    return (None, args.images) if args.images else (args.data, None)
+    if args.images and args.stac:
+        raise SystemExit("give --images (a folder or prefix) or --stac (a catalog), not both")
+    if args.stac_asset and not args.stac:
+        raise SystemExit("--stac-asset names an asset of the items of --stac CATALOG")
+    if args.images or args.stac:
+        return {"data": None, "images": args.images, "sidecar": args.sidecar, "stac": args.stac,
+                "stac_asset": args.stac_asset}
+    return {"data": args.data}
 
 
 def _chips(args: argparse.Namespace):
@@ -102,12 +145,11 @@ def _chips(args: argparse.Namespace):
 def _build(args: argparse.Namespace) -> int:
     from serving.build import build_indexes
 
-    data, images = _source(args)
+    source = _source(args)
     result = _tracked(_index_job(args, "index-build"), lambda: build_indexes(
-        args.model, data, args.shards, args.out, factory=args.factory, variant=args.variant,
+        args.model, source.pop("data"), args.shards, args.out, factory=args.factory, variant=args.variant,
         captions=not args.no_captions, batch_size=args.batch_size, address=args.address,
-        skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri, images=images, sidecar=args.sidecar,
-        chips=_chips(args)))
+        skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri, chips=_chips(args), **source))
     _print_versions(args.out, result)
     return 0
 
@@ -115,11 +157,11 @@ def _build(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     from serving.build import add_images
 
-    data, images = _source(args)
+    source = _source(args)
     result = _tracked(_index_job(args, "index-add"), lambda: add_images(
-        data, args.out, base_release=args.base, captions=not args.no_captions, batch_size=args.batch_size,
-        address=args.address, skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri,
-        images=images, sidecar=args.sidecar, chips=_chips(args)))
+        source.pop("data"), args.out, base_release=args.base, captions=not args.no_captions,
+        batch_size=args.batch_size, address=args.address, skip_bad_images=args.skip_bad_images,
+        tracking_uri=args.tracking_uri, chips=_chips(args), **source))
     _print_versions(args.out, result)
     return 0
 
@@ -194,8 +236,9 @@ def _serve(args: argparse.Namespace) -> int:
         _wait_ready(url, timeout=args.ready_timeout)
         if args.query:
             labels = _labels(settings, args.labels_data)
+            where = {k: v for k, v in (("bbox", args.bbox), ("datetime", args.datetime)) if v}
             for query in args.query:
-                answer = _post_json(f"{url}/v1/search/text", {"query": query, "k": args.k})
+                answer = _post_json(f"{url}/v1/search/text", {"query": query, "k": args.k, **where})
                 print(_format_answer(query, answer, labels), flush=True)
         if args.exit:
             return 0
@@ -232,8 +275,15 @@ def _wait_ready(url: str, timeout: float) -> None:
 
 def _post_json(url: str, payload: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as answer:
-        return json.loads(answer.read())
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return json.loads(answer.read())
+    except urllib.error.HTTPError as err:  # the app's JSON error: say what it says
+        try:
+            error = json.loads(err.read())["error"]
+        except (ValueError, KeyError):
+            raise err from None
+        raise SystemExit(f"the app refused the query ({err.code} {error['code']}): {error['message']}") from None
 
 
 def _labels(settings, data: str | None) -> dict[str, str]:
@@ -266,11 +316,16 @@ def _format_answer(query: str, answer: dict, labels: dict[str, str]) -> str:
     lines = [f"query: {query!r} (arm {answer.get('arm', '?')}: model {answer.get('model_version', '?')}, "
              f"index {answer.get('index_version', '?')}, "
              f"{answer.get('latency_ms', 0):.1f} ms server-side)"]
+    def label(hit):  # the class the index keeps, else the dataset's
+        return hit.get("properties", {}).get("class") or labels.get(hit["image_id"], "")
+
     for rank, hit in enumerate(answer["results"], 1):
-        label = labels.get(hit["image_id"], "")
-        lines.append(f"{rank:>3}. {hit['image_id']:<48} distance {hit['distance']:>3}  {label}")
-    if labels:
-        found = [labels.get(hit["image_id"], "?") for hit in answer["results"]]
+        when = hit.get("datetime") or hit.get("start_datetime") or ""
+        lines.append(f"{rank:>3}. {hit['image_id']:<48} distance {hit['distance']:>3}  {label(hit)}  {when}".rstrip())
+    if not answer["results"]:
+        lines.append("  (no results)")
+    if any(label(hit) for hit in answer["results"]):
+        found = [label(hit) or "?" for hit in answer["results"]]
         counts = {c: found.count(c) for c in dict.fromkeys(found)}
         lines.append("classes: " + ", ".join(f"{c} x{n}" for c, n in counts.items()))
     return "\n".join(lines)
@@ -323,6 +378,12 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     data_args.add_argument("--sidecar", metavar="FILE",
                            help="with --images: a CSV or JSON of per-image classes, captions and metadata by id "
                                 "(see serving/archive.py)")
+    data_args.add_argument("--stac", metavar="CATALOG",
+                           help="index a static STAC catalog, collection or item collection (JSON file) instead of "
+                                "--data: each item's image asset, with its bbox, datetime and properties")
+    data_args.add_argument("--stac-asset", metavar="KEY",
+                           help="with --stac: the asset to index (default: the first image asset whose roles "
+                                "include visual, then data)")
     data_args.add_argument("--chip-size", type=int, default=256, metavar="PX",
                            help="with --images: GeoTIFF scenes are cut into chips of this side (default: %(default)s)")
     data_args.add_argument("--chip-overlap", type=int, default=0, metavar="PX",
@@ -415,6 +476,10 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
                        help="once the app is ready, send this text query over HTTP and print the top results "
                             "(repeatable); the app keeps serving afterwards unless --exit")
     serve.add_argument("-k", "--k", type=int, default=10, help="results per --query (default: %(default)s)")
+    serve.add_argument("--bbox", nargs=4, type=float, metavar=("WEST", "SOUTH", "EAST", "NORTH"),
+                       help="only --query results whose footprint intersects this WGS84 box (degrees)")
+    serve.add_argument("--datetime", metavar="TIME",
+                       help="only --query results acquired at this RFC 3339 instant, date or interval A/B (.. open)")
     # Its own dest: `terrahash` checks that a command's --data exists, and this one is optional.
     serve.add_argument("--data", dest="labels_data", metavar="DIR",
                        help="dataset folder, to print the class of each result of --query (default: the dataset "

@@ -42,11 +42,25 @@ _BODY = ConfigDict(extra="forbid")
 K = Field(None, ge=1, description="results wanted (1 to the deployment's max_k; default its default_k)")
 
 
-class _Options(BaseModel):
+BBOX = Field(None, description="[west, south, east, north] in WGS84 degrees (or \"w,s,e,n\"): only items whose "
+                               "footprint intersects it; west > east crosses the antimeridian")
+DATETIME = Field(None, description="an RFC 3339 instant (2024-06-01T10:30:00Z), a date, or an interval A/B with "
+                                   "an open end '..': only items whose acquisition time intersects it")
+FORMAT = Field(None, description="'json' (default) or 'stac': the results as a STAC ItemCollection (GeoJSON); "
+                                 "an Accept: application/geo+json header asks for it too")
+
+
+class _Filters(BaseModel):
     model_config = _BODY
+    bbox: list[float] | str | None = BBOX
+    datetime: str | None = DATETIME
+
+
+class _Options(_Filters):
     k: StrictInt | None = K
     rerank: Literal["none", "asymmetric", "fusion"] | None = None
     fusion: Literal["average", "max"] | None = None
+    format: Literal["json", "stac"] | None = FORMAT
 
 
 class TextSearch(_Options):
@@ -61,13 +75,21 @@ class ImageSearch(_Options):
     image_base64: str = Field(description="the image file (JPEG, PNG, TIFF or WebP), base64-encoded")
 
 
-class CaptionSearch(BaseModel):
+class CaptionSearch(_Filters):
     """POST /v1/captions with a JSON body: an indexed image's id, or an image file."""
 
-    model_config = _BODY
     image_id: str | None = Field(None, description="id of an indexed image")
     image_base64: str | None = Field(None, description="an image file, base64-encoded (when no image_id)")
     k: StrictInt | None = K
+
+
+class ItemsSearch(_Filters):
+    """POST /v1/search/items: the indexed items in a box and interval, ordered by id, a page at a time."""
+
+    limit: StrictInt | None = Field(None, ge=1, description="items per page (1 to max_k; default 10x default_k, "
+                                                            "at most max_k)")
+    token: str | None = Field(None, description="the 'next' token of the previous page")
+    format: Literal["json", "stac"] | None = FORMAT
 
 
 def _form_schema(fields: dict) -> dict:
@@ -77,7 +99,10 @@ def _form_schema(fields: dict) -> dict:
 
 _OPTIONS = {"k": {"type": "string", "pattern": "^[0-9]+$"},
             "rerank": {"type": "string", "enum": ["none", "asymmetric", "fusion"]},
-            "fusion": {"type": "string", "enum": ["average", "max"]}}
+            "fusion": {"type": "string", "enum": ["average", "max"]},
+            "bbox": {"type": "string", "description": "west,south,east,north (WGS84 degrees)"},
+            "datetime": {"type": "string", "description": "RFC 3339 instant or interval A/B"},
+            "format": {"type": "string", "enum": ["json", "stac"]}}
 
 
 def openapi_body(model: type[BaseModel], form_fields: dict | None = None) -> dict:
@@ -91,10 +116,13 @@ def openapi_body(model: type[BaseModel], form_fields: dict | None = None) -> dic
 
 TEXT_BODY = openapi_body(TextSearch)
 IMAGE_BODY = openapi_body(ImageSearch, _OPTIONS)
-CAPTION_BODY = openapi_body(CaptionSearch, {"k": _OPTIONS["k"]})
+CAPTION_BODY = openapi_body(CaptionSearch, {name: _OPTIONS[name] for name in ("k", "bbox", "datetime")})
+ITEMS_BODY = openapi_body(ItemsSearch)
 
 _FIELD_CODES = {"k": "k_out_of_range", "query": "invalid_query", "rerank": "invalid_rerank",
-                "fusion": "invalid_fusion", "image_base64": "invalid_image", "image_id": "invalid_image_id"}
+                "fusion": "invalid_fusion", "image_base64": "invalid_image", "image_id": "invalid_image_id",
+                "bbox": "invalid_bbox", "datetime": "invalid_datetime", "format": "invalid_format",
+                "limit": "limit_out_of_range", "token": "invalid_token"}
 
 
 def parse_body(model: type[BaseModel], payload) -> BaseModel:
@@ -136,6 +164,24 @@ def parse_choice(value, choices, default, name):
     if value not in choices:
         raise ApiError(422, f"invalid_{name}", f"{name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def parse_filter(params: dict):
+    """The serving.items.ItemFilter of a request's ``bbox`` and ``datetime`` (None without either); 422 if bad."""
+    from serving.items import FilterError, ItemFilter
+
+    try:
+        return ItemFilter.parse(params.get("bbox"), params.get("datetime"))
+    except FilterError as err:
+        raise ApiError(422, f"invalid_{err.field}", str(err)) from None
+
+
+def wants_stac(request: Request, params: dict) -> bool:
+    """Whether the answer should be a STAC ItemCollection: ``format`` "stac", or an Accept of GeoJSON."""
+    fmt = parse_choice(params.get("format"), ("json", "stac"), None, "format")
+    if fmt is not None:
+        return fmt == "stac"
+    return "application/geo+json" in request.headers.get("accept", "")
 
 
 def check_query(query: str, config: dict) -> str:

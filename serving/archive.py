@@ -19,9 +19,10 @@ is a mistake worth stopping for); images the sidecar does not name simply have n
 
 TIFFs that are scenes (georeferenced, larger than a chip, or not 3 bands of bytes) are cut into
 chips (serving.geo: band selection, percentile stretch, nodata, footprints); each chip is an item
-of its own, ``<scene id>?window=col,row,width,height``, with ``scene``, ``window``, ``bbox``
-(WGS84) and ``datetime`` in its metadata (a sidecar row of the scene adds to every chip's; its
-``datetime`` wins over the file's). A scene that cannot be opened is left out and reported like
+of its own, ``<scene id>?window=col,row,width,height``, with ``scene``, ``window``, ``stretch``
+(bands, low, high: how to read it again, for thumbnails), ``bbox`` (WGS84) and ``datetime`` in its
+metadata (a sidecar row of the scene adds to every chip's; its ``datetime`` wins over the file's,
+the chip's footprint over its ``bbox``). The index keeps this metadata (serving.items). A scene that cannot be opened is left out and reported like
 any unreadable image. Scenes are read from local folders; a TIFF under an S3 prefix is read as a
 plain image.
 
@@ -135,28 +136,26 @@ def _geo_available() -> bool:
     return True
 
 
-def archive_items(source: str | Path, sidecar: str | Path | None = None, chips=None):
-    """The serving.build.Items of an archive (see the module docstring); ``chips`` is the
-    serving.geo.ChipConfig scenes are cut by (default: 256-pixel chips, no overlap)."""
-    from serving.build import Items
+class ItemsCollector:
+    """Gathers the items of an archive or catalog: plain images as they are, TIFF scenes (local files,
+    when rasterio is installed) as their chips; unreadable scenes skipped with the reason."""
 
-    base, keys = list_images(source)
-    records = read_sidecar(sidecar) if sidecar else {}
-    unknown = sorted(set(records) - set(keys))
-    if unknown:
-        raise ArchiveError(f"sidecar {sidecar}: {len(unknown)} id(s) name no image file under {base} "
-                           f"(first: {', '.join(unknown[:5])}); ids are paths relative to the archive root")
-    local = not base.startswith("s3://")
-    geo = local and _geo_available() and any(k.lower().endswith(TIFF_SUFFIXES) for k in keys)
-    if geo:
-        from serving.geo import ChipConfig
+    def __init__(self, chips=None):
+        self.geo = _geo_available()
+        if self.geo and chips is None:
+            from serving.geo import ChipConfig
 
-        chips = chips or ChipConfig()
-    out = {name: [] for name in ("ids", "paths", "caption_ids", "caption_image_ids", "captions", "labels",
-                                 "metadata", "skipped")}
-    nodata_chips = 0
+            chips = ChipConfig()
+        self.chips, self.chipped, self.nodata_chips = chips, False, 0
+        self.out = {name: [] for name in ("ids", "paths", "caption_ids", "caption_image_ids", "captions", "labels",
+                                          "metadata", "skipped")}
 
-    def add(item_id, path, record, metadata):
+    def skip(self, path: str, reason: str) -> None:
+        self.out["skipped"].append([str(path), reason])
+
+    def add(self, item_id: str, path, record: dict, metadata: dict) -> None:
+        """One item: its id, what the encoder reads (a path, URI or ChipRef), its sidecar record, metadata."""
+        out = self.out
         for n, caption in enumerate(record.get("captions", [])):
             out["caption_ids"].append(f"{item_id}#{n}")
             out["caption_image_ids"].append(item_id)
@@ -166,28 +165,60 @@ def archive_items(source: str | Path, sidecar: str | Path | None = None, chips=N
         out["labels"].append(record.get("class", ""))
         out["metadata"].append(metadata)
 
-    for key in keys:
-        record, path = records.get(key, {}), f"{base}/{key}"
-        if geo and key.lower().endswith(TIFF_SUFFIXES):
-            from serving.geo import scene_chips
+    def add_file(self, item_id: str, path: str, record: dict) -> None:
+        """An image file, or a scene's chips: ``<item id>?window=...`` each, with the scene's id, the pixel
+        window, the band stretch, the chip's footprint and the scene's time (the record's time wins)."""
+        own = record.get("metadata", {})
+        if not (self.geo and path.lower().endswith(TIFF_SUFFIXES) and not path.startswith("s3://")):
+            self.add(item_id, path, record, own)
+            return
+        from serving.geo import scene_chips
 
-            try:
-                plan = scene_chips(path, chips, only_scenes=True)  # None: a plain image
-            except OSError as err:  # rasterio's RasterioIOError: not a raster it can open
-                out["skipped"].append([path, f"cannot read it as a raster: {err}"])
-                continue
-            if plan is not None:
-                nodata_chips += plan.skipped_nodata
-                for chip in plan.chips:
-                    meta = {"scene": key, "window": list(chip.ref.window), "bbox": chip.bbox and list(chip.bbox),
-                            "datetime": chip.datetime, **record.get("metadata", {})}
-                    add(key + chip.id_suffix, chip.ref, {**record, "captions": []}, meta)
-                continue
-        add(key, path, record, record.get("metadata", {}))
-    root = base if not local else Path(base)
-    extra = {"chips": {"size": chips.size, "overlap": chips.overlap, "skipped_nodata": nodata_chips}} if geo else {}
-    return Items(root, out["ids"], out["paths"], out["caption_ids"], out["caption_image_ids"], out["captions"],
-                 out["labels"], out["metadata"], out["skipped"], extra)
+        try:
+            plan = scene_chips(path, self.chips, only_scenes=True)  # None: a plain image
+        except OSError as err:  # rasterio's RasterioIOError: not a raster it can open
+            self.skip(path, f"cannot read it as a raster: {err}")
+            return
+        if plan is None:
+            self.add(item_id, path, record, own)
+            return
+        self.chipped = True
+        self.nodata_chips += plan.skipped_nodata
+        for chip in plan.chips:
+            ref = chip.ref
+            meta = {**own, "scene": item_id, "window": list(ref.window),
+                    "stretch": {"bands": list(ref.bands), "low": list(ref.low), "high": list(ref.high)},
+                    "bbox": list(chip.bbox) if chip.bbox else own.get("bbox")}
+            if not any(own.get(k) for k in ("datetime", "start_datetime")):
+                meta["datetime"] = chip.datetime
+            if own.get("source"):
+                meta["source"] = own["source"] + chip.id_suffix
+            self.add(item_id + chip.id_suffix, ref, {**record, "captions": []}, meta)
+
+    def items(self, root):
+        """The serving.build.Items gathered, under ``root`` (a folder, or an s3:// URI)."""
+        from serving.build import Items
+
+        out = self.out
+        extra = ({"chips": {"size": self.chips.size, "overlap": self.chips.overlap,
+                            "skipped_nodata": self.nodata_chips}} if self.chipped else {})
+        return Items(root, out["ids"], out["paths"], out["caption_ids"], out["caption_image_ids"], out["captions"],
+                     out["labels"], out["metadata"], out["skipped"], extra)
+
+
+def archive_items(source: str | Path, sidecar: str | Path | None = None, chips=None):
+    """The serving.build.Items of an archive (see the module docstring); ``chips`` is the
+    serving.geo.ChipConfig scenes are cut by (default: 256-pixel chips, no overlap)."""
+    base, keys = list_images(source)
+    records = read_sidecar(sidecar) if sidecar else {}
+    unknown = sorted(set(records) - set(keys))
+    if unknown:
+        raise ArchiveError(f"sidecar {sidecar}: {len(unknown)} id(s) name no image file under {base} "
+                           f"(first: {', '.join(unknown[:5])}); ids are paths relative to the archive root")
+    collector = ItemsCollector(chips)
+    for key in keys:
+        collector.add_file(key, f"{base}/{key}", records.get(key, {}))
+    return collector.items(base if base.startswith("s3://") else Path(base))
 
 
 # What a task needs to reach the store the driver lists from, when the workers were started

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 SPEC_GLOB = "*.spec.json"
 VARIANTS = {"fp32": lambda q: q == "none", "int8": lambda q: "int8" in q}  # spec "quantization" per variant
 SKIPPED_LISTED = 1000  # skipped images listed in a manifest (all are counted)
+PLACE_AND_TIME = ("bbox", "datetime", "start_datetime", "end_datetime", "source")  # what captions inherit
 
 
 # --- model versions ------------------------------------------------------------------------------
@@ -274,21 +275,48 @@ def _encode_items(image_spec: Path, items: Items, batch_size: int, skip_bad_imag
     return codes, items, skipped
 
 
-def _items(data, splits, images, sidecar, skip_bad_images: bool, chips=None) -> tuple[Items, str, bool]:
+def _items(data, splits, images, sidecar, skip_bad_images: bool, chips=None, stac=None,
+           stac_asset=None) -> tuple[Items, str, bool]:
     """(the items to index, where they come from, whether bad images are skipped): a Karpathy
-    dataset's, or with ``images`` an archive's, whose unreadable files are always skipped and reported."""
+    dataset's, or with ``images`` an archive's and with ``stac`` a STAC catalog's, whose unreadable
+    files are always skipped and reported."""
+    if sum(x is not None for x in (data, images, stac)) > 1:
+        raise ValueError("give only one of: a dataset (data), an archive (images), a STAC catalog (stac)")
+    if stac is not None:
+        from serving.stac import catalog_items
+
+        if sidecar is not None:
+            raise ValueError("a sidecar goes with an archive (images); a STAC catalog carries its own metadata")
+        return catalog_items(stac, chips, stac_asset), str(Path(stac).resolve()), True
     if images is not None:
         from serving.archive import archive_items
 
-        if data is not None:
-            raise ValueError("give a dataset (data) or an archive (images), not both")
         items = archive_items(images, sidecar, chips)
         return items, str(items.image_root), True
     if sidecar is not None:
         raise ValueError("a sidecar goes with an archive (images), not a dataset")
     if data is None:
-        raise ValueError("nothing to index: give a dataset (data) or an archive (images)")
+        raise ValueError("nothing to index: give a dataset (data), an archive (images) or a STAC catalog (stac)")
     return dataset_items(data, splits), str(Path(data).resolve()), skip_bad_images
+
+
+def _image_metadata(items: Items) -> list[dict] | None:
+    """Each image's metadata for the index (serving.items): its class and its other fields; None when no
+    image has either (a plain dataset without classes)."""
+    labels = list(items.labels) or [""] * len(items.image_ids)
+    metadata = list(items.metadata) or [{}] * len(items.image_ids)
+    if not any(labels) and not any(metadata):
+        return None
+    return [{**({"class": label} if label else {}), **meta} for label, meta in zip(labels, metadata)]
+
+
+def _caption_metadata(items: Items) -> list[dict] | None:
+    """Each caption's place and time: its image's, so filters apply to caption searches alike."""
+    if not any(items.metadata):
+        return None
+    where = {image_id: {k: v for k, v in meta.items() if k in PLACE_AND_TIME}
+             for image_id, meta in zip(items.image_ids, items.metadata)}
+    return [where[image_id] for image_id in items.caption_image_ids]
 
 
 def _skipped(skipped: list) -> dict:
@@ -301,7 +329,8 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
                   address: str | None = None, splits: tuple[str, ...] | None = None,
                   skip_bad_images: bool = False, tracking_uri: str | None = None,
                   model_cache: str | Path | None = None, images: str | None = None,
-                  sidecar: str | Path | None = None, chips=None) -> dict:
+                  sidecar: str | Path | None = None, chips=None, stac: str | Path | None = None,
+                  stac_asset: str | None = None) -> dict:
     """Encode a dataset, write index versions of ``images`` (and ``captions``) to ``out`` and publish a
     release naming them. Returns {"release": release, "images": manifest, "captions": manifest or None}.
 
@@ -313,7 +342,8 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
     ``images``: index an archive instead of ``data`` (a folder or ``s3://`` prefix of image files,
     serving.archive, with an optional ``sidecar`` of classes, captions and metadata; its GeoTIFF
     scenes are cut into chips by ``chips``, a serving.geo.ChipConfig); unreadable files are always
-    left out and reported that way.
+    left out and reported that way. ``stac``: index a static STAC catalog instead (serving.stac: each
+    item's image asset, or ``stac_asset``, with its bbox, datetime and properties as metadata).
     """
     from serving.registry import DEFAULT_CACHE, add_index_release_tag
 
@@ -323,7 +353,7 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
     text_spec = find_spec(model_dir, "text", variant) if captions else None
     if text_spec is not None:
         _check_text_space(text_spec, code_space)
-    items, source, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images, chips)
+    items, source, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images, chips, stac, stac_asset)
     label = model_version_label(model_dir, image_spec, registered and f"{registered['name']}/{registered['version']}")
     bits = load_spec(image_spec).bits
     _ensure_ray(address)
@@ -332,14 +362,15 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
              "image_root": str(items.image_root), **({"model": registered} if registered else {})}
     common = {"model_version": label, "code_space": code_space, "image_root": str(items.image_root)}
     manifests = {"images": build_index(codes, items.image_ids, bits, n_shards, out, factory, collection="images",
-                                       extra={**extra, **items.extra, **_skipped(skipped)}, **common),
+                                       extra={**extra, **items.extra, **_skipped(skipped)},
+                                       metadata=_image_metadata(items), **common),
                  "captions": None}
     if text_spec is not None and items.captions:
         text_codes, _ = encode_all(text_spec, items.captions, batch_size * 4, "captions")
         manifests["captions"] = build_index(text_codes, items.caption_ids, bits, n_shards, out, factory,
                                             collection="captions", image_ids=items.caption_image_ids,
                                             texts=items.captions, extra={**extra, "text_spec": text_spec.name},
-                                            **common)
+                                            metadata=_caption_metadata(items), **common)
     release = publish_release(out, manifests)
     if ref is not None:
         from cluster.artifacts import open_root
@@ -352,7 +383,8 @@ def add_images(data: str | Path | None, out: str, *, base_release: str | None = 
                batch_size: int = 64, address: str | None = None, splits: tuple[str, ...] | None = None,
                skip_bad_images: bool = False, tracking_uri: str | None = None,
                model_cache: str | Path | None = None, images: str | None = None,
-               sidecar: str | Path | None = None, chips=None) -> dict:
+               sidecar: str | Path | None = None, chips=None, stac: str | Path | None = None,
+               stac_asset: str | None = None) -> dict:
     """Add a dataset's images (and captions) to the image and caption versions of release
     ``base_release`` (default: the latest), with the model the index was built with, and publish a
     new release (serving.index.add_release: concurrent adds to the latest all land in it). Returns
@@ -362,8 +394,8 @@ def add_images(data: str | Path | None, out: str, *, base_release: str | None = 
     carried over unchanged when the captions are not added (``captions`` False). The model is the
     base's registered version (``extra.model``), fetched from the registry at ``tracking_uri`` into
     ``model_cache``, so an add works on any machine; an index built from a folder uses that folder.
-    The new release is tagged on the registered version. ``images`` and ``sidecar``: an archive
-    instead of ``data``, as for ``build_indexes``.
+    The new release is tagged on the registered version. ``images`` and ``sidecar`` (an archive) or
+    ``stac`` (a catalog) instead of ``data``, as for ``build_indexes``.
     """
     from serving.registry import DEFAULT_CACHE, add_index_release_tag
 
@@ -381,16 +413,16 @@ def add_images(data: str | Path | None, out: str, *, base_release: str | None = 
         raise ValueError(f"the model in {model_dir} is no longer the one index {manifest['version']} was built with "
                          f"({manifest['model_version']}); build a new index")
     check_code_space(image_spec, manifest)
-    items, _, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images, chips)
+    items, _, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images, chips, stac, stac_asset)
     _ensure_ray(address)
     codes, items, skipped = _encode_items(image_spec, items, batch_size, skip_bad_images)
-    additions = {"images": {"codes": codes, "ids": items.image_ids}}
+    additions = {"images": {"codes": codes, "ids": items.image_ids, "metadata": _image_metadata(items)}}
     if captions and "captions" in base and items.captions:
         text_spec = model_dir / base["captions"]["extra"]["text_spec"]
         check_code_space(text_spec, base["captions"])
         text_codes, _ = encode_all(text_spec, items.captions, batch_size * 4, "captions")
         additions["captions"] = {"codes": text_codes, "ids": items.caption_ids, "image_ids": items.caption_image_ids,
-                                 "texts": items.captions}
+                                 "texts": items.captions, "metadata": _caption_metadata(items)}
     result = add_release(out, additions, base_release=base["release"] if base_release else None,
                          model_version=manifest["model_version"], code_space=manifest.get("code_space"),
                          image_root=str(items.image_root), extra={**items.extra, **_skipped(skipped)})

@@ -20,11 +20,12 @@ ship GDAL. ``scene_chips`` plans its chips without reading it whole:
   sidecar gives ``datetime``.
 
 A chip's id is ``<scene id>?window=<col>,<row>,<width>,<height>`` (pixels), and what the encoding
-tasks read is a ``ChipRef``: the scene path (or ``s3://`` URI), its window, bands and stretch;
-``ChipRef.read`` does one windowed read.
+tasks read is a ``ChipRef``: the scene path, its window, bands and stretch; ``ChipRef.read`` does one
+windowed read of a scene each process keeps open (the last 8 scenes it read).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -73,13 +74,35 @@ class ChipRef:
         return f"{self.path}?window={','.join(map(str, self.window))}"
 
     def read(self) -> np.ndarray:
-        """The chip as RGB uint8 (height, width, 3): one windowed read, stretched, nodata black."""
-        import rasterio
+        """The chip as RGB uint8 (height, width, 3): one windowed read, stretched, nodata black. The
+        scene stays open for the next chip of the same process (``open_scene``)."""
         from rasterio.windows import Window
 
-        with rasterio.open(self.path) as src:
+        src, lock = open_scene(self.path)
+        with lock:  # a dataset handle is not safe across threads (a router reads thumbnails in a pool)
             data = src.read(list(self.bands), window=Window(*self.window), masked=True)  # (3, h, w)
         return stretch(data, self.low, self.high)
+
+
+def open_scene(path: str):
+    """(an open rasterio dataset, its lock), kept open per process for the next chips of the scene; a
+    local file that changed since is opened afresh."""
+    import os
+
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        stamp = None  # not a local file: let rasterio say what it is
+    return _open_scene(path, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_scene(path: str, stamp):
+    import threading
+
+    import rasterio
+
+    return rasterio.open(path), threading.Lock()
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ never the latest version of each collection on its own.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import io
 import json
@@ -43,6 +44,7 @@ import numpy as np
 
 from cluster.artifacts import ArtifactRoot, open_root
 from serving.codes import BIT_ORDER, SIGN_RULE, check_packed, n_bytes, validate_bits
+from serving.items import META_FIELDS, ItemFilter, empty_columns, metadata_columns
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +193,7 @@ class Shard:
     """One shard: packed codes, their global rows (ascending), optional string ids, a faiss index."""
 
     def __init__(self, codes_packed, rows, bits: int, factory: str = "BFlat", ids=None, image_ids=None,
-                 name: str = "shard", search_params: dict | None = None, texts=None):
+                 name: str = "shard", search_params: dict | None = None, texts=None, meta=None):
         self.name, self.bits, self.factory = name, validate_bits(bits), factory
         self.kind, _ = parse_factory(factory, bits)
         self.codes = check_packed(codes_packed, bits)
@@ -203,6 +205,7 @@ class Shard:
         self.ids = None if ids is None else np.asarray(ids, dtype=str)
         self.image_ids = self.ids if image_ids is None else np.asarray(image_ids, dtype=str)
         self.texts = None if texts is None else np.asarray(texts, dtype=str)  # e.g. each caption's words
+        self.meta = None if meta is None else {name: np.asarray(meta[name]) for name in META_FIELDS}  # serving.items
         unknown = set(search_params or {}) - set(self.kind.defaults)
         if unknown:
             raise ValueError(f"search parameters {sorted(unknown)} do not apply to {factory}; "
@@ -216,11 +219,13 @@ class Shard:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def search(self, queries_packed, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries_packed, k: int, where: ItemFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of every query: (distances int32 (Q, k), rows int64 (Q, k)), ordered by (distance, row).
 
         Missing places (fewer than k items) hold MISSING_DISTANCE and MISSING_ROW. For exact kinds
         (BFlat) the cut at k is exact: among items tied at the k-th distance the smallest rows are kept.
+        ``where`` (serving.items.ItemFilter): the top-k among the items that pass it, exact for every
+        kind (see ``_search_where``).
         """
         queries = check_packed(queries_packed, self.bits)
         if not isinstance(k, (int, np.integer)) or k < 1:
@@ -228,11 +233,38 @@ class Shard:
         k = int(k)
         if self.index is None or len(queries) == 0:
             return _pad(np.empty((len(queries), 0), np.int32), np.empty((len(queries), 0), np.int64), k)
+        if where is not None:
+            return _pad(*self._search_where(queries, k, where), k)
         if self.kind.exact:
             distances, rows = self._search_exact(queries, min(k, len(self)))
         else:
             distances, rows = self._search_approximate(queries, k)
         return _pad(distances, rows, k)
+
+    def matching(self, where: ItemFilter) -> np.ndarray:
+        """Positions (ascending) of the items that pass ``where``."""
+        return np.flatnonzero(where.mask(self.meta, len(self)))
+
+    @functools.cached_property
+    def id_order(self) -> np.ndarray:
+        """Positions of the items in id order (rows follow ids within a build, not across adds)."""
+        return np.argsort(self.ids, kind="stable")
+
+    def _search_where(self, queries, k, where):
+        """Exact filtered search: the shard's own flat index restricted to the passing items by a faiss
+        IDSelector (exact kinds), or a flat index over their codes (approximate kinds, whose own
+        search would not be exact). Ties as always: (distance, row)."""
+        passing = self.matching(where)
+        if not len(passing):
+            return np.empty((len(queries), 0), np.int32), np.empty((len(queries), 0), np.int64)
+        k = min(k, len(passing))
+        if not self.kind.exact:
+            subset = build_faiss_index(self.codes[passing], self.bits)
+            return self._search_exact(queries, k, subset, self.rows[passing])
+        bitmap = np.packbits(where.mask(self.meta, len(self)), bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(self), faiss.swig_ptr(bitmap))
+        params = faiss.SearchParameters(sel=selector)
+        return self._search_exact(queries, k, params=params, size=len(passing))
 
     def positions(self, rows) -> np.ndarray:
         """Positions in this shard of global ``rows``: int64, -1 where a row is not here."""
@@ -242,20 +274,26 @@ class Shard:
         pos = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)  # self.rows is ascending
         return np.where(self.rows[pos] == rows, pos, -1)
 
-    def _search_exact(self, queries, k):
-        """Exhaustive search, then tie completion: (Q, k) sorted by (distance, row)."""
+    def _search_exact(self, queries, k, index=None, rows=None, params=None, size=None):
+        """Exhaustive search, then tie completion: (Q, k) sorted by (distance, row). By default over the
+        shard's own index; ``index`` and its ``rows`` (a subset's), or ``params`` (an IDSelector passing
+        ``size`` items), restrict it."""
+        index = self.index if index is None else index
+        rows = self.rows if rows is None else rows
+        size = len(rows) if size is None else size
+        restrict = {} if params is None else {"params": params}
         # Ask faiss for more than k: when the probe's last distance exceeds the k-th, every item tied
         # at the k-th distance is already among the candidates. faiss documents no order among ties,
         # so which tied items its own cut at k keeps is not something to rely on.
-        probe = min(len(self), 2 * k + 16)
-        distances, positions = self.index.search(queries, probe)  # (Q, probe)
+        probe = min(size, 2 * k + 16)
+        distances, positions = index.search(queries, probe, **restrict)  # (Q, probe)
         kth = distances[:, k - 1]
-        incomplete = (distances[:, probe - 1] == kth) if probe < len(self) else np.zeros(len(queries), bool)
-        out_d, out_r = _sorted_cut(distances, self.rows[positions], k)
+        incomplete = (distances[:, probe - 1] == kth) if probe < size else np.zeros(len(queries), bool)
+        out_d, out_r = _sorted_cut(distances, rows[positions], k)
         for q in np.flatnonzero(incomplete):
             # Ties run past the probe: collect every item within the k-th distance (radius is strict).
-            lims, d, p = self.index.range_search(queries[q:q + 1], int(kth[q]) + 1)
-            d_q, r_q = _sorted_cut(d.astype(np.int32)[None], self.rows[p][None], k)
+            lims, d, p = index.range_search(queries[q:q + 1], int(kth[q]) + 1, **restrict)
+            d_q, r_q = _sorted_cut(d.astype(np.int32)[None], rows[p][None], k)
             out_d[q], out_r[q] = d_q[0], r_q[0]
         return out_d, out_r
 
@@ -305,9 +343,9 @@ class ShardedIndex:
     def __init__(self, shards: Sequence[Shard], manifest: dict | None = None):
         self.shards, self.manifest = list(shards), manifest
 
-    def search(self, queries_packed, k: int):
+    def search(self, queries_packed, k: int, where: ItemFilter | None = None):
         """Scatter to every shard, merge: (distances int32 (Q, k), rows int64 (Q, k))."""
-        return merge_topk([shard.search(queries_packed, k) for shard in self.shards], k)
+        return merge_topk([shard.search(queries_packed, k, where) for shard in self.shards], k)
 
     def ids(self, rows) -> np.ndarray:
         """The string ids of global ``rows`` ('' for MISSING_ROW or an unknown row)."""
@@ -335,7 +373,7 @@ class ShardedIndex:
 def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root, factory: str = "BFlat", *,
                 model_version: str, collection: str = "images", image_ids: Sequence[str] | None = None,
                 texts: Sequence[str] | None = None, extra: dict | None = None, code_space: str | None = None,
-                image_root: str | None = None) -> dict:
+                image_root: str | None = None, metadata: Sequence[dict] | None = None) -> dict:
     """Write a new index version of ``collection`` to ``root`` (a folder, ``s3://`` URI or ArtifactRoot).
 
     Rows are numbered by sorted id; items go to shards by ``stable_shard``. Files, under
@@ -349,16 +387,21 @@ def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root
 
     ``code_space``: the id of the model's code space (serving.spec.code_space_id). ``image_root``:
     where the items' images are (the ids are paths relative to it); recorded for rows 0..N-1 in
-    ``image_roots`` (see ImageRefs). The version is not served until a release names it.
+    ``image_roots`` (see ImageRefs). ``metadata``: one dict per item (``bbox``, ``datetime``, other
+    fields), stored as the ids file's metadata columns (serving.items) and searched by filters; the
+    manifest then says ``has_metadata`` and counts the items with a footprint and a time (``filterable``).
+    The version is not served until a release names it.
     """
     root, collection, bits = _open(root), _check_collection(collection), validate_bits(bits)
     codes = check_packed(codes_packed, bits)
     ids = _check_ids(ids, len(codes), "ids")
     image_ids = None if image_ids is None else _check_ids(image_ids, len(codes), "image_ids", unique=False)
     texts = None if texts is None else _check_texts(texts, len(codes))
+    meta = _check_metadata(metadata, len(codes))
     order = np.argsort(ids, kind="stable")  # row r is the r-th smallest id
     table = _id_table(np.arange(len(ids), dtype=np.int64), ids[order],
-                      None if image_ids is None else image_ids[order], None if texts is None else texts[order])
+                      None if image_ids is None else image_ids[order], None if texts is None else texts[order],
+                      None if meta is None else {name: values[order] for name, values in meta.items()})
     codes = codes[order]
     n_shards = _check_n_shards(n_shards)
     shard_of = np.array([stable_shard(i, n_shards) for i in table["id"]], dtype=np.int64)
@@ -368,7 +411,8 @@ def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root
                for i in range(n_shards)]
     manifest = _manifest(collection, version, None, model_version, bits, factory, n_shards, entries,
                          next_row=len(ids), has_image_ids=image_ids is not None, extra=extra,
-                         has_texts=texts is not None, code_space=code_space,
+                         has_texts=texts is not None, code_space=code_space, has_metadata=meta is not None,
+                         filterable=_filterable(meta),
                          image_roots=_with_root([], image_root, 0, len(ids)))
     return _write_manifest(root, manifest)
 
@@ -376,7 +420,8 @@ def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root
 def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[str], *,
                  collection: str = "images", new_image_ids: Sequence[str] | None = None,
                  new_texts: Sequence[str] | None = None, model_version: str | None = None,
-                 extra: dict | None = None, code_space: str | None = None, image_root: str | None = None) -> dict:
+                 extra: dict | None = None, code_space: str | None = None, image_root: str | None = None,
+                 new_metadata: Sequence[dict] | None = None) -> dict:
     """A new version = ``base_version`` plus new items; returns its manifest.
 
     Shards that receive no new id are reused: the new manifest points at their old files (same
@@ -384,7 +429,8 @@ def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[st
     the base version, or repeated among the new ids, is an IndexVersionError and nothing is written.
     ``model_version`` and ``code_space``, when given, must be the base's: codes of two models never
     share an index. ``image_root``: where the new items' images are (their ids are relative to it),
-    recorded for the new rows in ``image_roots``; the base's rows keep theirs.
+    recorded for the new rows in ``image_roots``; the base's rows keep theirs. ``new_metadata``: the new
+    items' metadata, as for build_index (items on either side without any get empty columns).
     """
     root, collection = _open(root), _check_collection(collection)
     base = read_manifest(root, base_version, collection)
@@ -404,10 +450,14 @@ def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[st
         need = "needs" if base.get("has_texts", False) else "takes no"
         raise IndexVersionError(f"{collection}/{base_version} {need} texts for its items")
     new_texts = None if new_texts is None else _check_texts(new_texts, len(codes))
+    meta = _check_metadata(new_metadata, len(codes))
+    if meta is None and base.get("has_metadata"):
+        meta = empty_columns(len(codes))  # every receiving shard keeps its columns
     order = np.argsort(new_ids, kind="stable")
     rows = base["next_row"] + np.arange(len(new_ids), dtype=np.int64)
     table = _id_table(rows, new_ids[order], None if new_image_ids is None else new_image_ids[order],
-                      None if new_texts is None else new_texts[order])
+                      None if new_texts is None else new_texts[order],
+                      None if meta is None else {name: values[order] for name, values in meta.items()})
     codes = codes[order]
     shard_of = np.array([stable_shard(i, n_shards) for i in table["id"]], dtype=np.int64)
     # First read and check every receiving shard, so a duplicate id leaves nothing half written.
@@ -428,6 +478,8 @@ def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[st
                          n_shards, entries, next_row=int(rows[-1]) + 1,
                          has_image_ids=base["has_image_ids"], extra={**base.get("extra", {}), **(extra or {})},
                          has_texts=base.get("has_texts", False), code_space=base.get("code_space") or code_space,
+                         has_metadata=bool(base.get("has_metadata")) or meta is not None,
+                         filterable=_filterable(meta, base.get("filterable")),
                          image_roots=_with_root(_image_roots(base), image_root, int(rows[0]), len(rows)))
     return _write_manifest(root, manifest)
 
@@ -482,7 +534,8 @@ def load_shard(root, version: str, shard_name: str, collection: str = "images",
     return Shard(codes, table["row"], manifest["bits"], manifest["factory"], ids=table["id"],
                  image_ids=table["image_id"] if manifest["has_image_ids"] else None,
                  name=shard_name, search_params=search_params,
-                 texts=table["text"] if manifest.get("has_texts") else None)
+                 texts=table["text"] if manifest.get("has_texts") else None,
+                 meta=_meta(table))
 
 
 def load_index(root, version: str | None = None, collection: str = "images",
@@ -697,8 +750,8 @@ def add_release(root, additions: dict, *, base_release: str | None = None, model
     {"release": release, "images": manifest, "captions": manifest or None}.
 
     ``additions``: {collection: {"codes": packed (n, bits // 8), "ids": [...], "image_ids": [...],
-    "texts": [...]}} ("image_ids" for captions; "texts" are stored when the base collection keeps
-    texts). Collections of the base not in ``additions`` are carried over unchanged; each added
+    "texts": [...], "metadata": [...]}} ("image_ids" for captions; "texts" are stored when the base
+    collection keeps texts; "metadata" as for build_index). Collections of the base not in ``additions`` are carried over unchanged; each added
     collection gets a new version (add_to_index, with ``image_root`` for the new rows). Without
     ``base_release`` the base is the latest release and the new one must directly follow it: when
     another writer published that number first, the add is redone on the newer release, so
@@ -716,6 +769,7 @@ def add_release(root, additions: dict, *, base_release: str | None = None, model
                 root, base[collection]["version"], items["codes"], items["ids"], collection=collection,
                 new_image_ids=items.get("image_ids"),
                 new_texts=items.get("texts") if base[collection].get("has_texts") else None,
+                new_metadata=items.get("metadata"),
                 model_version=model_version, code_space=code_space, image_root=image_root, extra=extra)
         following = None if base_release is not None else f"r{int(base['release'][1:]) + 1:04d}"
         try:
@@ -902,7 +956,8 @@ def _write_shard(root, collection, version, number, codes, table) -> dict:
 
 
 def _manifest(collection, version, base_version, model_version, bits, factory, n_shards, entries, *,
-              next_row, has_image_ids, extra, has_texts=False, code_space=None, image_roots=()) -> dict:
+              next_row, has_image_ids, extra, has_texts=False, code_space=None, image_roots=(),
+              has_metadata=False, filterable=None) -> dict:
     if not model_version or not isinstance(model_version, str):
         raise IndexVersionError("model_version must name the model version the codes came from")
     return {
@@ -912,7 +967,9 @@ def _manifest(collection, version, base_version, model_version, bits, factory, n
         "factory": factory, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "n_shards": n_shards, "sharding": SHARDING_RULE, "row_rule": ROW_RULE,
         "rows": sum(entry["rows"] for entry in entries), "next_row": int(next_row),
-        "has_image_ids": has_image_ids, "has_texts": bool(has_texts), "extra": dict(extra or {}), "shards": entries,
+        "has_image_ids": has_image_ids, "has_texts": bool(has_texts), "has_metadata": bool(has_metadata),
+        "filterable": filterable or {"bbox": 0, "datetime": 0}, "extra": dict(extra or {}),
+        "shards": entries,
     }
 
 
@@ -996,6 +1053,28 @@ def _check_texts(texts, n: int) -> np.ndarray:
     return np.array(values, dtype=str) if values else np.empty(0, dtype="<U1")
 
 
+def _check_metadata(metadata, n: int) -> dict | None:
+    """The metadata columns (serving.items.metadata_columns) of one dict per item, None when not given."""
+    if metadata is None:
+        return None
+    values = list(metadata)
+    if len(values) != n or not all(isinstance(v, dict) for v in values):
+        raise IndexVersionError(f"metadata must be {n} dicts, one per code; got {len(values)}")
+    try:
+        return metadata_columns(values)
+    except ValueError as err:
+        raise IndexVersionError(f"metadata: {err}") from None
+
+
+def _filterable(meta: dict | None, base: dict | None = None) -> dict:
+    """How many items have a footprint and a time (``base``'s counts plus those of ``meta``)."""
+    counts = dict(base or {"bbox": 0, "datetime": 0})
+    if meta is not None:
+        counts["bbox"] += int(np.isfinite(meta["west"]).sum())
+        counts["datetime"] += int(np.isfinite(meta["start"]).sum())
+    return counts
+
+
 def _check_ids(ids, n: int, name: str, unique: bool = True) -> np.ndarray:
     """ids as a str array of length n: non-empty strings, unique unless ``unique`` is False."""
     values = list(ids)
@@ -1018,13 +1097,17 @@ def _check_new_image_ids(base: dict, new_image_ids, n: int):
     return None if new_image_ids is None else _check_ids(new_image_ids, n, "new_image_ids", unique=False)
 
 
-def _id_table(rows, ids, image_ids=None, texts=None) -> np.ndarray:
-    """The structured array stored in a shard's ids file: row, id, and image_id and text when given."""
+def _id_table(rows, ids, image_ids=None, texts=None, meta=None) -> np.ndarray:
+    """The structured array stored in a shard's ids file: row, id, and image_id, text and the metadata
+    columns (serving.items.META_FIELDS) when given."""
     def text_field(name, values):
         return name, f"<U{max(1, max((len(v) for v in values), default=1))}"
 
     columns = {"id": ids, "image_id": image_ids, "text": texts}
     fields = [("row", "<i8")] + [text_field(name, values) for name, values in columns.items() if values is not None]
+    if meta is not None:
+        fields += [(name, "<f8") for name in META_FIELDS[:-1]] + [text_field("props", meta["props"])]
+        columns.update(meta)
     table = np.zeros(len(rows), dtype=fields)
     table["row"] = rows
     for name, values in columns.items():
@@ -1033,11 +1116,21 @@ def _id_table(rows, ids, image_ids=None, texts=None) -> np.ndarray:
     return table
 
 
+def _meta(table) -> dict | None:
+    return {name: table[name] for name in META_FIELDS} if "props" in table.dtype.names else None
+
+
 def _concat_tables(old, new) -> np.ndarray:
-    """Old rows then new ones; rebuilt so the string fields widen to the longer of the two."""
+    """Old rows then new ones; rebuilt so the string fields widen to the longer of the two. When only
+    one side has metadata columns, the other's items get empty ones."""
     def both(name):
         return np.concatenate([old[name], new[name]]) if name in old.dtype.names else None
-    return _id_table(both("row"), both("id"), both("image_id"), both("text"))
+
+    meta = None
+    if _meta(old) is not None or _meta(new) is not None:
+        sides = [_meta(t) if _meta(t) is not None else empty_columns(len(t)) for t in (old, new)]
+        meta = {name: np.concatenate([sides[0][name], sides[1][name]]) for name in META_FIELDS}
+    return _id_table(both("row"), both("id"), both("image_id"), both("text"), meta)
 
 
 def _refuse_duplicates(shard: str, existing, incoming) -> None:

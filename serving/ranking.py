@@ -7,12 +7,17 @@ import numpy as np
 
 from serving.codes import unpack_signs
 from serving.index import MISSING_ROW, merge_topk
+from serving.thumbnails import thumbnail_path
+
+DESCRIBED = ("bbox", "datetime", "start_datetime", "end_datetime", "properties")  # serving.items.describe
 
 
 def merge_hits(answers: list[dict], k: int, bits: int, refs, with_codes: bool = False) -> list[dict]:
     """Per-shard answers of one query -> the global top-k as result dicts, ordered by (distance, row).
 
-    ``refs(row, image_id)`` is the image reference of a hit (serving.index.ImageRefs).
+    ``refs(row, image_id)`` is the image reference of a hit (serving.index.ImageRefs), unless the
+    item's properties name its ``source``. Hits of an index with metadata carry ``bbox`` (when the
+    item has a footprint), ``datetime`` (or ``start_datetime``/``end_datetime``) and ``properties``.
     """
     distances, rows = merge_topk([(a["distances"], a["rows"]) for a in answers], k)  # (1, k) each
     by_row = {}
@@ -20,14 +25,18 @@ def merge_hits(answers: list[dict], k: int, bits: int, refs, with_codes: bool = 
         for j, row in enumerate(a["rows"][0].tolist()):
             if row != MISSING_ROW:
                 by_row[row] = (a["ids"][0][j], a["image_ids"][0][j], a["codes"][0][j] if with_codes else None,
-                               a["texts"][0][j] if "texts" in a else None)
+                               a["texts"][0][j] if "texts" in a else None, a["meta"][0][j] if "meta" in a else None)
     hits = []
     for distance, row in zip(distances[0].tolist(), rows[0].tolist()):
         if row == MISSING_ROW:
             break  # fewer than k items in the whole index
-        item_id, image_id, code, text = by_row[row]
+        item_id, image_id, code, text, meta = by_row[row]
         hit = {"id": str(item_id), "row": int(row), "distance": int(distance), "score": 1.0 - distance / bits,
-               "image_id": str(image_id), "image": refs(int(row), str(image_id))}
+               "image_id": str(image_id), "image": refs(int(row), str(image_id)),
+               "thumbnail": thumbnail_path(str(image_id))}
+        if meta:  # serving.items.describe: bbox, datetime, properties (whose "source" is the image, if any)
+            hit.update(meta)
+            hit["image"] = meta["properties"].get("source", hit["image"])
         if text is not None:
             hit["text"] = str(text)  # a caption index's words
         if with_codes:
@@ -59,6 +68,7 @@ def fuse(images: list[dict], captions: list[dict], bits: int, rule: str) -> list
     score is the average or the maximum of the two; ties by image id.
     """
     image_scores = {h["image_id"]: h for h in images}
+    about = {h["image_id"]: {k: h[k] for k in DESCRIBED if k in h} for h in captions}  # caption-only images
     caption_scores: dict[str, float] = {}
     where = {h["image_id"]: h["image"] for h in captions}  # the image reference of caption-only images
     for h in captions:
@@ -73,6 +83,7 @@ def fuse(images: list[dict], captions: list[dict], bits: int, rule: str) -> list
         s_c = caption_scores.get(image_id, floor_c)
         fused.append({"id": image_id, "distance": hit["distance"] if hit else None, "image_score": s_i,
                       "caption_score": s_c, "score": combine(s_i, s_c), "image_id": image_id,
-                      "image": hit["image"] if hit else where[image_id]})
+                      "image": hit["image"] if hit else where[image_id], "thumbnail": thumbnail_path(image_id),
+                      **({k: hit[k] for k in DESCRIBED if k in hit} if hit else about[image_id])})
     return sorted(fused, key=lambda h: (-h["score"], h["id"]))
 

@@ -25,21 +25,23 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException
 
 from serving.arms import Arm, ArmStats, Backends, garbage_code
-from serving.api import (CAPTION_BODY, IMAGE_BODY, TEXT_BODY, ApiError, CaptionSearch, ImageSearch, TextSearch,
-                         check_query, decode_in_pool, error_response, image_upload, parse_body,
-                         parse_choice, parse_k, read_json)
+from serving.api import (CAPTION_BODY, IMAGE_BODY, ITEMS_BODY, TEXT_BODY, ApiError, CaptionSearch, ImageSearch,
+                         ItemsSearch, TextSearch, check_query, decode_in_pool, error_response, image_upload,
+                         parse_body, parse_choice, parse_filter, parse_k, read_json, wants_stac)
 from serving.codes import pack_signs
 from serving.index import stable_shard
 from serving.ranking import asymmetric_rerank, fuse, merge_hits
 from serving.settings import FUSION_RULES, RERANK_MODES, check_hot_settings
 from serving.shards import ShardNotReady
+from serving.stac import item_collection
+from serving.thumbnails import ThumbnailCache, make_thumbnail, thumbnail_path
 from serving.traffic import Traffic, assign, check_traffic, mirrored, overlap_at_k, rank_correlation
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to each replica's log file
@@ -150,6 +152,18 @@ async def _all_or_none(coroutines) -> list:
         raise
 
 
+def check_filterable(index: dict, where) -> None:
+    """422 for a bbox filter on an index without footprints, or a datetime filter on one without times:
+    such a filter could only answer nothing, which is more likely a mistake than a question."""
+    counts = index.get("filterable") or {}
+    if where is not None and where.bbox is not None and not counts.get("bbox"):
+        raise ApiError(422, "no_footprints", "no item of this index has a footprint to filter by bbox (index "
+                                             "GeoTIFFs, or give a sidecar or STAC catalog with bbox)")
+    if where is not None and where.interval is not None and not counts.get("datetime"):
+        raise ApiError(422, "no_times", "no item of this index has an acquisition time to filter by datetime "
+                                        "(give a sidecar or STAC catalog with datetime)")
+
+
 def _finite(code: np.ndarray) -> np.ndarray:
     if not np.isfinite(code).all():
         raise RuntimeError("the encoder returned a code with NaN or infinite values")
@@ -203,6 +217,7 @@ class Router:
         self._background: set[asyncio.Task] = set()
         self._reporter: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
+        self.thumbnails = ThumbnailCache()
 
     async def reconfigure(self, config: dict) -> None:
         """Hot limits, defaults, the deadline (serving.settings.RouterConfig) and the split ("traffic",
@@ -259,6 +274,17 @@ class Router:
         """Image to text: rank the indexed captions for an uploaded image or {"image_id": ...} (JSON)."""
         return await self._timed("captions", request, self._captions)
 
+    @api.post("/v1/search/items", openapi_extra=ITEMS_BODY)
+    async def search_items(self, request: Request):
+        """The indexed items in a box and interval (JSON {"bbox", "datetime", "limit", "token", "format"}),
+        ordered by id, a page at a time: "next" is the token of the next page, "matched" counts them all."""
+        return await self._timed("items", request, self._search_items)
+
+    @api.get("/v1/items/{item_id:path}/thumbnail")
+    async def thumbnail(self, item_id: str):
+        """A small JPEG of an indexed image (made from the archive on first request, then cached)."""
+        return await self._timed("thumbnail", None, lambda request, call: self._thumbnail(item_id, call), wrap=False)
+
     async def probe(self, arm: str, kind: str, payload, k: int) -> list[str]:
         """One probe query of the canary controller on ``arm`` (no fallback): the top-k ids. ``kind`` "text"
         (payload: the query) or "image" (payload: the image file's bytes)."""
@@ -266,9 +292,9 @@ class Router:
         if arm not in self.arms:
             raise KeyError(f"no arm {arm!r}")
         if kind == "text":
-            run = self._text_run(payload, k, "none", "average")
+            run = self._text_run(payload, k, "none", "average", None)
         else:
-            run = self._image_run(payload, k, "none", "average")
+            run = self._image_run(payload, k, "none", "average", None)
         answer = await asyncio.wait_for(self._on_arm(self.arms[arm], run, call), call.remaining())
         return [hit["id"] for hit in answer["results"]]
 
@@ -285,7 +311,7 @@ class Router:
             except asyncio.TimeoutError:
                 raise ApiError(504, "deadline_exceeded",
                                f"the request did not finish within its deadline of {self.config['deadline_s']} s") from None
-            if isinstance(answer, JSONResponse):
+            if isinstance(answer, Response):
                 status = answer.status_code
                 return answer
             headers = {}
@@ -432,55 +458,119 @@ class Router:
     async def _search_text(self, request: Request, call: Call) -> dict:
         body = parse_body(TextSearch, await read_json(request, self.config["max_query_chars"] * 4 + 4096))
         query = check_query(body.query, self.config)
-        k, rerank, fusion = self._options(body.model_dump())
-        return await self._dispatch(request, call, self._text_run(query, k, rerank, fusion))
+        params = body.model_dump()
+        k, rerank, fusion = self._options(params)
+        answer = await self._dispatch(request, call, self._text_run(query, k, rerank, fusion, parse_filter(params)))
+        return self._formatted(request, params, answer)
 
-    def _text_run(self, query: str, k: int, rerank: str, fusion: str):
+    def _text_run(self, query: str, k: int, rerank: str, fusion: str, where):
         async def run(arm: Arm, call: Call) -> dict:
             with call.timer("encode"):
                 if arm.backend.text is not None:
                     code = arm.backend.text.encode([query])[0]  # (bits,) float32
                 else:
                     code = await self._call(arm.backend.encoder, "encode_text", call, query)
-            return await self._rank(arm, self._faulty(arm, _finite(code), query), k, rerank, fusion, call)
+            return await self._rank(arm, self._faulty(arm, _finite(code), query), k, rerank, fusion, call, where)
         return run
 
     async def _search_image(self, request: Request, call: Call) -> dict:
         data, params = await image_upload(request, self.config["max_upload_bytes"], ImageSearch)
         k, rerank, fusion = self._options(params)
-        return await self._dispatch(request, call, self._image_run(data, k, rerank, fusion))
+        answer = await self._dispatch(request, call, self._image_run(data, k, rerank, fusion, parse_filter(params)))
+        return self._formatted(request, params, answer)
 
-    def _image_run(self, data: bytes, k: int, rerank: str, fusion: str):
+    def _image_run(self, data: bytes, k: int, rerank: str, fusion: str, where):
         async def run(arm: Arm, call: Call) -> dict:
             code = await self._encode_image(arm, data, call)
-            return await self._rank(arm, code, k, rerank, fusion, call)
+            return await self._rank(arm, code, k, rerank, fusion, call, where)
         return run
 
     async def _search_similar(self, image_id: str, request: Request, call: Call) -> dict:
-        k = parse_k(request.query_params.get("k"), self.config)
+        params = dict(request.query_params)
+        k, where = parse_k(params.get("k"), self.config), parse_filter(params)
 
         async def run(arm: Arm, call: Call) -> dict:
             packed = await self._indexed_code(arm, image_id, call)
-            hits = await self._search(arm, "images", packed[None], k + 1, call)
+            hits = await self._search(arm, "images", packed[None], k + 1, call, where=where)
             results = [h for h in hits if h["id"] != image_id][:k]  # exact: self removed from the top k+1
             return {"query": {"image_id": image_id}, "k": k, "rerank": "none", "results": results}
-        return await self._dispatch(request, call, run)
+        return self._formatted(request, params, await self._dispatch(request, call, run))
 
     async def _captions(self, request: Request, call: Call) -> dict:
         data, params = await image_upload(request, self.config["max_upload_bytes"], CaptionSearch)
-        k = parse_k(params.get("k"), self.config)
+        k, where = parse_k(params.get("k"), self.config), parse_filter(params)
 
         async def run(arm: Arm, call: Call) -> dict:
             if not arm.backend.shards["captions"]:
                 raise ApiError(404, "no_caption_index", "this deployment has no caption index")
             if data is None:  # {"image_id": ...}
                 packed = await self._indexed_code(arm, params["image_id"], call)
-                hits = await self._search(arm, "captions", packed[None], k, call)
+                hits = await self._search(arm, "captions", packed[None], k, call, where=where)
                 return {"query": {"image_id": params["image_id"]}, "k": k, "results": hits}
             code = await self._encode_image(arm, data, call)
-            hits = await self._search(arm, "captions", pack_signs(code[None]), k, call)
+            hits = await self._search(arm, "captions", pack_signs(code[None]), k, call, where=where)
             return {"query": {"image": "upload"}, "k": k, "results": hits}
         return await self._dispatch(request, call, run)
+
+    async def _search_items(self, request: Request, call: Call) -> dict:
+        params = parse_body(ItemsSearch, await read_json(request, 64 * 1024)).model_dump()
+        where = parse_filter(params)
+        limit = params["limit"] or min(10 * self.config["default_k"], self.config["max_k"])
+        if limit > self.config["max_k"]:
+            raise ApiError(422, "limit_out_of_range", f"limit must be from 1 to {self.config['max_k']}, got {limit}")
+        token = params["token"]
+
+        async def run(arm: Arm, call: Call) -> dict:
+            check_filterable(arm.backend.index, where)
+            with call.timer("list"):
+                pages = await _all_or_none([self._call(h, "list_items", call, where, token, limit + 1)
+                                            for h in arm.backend.shards["images"]])
+            found = sorted((item for page in pages for item in page["items"]), key=lambda item: item["id"])
+            refs = arm.backend.index["refs"]["images"]
+            results = [{**item, "image": item.get("properties", {}).get("source") or refs(item["row"], item["image_id"]),
+                        "thumbnail": thumbnail_path(item["image_id"])} for item in found[:limit]]
+            more = len(found) > limit  # each group was asked for limit + 1: more exist exactly when this holds
+            return {"query": {"bbox": params["bbox"], "datetime": params["datetime"]}, "limit": limit,
+                    "matched": sum(page["matched"] for page in pages), "results": results,
+                    "next": results[-1]["id"] if more else None}
+
+        answer = await self._dispatch(request, call, run)
+        next_body = None
+        if answer.get("next"):
+            next_body = {k: v for k, v in params.items() if v is not None and k != "token"} | {"token": answer["next"]}
+        return self._formatted(request, params, answer, next_body)
+
+    async def _thumbnail(self, item_id: str, call: Call) -> Response:
+        """The thumbnail of an indexed image, from the primary arm's index (cached per index release)."""
+        arm = self.arms[self.traffic.primary]
+        if not await arm.backend.wait_ready(call.remaining() - 0.05):
+            raise ApiError(503, "arm_not_ready", f"arm {arm.name}: {arm.backend.problem}")
+        index = arm.backend.index
+        key = (index.get("release"), item_id)
+        data = self.thumbnails.get(key)
+        if data is None:
+            shard = stable_shard(item_id, index["shard_count"]["images"])
+            handle = arm.backend.shards["images"][shard // index["shards_per_replica"]["images"]]
+            with call.timer("lookup"):
+                item = await self._call(handle, "item", call, item_id)
+            if item is None:
+                raise ApiError(404, "unknown_id", f"no indexed image has id {item_id!r}")
+            properties = item.get("properties", {})
+            source = properties.get("source") or index["refs"]["images"](item["row"], item["image_id"])
+            try:
+                data = await asyncio.get_running_loop().run_in_executor(self.decoder, make_thumbnail, source,
+                                                                        properties)
+            except (OSError, ValueError) as err:
+                raise ApiError(502, "source_unreadable", f"the image of {item_id!r} cannot be read from the "
+                                                         f"archive: {err}") from None
+            self.thumbnails.put(key, data)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+    def _formatted(self, request: Request, params: dict, answer: dict, next_body: dict | None = None) -> dict:
+        """The answer as asked: as it is, or as a STAC ItemCollection (format "stac" or Accept GeoJSON)."""
+        if not wants_stac(request, params):
+            return answer
+        return item_collection(answer, str(request.base_url), next_body)
 
     def _options(self, params: dict) -> tuple[int, str, str]:
         k = parse_k(params.get("k"), self.config)
@@ -513,31 +603,34 @@ class Router:
 
     # --- searching ---
 
-    async def _rank(self, arm: Arm, code: np.ndarray, k: int, rerank: str, fusion: str, call: Call) -> dict:
+    async def _rank(self, arm: Arm, code: np.ndarray, k: int, rerank: str, fusion: str, call: Call,
+                    where=None) -> dict:
         packed = pack_signs(code[None])  # (1, bytes)
         bits = arm.backend.index["bits"]
         if rerank == "none":
-            results = await self._search(arm, "images", packed, k, call)
+            results = await self._search(arm, "images", packed, k, call, where=where)
         elif rerank == "asymmetric":
             depth = max(k, self.config["rerank_depth"])
-            hits = await self._search(arm, "images", packed, depth, call, with_codes=True)
+            hits = await self._search(arm, "images", packed, depth, call, with_codes=True, where=where)
             with call.timer("rerank"):
                 results = asymmetric_rerank(code, hits, bits)[:k]
         else:
             if not arm.backend.shards["captions"]:
                 raise ApiError(422, "invalid_rerank", "fusion needs a caption index, and this deployment has none")
             depth = max(k, self.config["rerank_depth"])
-            images, captions = await _all_or_none([self._search(arm, "images", packed, depth, call),
-                                                   self._search(arm, "captions", packed, depth, call)])
+            images, captions = await _all_or_none([self._search(arm, "images", packed, depth, call, where=where),
+                                                   self._search(arm, "captions", packed, depth, call, where=where)])
             with call.timer("rerank"):
                 results = fuse(images, captions, bits, fusion)[:k]
         return {"k": k, "rerank": rerank, "fusion": fusion if rerank == "fusion" else None, "results": results}
 
     async def _search(self, arm: Arm, collection: str, packed: np.ndarray, k: int, call: Call,
-                      with_codes: bool = False) -> list[dict]:
-        """Scatter one query to every shard group of ``collection`` at once, merge the top-k (distance, row)."""
+                      with_codes: bool = False, where=None) -> list[dict]:
+        """Scatter one query to every shard group of ``collection`` at once, merge the top-k (distance, row);
+        with ``where`` (serving.items.ItemFilter), the top-k among the items that pass it."""
+        check_filterable(arm.backend.index, where)
         start = time.perf_counter()
-        answers = await _all_or_none([self._call(h, "search", call, packed, k, with_codes)
+        answers = await _all_or_none([self._call(h, "search", call, packed, k, with_codes, where)
                                       for h in arm.backend.shards[collection]])
         call.timings["search"] = call.timings.get("search", 0.0) + (time.perf_counter() - start) * 1000
         with call.timer("merge"):

@@ -29,6 +29,7 @@ from ray import serve
 
 from cluster.artifacts import LocalRoot, sha256_file
 from serving.index import ShardIntegrityError, load_shard, merge_topk, read_manifest
+from serving.items import describe
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to each replica's log file
 
@@ -197,17 +198,19 @@ class ShardServer:
         return [{"shard": label, "ready": False, "rows": 0, "problem": self.problems.get(label, held)}
                 for label in self.labels]
 
-    def search(self, queries: np.ndarray, k: int, with_codes: bool = False) -> dict:
+    def search(self, queries: np.ndarray, k: int, with_codes: bool = False, where=None) -> dict:
         """Top-k of packed ``queries`` (Q, bytes) over the group: distances, rows, ids, image ids (and
-        codes), each (Q, k), ordered by (distance, row)."""
+        codes, and each hit's metadata when the index has it: serving.items.describe), each (Q, k),
+        ordered by (distance, row). ``where``: a serving.items.ItemFilter the hits must pass."""
         shards = self._loaded()
-        per_shard = ([shards[0].search(queries, k)] if self.pool is None  # (distances, rows) (Q, k) each
-                     else list(self.pool.map(lambda shard: shard.search(queries, k), shards)))
+        per_shard = ([shards[0].search(queries, k, where)] if self.pool is None  # (distances, rows) (Q, k) each
+                     else list(self.pool.map(lambda shard: shard.search(queries, k, where), shards)))
         distances, rows = per_shard[0] if len(per_shard) == 1 else merge_topk(per_shard, k)
         ids = np.full(rows.shape, "", dtype=object)
         image_ids = np.full(rows.shape, "", dtype=object)
         texts = np.full(rows.shape, "", dtype=object) if shards[0].texts is not None else None
         codes = np.zeros(rows.shape + (shards[0].codes.shape[1],), np.uint8) if with_codes else None
+        meta = np.full(rows.shape, None, dtype=object) if any(shard.meta is not None for shard in shards) else None
         for shard in shards:
             positions = shard.positions(rows)  # -1 where the row is another shard's, or padding
             found = positions >= 0
@@ -217,12 +220,45 @@ class ShardServer:
                 texts[found] = shard.texts[take]
             if with_codes:
                 codes[found] = shard.codes[take]  # padded places hold a zero code
+            if meta is not None and shard.meta is not None:
+                for q, j in zip(*np.nonzero(found)):
+                    meta[q, j] = describe(shard.meta, positions[q, j])
         out = {"distances": distances, "rows": rows, "ids": ids, "image_ids": image_ids}
         if texts is not None:
             out["texts"] = texts
+        if meta is not None:
+            out["meta"] = meta
         if with_codes:
             out["codes"] = codes
         return out
+
+    def list_items(self, where, after: str | None, limit: int) -> dict:
+        """The group's items that pass ``where`` (an ItemFilter, or None for all), ordered by id: the first
+        ``limit`` with an id after ``after``, and how many pass in all. Each: row, id, image_id and
+        serving.items.describe's fields."""
+        shards = self._loaded()
+        found, matched = [], 0
+        for s, shard in enumerate(shards):
+            by_id = shard.id_order
+            if where is not None:
+                by_id = by_id[where.mask(shard.meta, len(shard))[by_id]]
+            matched += len(by_id)
+            start = 0 if after is None else int(np.searchsorted(shard.ids[by_id], after, side="right"))
+            found += [(shard.ids[p], s, p) for p in by_id[start:start + limit].tolist()]
+        found.sort()
+        return {"matched": matched, "items": [self._item(shards[s], p) for _, s, p in found[:limit]]}
+
+    def item(self, item_id: str) -> dict | None:
+        """An indexed item's row, id, image_id and metadata, or None if this group does not hold it."""
+        shards = self._loaded()
+        where = self.id_position.get(item_id)
+        return None if where is None else self._item(shards[where[0]], where[1])
+
+    @staticmethod
+    def _item(shard, position: int) -> dict:
+        item = {"row": int(shard.rows[position]), "id": str(shard.ids[position]),
+                "image_id": str(shard.image_ids[position])}
+        return {**item, **(describe(shard.meta, position) if shard.meta is not None else {})}
 
     def code_of(self, item_id: str):
         """The packed code (bytes,) of an indexed id, or None if this group does not hold it."""

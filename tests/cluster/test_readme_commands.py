@@ -56,9 +56,31 @@ def new_imagery(folder: Path, n: int = 3) -> Path:
     return folder
 
 
+def stac_catalog(images: Path, out: Path) -> Path:
+    """A static STAC catalog of ``images``' JPEGs, each inside the README's bbox and interval (its serve
+    --bbox --datetime example must find them)."""
+    from datetime import datetime, timezone
+
+    import pystac
+
+    catalog = pystac.Catalog("field", "images of a field survey")
+    for n, path in enumerate(sorted(images.glob("*.jpg"))):
+        west, south = -117.15 + 0.01 * n, 33.95
+        box = [west, south, west + 0.005, south + 0.005]
+        item = pystac.Item(f"field-{n}", {"type": "Polygon", "coordinates": [[[box[0], box[1]], [box[2], box[1]],
+                           [box[2], box[3]], [box[0], box[3]], [box[0], box[1]]]]}, box,
+                           datetime(2024, 7, 1, tzinfo=timezone.utc), {})
+        item.add_asset("visual", pystac.Asset(str(path.resolve()), media_type="image/jpeg", roles=["visual"]))
+        catalog.add_item(item)
+    catalog.normalize_and_save(str(out), pystac.CatalogType.SELF_CONTAINED)
+    return out / "catalog.json"
+
+
 def localize(command: str, places: dict) -> list[str]:
-    """The README command with its paths and placeholders replaced by this test's."""
+    """The README command with its paths and placeholders replaced by this test's. A --stac build writes,
+    and a place or time search reads, an index of its own (places["geo_root"])."""
     words = shlex.split(command)[1:]  # without "terrahash"
+    geo = "--stac" in words or "--bbox" in words or "--datetime" in words
     out = []
     for i, word in enumerate(words):
         flag = words[i - 1] if i else ""
@@ -68,6 +90,10 @@ def localize(command: str, places: dict) -> list[str]:
             word = places["added" if words[:2] == ["index", "add"] else "data"]
         elif flag == "--images" and words[:2] in (["index", "build"], ["index", "add"]):
             word = places["images"]
+        elif flag == "--stac":
+            word = places["stac"]
+        elif flag in ("--out", "--index") and geo:
+            word = places["geo_root"]
         elif flag in ("--out", "--index") or (flag in ("verify", "release") and words[0] == "index"):
             word = places["root"]
         elif flag == "--shards" and word == "N":
@@ -75,7 +101,7 @@ def localize(command: str, places: dict) -> list[str]:
         out.append(word)
     if out[:2] in (["index", "build"], ["index", "add"]):
         out.append("--no-track")  # tracking has its own test (tests/serving/test_build.py)
-        if out[:2] == ["index", "build"] and "--data" not in out and "--images" not in out:
+        if out[:2] == ["index", "build"] and not {"--data", "--images", "--stac"} & set(out):
             out += ["--data", places["data"]]  # the README's default is the full dataset
     if out[0] == "serve":
         out += ["--exit", "--port", str(places["port"])]
@@ -84,9 +110,10 @@ def localize(command: str, places: dict) -> list[str]:
 
 @pytest.fixture
 def places(model_dir, subset, tmp_path):
+    images = new_imagery(tmp_path / "folder") / "images"  # a plain folder of images, no JSON
     return {"model": str(model_dir), "data": str(subset), "added": str(new_imagery(tmp_path / "added")),
-            "images": str(new_imagery(tmp_path / "folder") / "images"),  # a plain folder of images, no JSON
-            "root": str(tmp_path / "index-root"), "port": free_port()}
+            "images": str(images), "stac": str(stac_catalog(images, tmp_path / "catalog")),
+            "root": str(tmp_path / "index-root"), "geo_root": str(tmp_path / "geo-root"), "port": free_port()}
 
 
 def test_readmes_show_the_index_and_serve_commands():
@@ -95,6 +122,8 @@ def test_readmes_show_the_index_and_serve_commands():
                    "terrahash serve --index"):
         assert any(c.startswith(needed) for c in commands), (needed, commands)
     assert any(c.startswith("terrahash index build") and "--images" in c for c in commands)  # a plain folder
+    assert any(c.startswith("terrahash index build") and "--stac" in c for c in commands)  # a STAC catalog
+    assert any(c.startswith("terrahash serve") and "--bbox" in c for c in commands)  # a search by place
     assert any(c.startswith("terrahash serve") and "--data" not in c for c in commands)
 
 
@@ -110,7 +139,9 @@ def test_every_readme_index_and_serve_command_runs(local_ray, places, capsys):
             assert re.search(r"release r\d{4} in ", out), out
         if argv[:2] == ["index", "verify"]:
             assert "all good" in out, out
-        if argv[0] == "serve" and "--query" in argv:
+        if argv[0] == "serve" and "--query" in argv and "--bbox" in argv:
+            assert "query: " in out and "  1. field-" in out and "2024-07-01" in out, out  # found by place and time
+        elif argv[0] == "serve" and "--query" in argv:
             assert "query: " in out and "  1. " in out and "classes: " in out, out  # classes without --data
     assert {tuple(a[:2]) for a in runs} >= {("index", "build"), ("index", "add"), ("index", "verify"),
                                             ("index", "release"), ("serve", "--index")}

@@ -134,21 +134,27 @@ def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def serve_app(local_ray, built_index, tmp_path_factory):
-    """The app on the session's local Ray, over HTTP on a free loopback port; yields its base URL."""
+def running_app(index_root, cache_dir):
+    """Start the app over ``index_root`` on the session's local Ray, over HTTP on a free loopback port;
+    yields its base URL, then shuts Serve down."""
     from ray import serve
 
     from serving.app import ServeSettings, run_apps
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(index=str(built_index["root"]), shard_replicas=1, spread_shards=False, shards_per_replica=3,
+    settings = ServeSettings(index=str(index_root), shard_replicas=1, spread_shards=False, shards_per_replica=3,
                              shard_num_cpus=0.05, encoder_num_cpus=0.1, router_num_cpus=0.05,
                              max_upload_bytes=200_000, max_image_pixels=1_000_000, max_query_chars=200, max_k=50,
-                             shard_cache_dir=str(tmp_path_factory.mktemp("shard_cache")))
+                             shard_cache_dir=str(cache_dir))
     run_apps(settings)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/v1/readyz")
     yield url
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_app(local_ray, built_index, tmp_path_factory):
+    """The app over ``built_index``; yields its base URL."""
+    yield from running_app(built_index["root"], tmp_path_factory.mktemp("shard_cache"))

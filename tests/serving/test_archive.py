@@ -151,5 +151,11 @@ def test_the_command_line_says_what_goes_with_what(model_dir, archive, tmp_path)
     with pytest.raises(SystemExit, match="--sidecar describes an archive"):
         main(["index", "build", "--model", str(model_dir), "--sidecar", str(tmp_path / "m.csv"), "--shards", "1",
               "--out", str(tmp_path / "i"), "--no-track"])
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="only one of"):
         build_indexes(model_dir, archive, 1, str(tmp_path / "i"), images=str(archive))
+    with pytest.raises(SystemExit, match="not both"):
+        main(["index", "build", "--model", str(model_dir), "--images", str(archive), "--stac", "c.json",
+              "--shards", "1", "--out", str(tmp_path / "i"), "--no-track"])
+    with pytest.raises(SystemExit, match="--stac-asset names an asset"):
+        main(["index", "build", "--model", str(model_dir), "--stac-asset", "visual", "--shards", "1",
+              "--out", str(tmp_path / "i"), "--no-track"])
