@@ -150,13 +150,13 @@ def catalog_items(source: str | Path, chips=None, asset: str | None = None):
             collector.skip(href, "http(s) assets are not fetched; mirror them to a folder or S3")
             continue
         properties = {k: v for k, v in item.properties.items() if k not in _TIME_KEYS}
+        label = str(properties.pop("class", None) or properties.pop("label", None) or "")  # the item's class
         metadata = {"source": href, "collection": item.collection_id, **properties,
                     **{k: item.properties[k] for k in _TIME_KEYS if item.properties.get(k)}}
         if item.datetime is not None and "datetime" not in metadata:
             metadata["datetime"] = item.datetime.isoformat()
         if item.bbox:
             metadata["bbox"] = list(item.bbox[:2]) + list(item.bbox[-2:])  # a 3D bbox's horizontal extent
-        label = str(properties.pop("class", None) or properties.pop("label", None) or "")
         record = {"class": label, "captions": [], "metadata": metadata}
         collector.add_file(item.id, href, record)
     return collector.items(path.parent)

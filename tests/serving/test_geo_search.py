@@ -17,7 +17,7 @@ pytest.importorskip("rasterio")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ray.serve")
 
-from serving.build import build_indexes, dataset_items, find_spec  # noqa: E402
+from serving.build import add_images, build_indexes, dataset_items, find_spec  # noqa: E402
 from serving.codes import hamming_matrix  # noqa: E402
 from serving.encoders import load_encoder  # noqa: E402
 from serving.index import load_index  # noqa: E402
@@ -36,30 +36,54 @@ def photo_bbox(i: int) -> list[float]:
     return [west, south, west + 0.008, south + 0.008]
 
 
+def _photos(ucm_many) -> list[Path]:
+    return [Path(p) for p in dataset_items(ucm_many).image_paths[::9][:N_PHOTOS]]
+
+
+@pytest.fixture(scope="module")
+def archive(ucm_many, tmp_path_factory) -> dict:
+    """A plain folder: the first half of the photos and a GeoTIFF scene, and a CSV sidecar giving the photos'
+    classes, footprints and times (the scene's chips get theirs from the file)."""
+    import csv
+    import shutil
+
+    folder = tmp_path_factory.mktemp("archive")
+    (folder / "photos").mkdir()
+    rows = []
+    for i, path in enumerate(_photos(ucm_many)[:N_PHOTOS // 2]):
+        shutil.copyfile(path, folder / "photos" / path.name)
+        rows.append({"id": f"photos/{path.name}", "class": path.parent.name,
+                     "bbox": ",".join(map(str, photo_bbox(i))), "datetime": f"2024-06-{1 + i % 12:02d}T12:00:00Z"})
+    write_geotiff(folder / "scene.tif", _mosaic(ucm_many, 2, 2), "EPSG:4326", from_origin(-117.0, 34.0, PIXEL, PIXEL),
+                  when="2024:07:01 09:00:00")
+    sidecar = folder.parent / f"{folder.name}.csv"
+    with open(sidecar, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return {"folder": folder, "sidecar": sidecar}
+
+
 @pytest.fixture(scope="module")
 def catalog(ucm_many, tmp_path_factory) -> Path:
-    """A self-contained STAC catalog: a collection of 24 real photos (bbox, datetime, class) and one GeoTIFF
-    scene, plus an item whose only asset is a thumbnail (which the build must skip and report)."""
+    """A self-contained STAC catalog: a collection of the second half of the photos (bbox, datetime, class),
+    plus an item whose only asset is a thumbnail (which the build must skip and report)."""
     from datetime import datetime, timezone
 
     folder = tmp_path_factory.mktemp("stac")
-    items = dataset_items(ucm_many)
-    scene = write_geotiff(folder / "scene.tif", _mosaic(ucm_many, 2, 2), "EPSG:4326",
-                          from_origin(-117.0, 34.0, PIXEL, PIXEL), when="2024:07:01 09:00:00")
     collection = pystac.Collection("survey", "aerial survey", pystac.Extent(
         pystac.SpatialExtent([[-117.3, 33.8, -116.9, 34.1]]),
         pystac.TemporalExtent([[datetime(2024, 6, 1, tzinfo=timezone.utc), None]])))
-    for i, path in enumerate(items.image_paths[::9][:N_PHOTOS]):
+    for i, path in enumerate(_photos(ucm_many)):
+        if i < N_PHOTOS // 2:
+            continue
         west, south, east, north = photo_bbox(i)
         item = pystac.Item(f"photo-{i:02d}", {"type": "Polygon", "coordinates": [[[west, south], [east, south],
                            [east, north], [west, north], [west, south]]]}, photo_bbox(i),
                            datetime(2024, 6, 1 + i % 12, 12, tzinfo=timezone.utc),
-                           {"class": Path(path).parent.name, "gsd": 0.3})
-        item.add_asset("visual", pystac.Asset(str(Path(path).resolve()), media_type="image/jpeg", roles=["visual"]))
+                           {"class": path.parent.name, "gsd": 0.3})
+        item.add_asset("visual", pystac.Asset(str(path.resolve()), media_type="image/jpeg", roles=["visual"]))
         collection.add_item(item)
-    tile = pystac.Item("scene-a", None, None, datetime(2024, 7, 1, 9, tzinfo=timezone.utc), {})
-    tile.add_asset("data", pystac.Asset(str(scene), media_type=pystac.MediaType.COG, roles=["data"]))
-    collection.add_item(tile)
     lonely = pystac.Item("no-image", None, None, datetime(2024, 6, 1, tzinfo=timezone.utc), {})
     lonely.add_asset("thumbnail", pystac.Asset("thumb.png", media_type="image/png", roles=["thumbnail"]))
     collection.add_item(lonely)
@@ -71,9 +95,13 @@ def catalog(ucm_many, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def geo_index(local_ray, model_dir, catalog, tmp_path_factory) -> dict:
+def geo_index(local_ray, model_dir, archive, catalog, tmp_path_factory) -> dict:
+    """The folder (with its sidecar) built into an index, the catalog added to it: one release serves both."""
     root = tmp_path_factory.mktemp("geo_index")
-    return {"root": root, **build_indexes(model_dir, None, 2, str(root), stac=str(catalog), batch_size=16)}
+    built = build_indexes(model_dir, None, 2, str(root), images=str(archive["folder"]), sidecar=archive["sidecar"],
+                          batch_size=16)
+    added = add_images(None, str(root), stac=str(catalog), batch_size=16)
+    return {"root": root, "built": built, "images": added["images"]}
 
 
 @pytest.fixture(scope="module")
@@ -114,22 +142,23 @@ FILTERS = [{"bbox": [-117.2, 33.9, -117.165, 33.925]},  # a corner of the photos
            {"bbox": [-117.3, 33.8, -116.9, 34.1], "datetime": "2024-06-10T00:00:00Z/.."}]
 
 
-def test_a_stac_catalog_is_indexed_with_its_places_times_and_properties(geo_index, catalog):
+def test_a_folder_and_a_stac_catalog_are_indexed_with_their_places_times_and_properties(geo_index, catalog):
     items = catalog_items(catalog)
-    chips = [i for i in items.image_ids if i.startswith("scene-a?window=")]
-    assert len(chips) == 4 and len(items.image_ids) == N_PHOTOS + 4
-    assert [why for _, why in items.skipped] and "no-image" in items.skipped[0][0]
-    photo = items.metadata[items.image_ids.index("photo-05")]
-    assert photo["bbox"] == pytest.approx(photo_bbox(5)) and photo["datetime"].startswith("2024-06-06T12:00:00")
+    assert items.image_ids == [f"photo-{i:02d}" for i in range(N_PHOTOS // 2, N_PHOTOS)]
+    assert len(items.skipped) == 1 and "no-image" in items.skipped[0][0] and "no image asset" in items.skipped[0][1]
+    photo = items.metadata[items.image_ids.index("photo-17")]
+    assert photo["bbox"] == pytest.approx(photo_bbox(17)) and photo["datetime"].startswith("2024-06-06T12:00:00")
     assert photo["collection"] == "survey" and photo["gsd"] == 0.3 and photo["source"].endswith(".jpg")
-    manifest = geo_index["images"]
-    assert manifest["filterable"] == {"bbox": N_PHOTOS + 4, "datetime": N_PHOTOS + 4}
-    assert manifest["extra"]["skipped_images"] == 1
+    assert items.labels[0] and "class" not in photo
+    built = geo_index["built"]["images"]
+    assert built["rows"] == N_PHOTOS // 2 + 4 and built["filterable"] == {"bbox": built["rows"], "datetime": built["rows"]}
+    assert geo_index["images"]["filterable"] == {"bbox": N_PHOTOS + 4, "datetime": N_PHOTOS + 4}
+    assert geo_index["images"]["extra"]["skipped_images"] == 1  # the catalog's item without an image
 
 
-def test_filtered_searches_over_http_are_the_exact_top_k_among_what_passes(geo_app, everything):
+def test_filtered_searches_over_http_are_the_exact_top_k_among_what_passes(geo_app, everything, ucm_many):
     text = everything["text"].encode_packed(["many buildings and green trees"])
-    photo = Path(json.loads(everything["columns"]["props"][0])["source"].split("?")[0])
+    photo = _photos(ucm_many)[0]
     data = photo.read_bytes()
     image = everything["image"].encode_packed([str(photo)])
     similar = str(everything["ids"][3])
@@ -184,7 +213,7 @@ def test_search_results_as_a_stac_item_collection_validate(geo_app):
     chip = next((item for item in collection if "?window=" in item.id), None)
     if chip is not None:  # a chip's image asset is its scene, the window a property
         assert chip.assets["image"].href.endswith("scene.tif") and len(chip.properties["window"]) == 4
-    request = urllib.request.Request(f"{geo_app}/v1/search/similar/photo-01?k=3",
+    request = urllib.request.Request(f"{geo_app}/v1/search/similar/photo-13?k=3",
                                      headers={"Accept": "application/geo+json"})
     with urllib.request.urlopen(request, timeout=30) as answer:
         assert json.loads(answer.read())["type"] == "FeatureCollection"
@@ -197,7 +226,8 @@ def test_thumbnails_are_served_small_and_cached(geo_app, geo_index):
 
     status, body = post_json(f"{geo_app}/v1/search/items", {"limit": 50})
     hits = {hit["id"]: hit for hit in body["results"]}
-    for item_id in ("photo-02", "scene-a?window=0,0,256,256"):
+    folder_photo = next(i for i in hits if i.startswith("photos/"))
+    for item_id in ("photo-14", folder_photo, "scene.tif?window=0,0,256,256"):
         hit = hits[item_id]
         for _ in range(2):  # made on the first request, then from the cache: the same bytes
             with urllib.request.urlopen(geo_app + hit["thumbnail"], timeout=30) as answer:
@@ -216,7 +246,7 @@ def test_bad_filters_get_a_clear_422(geo_app):
                                                                        "invalid_datetime")]:
         status, body = post_json(f"{geo_app}/v1/search/text", {"query": "a beach", **payload})
         assert status == 422 and body["error"]["code"] == code, (payload, body)
-    status, body = call(f"{geo_app}/v1/search/similar/photo-01?bbox=a,b,c,d")
+    status, body = call(f"{geo_app}/v1/search/similar/photo-13?bbox=a,b,c,d")
     assert status == 422 and body["error"]["code"] == "invalid_bbox"
     status, body = post_json(f"{geo_app}/v1/search/items", {"limit": 0})
     assert status == 422 and body["error"]["code"] == "limit_out_of_range"
