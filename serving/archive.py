@@ -23,8 +23,8 @@ of its own, ``<scene id>?window=col,row,width,height``, with ``scene``, ``window
 (bands, low, high: how to read it again, for thumbnails), ``bbox`` (WGS84) and ``datetime`` in its
 metadata (a sidecar row of the scene adds to every chip's; its ``datetime`` wins over the file's,
 the chip's footprint over its ``bbox``). The index keeps this metadata (serving.items). A scene that cannot be opened is left out and reported like
-any unreadable image. Scenes are read from local folders; a TIFF under an S3 prefix is read as a
-plain image.
+any unreadable image. Scenes under an S3 prefix are read in place by GDAL (/vsis3/, with the
+endpoint and keys boto3 uses: serving.geo.gdal_env), window by window.
 
 Reading images from S3 goes through ``read_source``: the Ray encoding tasks fetch the bytes of an
 ``s3://`` input themselves (boto3, ``AWS_ENDPOINT_URL`` for another S3-compatible store), so
@@ -137,8 +137,8 @@ def _geo_available() -> bool:
 
 
 class ItemsCollector:
-    """Gathers the items of an archive or catalog: plain images as they are, TIFF scenes (local files,
-    when rasterio is installed) as their chips; unreadable scenes skipped with the reason."""
+    """Gathers the items of an archive or catalog: plain images as they are, TIFF scenes (when rasterio is
+    installed; local or on S3) as their chips; unreadable scenes skipped with the reason."""
 
     def __init__(self, chips=None):
         self.geo = _geo_available()
@@ -169,7 +169,7 @@ class ItemsCollector:
         """An image file, or a scene's chips: ``<item id>?window=...`` each, with the scene's id, the pixel
         window, the band stretch, the chip's footprint and the scene's time (the record's time wins)."""
         own = record.get("metadata", {})
-        if not (self.geo and path.lower().endswith(TIFF_SUFFIXES) and not path.startswith("s3://")):
+        if not (self.geo and path.lower().endswith(TIFF_SUFFIXES)):
             self.add(item_id, path, record, own)
             return
         from serving.geo import scene_chips

@@ -230,7 +230,7 @@ def encode_all(spec_path: Path, inputs: list, batch_size: int = 64, desc: str = 
     if not inputs:
         raise ValueError(f"{desc}: nothing to encode")
     task = ray.remote(num_cpus=num_cpus, max_retries=2)(_encode_batch)
-    if any(isinstance(x, str) and x.startswith("s3://") for x in inputs):
+    if any(str(x).startswith("s3://") for x in inputs):  # an object's URI, or a chip of a scene on S3
         from serving.archive import s3_env
 
         task = task.options(runtime_env={"env_vars": s3_env()})  # the tasks read the objects themselves

@@ -20,8 +20,9 @@ ship GDAL. ``scene_chips`` plans its chips without reading it whole:
   sidecar gives ``datetime``.
 
 A chip's id is ``<scene id>?window=<col>,<row>,<width>,<height>`` (pixels), and what the encoding
-tasks read is a ``ChipRef``: the scene path, its window, bands and stretch; ``ChipRef.read`` does one
-windowed read of a scene each process keeps open (the last 8 scenes it read).
+tasks read is a ``ChipRef``: the scene path (or ``s3://`` URI, read by GDAL's /vsis3/, ``gdal_env``),
+its window, bands and stretch; ``ChipRef.read`` does one windowed read of a scene each process keeps
+open (the last 8 scenes it read).
 """
 from __future__ import annotations
 
@@ -79,9 +80,29 @@ class ChipRef:
         from rasterio.windows import Window
 
         src, lock = open_scene(self.path)
-        with lock:  # a dataset handle is not safe across threads (a router reads thumbnails in a pool)
+        with lock, gdal_env(self.path):  # a dataset handle is not safe across threads (thumbnails use a pool)
             data = src.read(list(self.bands), window=Window(*self.window), masked=True)  # (3, h, w)
         return stretch(data, self.low, self.high)
+
+
+def gdal_env(path: str):
+    """The rasterio.Env GDAL reads ``path`` in: for an ``s3://`` scene, GDAL's /vsis3/ settings from the
+    same environment boto3 reads (``AWS_ENDPOINT_URL`` becomes ``AWS_S3_ENDPOINT``, path-style, HTTP or
+    HTTPS as the URL says); the keys and region GDAL takes from the environment itself."""
+    import os
+    from urllib.parse import urlparse
+
+    import rasterio
+
+    options = {}
+    if str(path).startswith("s3://"):
+        options["GDAL_DISABLE_READDIR_ON_OPEN"] = "EMPTY_DIR"  # no listing of the prefix on every open
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            parsed = urlparse(endpoint)
+            options.update(AWS_S3_ENDPOINT=parsed.netloc or parsed.path, AWS_VIRTUAL_HOSTING="FALSE",
+                           AWS_HTTPS="NO" if parsed.scheme == "http" else "YES")
+    return rasterio.Env(**options)
 
 
 def open_scene(path: str):
@@ -102,7 +123,8 @@ def _open_scene(path: str, stamp):
 
     import rasterio
 
-    return rasterio.open(path), threading.Lock()
+    with gdal_env(path):
+        return rasterio.open(path), threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -174,7 +196,7 @@ def scene_chips(path: str, config: ChipConfig = ChipConfig(), only_scenes: bool 
     import rasterio
     from rasterio.warp import transform_bounds
 
-    with rasterio.open(path) as src:
+    with gdal_env(path), rasterio.open(path) as src:
         if only_scenes and not _is_scene(src, config.size):
             return None
         bands = _bands(config, src.count, path)
