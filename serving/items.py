@@ -75,7 +75,10 @@ def _instant(text: str, end: bool) -> float:
             day = datetime.combine(date.fromisoformat(text), datetime.min.time(), timezone.utc)
         except ValueError:
             raise FilterError("datetime", f"datetime {text!r} is not an RFC 3339 date or date-time") from None
-        return (day + timedelta(days=1) - timedelta(microseconds=1)).timestamp() if end else day.timestamp()
+        try:
+            return (day + timedelta(days=1) - timedelta(microseconds=1)).timestamp() if end else day.timestamp()
+        except OverflowError:  # 9999-12-31 has no next day
+            return (day + timedelta(hours=23, minutes=59, seconds=59)).timestamp() if end else day.timestamp()
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z"))
     except ValueError:
@@ -83,7 +86,10 @@ def _instant(text: str, end: bool) -> float:
                                       "(like 2024-06-01T10:30:00Z)") from None
     if moment.tzinfo is None:
         raise FilterError("datetime", f"datetime {text!r} has no time zone; end it with Z or an offset like +02:00")
-    return moment.timestamp()
+    try:
+        return moment.timestamp()
+    except (OverflowError, ValueError):  # an offset that pushes year 1 or 9999 out of range
+        raise FilterError("datetime", f"datetime {text!r} is out of range") from None
 
 
 def parse_datetime(value) -> tuple[float, float] | None:
