@@ -178,15 +178,18 @@ def _verify(args: argparse.Namespace) -> int:
     if args.version is None:
         print(f"no release under {args.index}: checking the latest version of each collection "
               f"(`terrahash index release {args.index}` publishes them as one)")
-    ok = True
+    ok, found = True, 0
     for collection in args.collections:
         if not list_versions(args.index, collection):
             print(f"{collection}: no index versions under {args.index}")
             continue
+        found += 1
         report = verify_index(args.index, args.version or latest_version(args.index, collection), collection)
         print(report)
         ok &= report.ok
-    return 0 if ok else 1
+    if not found:
+        print(f"nothing to verify: {args.index} holds no index (`terrahash index build ... --out {args.index}`)")
+    return 0 if ok and found else 1
 
 
 def _release(args: argparse.Namespace) -> int:

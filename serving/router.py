@@ -630,8 +630,8 @@ class Router:
         with ``where`` (serving.items.ItemFilter), the top-k among the items that pass it."""
         check_filterable(arm.backend.index, where)
         start = time.perf_counter()
-        answers = await _all_or_none([self._call(h, "search", call, packed, k, with_codes, where)
-                                      for h in arm.backend.shards[collection]])
+        args = (packed, k, with_codes) + ((where,) if where is not None else ())  # unfiltered: the old call
+        answers = await _all_or_none([self._call(h, "search", call, *args) for h in arm.backend.shards[collection]])
         call.timings["search"] = call.timings.get("search", 0.0) + (time.perf_counter() - start) * 1000
         with call.timer("merge"):
             return merge_hits(answers, k, arm.backend.index["bits"], arm.backend.index["refs"][collection], with_codes)

@@ -151,6 +151,13 @@ def init_ray(config) -> None:
                  log_to_driver=True, configure_logging=False)
 
 
+def run_name(name: str) -> str:
+    """The Ray Train run name: ``$TERRAHASH_RUN_NAME-<name>`` for a submitted job's attempts (the same for
+    each), else ``<name>-<time>-<random>``, new for every run."""
+    shared = os.environ.get("TERRAHASH_RUN_NAME")
+    return f"{shared}-{name}" if shared else f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
 def run_on_ray(loop_per_worker, loop_config: dict, d: DistributedConfig, workers: int, name: str):
     """Run ``loop_per_worker(loop_config)`` on ``workers`` Ray Train workers (TorchTrainer); the Result.
 
@@ -166,8 +173,9 @@ def run_on_ray(loop_per_worker, loop_config: dict, d: DistributedConfig, workers
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=d.use_gpu,
                                                resources_per_worker={"CPU": d.cpus_per_worker}),
         # A name of its own for every job: Ray Train resumes a run whose name it finds in the storage,
-        # and two different jobs must never share state that way.
-        run_config=ray.train.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        # and two different jobs must never share state that way. The attempts of one submitted job
+        # (cluster/jobs.py) share $TERRAHASH_RUN_NAME, so a retry resumes from the last checkpoint.
+        run_config=ray.train.RunConfig(name=run_name(name),
                                        storage_path=storage, storage_filesystem=filesystem,
                                        failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
     )

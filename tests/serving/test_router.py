@@ -59,7 +59,7 @@ class FakeShards:
         self.slow = slow
         self.bad = half_bad and serve.get_replica_context().rank.rank == 0
 
-    async def search(self, packed, k, with_codes=False):
+    async def search(self, packed, k, with_codes=False, where=None):
         await self._misbehave()
         distances = np.unpackbits(self.codes ^ packed[0], axis=1).sum(1)
         rows = np.lexsort((np.arange(ROWS), distances))[:k]

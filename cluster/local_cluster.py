@@ -1,0 +1,211 @@
+"""A real multi-node Ray cluster on one machine: ``terrahash cluster up|status|down``.
+
+``up`` runs ``ray start --head`` and one ``ray start --address`` per worker, each node with its own
+CPUs (``--cpus-per-node``), object store, a custom resource ``terrahash-node-<i>`` (to place work on
+a given node) and OS-chosen ports where two raylets on one host would clash (dashboard agent,
+worker ports), all under one temp dir of the cluster's own; worker nodes also have ``terrahash-worker``,
+which submitted jobs' drivers ask for (cluster/jobs.py). Token authentication is on, as Ray 2.60
+expects it: every process runs with ``RAY_AUTH_MODE=token`` and reads the token from
+``~/.ray/auth_token`` (made with ``ray get-auth-token --generate`` when missing); a client on this
+machine needs only ``RAY_AUTH_MODE=token``, which ``client_env`` gives.
+
+The cluster's address, dashboard URL, ports and temp dir are kept in a state file
+(``$TERRAHASH_HOME/cluster.json``, default ``~/.terrahash``), which ``status``, ``down``, ``submit``
+and ``jobs`` read as their default cluster. ``down`` stops only this cluster's processes (those whose
+command line names its GCS address or temp dir), never another Ray on the machine (``ray stop``
+would stop them all).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+OBJECT_STORE_BYTES = 256 * 2**20  # per node: small, so several nodes fit in one machine's memory
+NODE_RESOURCE = "terrahash-node-{}"  # custom resource of node i (0 is the head)
+WORKER_RESOURCE = "terrahash-worker"  # every worker node has 1 (cluster/jobs.py puts drivers there)
+START_TIMEOUT_S = 120.0
+
+
+class ClusterError(ValueError):
+    """A local cluster that cannot be started, found or stopped as asked."""
+
+
+def home() -> Path:
+    return Path(os.environ.get("TERRAHASH_HOME") or Path.home() / ".terrahash")
+
+
+def state_path() -> Path:
+    return home() / "cluster.json"
+
+
+@dataclass
+class ClusterState:
+    address: str  # the GCS address, host:port (ray.init / ray start --address)
+    dashboard_url: str  # the job submission endpoint
+    temp_dir: str
+    workers: int
+    cpus_per_node: int
+    started: float
+    ports: dict = field(default_factory=dict)
+
+    def save(self) -> None:
+        state_path().parent.mkdir(parents=True, exist_ok=True)
+        state_path().write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls) -> "ClusterState":
+        path = state_path()
+        if not path.is_file():
+            raise ClusterError(f"no local cluster is recorded in {path}; start one with `terrahash cluster up`")
+        return cls(**json.loads(path.read_text()))
+
+
+def client_env(base: dict | None = None) -> dict[str, str]:
+    """The environment a Ray process or client of the cluster needs: token authentication on, and this
+    Python's scripts first on PATH (so a job's ``terrahash`` and ``python`` are this installation's)."""
+    env = dict(os.environ if base is None else base)
+    scripts = str(Path(sys.executable).parent)
+    return {**env, "RAY_AUTH_MODE": "token", "PATH": os.pathsep.join([scripts, env.get("PATH", "")])}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray() -> str:
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if ray is None:
+        raise ClusterError("the `ray` command is not installed beside this Python (pip install 'ray[default]')")
+    return ray
+
+
+def ensure_token() -> None:
+    """Make sure a token exists for token authentication (``ray get-auth-token --generate``)."""
+    subprocess.run([_ray(), "get-auth-token", "--generate"], check=True, capture_output=True,
+                   env=client_env())
+
+
+def _start(args: list[str], what: str) -> None:
+    done = subprocess.run([_ray(), "start", *args, "--disable-usage-stats"], capture_output=True, text=True,
+                          env=client_env(), timeout=START_TIMEOUT_S)
+    if done.returncode != 0:
+        raise ClusterError(f"`ray start` of the {what} failed:\n{(done.stderr or done.stdout)[-2000:]}")
+
+
+def up(workers: int, cpus_per_node: int = 1, head_cpus: int | None = None) -> ClusterState:
+    """Start a head and ``workers`` worker nodes on this machine; refuses when one is already up."""
+    if workers < 0 or cpus_per_node < 0 or (head_cpus or 0) < 0:
+        raise ClusterError(f"--workers and CPUs must be >= 0, got {workers} workers, {cpus_per_node} CPUs per node")
+    if state_path().is_file():
+        state = ClusterState.load()
+        if alive(state):
+            raise ClusterError(f"a local cluster is already up at {state.address}; `terrahash cluster down` first")
+        state_path().unlink()
+    ensure_token()
+    gcs, dashboard, client = _free_port(), _free_port(), _free_port()
+    temp_dir = f"/tmp/th-{gcs}"  # short: Ray's socket paths live under it
+    common = ["--object-store-memory", str(OBJECT_STORE_BYTES), "--dashboard-agent-listen-port", "0",
+              "--min-worker-port", "0", "--max-worker-port", "0", "--temp-dir", temp_dir]
+    state = ClusterState(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp_dir, workers, cpus_per_node,
+                         time.time(), {"gcs": gcs, "dashboard": dashboard, "client": client})
+    state.save()
+    try:
+        _start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-port", str(dashboard),
+                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--ray-client-server-port", str(client),
+                "--num-cpus", str(cpus_per_node if head_cpus is None else head_cpus),
+                "--resources", json.dumps({NODE_RESOURCE.format(0): 1}), *common], "head")
+        for i in range(1, workers + 1):
+            resources = {NODE_RESOURCE.format(i): 1, WORKER_RESOURCE: 1}  # jobs' drivers go to workers
+            _start(["--address", state.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node),
+                    "--resources", json.dumps(resources), "--include-log-monitor", "false", *common], f"worker {i}")
+        wait_for_nodes(state, workers + 1)
+    except BaseException:
+        down(state)
+        raise
+    return state
+
+
+def nodes(state: ClusterState) -> list[dict]:
+    """The cluster's nodes as the dashboard reports them: node id, alive, resources (a subprocess, so this
+    process joins no cluster)."""
+    code = ("import json, ray; ray.init(address=%r, log_to_driver=False, configure_logging=False, logging_level='ERROR');"
+            "print(json.dumps([{'node_id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
+            "for n in ray.nodes()]))") % state.address
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=client_env(), timeout=60)
+    if done.returncode != 0:
+        raise ClusterError(f"cannot reach the cluster at {state.address}: {done.stderr[-1000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def wait_for_nodes(state: ClusterState, count: int, timeout: float = START_TIMEOUT_S) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [n for n in nodes(state) if n["alive"]]
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise ClusterError(f"only {len(found)} of {count} nodes joined {state.address} within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _processes(state: ClusterState) -> list:
+    """This cluster's processes: their command line names its GCS port or its temp dir."""
+    import psutil
+
+    marks = (state.temp_dir, f":{state.ports['gcs']}", f"--gcs_server_port={state.ports['gcs']}")
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if process.pid != os.getpid() and any(mark in cmdline for mark in marks) and "ray" in cmdline:
+            found.append(process)
+    return found
+
+
+def alive(state: ClusterState) -> bool:
+    return bool(_processes(state))
+
+
+def down(state: ClusterState | None = None, timeout: float = 5.0) -> int:
+    """Stop this cluster's processes (TERM, then KILL after ``timeout``); returns how many were stopped."""
+    import psutil
+
+    state = state or ClusterState.load()
+    processes = _processes(state)
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, left = psutil.wait_procs(processes, timeout=timeout)
+    for process in left:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=5)
+    if state_path().is_file() and ClusterState.load().address == state.address:
+        state_path().unlink()
+    shutil.rmtree(state.temp_dir, ignore_errors=True)
+    return len(processes)
+
+
+def status(state: ClusterState | None = None) -> dict:
+    """{"address", "dashboard_url", "nodes": [{"node_id", "alive", "cpus", "node"}], ...} of the cluster."""
+    state = state or ClusterState.load()
+    described = []
+    for node in nodes(state):
+        resources = node["resources"]
+        index = next((k.rsplit("-", 1)[1] for k in resources if k.startswith(NODE_RESOURCE.format(""))), "?")
+        described.append({"node": f"{'head' if index == '0' else 'worker ' + index}", "node_id": node["node_id"],
+                          "alive": node["alive"], "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)})
+    return {**asdict(state), "nodes": sorted(described, key=lambda n: n["node"])}

@@ -1,0 +1,107 @@
+"""`terrahash cluster render`: KubeRay manifests and the launcher YAML from cluster/cluster.yaml, validated
+strictly against KubeRay's own CRD schemas (../shared/kuberay), Ray's cluster config schema and Serve's."""
+from __future__ import annotations
+
+import copy
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.cli import build_parser, main
+from cluster.cluster_config import DEFAULT_CONFIG, load_cluster_config
+from cluster.manifests import crd_folder, kuberay_problems, launcher_problems, serve_config_problems
+from cluster.render import render_kuberay, render_launcher
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(not (crd_folder() / "ray.io_rayclusters.yaml").is_file(),
+                                reason="KubeRay's CRDs are not beside the project (../shared/kuberay)")
+
+
+def test_rendered_files_validate_and_define_the_app_once(tmp_path, capsys):
+    assert main(["cluster", "render", "--target", "kuberay", "--out", str(tmp_path / "k8s")]) == 0
+    assert main(["cluster", "render", "--target", "launcher", "--out", str(tmp_path / "vm")]) == 0
+    names = sorted(p.name for p in (tmp_path / "k8s").iterdir())
+    assert names == ["raycluster.yaml", "rayjob-distill.yaml", "rayjob-index-build.yaml", "rayjob-train.yaml",
+                     "rayservice.yaml"]
+    for path in (tmp_path / "k8s").iterdir():
+        manifest = yaml.safe_load(path.read_text())
+        assert kuberay_problems(manifest) == [], path.name
+    launcher = yaml.safe_load((tmp_path / "vm" / "cluster-launcher.yaml").read_text())
+    assert launcher_problems(launcher) == []
+    # The RayService serves exactly the Serve config `terrahash serve --render` writes from the same settings.
+    from serving.serve_config import serve_config
+    from serving.settings import load_settings
+
+    service = yaml.safe_load((tmp_path / "k8s" / "rayservice.yaml").read_text())
+    v2 = service["spec"]["serveConfigV2"]
+    assert serve_config_problems(v2) == []
+    assert yaml.safe_load(v2) == serve_config(load_settings(REPO / "serving" / "serve.yaml"), host="0.0.0.0")
+
+
+def test_the_resources_follow_the_description():
+    config = load_cluster_config()
+    cluster = render_kuberay(config)["raycluster.yaml"]["spec"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == set(config.workers) and cluster["authOptions"] == {"mode": "token"}
+    gpu = groups["gpu"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1" and (gpu["minReplicas"], gpu["maxReplicas"]) == (0, 2)
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no tasks on the head
+    env = {e["name"]: e for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == config.tracking_uri
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "terrahash-s3",
+                                                                         "key": "secret_access_key"}
+    vm = render_launcher(config)["cluster-launcher.yaml"]
+    assert vm["available_node_types"]["gpu"]["resources"]["GPU"] == 1
+    assert vm["available_node_types"]["head"]["resources"]["CPU"] == 0
+    assert vm["max_workers"] == sum(w.max for w in config.workers.values())
+
+
+def test_every_job_is_a_terrahash_command_that_parses():
+    config = load_cluster_config()
+    for job in config.jobs:
+        manifest = render_kuberay(config)[f"rayjob-{job}.yaml"]
+        words = shlex.split(manifest["spec"]["entrypoint"])
+        assert words[0] == "terrahash"
+        build_parser().parse_args(words[1:])  # SystemExit if the job is no valid command
+        assert manifest["spec"]["backoffLimit"] == config.job_backoff_limit
+        env = yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])["env_vars"]
+        assert env["MLFLOW_TRACKING_URI"] == config.tracking_uri
+    assert "s3://my-bucket/terrahash/ray" in render_kuberay(config)["rayjob-train.yaml"]["spec"]["entrypoint"]
+
+
+def test_validation_names_a_misspelt_field():
+    config = load_cluster_config()
+    manifests = render_kuberay(config)
+    job = copy.deepcopy(manifests["rayjob-train.yaml"])
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplica"] = 3  # for maxReplicas
+    assert kuberay_problems(job) == ["spec.rayClusterSpec.workerGroupSpecs.0: Additional properties are not "
+                                     "allowed ('maxReplica' was unexpected)"]
+    service = copy.deepcopy(manifests["rayservice.yaml"])
+    service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "x"
+    assert any("imagePullPolcy" in p for p in kuberay_problems(service))
+    service = copy.deepcopy(manifests["rayservice.yaml"])
+    service["spec"]["serveConfigV2"] = yaml.safe_dump({"applications": [{"name": "a", "import_path": "x:y",
+                                                                         "num_replica": 2}]})
+    assert any("num_replica" in p for p in kuberay_problems(service))
+    vm = copy.deepcopy(render_launcher(config)["cluster-launcher.yaml"])
+    vm["available_node_types"]["cpu"]["min_worker"] = 1
+    assert any("min_worker" in p for p in launcher_problems(vm))
+
+
+def test_a_bad_description_is_refused_with_the_key(tmp_path):
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    data["workers"]["cpu"]["max_worker"] = 3
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"workers\.cpu\.max_worker"):
+        load_cluster_config(path)
+    data["workers"]["cpu"].pop("max_worker")
+    data["workers"]["cpu"]["min"] = 9
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match="min 9 > max 8"):
+        load_cluster_config(path)
+    assert main(["cluster", "render", "--target", "kuberay", "--out", str(tmp_path / "k"), "--config", str(path)]) == 2
