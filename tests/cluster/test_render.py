@@ -105,3 +105,31 @@ def test_a_bad_description_is_refused_with_the_key(tmp_path):
     with pytest.raises(ValueError, match="min 9 > max 8"):
         load_cluster_config(path)
     assert main(["cluster", "render", "--target", "kuberay", "--out", str(tmp_path / "k"), "--config", str(path)]) == 2
+
+
+def _readme_lines(prefixes: tuple[str, ...]) -> list[list[str]]:
+    import re
+
+    text = (REPO / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line.startswith(prefixes):
+                lines.append(shlex.split(line)[1:])
+    return lines
+
+
+def test_the_readme_cluster_commands_run_or_parse(tmp_path, capsys):
+    """`cluster render` as the README writes it (only --out moved); the other cluster, submit and jobs
+    commands parse as written (tests/cluster/test_local_cluster.py and test_jobs.py run them)."""
+    renders = _readme_lines(("terrahash cluster render",))
+    assert {argv[argv.index("--target") + 1] for argv in renders} == {"kuberay", "launcher"}
+    for argv in renders:
+        argv[argv.index("--out") + 1] = str(tmp_path / argv[argv.index("--out") + 1])
+        assert main(argv) == 0, capsys.readouterr()
+    others = _readme_lines(("terrahash cluster", "terrahash submit", "terrahash jobs"))
+    assert {tuple(a[:2]) for a in others} >= {("cluster", "up"), ("cluster", "status"), ("cluster", "down"),
+                                              ("jobs", "list")} and any(a[0] == "submit" for a in others)
+    for argv in others:
+        build_parser().parse_args(argv)
