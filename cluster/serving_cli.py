@@ -222,7 +222,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         from serving.serve_config import serve_config
 
-        text = yaml.safe_dump(serve_config(settings, host=args.host, port=args.port), sort_keys=False)
+        text = yaml.safe_dump(serve_config(settings, host=args.host, port=args.port,
+                                           proxy_location=args.proxy_location), sort_keys=False)
         Path(args.render).write_text(_RENDER_HEADER + text)
         print(f"wrote the Serve config of {len(arms)} arm(s) to {args.render}: `serve deploy {args.render}`")
         return 0
@@ -488,6 +489,9 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
                        help="dataset folder, to print the class of each result of --query (default: the dataset "
                             "the index was built from, if it is still there)")
     serve.add_argument("--exit", action="store_true", help="stop once the --query answers are printed")
+    serve.add_argument("--proxy-location", choices=("EveryNode", "HeadOnly"), default="EveryNode",
+                       help="with --render: HTTP proxies on every node, or on the head only (several nodes on one "
+                            "machine share one port; default: %(default)s)")
     serve.add_argument("--render", metavar="FILE",
                        help="write the Serve config of these settings (every application) to FILE and exit")
     serve.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for readiness (default: %(default)s)")

@@ -21,3 +21,6 @@ def local_cluster(tmp_path_factory):
             yield json.loads((home / "cluster.json").read_text())
         finally:
             main(["cluster", "down"])
+
+
+from tests.serving.conftest import built_index, ucm_many  # noqa: E402,F401  (fixtures)
