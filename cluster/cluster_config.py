@@ -19,6 +19,12 @@ _FORBID = ConfigDict(extra="forbid")
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,40}[a-z0-9])?")  # a Kubernetes name (RFC 1123 label), short
 
 
+def _kubernetes_name(value: str, what: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not a short Kubernetes name (lowercase letters, digits, '-')")
+    return value
+
+
 class NodeType(BaseModel):
     """One kind of node: its resources and, for workers, how many the autoscaler may run."""
 
@@ -95,26 +101,17 @@ class ClusterConfig(BaseModel):
     @field_validator("name", "namespace")
     @classmethod
     def _kubernetes_name(cls, value: str) -> str:
-        if not _NAME.fullmatch(value):
-            raise ValueError(f"{value!r} is not a short Kubernetes name (lowercase letters, digits, '-')")
-        return value
+        return _kubernetes_name(value, "name")
 
-    @field_validator("workers")
+    @field_validator("workers", "jobs")
     @classmethod
-    def _worker_names(cls, value: dict) -> dict:
+    def _named_entries(cls, value: dict, info) -> dict:
         if not value:
-            raise ValueError("at least one worker type is needed")
-        for name in value:
-            if not _NAME.fullmatch(name):
-                raise ValueError(f"worker type {name!r} is not a short Kubernetes name")
-        return value
-
-    @field_validator("jobs")
-    @classmethod
-    def _job_names(cls, value: dict) -> dict:
-        for name, argv in value.items():
-            if not _NAME.fullmatch(name) or not argv:
-                raise ValueError(f"job {name!r}: needs a short Kubernetes name and a TerraHash subcommand")
+            raise ValueError(f"at least one entry is needed in {info.field_name}")
+        for name, entry in value.items():
+            _kubernetes_name(name, f"{info.field_name} entry")
+            if info.field_name == "jobs" and not entry:
+                raise ValueError(f"job {name!r} needs a TerraHash subcommand")
         return value
 
     def job_argv(self, name: str) -> list[str]:

@@ -549,12 +549,7 @@ class Router:
         key = (index.get("release"), item_id)
         data = self.thumbnails.get(key)
         if data is None:
-            shard = stable_shard(item_id, index["shard_count"]["images"])
-            handle = arm.backend.shards["images"][shard // index["shards_per_replica"]["images"]]
-            with call.timer("lookup"):
-                item = await self._call(handle, "item", call, item_id)
-            if item is None:
-                raise ApiError(404, "unknown_id", f"no indexed image has id {item_id!r}")
+            item = await self._ask_holder(arm, "item", item_id, call)
             properties = item.get("properties", {})
             source = properties.get("source") or index["refs"]["images"](item["row"], item["image_id"])
             try:
@@ -591,15 +586,19 @@ class Router:
         return self._faulty(arm, code, str(len(data)) + str(data[-64:]))
 
     async def _indexed_code(self, arm: Arm, image_id: str, call: Call) -> np.ndarray:
-        """The stored code of an indexed image: asked of the one shard group that holds it."""
+        """The stored code of an indexed image."""
+        return await self._ask_holder(arm, "code_of", image_id, call)
+
+    async def _ask_holder(self, arm: Arm, method: str, image_id: str, call: Call):
+        """``method(image_id)`` of the one shard group that holds the image; 404 when it does not know it."""
         index = arm.backend.index
         shard = stable_shard(image_id, index["shard_count"]["images"])
         handle = arm.backend.shards["images"][shard // index["shards_per_replica"]["images"]]
         with call.timer("lookup"):
-            code = await self._call(handle, "code_of", call, image_id)
-        if code is None:
+            found = await self._call(handle, method, call, image_id)
+        if found is None:
             raise ApiError(404, "unknown_id", f"no indexed image has id {image_id!r}")
-        return code
+        return found
 
     # --- searching ---
 
