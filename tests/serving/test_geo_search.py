@@ -25,7 +25,7 @@ from serving.items import ItemFilter  # noqa: E402
 from serving.stac import catalog_items  # noqa: E402
 from tests.serving.conftest import running_app  # noqa: E402
 from tests.serving.test_app import call, multipart, post_json  # noqa: E402
-from tests.serving.test_geo import PIXEL, _mosaic, from_origin, write_geotiff  # noqa: E402
+from tests.serving.test_geo import PIXEL, from_origin, write_geotiff  # noqa: E402
 
 N_PHOTOS = 24
 STEP = 0.01  # degrees between neighbouring photos' footprints
@@ -42,10 +42,12 @@ def _photos(ucm_many) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def archive(ucm_many, tmp_path_factory) -> dict:
-    """A plain folder: the first half of the photos and a GeoTIFF scene, and a CSV sidecar giving the photos'
-    classes, footprints and times (the scene's chips get theirs from the file)."""
+    """A plain folder: the first half of the photos and a GeoTIFF scene of four of them, and a CSV sidecar giving
+    the photos' classes, footprints and times (the scene's chips get theirs from the file)."""
     import csv
     import shutil
+
+    from PIL import Image
 
     folder = tmp_path_factory.mktemp("archive")
     (folder / "photos").mkdir()
@@ -54,8 +56,11 @@ def archive(ucm_many, tmp_path_factory) -> dict:
         shutil.copyfile(path, folder / "photos" / path.name)
         rows.append({"id": f"photos/{path.name}", "class": path.parent.name,
                      "bbox": ",".join(map(str, photo_bbox(i))), "datetime": f"2024-06-{1 + i % 12:02d}T12:00:00Z"})
-    write_geotiff(folder / "scene.tif", _mosaic(ucm_many, 2, 2), "EPSG:4326", from_origin(-117.0, 34.0, PIXEL, PIXEL),
-                  when="2024:07:01 09:00:00")
+    # The folder's first four photos again, as one georeferenced 2 x 2 scene: each 256-pixel chip is one of them.
+    tiles = [np.asarray(Image.open(p).convert("RGB").resize((256, 256))) for p in _photos(ucm_many)[:4]]
+    mosaic = np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)], axis=0)
+    write_geotiff(folder / "scene.tif", np.ascontiguousarray(mosaic.transpose(2, 0, 1)), "EPSG:4326",
+                  from_origin(-117.0, 34.0, PIXEL, PIXEL), when="2024:07:01 09:00:00")
     sidecar = folder.parent / f"{folder.name}.csv"
     with open(sidecar, "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=list(rows[0]))
