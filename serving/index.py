@@ -254,14 +254,15 @@ class Shard:
         """Exact filtered search: the shard's own flat index restricted to the passing items by a faiss
         IDSelector (exact kinds), or a flat index over their codes (approximate kinds, whose own
         search would not be exact). Ties as always: (distance, row)."""
-        passing = self.matching(where)
+        mask = where.mask(self.meta, len(self))
+        passing = np.flatnonzero(mask)
         if not len(passing):
             return np.empty((len(queries), 0), np.int32), np.empty((len(queries), 0), np.int64)
         k = min(k, len(passing))
         if not self.kind.exact:
             subset = build_faiss_index(self.codes[passing], self.bits)
             return self._search_exact(queries, k, subset, self.rows[passing])
-        bitmap = np.packbits(where.mask(self.meta, len(self)), bitorder="little")
+        bitmap = np.packbits(mask, bitorder="little")
         selector = faiss.IDSelectorBitmap(len(self), faiss.swig_ptr(bitmap))
         params = faiss.SearchParameters(sel=selector)
         return self._search_exact(queries, k, params=params, size=len(passing))
