@@ -12,6 +12,12 @@ from serving.thumbnails import thumbnail_path
 DESCRIBED = ("bbox", "datetime", "start_datetime", "end_datetime", "properties")  # serving.items.describe
 
 
+def item_image(item: dict, refs) -> str:
+    """Where an item's image is: its properties' ``source`` (a STAC asset, a chip of a scene elsewhere), else
+    ``refs(row, image_id)`` (serving.index.ImageRefs)."""
+    return (item.get("properties") or {}).get("source") or refs(int(item["row"]), str(item["image_id"]))
+
+
 def merge_hits(answers: list[dict], k: int, bits: int, refs, with_codes: bool = False) -> list[dict]:
     """Per-shard answers of one query -> the global top-k as result dicts, ordered by (distance, row).
 
@@ -32,11 +38,8 @@ def merge_hits(answers: list[dict], k: int, bits: int, refs, with_codes: bool = 
             break  # fewer than k items in the whole index
         item_id, image_id, code, text, meta = by_row[row]
         hit = {"id": str(item_id), "row": int(row), "distance": int(distance), "score": 1.0 - distance / bits,
-               "image_id": str(image_id), "image": refs(int(row), str(image_id)),
-               "thumbnail": thumbnail_path(str(image_id))}
-        if meta:  # serving.items.describe: bbox, datetime, properties (whose "source" is the image, if any)
-            hit.update(meta)
-            hit["image"] = meta["properties"].get("source", hit["image"])
+               "image_id": str(image_id), **(meta or {})}  # serving.items.describe: bbox, datetime, properties
+        hit.update(image=item_image(hit, refs), thumbnail=thumbnail_path(str(image_id)))
         if text is not None:
             hit["text"] = str(text)  # a caption index's words
         if with_codes:

@@ -37,7 +37,7 @@ from serving.api import (CAPTION_BODY, IMAGE_BODY, ITEMS_BODY, TEXT_BODY, ApiErr
                          parse_body, parse_choice, parse_filter, parse_k, read_json, wants_stac)
 from serving.codes import pack_signs
 from serving.index import stable_shard
-from serving.ranking import asymmetric_rerank, fuse, merge_hits
+from serving.ranking import asymmetric_rerank, fuse, item_image, merge_hits
 from serving.settings import FUSION_RULES, RERANK_MODES, check_hot_settings
 from serving.shards import ShardNotReady
 from serving.stac import item_collection
@@ -527,8 +527,8 @@ class Router:
                                             for h in arm.backend.shards["images"]])
             found = sorted((item for page in pages for item in page["items"]), key=lambda item: item["id"])
             refs = arm.backend.index["refs"]["images"]
-            results = [{**item, "image": item.get("properties", {}).get("source") or refs(item["row"], item["image_id"]),
-                        "thumbnail": thumbnail_path(item["image_id"])} for item in found[:limit]]
+            results = [{**item, "image": item_image(item, refs), "thumbnail": thumbnail_path(item["image_id"])}
+                       for item in found[:limit]]
             more = len(found) > limit  # each group was asked for limit + 1: more exist exactly when this holds
             return {"query": {"bbox": params["bbox"], "datetime": params["datetime"]}, "limit": limit,
                     "matched": sum(page["matched"] for page in pages), "results": results,
@@ -550,11 +550,10 @@ class Router:
         data = self.thumbnails.get(key)
         if data is None:
             item = await self._ask_holder(arm, "item", item_id, call)
-            properties = item.get("properties", {})
-            source = properties.get("source") or index["refs"]["images"](item["row"], item["image_id"])
+            source = item_image(item, index["refs"]["images"])
             try:
                 data = await asyncio.get_running_loop().run_in_executor(self.decoder, make_thumbnail, source,
-                                                                        properties)
+                                                                        item.get("properties", {}))
             except (OSError, ValueError) as err:
                 raise ApiError(502, "source_unreadable", f"the image of {item_id!r} cannot be read from the "
                                                          f"archive: {err}") from None
