@@ -17,11 +17,13 @@ Durability and exclusivity, the two promises index versions and releases are bui
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -276,3 +278,71 @@ def open_root(uri: str | Path, endpoint_url: str | None = None) -> ArtifactRoot:
     if "://" in text:
         raise ValueError(f"unsupported artifact root {text!r}: use a local folder or s3://bucket/prefix")
     return LocalRoot(text)
+
+
+# --- folders a job writes or reads, wherever they are -------------------------------------------------
+
+
+def is_remote(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_uri(uri: str) -> tuple[ArtifactRoot, str]:
+    """(the root of ``uri``'s parent, its last name): ``s3://b/runs/x`` -> (S3Root(s3://b/runs), "x")."""
+    parent, _, name = str(uri).rstrip("/").rpartition("/")
+    if not name or parent in ("s3:", "s3:/"):
+        raise ValueError(f"{uri!r}: name a folder under a bucket, like s3://bucket/runs/name")
+    return open_root(parent), name
+
+
+@contextlib.contextmanager
+def output_folder(uri: str | Path):
+    """Where a job writes outputs that later steps read. A folder is used as it is; for ``s3://``, the
+    job writes to a local staging folder that is uploaded (``put_dir``, checksummed, manifest last)
+    when the block ends without an error, so a failed job publishes nothing."""
+    if not is_remote(uri):
+        folder = Path(uri)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    root, name = split_uri(str(uri))
+    staging = Path(tempfile.mkdtemp(prefix="terrahash-out-"))
+    try:
+        yield staging
+        root.put_dir(staging, name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def fetch_folder(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A local folder with the content of ``uri``: a folder as it is; for ``s3://``, a copy checked
+    against its manifest, kept in ``cache_dir`` (a fresh temp folder when None) as
+    ``<manifest hash>/<name>`` (it keeps its name), downloaded again only when the content changed."""
+    if not is_remote(uri):
+        folder = Path(uri)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{uri}: no such folder")
+        return folder
+    root, name = split_uri(str(uri))
+    try:
+        manifest = root.read_bytes(f"{name}/{MANIFEST}")
+    except (FileNotFoundError, KeyError):
+        raise ArtifactError(f"{uri}: no {MANIFEST} there (not written by TerraHash, or not finished)") from None
+    if cache_dir is None:
+        return root.get_dir(name, Path(tempfile.mkdtemp(prefix="terrahash-in-")) / name)
+    target = Path(cache_dir).expanduser() / hashlib.sha256(manifest).hexdigest()[:20] / name
+    if (target / MANIFEST).is_file() and (target / MANIFEST).read_bytes() == manifest:
+        return target
+    temp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL}")
+    temp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.get_dir(name, temp)
+        (temp / MANIFEST).write_bytes(manifest)  # written last: it marks the copy complete
+        try:
+            os.rename(temp, target)
+        except OSError:  # another process finished the same copy first
+            if not (target / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return target

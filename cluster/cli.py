@@ -51,8 +51,11 @@ def _train(args: argparse.Namespace) -> int:
         d.use_gpu = args.device == "cuda"
     check(config)  # the flags are held to the config's types and ranges, like the file
     eval_split = None if args.eval_split == "none" else args.eval_split
-    metrics = run_training(config, args.data, out, cache_dir=cache_dir, skip_bad_images=args.skip_bad_images,
-                           eval_split=eval_split)
+    from cluster.artifacts import output_folder
+
+    with output_folder(out) as folder:  # s3://: staged here, uploaded once the run has succeeded
+        metrics = run_training(config, args.data, folder, cache_dir=cache_dir, skip_bad_images=args.skip_bad_images,
+                               eval_split=eval_split)
     print(f"trained {config.name} at {config.train.bits} bits ({config.train.schedule} schedule) in "
           f"{metrics['train_seconds']} s; best val epoch {metrics['best_epoch']}; checkpoint in {out}")
     if metrics["mlflow_run_id"]:
@@ -88,8 +91,14 @@ def _distill(args: argparse.Namespace) -> int:
     if args.tracking_uri is not None:
         config.tracking.tracking_uri = args.tracking_uri
     check(config, "distill")
+    if args.out is None and str(args.teacher).startswith("runs:/"):
+        raise ValueError("give --out for a runs:/ teacher (its default, TEACHER/students, is a folder or s3:// path)")
     out = args.out or f"{str(args.teacher).rstrip('/')}/students"
-    metrics = run_distillation(args.teacher, config, args.data, out, cache_dir=None if args.no_cache else args.cache_dir)
+    from cluster.artifacts import output_folder
+
+    with output_folder(out) as folder:
+        metrics = run_distillation(args.teacher, config, args.data, folder,
+                                   cache_dir=None if args.no_cache else args.cache_dir)
     ratios = metrics["parity"]["map_ratio"]
     print(f"students in {out}/onnx; test mAP of the fp32 students relative to the teacher: "
           f"image-to-image {ratios['fp32']['image_to_image']:.4f}, text-to-image {ratios['fp32']['text_to_image']:.4f}")
@@ -154,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="YAML config file, or a shipped config name: fast_split (the default of the demo: "
                             "frozen backbones, a code with class and instance bits, minutes on a CPU), fast "
                             "(class codes only), fast_instance, or full (fine-tuned backbones, for a GPU)")
-    train.add_argument("--out", help="output folder (default: runs/<config>-<bits>)")
+    train.add_argument("--out", help="output folder, or s3://bucket/prefix/NAME in the artifact root (written once the "
+                                     "run has succeeded; $AWS_ENDPOINT_URL for an S3-compatible store); default: "
+                                     "runs/<config>-<bits>")
     train.add_argument("--bits", type=int, help="code length, overriding the config (a multiple of 8 from 8 to 1024)")
     train.add_argument("--epochs", type=int, help="number of epochs, overriding the config")
     train.add_argument("--seed", type=int, help="random seed, overriding the config")
@@ -231,10 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "and int8) with their spec files; check their bits and mAP against the torch "
                                          "students and the teacher on the test split; log and register them in MLflow.")
     distill.add_argument("--teacher", required=True,
-                         help="a `terrahash train` output folder, or runs:/<MLflow run id> of a tracked training run")
+                         help="a `terrahash train` output: its folder, its s3:// URI, or runs:/<MLflow run id> of a "
+                              "tracked training run")
     distill.add_argument("--config", default="default",
                          help="distillation YAML file, or a shipped config name (default: %(default)s)")
-    distill.add_argument("--out", help="output folder (default: TEACHER/students)")
+    distill.add_argument("--out", help="output folder or s3:// URI (default: TEACHER/students)")
     distill.add_argument("--workers", type=int, default=None,
                          help="train the students as a Ray Train job on N workers (default: the config's, 0: one process)")
     distill.add_argument("--no-track", action="store_true", help="do not log to MLflow nor register the students")

@@ -60,7 +60,7 @@ def index_app(args: dict):
     for collection, manifest in manifests.items():
         groups[collection] = [_shard_deployment(settings, manifest, group, reports) for group in groups[collection]]
     info = {"index": settings.index, "release": served.get("release"), "model_version": images["model_version"],
-            "model": _served_model(served), "code_space": images.get("code_space"), "bits": images["bits"],
+            "model": _served_model(served, settings.index), "code_space": images.get("code_space"), "bits": images["bits"],
             "index_version": {name: m["version"] for name, m in manifests.items()},
             "shards": {name: [f"{name}/{m['version']}/{e['name']}" for e in m["shards"]]
                        for name, m in manifests.items()},
@@ -72,11 +72,11 @@ def index_app(args: dict):
         info, [g for gs in groups.values() for g in gs], reports)
 
 
-def _served_model(served: dict) -> str | None:
-    """What the index was built with: its registered model version, else the recorded folder."""
+def _served_model(served: dict, root: str | None = None) -> str | None:
+    """What the index in ``root`` was built with: its registered model version, else its copy of the model."""
     from serving.build import served_model
 
-    return served_model(served)
+    return served_model(served, root)
 
 
 def model_app(args: dict):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +47,13 @@ PLACE_AND_TIME = ("bbox", "datetime", "start_datetime", "end_datetime", "source"
 
 
 def resolve_model(version_or_dir: str | Path, models_root: str | Path = "runs") -> Path:
-    """A model version folder: ``version_or_dir`` itself if it is a folder, else the exported students
-    of run ``<models_root>/<version>`` (``students/onnx``, the export's default place)."""
+    """A model version folder: ``version_or_dir`` itself if it is a folder (or an ``s3://`` folder of
+    the artifact root, fetched and checked), else the exported students of run ``<models_root>/<version>``
+    (``students/onnx``, the export's default place)."""
+    if str(version_or_dir).startswith("s3://"):
+        from serving.registry import fetch_model
+
+        return fetch_model(str(version_or_dir))
     path = Path(version_or_dir)
     candidates = [path, Path(models_root) / str(version_or_dir) / "students" / "onnx",
                   Path(models_root) / str(version_or_dir)]
@@ -78,10 +84,28 @@ def model_version_label(model_dir: Path, image_spec: Path, name: str | None = No
     return f"{name or model_dir.name}@{load_spec(image_spec).data['model_sha256'][:12]}"
 
 
-def served_model(release_or_manifests: dict) -> str:
+MODELS = "models"  # where an index root keeps copies of the unregistered models its indexes were built with
+
+
+def publish_model(out: str, model_dir: Path, label: str) -> str:
+    """Copy a model folder into the index's artifact root (``models/<sha>/<name>``, once per model: the
+    folder keeps its name, which is part of the model version's label) and return its key there, so
+    that every node that reads the index finds its model too."""
+    from cluster.artifacts import MANIFEST, open_root
+
+    name, _, digest = label.rpartition("@")
+    key = f"{MODELS}/{digest}/{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'model'}"
+    root = open_root(out)
+    if not root.exists(f"{key}/{MANIFEST}"):
+        root.put_dir(model_dir, key)
+    return key
+
+
+def served_model(release_or_manifests: dict, root: str | None = None) -> str:
     """What serving loads when no model is given: ``models:/NAME/VERSION`` when the release (or its image
-    manifest) records a registered version, else the model folder the index was built from (older
-    indexes). Takes a release file, resolve_release's answer, or {"images": manifest, ...}."""
+    manifest) records a registered version, else the copy of the model in the index's artifact ``root``
+    (``extra.model_files``), else the model folder an older index recorded. Takes a release file,
+    resolve_release's answer, or {"images": manifest, ...}."""
     record = release_or_manifests
     model = record.get("model")
     images = record.get("images") if isinstance(record.get("images"), dict) else None
@@ -89,6 +113,13 @@ def served_model(release_or_manifests: dict) -> str:
         model = images["extra"].get("model")
     if model:
         return model["uri"]
+    key = images.get("extra", {}).get("model_files") if images is not None else None
+    if key:
+        if root is None:
+            raise ValueError("the index keeps its model in its artifact root: say which root")
+        from cluster.artifacts import open_root
+
+        return f"{open_root(root).uri}/{key}"
     folder = images.get("extra", {}).get("model_dir") if images is not None else None
     if not folder:
         raise ValueError(f"release {record.get('release', '?')} records neither a registered model nor a model "
@@ -358,8 +389,9 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
     bits = load_spec(image_spec).bits
     _ensure_ray(address)
     codes, items, skipped = _encode_items(image_spec, items, batch_size, skip_bad_images)
-    extra = {"model_dir": str(model_dir), "image_spec": image_spec.name, "dataset": source,
-             "image_root": str(items.image_root), **({"model": registered} if registered else {})}
+    # where the model is for later steps (index add, serving) on any node: the registry, else a copy in the root
+    where = {"model": registered} if registered else {"model_files": publish_model(out, model_dir, label)}
+    extra = {"image_spec": image_spec.name, "dataset": source, "image_root": str(items.image_root), **where}
     common = {"model_version": label, "code_space": code_space, "image_root": str(items.image_root)}
     manifests = {"images": build_index(codes, items.image_ids, bits, n_shards, out, factory, collection="images",
                                        extra={**extra, **items.extra, **_skipped(skipped)},
@@ -406,7 +438,9 @@ def add_images(data: str | Path | None, out: str, *, base_release: str | None = 
     if registered:
         model_dir, _, ref = _fetch(registered["uri"], tracking_uri, model_cache or DEFAULT_CACHE)
     else:
-        model_dir = Path(manifest["extra"]["model_dir"])
+        from serving.registry import fetch_model
+
+        model_dir = fetch_model(served_model(base, out), model_cache or DEFAULT_CACHE)
     image_spec = model_dir / manifest["extra"]["image_spec"]
     name = registered and f"{registered['name']}/{registered['version']}"
     if model_version_label(model_dir, image_spec, name) != manifest["model_version"]:

@@ -18,7 +18,7 @@ def load_model(model: str | None, index: str | None, release: str | None, varian
 
         if not index:
             raise ValueError("no model given, and no index whose release names one")
-        model = _served_model(resolve_release(index, release))
+        model = _served_model(resolve_release(index, release), index)
         if not model:
             raise ValueError(f"release {release or 'latest'} of {index} records no model; give one")
     registered = None

@@ -171,7 +171,8 @@ def fetch_model(uri, cache_dir: str | Path = DEFAULT_CACHE, tracking_uri: str | 
                 verify: str = "size") -> Path:
     """A local folder holding the model version's ONNX files and specs.
 
-    ``uri``: a folder (returned as it is, after checking that it exists), ``models:/NAME/VERSION``,
+    ``uri``: a folder (returned as it is, after checking that it exists), an ``s3://`` folder written by
+    ``ArtifactRoot.put_dir`` (fetched into ``cache_dir/s3``, checked against its manifest), ``models:/NAME/VERSION``,
     ``models:/NAME@ALIAS`` or a ModelRef. A registered version is downloaded once per machine into
     ``cache_dir/<name>/<version>/`` (see the module's fetch rule); ``verify`` ("size" or "sha256") is
     how a copy already there is re-checked before it is reused.
@@ -179,6 +180,10 @@ def fetch_model(uri, cache_dir: str | Path = DEFAULT_CACHE, tracking_uri: str | 
     if verify not in ("size", "sha256"):
         raise ValueError(f"verify must be 'size' or 'sha256', got {verify!r}")
     ref = uri if isinstance(uri, ModelRef) else resolve_model(uri, tracking_uri)
+    if not ref.registered and ref.source.startswith("s3://"):  # a folder of an artifact root
+        from cluster.artifacts import fetch_folder
+
+        return fetch_folder(ref.source, Path(cache_dir).expanduser() / "s3")
     if not ref.registered:
         folder = Path(ref.source)
         if not folder.is_dir():

@@ -30,23 +30,34 @@ HELD_OUT = 64  # val images that pick the int8 image variant and check the fp32 
 
 
 def resolve_teacher(teacher: str | Path, tracking_uri: str | None = None) -> Path:
-    """A teacher run folder, or ``runs:/<run id>`` of a tracked training run (its checkpoint and
-    config are downloaded from MLflow)."""
+    """A local folder holding the teacher: a run folder; ``s3://.../RUN`` written by ``terrahash train
+    --out s3://...`` (downloaded and checked against its manifest); or ``runs:/<run id>`` of a tracked
+    training run (its checkpoint and config are downloaded from MLflow)."""
     text = str(teacher)
-    if not text.startswith("runs:/"):
-        folder = Path(text)
-        if not (folder / "checkpoint.pt").is_file():
-            raise FileNotFoundError(f"teacher {text!r}: no checkpoint.pt there (give a `terrahash train` output "
-                                    "folder or runs:/<MLflow run id>)")
-        return folder
-    from mlflow import MlflowClient
+    if text.startswith("s3://"):
+        from cluster.artifacts import fetch_folder
 
-    run_id = text[len("runs:/"):].strip("/")
-    client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
-    local = Path(tempfile.mkdtemp(prefix="terrahash-teacher-"))
-    for name in ("checkpoint.pt", "config.yaml", "metrics.json"):
-        client.download_artifacts(run_id, name, str(local))
-    return local
+        folder = fetch_folder(text)
+    elif not text.startswith("runs:/"):
+        folder = Path(text)
+    else:
+        from mlflow import MlflowClient
+
+        run_id = text[len("runs:/"):].strip("/")
+        client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
+        folder = Path(tempfile.mkdtemp(prefix="terrahash-teacher-"))
+        for name in ("checkpoint.pt", "config.yaml", "metrics.json"):
+            client.download_artifacts(run_id, name, str(folder))
+    if not (folder / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"teacher {text!r}: no checkpoint.pt there (give a `terrahash train` output "
+                                "folder, its s3:// copy, or runs:/<MLflow run id>)")
+    return folder
+
+
+def _portable(teacher: str | Path, teacher_dir: Path) -> str:
+    """How a Ray Train worker, on any node, finds the teacher: its URI, or the (absolute) folder."""
+    text = str(teacher)
+    return text if text.startswith(("s3://", "runs:/")) else str(teacher_dir.resolve())
 
 
 def distill_loop_per_worker(loop_config: dict) -> None:
@@ -56,28 +67,31 @@ def distill_loop_per_worker(loop_config: dict) -> None:
     from .students import distill_config_from_dict
 
     context = RayContext()
+    config = distill_config_from_dict(loop_config["config"])
     with worker_output(loop_config, context) as out:
-        distill(loop_config["teacher"], distill_config_from_dict(loop_config["config"]), loop_config["data_dir"], out,
-                cache_dir=loop_config["cache_dir"], progress=context.is_chief, context=context)
+        teacher = resolve_teacher(loop_config["teacher"], config.tracking.tracking_uri or None)
+        distill(teacher, config, loop_config["data_dir"], out, cache_dir=loop_config["cache_dir"],
+                progress=context.is_chief, context=context)
 
 
-def train_students(teacher_dir: Path, config: DistillConfig, data_dir, out: Path, cache_dir) -> dict:
-    """The students' training, in this process or on ``config.distributed.num_workers`` Ray Train workers."""
+def train_students(teacher_dir: Path, config: DistillConfig, data_dir, out: Path, cache_dir,
+                   teacher: str | Path | None = None) -> dict:
+    """The students' training, in this process or on ``config.distributed.num_workers`` Ray Train workers
+    (which fetch the ``teacher`` URI themselves when it is one: the driver's copy is on its disk only)."""
     from .distill import distill
 
     d = config.distributed
     if d.num_workers == 0:
         return distill(teacher_dir, config, data_dir, out, cache_dir=cache_dir)
     from .config import to_dict
-    from .distributed import init_ray, run_on_ray
+    from .distributed import final_outputs, init_ray, run_on_ray
 
     init_ray(config)
-    loop_config = {"teacher": str(teacher_dir.resolve()), "config": to_dict(config),
-                   "data_dir": str(Path(data_dir).resolve()), "out_dir": str(out.resolve()),
+    loop_config = {"teacher": _portable(teacher or teacher_dir, teacher_dir), "config": to_dict(config),
+                   "data_dir": str(Path(data_dir).resolve()),
                    "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
                    "threads_per_worker": d.cpus_per_worker, "cwd": os.getcwd()}
-    run_on_ray(distill_loop_per_worker, loop_config, d, d.num_workers, config.name)
-    return json.loads((out / "metrics.json").read_text())
+    return final_outputs(run_on_ray(distill_loop_per_worker, loop_config, d, d.num_workers, config.name), out)
 
 
 def _export_sets(dataset) -> tuple[list[Path], list[Path]]:
@@ -119,7 +133,7 @@ def run_distillation(teacher: str | Path, config: DistillConfig, data_dir, out_d
         if tracker.run_id:
             tracker.client.set_tag(tracker.run_id, "teacher.run_id", teacher_run or "unknown")
             tracker.client.set_tag(tracker.run_id, "teacher.source", str(teacher))
-        metrics = train_students(teacher_dir, config, data_dir, out, cache_dir)
+        metrics = train_students(teacher_dir, config, data_dir, out, cache_dir, teacher)
         calibration, held_out = _export_sets(dataset)
         exported = export_students(out, calibration_images=calibration, held_out_images=held_out)
         reports = parity_reports(teacher_dir, out, data_dir, cache_dir, splits=tuple(dict.fromkeys(("val", parity_split))))

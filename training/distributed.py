@@ -2,8 +2,10 @@
 
 ``fit_distributed`` starts (or joins) Ray, runs ``train_loop_per_worker`` on each worker through
 ``TorchTrainer``, and leaves the chief's checkpoint, config and metrics in ``out_dir``. Every
-evaluated epoch is also reported to Ray Train as a checkpoint under the run's storage path, so
-the outputs survive on shared storage in a real cluster.
+evaluated epoch is reported to Ray Train as a checkpoint under the run's storage path, and the
+chief's whole output folder as the run's last one (``FINAL``): the driver takes the outputs from
+there, never from the chief's disk, so the driver and the chief may be on different machines
+(the storage path must then be one every node reaches: s3:// or a shared folder).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from .snapshots import RemoteSnapshots
 from .train import OUTPUTS, LoopContext, copy_outputs, fit
 
 RESUME = "resume.pt"  # shared training state in a reported checkpoint
+FINAL = "final"  # the name of the last reported checkpoint: the chief's output folder as it ends
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,18 @@ class RayContext(LoopContext):
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                              checkpoint_dir_name=f"{name}-{epoch:04d}")
 
+    def report_outputs(self, out: Path) -> None:
+        """The chief's whole output folder as the run's last checkpoint (``FINAL``), which the driver
+        downloads. Every worker calls it (a barrier); only the chief's carries files."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="terrahash-final-") as folder:
+            checkpoint = None
+            if self.is_chief:
+                shutil.copytree(out, folder, dirs_exist_ok=True)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({"final": 1}, checkpoint=checkpoint, checkpoint_dir_name=FINAL)
+
     def resume(self):
         """The latest reported checkpoint, when Ray Train restarted this worker group after a failure."""
         import ray.train
@@ -74,6 +89,9 @@ class RayContext(LoopContext):
         local = Path(tempfile.mkdtemp(prefix="terrahash-resume-"))
         with checkpoint.as_directory() as folder:
             shutil.copytree(folder, local, dirs_exist_ok=True)
+        if not (local / RESUME).exists():  # the final checkpoint: the group failed as it was finishing
+            log.warning("the last checkpoint holds no training state; the job starts again from the beginning")
+            return None
         shared = torch.load(local / RESUME, map_location="cpu", weights_only=False)
         own_file = local / f"rank{self.rank}.pt"
         if not own_file.exists():  # the checkpoint was written by fewer workers than there are now
@@ -83,21 +101,36 @@ class RayContext(LoopContext):
 
 
 @contextlib.contextmanager
-def worker_output(loop_config: dict, context: LoopContext):
-    """Set a Ray Train worker up like the driver (its working directory, so that relative defaults
-    such as the embedded MLflow store mean the same place; torch threads as reserved) and yield the
-    folder it writes to: the job's output for the chief; for the others, whose files nobody reads,
-    a scratch folder removed afterwards."""
-    os.chdir(loop_config["cwd"])
+def worker_output(loop_config: dict, context: RayContext):
+    """Set a Ray Train worker up like the driver (its working directory when this machine has it, so
+    that relative defaults such as the embedded MLflow store mean the same place; torch threads as
+    reserved) and yield a scratch folder to write to. When the loop returns, the chief's folder is
+    reported as the run's last checkpoint (``report_outputs``); the scratch folders are removed."""
+    if Path(loop_config["cwd"]).is_dir():
+        os.chdir(loop_config["cwd"])
     torch.set_num_threads(max(1, int(loop_config["threads_per_worker"])))
-    if context.is_chief:
-        yield Path(loop_config["out_dir"])
-        return
     scratch = Path(tempfile.mkdtemp(prefix=f"terrahash-rank{context.rank}-"))
     try:
         yield scratch
+        context.report_outputs(scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def final_outputs(result, out: Path) -> dict:
+    """Download the run's last checkpoint (the chief's outputs, ``report_outputs``) into ``out`` and
+    return its metrics.json, with ``ray_checkpoint`` naming where the checkpoint is stored."""
+    import json
+
+    checkpoint = result.checkpoint
+    if checkpoint is None or Path(checkpoint.path).name != FINAL:
+        raise RuntimeError(f"the Ray Train run ended without reporting its outputs (last checkpoint: "
+                           f"{checkpoint.path if checkpoint else None})")
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.to_directory(str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["ray_checkpoint"] = checkpoint.path
+    return metrics
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -192,12 +225,11 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
     """Train as a Ray Train job as ``config.distributed`` says; returns the chief's metrics (as ``fit`` does).
 
     Ray starts locally unless ``distributed.address`` (or ``$RAY_ADDRESS``) names a running cluster.
-    Paths are made absolute so that workers, which run in other processes, find them. ``role``,
+    Input paths are made absolute so that workers, which run in other processes, find them (on a
+    cluster: a path every node mounts); the outputs come back through Ray Train's storage. ``role``,
     ``parent_run_id`` and ``snapshots`` (the (name, namespace) of a SnapshotStore actor) are passed
     on to ``fit``; ``num_workers`` overrides ``distributed.num_workers``.
     """
-    import json
-
     d = config.distributed
     workers = d.num_workers if num_workers is None else num_workers
     if workers < 1:
@@ -208,7 +240,6 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
     loop_config = {
         "config": to_dict(config),
         "data_dir": str(Path(data_dir).resolve()),
-        "out_dir": str(out),
         "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
         "skip_bad_images": skip_bad_images,
         "threads_per_worker": d.cpus_per_worker,
@@ -218,7 +249,4 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
         "snapshots": snapshots,
     }
     name = f"{config.name}-{config.train.bits}bits-{role}"
-    result = run_on_ray(train_loop_per_worker, loop_config, d, workers, name)
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    return metrics
+    return final_outputs(run_on_ray(train_loop_per_worker, loop_config, d, workers, name), out)

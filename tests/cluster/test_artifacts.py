@@ -130,3 +130,36 @@ def test_local_writes_use_their_own_temp_names(tmp_path, monkeypatch):
     root.write_bytes("a/b.json", b"2")
     assert len(set(seen)) == 2 and all(name.startswith(".b.json.") and name.endswith(".partial") for name in seen)
     assert root.read_bytes("a/b.json") == b"2"
+
+
+def test_a_job_output_on_s3_is_published_only_when_the_job_succeeds(s3_endpoint, monkeypatch, tmp_path):
+    from cluster.artifacts import ArtifactError, fetch_folder, output_folder
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    with pytest.raises(RuntimeError, match="boom"):
+        with output_folder("s3://terrahash-test/jobs/failed") as folder:
+            (folder / "checkpoint.pt").write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert open_root("s3://terrahash-test/jobs").list("failed") == []  # nothing half-published
+    with pytest.raises(ArtifactError, match="no MANIFEST"):
+        fetch_folder("s3://terrahash-test/jobs/failed")
+
+    with output_folder("s3://terrahash-test/jobs/run1") as folder:
+        assert folder.is_dir() and "s3:" not in str(folder)
+        (folder / "checkpoint.pt").write_bytes(b"weights")
+        (folder / "onnx").mkdir()
+        (folder / "onnx" / "image.json").write_text("{}")
+    assert not folder.exists()  # the staging folder is gone
+    cache = tmp_path / "cache"
+    first = fetch_folder("s3://terrahash-test/jobs/run1", cache)
+    assert first.name == "run1" and (first / "checkpoint.pt").read_bytes() == b"weights"
+    assert (first / "onnx" / "image.json").read_text() == "{}"
+    assert fetch_folder("s3://terrahash-test/jobs/run1", cache) == first  # reused, not fetched again
+
+    with output_folder("s3://terrahash-test/jobs/run1") as folder:  # the job writes it again
+        (folder / "checkpoint.pt").write_bytes(b"better weights")
+    second = fetch_folder("s3://terrahash-test/jobs/run1", cache)
+    assert second != first and (second / "checkpoint.pt").read_bytes() == b"better weights"
+    with pytest.raises(ValueError, match="under a bucket"):
+        with output_folder("s3://terrahash-test"):
+            pass

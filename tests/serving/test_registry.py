@@ -193,7 +193,14 @@ def test_index_build_from_the_registry_records_the_model_and_tags_the_version(lo
     tags = resolve_model(model["uri"], registered["uri"]).tags
     assert [e["release"] for e in json.loads(tags[INDEX_RELEASES_TAG])] == ["r0001", "r0002"]
 
-    # An index built from a folder (as before the registry) serves that folder.
-    old = build_indexes(model_dir, subset, 1, str(tmp_path / "old"), batch_size=32, captions=False)
-    assert "model" not in old["release"]
-    assert served_model(resolve_release(tmp_path / "old")) == str(model_dir.resolve())
+    # An index built from a folder keeps a checked copy of it in its own root, and serves that copy,
+    # so that no manifest names a folder of the build machine.
+    old_root = tmp_path / "old"
+    old = build_indexes(model_dir, subset, 1, str(old_root), batch_size=32, captions=False)
+    assert "model" not in old["release"] and "model_dir" not in old["images"]["extra"]
+    copy = Path(served_model(resolve_release(old_root), str(old_root)))
+    assert copy.parent.parent == (old_root / "models").resolve() and copy.name == model_dir.name
+    assert sorted(p.name for p in copy.iterdir() if p.name != "MANIFEST.json") == sorted(
+        p.name for p in model_dir.iterdir())
+    with pytest.raises(ValueError, match="artifact root"):
+        served_model(resolve_release(old_root))
