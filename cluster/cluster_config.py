@@ -95,6 +95,7 @@ class ClusterConfig(BaseModel):
     launcher: Launcher = Field(default_factory=Launcher)
     serve_settings: str = "serving/serve.yaml"  # the Serve settings the RayService is rendered from
     jobs: dict[str, list[str]]  # name: the TerraHash subcommand and its arguments; "{artifact_root}" filled in
+    job_workers: dict[str, str] = Field(default_factory=dict)  # job: the worker type its Ray Train workers run on
     job_backoff_limit: int = Field(2, ge=0, le=20)  # RayJob: retries, each on a fresh cluster
     job_ttl_s: int = Field(3600, ge=0)  # RayJob: how long a finished job's cluster is kept
 
@@ -114,6 +115,23 @@ class ClusterConfig(BaseModel):
                 raise ValueError(f"job {name!r} needs a TerraHash subcommand")
         return value
 
+    @model_validator(mode="after")
+    def _job_workers(self):
+        for job, type_name in self.job_workers.items():
+            if job not in self.jobs:
+                raise ValueError(f"job_workers names job {job!r}, which is not in jobs ({', '.join(self.jobs)})")
+            if type_name not in self.workers:
+                raise ValueError(f"job_workers: job {job!r} runs on worker type {type_name!r}, which is not in "
+                                 f"workers ({', '.join(self.workers)})")
+        return self
+
+    def workers_env(self, type_name: str | None) -> dict[str, str]:
+        """The environment that puts a job's Ray Train workers on worker type ``type_name`` (None: any worker)."""
+        if type_name is None:
+            return workers_env(None)
+        node = self.workers[type_name]
+        return workers_env(type_name, node.cpus, node.gpus)
+
     def job_argv(self, name: str) -> list[str]:
         """The job's arguments with ``{artifact_root}`` filled in."""
         return [word.replace("{artifact_root}", self.artifact_root.rstrip("/")) for word in self.jobs[name]]
@@ -121,6 +139,19 @@ class ClusterConfig(BaseModel):
     def job_env(self) -> dict[str, str]:
         """The environment every job runs in: ``env`` plus the tracking URI (what ``runtime_env`` adds on top)."""
         return {"MLFLOW_TRACKING_URI": self.tracking_uri, **self.env}
+
+
+def workers_env(type_name: str | None, cpus: int = 0, gpus: int = 0) -> dict[str, str]:
+    """``{"TERRAHASH_WORKERS": JSON}``: the node resource of worker type ``type_name`` (None: any worker node)
+    and its CPUs and GPUs, which training.distributed.apply_worker_type turns into Ray Train's resources."""
+    import json
+
+    from cluster.local_cluster import WORKER_RESOURCE, WORKER_TYPE_RESOURCE
+
+    if type_name is None:
+        return {"TERRAHASH_WORKERS": json.dumps({"resource": WORKER_RESOURCE})}
+    return {"TERRAHASH_WORKERS": json.dumps({"type": type_name, "resource": WORKER_TYPE_RESOURCE.format(type_name),
+                                             "cpus": cpus, "gpus": gpus})}
 
 
 def load_cluster_config(path: str | Path = DEFAULT_CONFIG) -> ClusterConfig:

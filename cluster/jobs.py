@@ -13,7 +13,13 @@ cluster ``terrahash cluster up`` started (cluster/local_cluster.py). Each submis
   from the last checkpoint the previous one reported in its storage;
 - entrypoint resources: ``--entrypoint-cpus`` and ``--entrypoint-resource`` (by default one unit-
   hundredth of ``terrahash-worker``, which worker nodes have and the head has not, so the driver does
-  not land on the head by accident; ``--on-head`` drops it).
+  not land on the head by accident; ``--on-head`` drops it);
+- the worker type its Ray Train workers run on (``--worker-type NAME``, default: any worker node):
+  ``$TERRAHASH_WORKERS`` names the type's node resource (``terrahash-worker-<type>``) with its CPUs and
+  GPUs, read from the cluster description (``cluster/cluster.yaml``), or for the local cluster from
+  its state; training.distributed.apply_worker_type sets ``use_gpu`` and the CPUs per worker from it.
+
+``--module MOD`` runs ``python -m MOD ARGS`` instead of a TerraHash subcommand (a benchmark, say).
 
 ``--after ID`` queues a job: its entrypoint first waits, on the cluster, until job ID has succeeded
 (``terrahash jobs wait``), and gives up if ID fails or is stopped, so ``train -> distill -> index
@@ -37,7 +43,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-from cluster.local_cluster import WORKER_RESOURCE  # every worker node has 1; the head none
+from cluster.local_cluster import LOCAL_WORKER_TYPE, WORKER_RESOURCE  # noqa: E402
 
 EXCLUDES = [".venv", "venv", "runs", "mlruns", "mlruns.db", "mlartifacts", "build", "device_carry", ".git",
             "**/__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis", ".cache", "*.onnx", "*.pt"]  # what .gitignore keeps out
@@ -98,6 +104,28 @@ def client(address: str | None = None):
 # --- one submission -----------------------------------------------------------------------------------
 
 
+def worker_type_env(name: str | None, address: str | None = None, cluster_config: str | Path | None = None) -> dict:
+    """The environment placing a job's Ray Train workers on worker type ``name`` (None: any worker node,
+    never the head; cluster_config.workers_env). The type's CPUs and GPUs come from the local cluster's
+    state when the job goes there, else from the cluster description (default cluster/cluster.yaml)."""
+    from cluster.cluster_config import load_cluster_config, workers_env
+
+    if name is None:
+        return workers_env(None)
+    if address is None and not os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
+        from cluster.local_cluster import ClusterState
+
+        types = {LOCAL_WORKER_TYPE: (ClusterState.load().cpus_per_node, 0)}
+        if name in types:
+            return workers_env(name, *types[name])
+    else:
+        config = load_cluster_config(cluster_config or REPO / "cluster" / "cluster.yaml")
+        types = config.workers
+        if name in types:
+            return config.workers_env(name)
+    raise JobError(f"no worker type {name!r} in the cluster; its types: {', '.join(sorted(types))}")
+
+
 def submission_id(argv: list[str], attempt: int = 1, base: str | None = None) -> str:
     if base is None:
         words = [w for w in argv[:2] if not w.startswith("-")][: 2 if argv[:1] == ["index"] else 1]
@@ -133,9 +161,14 @@ def runtime_env(base: str, env: dict[str, str] | None = None, working_dir: Path 
     return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env_vars}
 
 
-def entrypoint(argv: list[str], address: str, after: str | None = None) -> str:
-    """``terrahash <argv>``, first waiting on the cluster for job ``after`` to succeed when given."""
-    command = shlex.join(["terrahash", *argv])
+def command_of(argv: list[str], module: str | None = None) -> list[str]:
+    """What the job runs: ``terrahash <argv>``, or ``python -m <module> <argv>``."""
+    return ["python", "-m", module, *argv] if module else ["terrahash", *argv]
+
+
+def entrypoint(argv: list[str], address: str, after: str | None = None, module: str | None = None) -> str:
+    """The job's command (``command_of``), first waiting on the cluster for job ``after`` to succeed when given."""
+    command = shlex.join(command_of(argv, module))
     if after is None:
         return command
     return f"{shlex.join(['terrahash', 'jobs', 'wait', after, '--address', address])} && {command}"
@@ -143,13 +176,15 @@ def entrypoint(argv: list[str], address: str, after: str | None = None) -> str:
 
 def submit_once(argv: list[str], *, address: str | None = None, attempt: int = 1, base: str | None = None,
                 after: str | None = None, env: dict | None = None, entrypoint_cpus: float = 0.0,
-                entrypoint_resources: dict | None = None) -> str:
+                entrypoint_resources: dict | None = None, module: str | None = None) -> str:
     """Submit one attempt; returns its submission id."""
     url = resolve_address(address)
-    base = base or submission_id(argv)
-    job_id = submission_id(argv, attempt, base)
-    client(url).submit_job(entrypoint=entrypoint(argv, url, after), submission_id=job_id,
-                           runtime_env=runtime_env(base, env), metadata=metadata(argv, attempt, base, after),
+    named = [module.replace(".", "-").replace("_", "-").split("-", 1)[-1]] if module else argv
+    base = base or submission_id(named)
+    job_id = submission_id(named, attempt, base)
+    client(url).submit_job(entrypoint=entrypoint(argv, url, after, module), submission_id=job_id,
+                           runtime_env=runtime_env(base, env),
+                           metadata=metadata(command_of(argv, module)[0 if module else 1:], attempt, base, after),
                            entrypoint_num_cpus=entrypoint_cpus,
                            entrypoint_resources=entrypoint_resources or None)
     return job_id
@@ -188,17 +223,21 @@ def follow(job_id: str, address: str | None = None, out=None) -> str:
 
 def submit(argv: list[str], *, address: str | None = None, retries: int = 0, after: str | None = None,
            do_follow: bool = True, env: dict | None = None, entrypoint_cpus: float = 0.0,
-           entrypoint_resources: dict | None = None, say=print) -> tuple[str, str | None]:
-    """Submit ``terrahash <argv>``; with ``do_follow``, follow it (and its retries) to the end.
-    Returns (the last attempt's id, its final status, or None when not followed)."""
-    if not argv:
+           entrypoint_resources: dict | None = None, module: str | None = None,
+           say=print) -> tuple[str, str | None]:
+    """Submit ``terrahash <argv>`` (``python -m <module> <argv>`` with ``module``); with ``do_follow``,
+    follow it (and its retries) to the end. Returns (the last attempt's id, its final status, or None
+    when not followed)."""
+    if not argv and not module:
         raise JobError("nothing to submit: give a TerraHash subcommand after --, like `terrahash submit -- train ...`")
     if retries and not do_follow:
         raise JobError("--retries resubmits a failed job as it follows it: drop --no-follow")
-    base = submission_id(argv)
+    base = None
     for attempt in range(1, retries + 2):
         job_id = submit_once(argv, address=address, attempt=attempt, base=base, after=after, env=env,
-                             entrypoint_cpus=entrypoint_cpus, entrypoint_resources=entrypoint_resources)
+                             entrypoint_cpus=entrypoint_cpus, entrypoint_resources=entrypoint_resources,
+                             module=module)
+        base = base or job_id
         say(f"submitted {job_id}" + (f" (attempt {attempt} of {retries + 1})" if retries else "")
             + (f"; it runs once {after} has succeeded" if after else ""))
         if not do_follow:

@@ -19,13 +19,16 @@ def _pairs(values: list[str], what: str, number: bool = False) -> dict:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from cluster.jobs import EXIT_CODES, WORKER_RESOURCE, submit
+    from cluster.jobs import EXIT_CODES, WORKER_RESOURCE, submit, worker_type_env
 
     command = args.subcommand[1:] if args.subcommand[:1] == ["--"] else args.subcommand
     resources = {} if args.on_head else {WORKER_RESOURCE: 0.01}
     resources.update(_pairs(args.entrypoint_resource, "--entrypoint-resource", number=True))
+    env = {} if args.on_head and args.worker_type is None else worker_type_env(args.worker_type, args.address,
+                                                                                args.cluster_config)
+    env.update(_pairs(args.env, "--env"))
     job_id, outcome = submit(command, address=args.address, retries=args.retries, after=args.after,
-                             do_follow=not args.no_follow, env=_pairs(args.env, "--env"),
+                             do_follow=not args.no_follow, env=env, module=args.module,
                              entrypoint_cpus=args.entrypoint_cpus, entrypoint_resources=resources)
     if outcome is None:
         print(f"`terrahash jobs logs {job_id} --follow` to watch it, `terrahash jobs stop {job_id}` to stop it")
@@ -80,7 +83,10 @@ def add_job_commands(subparsers) -> None:
                     "the MLflow, S3 and data settings of this shell; the job gets a readable id and metadata "
                     "(command, config hash, git commit, who submitted it). Its logs stream here until it ends, and "
                     "the exit status is the job's (0 succeeded, 1 failed, 3 stopped).",
-        epilog="example: terrahash submit --retries 2 -- train --config fast --workers 2 --storage s3://bucket/ray")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  terrahash submit --retries 2 -- train --config fast --workers 2 --storage s3://bucket/ray\n"
+               "  terrahash submit --worker-type gpu --module evaluation.bench_gpu_train -- --config full")
     submit.add_argument("--retries", type=int, default=0, metavar="N",
                         help="resubmit a failed job (not a stopped one) up to N times, each attempt resuming from "
                              "the last checkpoint the previous one reported")
@@ -93,7 +99,16 @@ def add_job_commands(subparsers) -> None:
     submit.add_argument("--entrypoint-resource", action="append", default=[], metavar="NAME=AMOUNT",
                         help="a custom resource the driver needs (repeatable)")
     submit.add_argument("--on-head", action="store_true",
-                        help="let the driver run on the head node (by default it needs a worker's terrahash-worker)")
+                        help="let the driver (and Ray Train workers) run on the head node (by default they need a "
+                             "worker node's terrahash-worker)")
+    submit.add_argument("--worker-type", metavar="TYPE",
+                        help="run the job's Ray Train workers on nodes of this worker type, which also decides "
+                             "their GPU and CPUs (the cluster description's workers: cpu, gpu...; the local "
+                             "cluster's nodes are cpu; default: any worker node)")
+    submit.add_argument("--cluster-config", metavar="FILE",
+                        help="the cluster description --worker-type is read from (default: cluster/cluster.yaml)")
+    submit.add_argument("--module", metavar="MODULE",
+                        help="run `python -m MODULE ARGS` instead of a TerraHash subcommand (a benchmark, say)")
     submit.add_argument("subcommand", nargs=argparse.REMAINDER, metavar="-- SUBCOMMAND ARGS",
                         help="the TerraHash command to run, after --")
     submit.set_defaults(handler=_submit)

@@ -4,7 +4,8 @@
 CPUs (``--cpus-per-node``), object store, a custom resource ``terrahash-node-<i>`` (to place work on
 a given node) and OS-chosen ports where two raylets on one host would clash (dashboard agent,
 worker ports), all under one temp dir of the cluster's own; worker nodes also have ``terrahash-worker``,
-which submitted jobs' drivers ask for (cluster/jobs.py). Token authentication is on, as Ray 2.60
+which submitted jobs' drivers ask for (cluster/jobs.py), and ``terrahash-worker-cpu``, their worker
+type's (as nodes of type T on a rendered cluster have ``terrahash-worker-T``). Token authentication is on, as Ray 2.60
 expects it: every process runs with ``RAY_AUTH_MODE=token`` and reads the token from
 ``~/.ray/auth_token`` (made with ``ray get-auth-token --generate`` when missing); a client on this
 machine needs only ``RAY_AUTH_MODE=token``, which ``client_env`` gives.
@@ -31,6 +32,8 @@ from pathlib import Path
 OBJECT_STORE_BYTES = 256 * 2**20  # per node: small, so several nodes fit in one machine's memory
 NODE_RESOURCE = "terrahash-node-{}"  # custom resource of node i (0 is the head)
 WORKER_RESOURCE = "terrahash-worker"  # every worker node has 1 (cluster/jobs.py puts drivers there)
+WORKER_TYPE_RESOURCE = "terrahash-worker-{}"  # every worker node of a type has 1 (where Ray Train workers go)
+LOCAL_WORKER_TYPE = "cpu"  # the type of the local cluster's worker nodes
 START_TIMEOUT_S = 120.0
 
 
@@ -114,8 +117,6 @@ def up(workers: int, cpus_per_node: int = 1, head_cpus: int | None = None) -> Cl
     ensure_token()
     gcs, dashboard, client = _free_port(), _free_port(), _free_port()
     temp_dir = f"/tmp/th-{gcs}"  # short: Ray's socket paths live under it
-    common = ["--object-store-memory", str(OBJECT_STORE_BYTES), "--dashboard-agent-listen-port", "0",
-              "--min-worker-port", "0", "--max-worker-port", "0", "--temp-dir", temp_dir]
     state = ClusterState(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp_dir, workers, cpus_per_node,
                          time.time(), {"gcs": gcs, "dashboard": dashboard, "client": client})
     state.save()
@@ -123,16 +124,61 @@ def up(workers: int, cpus_per_node: int = 1, head_cpus: int | None = None) -> Cl
         _start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-port", str(dashboard),
                 "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--ray-client-server-port", str(client),
                 "--num-cpus", str(cpus_per_node if head_cpus is None else head_cpus),
-                "--resources", json.dumps({NODE_RESOURCE.format(0): 1}), *common], "head")
+                "--resources", json.dumps({NODE_RESOURCE.format(0): 1}), *_common(state)], "head")
         for i in range(1, workers + 1):
-            resources = {NODE_RESOURCE.format(i): 1, WORKER_RESOURCE: 1}  # jobs' drivers go to workers
-            _start(["--address", state.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node),
-                    "--resources", json.dumps(resources), "--include-log-monitor", "false", *common], f"worker {i}")
+            _start_worker(state, i)
         wait_for_nodes(state, workers + 1)
     except BaseException:
         down(state)
         raise
     return state
+
+
+def _common(state: ClusterState) -> list[str]:
+    return ["--object-store-memory", str(OBJECT_STORE_BYTES), "--dashboard-agent-listen-port", "0",
+            "--min-worker-port", "0", "--max-worker-port", "0", "--temp-dir", state.temp_dir]
+
+
+def _start_worker(state: ClusterState, i: int) -> None:
+    resources = {NODE_RESOURCE.format(i): 1, WORKER_RESOURCE: 1, WORKER_TYPE_RESOURCE.format(LOCAL_WORKER_TYPE): 1}
+    _start(["--address", state.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(state.cpus_per_node),
+            "--resources", json.dumps(resources), "--include-log-monitor", "false", *_common(state)], f"worker {i}")
+
+
+def add_worker(state: ClusterState | None = None) -> int:
+    """Start one more worker node (as an autoscaler would); returns its index."""
+    state = state or ClusterState.load()
+    index = state.workers + 1
+    alive_before = len([n for n in nodes(state) if n["alive"]])
+    _start_worker(state, index)
+    state.workers = index
+    state.save()
+    wait_for_nodes(state, alive_before + 1)
+    return index
+
+
+def kill_node(node_id: str, state: ClusterState | None = None) -> int:
+    """SIGKILL one node of the cluster, as a machine failure would: its raylet, its agents and every
+    process they started. Returns how many processes were killed."""
+    import psutil
+
+    state = state or ClusterState.load()
+    targets = [p for p in _processes(state) if node_id in " ".join(p.info["cmdline"] or [])]
+    if not targets:
+        raise ClusterError(f"no process of node {node_id} in the cluster at {state.address}")
+    victims = {p.pid: p for p in targets}
+    for process in targets:
+        try:
+            victims.update({child.pid: child for child in process.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for process in victims.values():
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(victims.values()), timeout=10)
+    return len(victims)
 
 
 def nodes(state: ClusterState) -> list[dict]:

@@ -21,7 +21,7 @@ import shlex
 from pathlib import Path
 
 from cluster.cluster_config import ClusterConfig, NodeType
-from cluster.local_cluster import WORKER_RESOURCE
+from cluster.local_cluster import WORKER_RESOURCE, WORKER_TYPE_RESOURCE
 
 API_VERSION = "ray.io/v1"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -62,29 +62,32 @@ def _pod(config: ClusterConfig, node: NodeType, container: str, ports: dict | No
     return {"metadata": {"labels": {"app.kubernetes.io/name": "terrahash"}}, "spec": pod}
 
 
-def _custom(node: NodeType, head: bool) -> dict:
-    """A node's custom Ray resources: its own, and on workers ``terrahash-worker`` (submitted jobs' drivers)."""
-    return dict(node.resources) if head else {WORKER_RESOURCE: 1, **node.resources}
+def _custom(node: NodeType, type_name: str | None) -> dict:
+    """A node's custom Ray resources: its own, and on workers ``terrahash-worker`` (submitted jobs' drivers)
+    and ``terrahash-worker-<type>`` (where ``submit --worker-type`` puts Ray Train workers)."""
+    if type_name is None:  # the head
+        return dict(node.resources)
+    return {WORKER_RESOURCE: 1, WORKER_TYPE_RESOURCE.format(type_name): 1, **node.resources}
 
 
-def _start_params(node: NodeType, head: bool = False) -> dict[str, str]:
+def _start_params(node: NodeType, type_name: str | None = None) -> dict[str, str]:
     import json
 
-    params = {"dashboard-host": "0.0.0.0", "num-cpus": "0"} if head else {}  # the head runs no tasks
-    if _custom(node, head):
-        params["resources"] = json.dumps(_custom(node, head), sort_keys=True)
+    params = {"dashboard-host": "0.0.0.0", "num-cpus": "0"} if type_name is None else {}  # the head runs no tasks
+    if _custom(node, type_name):
+        params["resources"] = json.dumps(_custom(node, type_name), sort_keys=True)
     return params
 
 
 def ray_cluster_spec(config: ClusterConfig) -> dict:
     """The ``spec`` of a RayCluster (also a RayJob's ``rayClusterSpec`` and a RayService's ``rayClusterConfig``)."""
     workers = [{"groupName": name, "replicas": node.start, "minReplicas": node.min, "maxReplicas": node.max,
-                "rayStartParams": _start_params(node), "template": _pod(config, node, "ray-worker")}
+                "rayStartParams": _start_params(node, name), "template": _pod(config, node, "ray-worker")}
                for name, node in config.workers.items()]
     return {"rayVersion": config.ray_version, "enableInTreeAutoscaling": True,
             "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
             "authOptions": {"mode": "token"},
-            "headGroupSpec": {"rayStartParams": _start_params(config.head, head=True),
+            "headGroupSpec": {"rayStartParams": _start_params(config.head),
                               "template": _pod(config, config.head, "ray-head", HEAD_PORTS)},
             "workerGroupSpecs": workers}
 
@@ -98,10 +101,12 @@ def entrypoint(config: ClusterConfig, job: str) -> str:
     return shlex.join(["terrahash", *config.job_argv(job)])
 
 
-def job_runtime_env(config: ClusterConfig) -> dict:
-    """The runtime_env of every job: the config's, its env_vars on top of the cluster's environment."""
+def job_runtime_env(config: ClusterConfig, job: str | None = None) -> dict:
+    """The runtime_env of a job: the config's, its env_vars on top of the cluster's environment and of
+    the placement of the job's Ray Train workers (its ``job_workers`` type, else any worker node)."""
     runtime_env = dict(config.runtime_env)
-    runtime_env["env_vars"] = {**config.job_env(), **runtime_env.get("env_vars", {})}
+    placement = config.workers_env(config.job_workers.get(job)) if job else {}
+    runtime_env["env_vars"] = {**placement, **config.job_env(), **runtime_env.get("env_vars", {})}
     return runtime_env
 
 
@@ -110,7 +115,7 @@ def rayjob(config: ClusterConfig, job: str) -> dict:
 
     return {"apiVersion": API_VERSION, "kind": "RayJob", "metadata": _metadata(config, f"{config.name}-{job}", job),
             "spec": {"entrypoint": entrypoint(config, job),
-                     "runtimeEnvYAML": yaml.safe_dump(job_runtime_env(config), sort_keys=True),
+                     "runtimeEnvYAML": yaml.safe_dump(job_runtime_env(config, job), sort_keys=True),
                      "entrypointNumCpus": 1, "submissionMode": "K8sJobMode",
                      "shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": config.job_ttl_s,
                      "backoffLimit": config.job_backoff_limit, "rayClusterSpec": ray_cluster_spec(config)}}
@@ -148,8 +153,9 @@ def render_kuberay(config: ClusterConfig) -> dict[str, dict]:
 # --- the Ray cluster launcher (VMs) -----------------------------------------------------------------
 
 
-def _launcher_resources(node: NodeType, head: bool = False) -> dict:
-    resources = {"CPU": 0 if head else node.cpus, "memory": int(node.memory_gb * 2**30), **_custom(node, head)}
+def _launcher_resources(node: NodeType, type_name: str | None = None) -> dict:
+    resources = {"CPU": 0 if type_name is None else node.cpus, "memory": int(node.memory_gb * 2**30),
+                 **_custom(node, type_name)}
     if node.gpus:
         resources["GPU"] = node.gpus
     return resources
@@ -160,10 +166,10 @@ def render_launcher(config: ClusterConfig) -> dict[str, dict]:
     exports = [f"echo {shlex.quote(f'export {k}={shlex.quote(v)}')} >> ~/.bashrc"
                for k, v in sorted(config.job_env().items())]
     types = {"head": {"node_config": {"InstanceType": config.head.instance_type or "m6i.xlarge"},
-                      "resources": _launcher_resources(config.head, head=True), "min_workers": 0, "max_workers": 0}}
+                      "resources": _launcher_resources(config.head), "min_workers": 0, "max_workers": 0}}
     for name, node in config.workers.items():
         types[name] = {"node_config": {"InstanceType": node.instance_type or "m6i.2xlarge"},
-                       "resources": _launcher_resources(node), "min_workers": node.min, "max_workers": node.max}
+                       "resources": _launcher_resources(node, name), "min_workers": node.min, "max_workers": node.max}
     launcher = config.launcher
     return {"cluster-launcher.yaml": {
         "cluster_name": config.name,

@@ -6,6 +6,11 @@ Throughput comes from the chief's per-epoch records (training steps only, first 
 warm-up), times the number of workers. Without a GPU it runs on the CPU and says so.
 
     python -m evaluation.bench_gpu_train --config full --epochs 3 --data ../shared/data/ucm_captions
+
+The same script runs as a job on a cluster's GPU workers, which then decide the GPU and CPUs per
+worker (``training.distributed.apply_worker_type``)::
+
+    terrahash submit --worker-type gpu --module evaluation.bench_gpu_train -- --config full --data /mnt/data/ucm
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ class GpuSampler:
 
 def main(argv: list[str] | None = None) -> None:
     from training.config import load_config
-    from training.distributed import fit_distributed
+    from training.distributed import WORKERS_ENV, apply_worker_type, fit_distributed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="full")
@@ -79,13 +84,18 @@ def main(argv: list[str] | None = None) -> None:
     config.tracking.enabled = False
     if args.batch_size:
         config.train.batch_size = args.batch_size
-    gpu = torch.cuda.is_available()
-    config.distributed.num_workers, config.distributed.use_gpu = args.workers, gpu
+    import os
+
+    config.distributed.num_workers = args.workers
+    apply_worker_type(config.distributed)  # a submitted job: the worker type says whether there are GPUs
+    gpu = config.distributed.use_gpu or (not os.environ.get(WORKERS_ENV) and torch.cuda.is_available())
+    config.distributed.use_gpu = gpu
     config.train.device = "cuda" if gpu else "cpu"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, GpuSampler() as sampler:
         metrics = fit_distributed(config, args.data, Path(tmp) / "run")
-    device = torch.cuda.get_device_name(0) if gpu else "CPU (no GPU found)"
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU workers") if gpu \
+        else "CPU (no GPU found)"
     print(f"\n{args.config} on {device}, {args.workers} worker(s), batch {config.train.batch_size}, "
           f"{args.epochs} epochs in {time.perf_counter() - started:.0f} s")
     print(f"training images/s: {throughput(metrics):.1f}")

@@ -84,14 +84,16 @@ def train_students(teacher_dir: Path, config: DistillConfig, data_dir, out: Path
     if d.num_workers == 0:
         return distill(teacher_dir, config, data_dir, out, cache_dir=cache_dir)
     from .config import to_dict
-    from .distributed import final_outputs, init_ray, run_on_ray
+    from .distributed import apply_worker_type, final_outputs, init_ray, run_on_ray
 
+    resources = apply_worker_type(d)
     init_ray(config)
     loop_config = {"teacher": _portable(teacher or teacher_dir, teacher_dir), "config": to_dict(config),
                    "data_dir": str(Path(data_dir).resolve()),
                    "cache_dir": str(Path(cache_dir).resolve()) if cache_dir else None,
                    "threads_per_worker": d.cpus_per_worker, "cwd": os.getcwd()}
-    return final_outputs(run_on_ray(distill_loop_per_worker, loop_config, d, d.num_workers, config.name), out)
+    return final_outputs(run_on_ray(distill_loop_per_worker, loop_config, d, d.num_workers, config.name,
+                                    resources), out)
 
 
 def _export_sets(dataset) -> tuple[list[Path], list[Path]]:

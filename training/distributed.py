@@ -25,6 +25,7 @@ from .snapshots import RemoteSnapshots
 from .train import OUTPUTS, LoopContext, copy_outputs, fit
 
 RESUME = "resume.pt"  # shared training state in a reported checkpoint
+WORKERS_ENV = "TERRAHASH_WORKERS"  # the worker type a submitted job's Ray Train workers run on (cluster/jobs.py)
 FINAL = "final"  # the name of the last reported checkpoint: the chief's output folder as it ends
 
 log = logging.getLogger(__name__)
@@ -191,10 +192,32 @@ def run_name(name: str) -> str:
     return f"{shared}-{name}" if shared else f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def run_on_ray(loop_per_worker, loop_config: dict, d: DistributedConfig, workers: int, name: str):
+def apply_worker_type(d: DistributedConfig) -> dict[str, float]:
+    """Fit ``d`` to the worker type a submitted job names, and return the custom resources that place
+    each Ray Train worker on a node of that type ({} outside a submitted job).
+
+    ``$TERRAHASH_WORKERS`` (JSON, set by ``terrahash submit`` from the cluster description) gives the
+    type's node resource, CPUs and GPUs: a type with GPUs sets ``use_gpu`` (one GPU per worker) and
+    ``cpus_per_worker`` to its CPUs per GPU; a CPU type gives each worker the CPUs of one node.
+    """
+    import json
+
+    spec = json.loads(os.environ.get(WORKERS_ENV) or "{}")
+    if not spec:
+        return {}
+    gpus = int(spec.get("gpus") or 0)
+    if spec.get("cpus"):
+        d.cpus_per_worker = max(1.0, float(spec["cpus"]) // max(gpus, 1))
+    d.use_gpu = d.use_gpu or gpus > 0
+    return {spec["resource"]: 0.001}
+
+
+def run_on_ray(loop_per_worker, loop_config: dict, d: DistributedConfig, workers: int, name: str,
+               resources: dict[str, float] | None = None):
     """Run ``loop_per_worker(loop_config)`` on ``workers`` Ray Train workers (TorchTrainer); the Result.
 
-    Scaling, failures and storage come from ``d``; raises when the run fails for good.
+    Scaling, failures and storage come from ``d``, and ``resources`` (custom ones) are added to each
+    worker's; raises when the run fails for good.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -204,7 +227,7 @@ def run_on_ray(loop_per_worker, loop_config: dict, d: DistributedConfig, workers
         loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=d.use_gpu,
-                                               resources_per_worker={"CPU": d.cpus_per_worker}),
+                                               resources_per_worker={"CPU": d.cpus_per_worker, **(resources or {})}),
         # A name of its own for every job: Ray Train resumes a run whose name it finds in the storage,
         # and two different jobs must never share state that way. The attempts of one submitted job
         # (cluster/jobs.py) share $TERRAHASH_RUN_NAME, so a retry resumes from the last checkpoint.
@@ -236,6 +259,7 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
         raise ValueError(f"config.distributed.num_workers must be >= 1 for a Ray Train job, got {workers}")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    resources = apply_worker_type(d)
     init_ray(config)
     loop_config = {
         "config": to_dict(config),
@@ -249,4 +273,4 @@ def fit_distributed(config: ExperimentConfig, data_dir: str | Path, out_dir: str
         "snapshots": snapshots,
     }
     name = f"{config.name}-{config.train.bits}bits-{role}"
-    return final_outputs(run_on_ray(train_loop_per_worker, loop_config, d, workers, name), out)
+    return final_outputs(run_on_ray(train_loop_per_worker, loop_config, d, workers, name, resources), out)

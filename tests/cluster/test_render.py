@@ -3,6 +3,7 @@ strictly against KubeRay's own CRD schemas (../shared/kuberay), Ray's cluster co
 from __future__ import annotations
 
 import copy
+import json
 import shlex
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from cluster.cli import build_parser, main
-from cluster.cluster_config import DEFAULT_CONFIG, load_cluster_config
+from cluster.cluster_config import DEFAULT_CONFIG, ClusterConfig, load_cluster_config
 from cluster.manifests import crd_folder, kuberay_problems, launcher_problems, serve_config_problems
 from cluster.render import render_kuberay, render_launcher
 
@@ -71,6 +72,33 @@ def test_every_job_is_a_terrahash_command_that_parses():
         env = yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])["env_vars"]
         assert env["MLFLOW_TRACKING_URI"] == config.tracking_uri
     assert "s3://my-bucket/terrahash/ray" in render_kuberay(config)["rayjob-train.yaml"]["spec"]["entrypoint"]
+
+
+def test_jobs_put_their_ray_train_workers_on_the_described_worker_type(monkeypatch):
+    """The train job's workers go to the gpu type, whose GPU and CPUs decide use_gpu and CPUs per worker;
+    every node of a type has that type's resource. Other jobs' workers go to any worker node."""
+    from training.config import DistributedConfig
+    from training.distributed import apply_worker_type
+
+    config = load_cluster_config()
+    manifests = render_kuberay(config)
+    groups = {g["groupName"]: g for g in manifests["raycluster.yaml"]["spec"]["workerGroupSpecs"]}
+    assert json.loads(groups["gpu"]["rayStartParams"]["resources"]) == {"terrahash-worker": 1, "terrahash-worker-gpu": 1}
+    vm = render_launcher(config)["cluster-launcher.yaml"]["available_node_types"]
+    assert vm["cpu"]["resources"]["terrahash-worker-cpu"] == 1 and "terrahash-worker" not in vm["head"]["resources"]
+    env = {job: yaml.safe_load(manifests[f"rayjob-{job}.yaml"]["spec"]["runtimeEnvYAML"])["env_vars"]
+           for job in config.jobs}
+    monkeypatch.setenv("TERRAHASH_WORKERS", env["train"]["TERRAHASH_WORKERS"])
+    d = DistributedConfig(num_workers=1)
+    assert apply_worker_type(d) == {"terrahash-worker-gpu": 0.001}
+    assert d.use_gpu and d.cpus_per_worker == config.workers["gpu"].cpus // config.workers["gpu"].gpus
+    monkeypatch.setenv("TERRAHASH_WORKERS", env["distill"]["TERRAHASH_WORKERS"])
+    d = DistributedConfig(num_workers=1)
+    assert apply_worker_type(d) == {"terrahash-worker": 0.001} and not d.use_gpu and d.cpus_per_worker == 1
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    data["job_workers"] = {"train": "tpu"}
+    with pytest.raises(ValueError, match="worker type 'tpu', which is not in workers"):
+        ClusterConfig.model_validate(data)
 
 
 def test_validation_names_a_misspelt_field():
