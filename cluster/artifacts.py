@@ -86,15 +86,20 @@ class ArtifactRoot:
         self.write_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
         return manifest
 
-    def get_dir(self, prefix: str, local_dir: str | Path) -> Path:
-        """Download ``prefix/`` into ``local_dir`` and check every file against the manifest."""
+    def get_dir(self, prefix: str, local_dir: str | Path, subfolder: str = "") -> Path:
+        """Download ``prefix/`` (only its ``subfolder`` when given) into ``local_dir`` and check every file
+        against the manifest."""
         local_dir = Path(local_dir)
         try:
             manifest = json.loads(self.read_bytes(f"{prefix}/{MANIFEST}"))
         except (FileNotFoundError, KeyError) as err:
             raise ArtifactError(f"{self.uri}/{prefix}: no {MANIFEST} (not written by put_dir, or incomplete)") from err
-        for rel, expected in sorted(manifest["files"].items()):
-            target = local_dir / rel
+        inside = f"{subfolder.strip('/')}/" if subfolder.strip("/") else ""
+        files = {rel: expected for rel, expected in manifest["files"].items() if rel.startswith(inside)}
+        if inside and not files:
+            raise ArtifactError(f"{self.uri}/{prefix}: its {MANIFEST} lists nothing under {subfolder}/")
+        for rel, expected in sorted(files.items()):
+            target = local_dir / rel[len(inside):]
             target.parent.mkdir(parents=True, exist_ok=True)
             self.download(f"{prefix}/{rel}", target)
             actual = sha256_file(target)
@@ -314,29 +319,41 @@ def output_folder(uri: str | Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _published(uri: str) -> tuple[ArtifactRoot, str, str, bytes]:
+    """(root, the published folder's name, the subfolder asked for within it, its manifest) of a folder
+    written by ``put_dir`` or of a folder inside one (``s3://b/runs/x/students/onnx`` of ``.../students``)."""
+    parts = uri.rstrip("/").split("/")
+    for cut in range(len(parts), 3, -1):  # s3://bucket/<at least one name>
+        root, name = split_uri("/".join(parts[:cut]))
+        try:
+            return root, name, "/".join(parts[cut:]), root.read_bytes(f"{name}/{MANIFEST}")
+        except (FileNotFoundError, KeyError):
+            continue
+    raise ArtifactError(f"{uri}: no {MANIFEST} there nor above it (not written by TerraHash, or not finished)")
+
+
 def fetch_folder(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
     """A local folder with the content of ``uri``: a folder as it is; for ``s3://``, a copy checked
-    against its manifest, kept in ``cache_dir`` (a fresh temp folder when None) as
-    ``<manifest hash>/<name>`` (it keeps its name), downloaded again only when the content changed."""
+    against the manifest of the published folder it is (or is inside), kept in ``cache_dir`` (a fresh
+    temp folder when None) as ``<hash>/<name>`` (it keeps its name), downloaded again only when the
+    content changed."""
     if not is_remote(uri):
         folder = Path(uri)
         if not folder.is_dir():
             raise FileNotFoundError(f"{uri}: no such folder")
         return folder
-    root, name = split_uri(str(uri))
-    try:
-        manifest = root.read_bytes(f"{name}/{MANIFEST}")
-    except (FileNotFoundError, KeyError):
-        raise ArtifactError(f"{uri}: no {MANIFEST} there (not written by TerraHash, or not finished)") from None
+    root, name, subfolder, manifest = _published(str(uri))
+    leaf = (subfolder or name).rstrip("/").rpartition("/")[2]
     if cache_dir is None:
-        return root.get_dir(name, Path(tempfile.mkdtemp(prefix="terrahash-in-")) / name)
-    target = Path(cache_dir).expanduser() / hashlib.sha256(manifest).hexdigest()[:20] / name
+        return root.get_dir(name, Path(tempfile.mkdtemp(prefix="terrahash-in-")) / leaf, subfolder)
+    digest = hashlib.sha256(manifest + subfolder.encode()).hexdigest()[:20]
+    target = Path(cache_dir).expanduser() / digest / leaf
     if (target / MANIFEST).is_file() and (target / MANIFEST).read_bytes() == manifest:
         return target
     temp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL}")
     temp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        root.get_dir(name, temp)
+        root.get_dir(name, temp, subfolder)
         (temp / MANIFEST).write_bytes(manifest)  # written last: it marks the copy complete
         try:
             os.rename(temp, target)

@@ -1,11 +1,14 @@
 """A real multi-node Ray cluster on one machine: ``terrahash cluster up|status|down``.
 
-``up`` runs ``ray start --head`` and one ``ray start --address`` per worker, each node with its own
-CPUs (``--cpus-per-node``), object store, a custom resource ``terrahash-node-<i>`` (to place work on
-a given node) and OS-chosen ports where two raylets on one host would clash (dashboard agent,
-worker ports), all under one temp dir of the cluster's own; worker nodes also have ``terrahash-worker``,
-which submitted jobs' drivers ask for (cluster/jobs.py), and ``terrahash-worker-cpu``, their worker
-type's (as nodes of type T on a rendered cluster have ``terrahash-worker-T``). Token authentication is on, as Ray 2.60
+``up`` runs ``ray start --head`` and one ``ray start --address`` per worker, each node as if it were a
+machine of its own: its own loopback address (127.0.0.<i+1>), temp dir (``/tmp/th-<gcs port>``, with
+``w<i>`` appended for worker i: sessions and unpacked runtime_envs are per node, so no node replaces a
+job's working_dir under another node's driver) and CPUs (``--cpus-per-node``), a small object store,
+a custom resource ``terrahash-node-<i>`` (to place work on a given node) and ports chosen so that
+raylets on one host do not clash. The nodes share one thing: the session's logs folder, where Ray's
+job service looks for a driver's log. Worker nodes also have ``terrahash-worker``, which submitted
+jobs' drivers ask for (cluster/jobs.py), and ``terrahash-worker-cpu``, their worker type's (as nodes
+of type T on a rendered cluster have ``terrahash-worker-T``). Token authentication is on, as Ray 2.60
 expects it: every process runs with ``RAY_AUTH_MODE=token`` and reads the token from
 ``~/.ray/auth_token`` (made with ``ray get-auth-token --generate`` when missing); a client on this
 machine needs only ``RAY_AUTH_MODE=token``, which ``client_env`` gives.
@@ -124,7 +127,7 @@ def up(workers: int, cpus_per_node: int = 1, head_cpus: int | None = None) -> Cl
         _start(["--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-port", str(dashboard),
                 "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--ray-client-server-port", str(client),
                 "--num-cpus", str(cpus_per_node if head_cpus is None else head_cpus),
-                "--resources", json.dumps({NODE_RESOURCE.format(0): 1}), *_common(state)], "head")
+                "--resources", json.dumps({NODE_RESOURCE.format(0): 1}), *_common(state, 0)], "head")
         for i in range(1, workers + 1):
             _start_worker(state, i)
         wait_for_nodes(state, workers + 1)
@@ -134,26 +137,61 @@ def up(workers: int, cpus_per_node: int = 1, head_cpus: int | None = None) -> Cl
     return state
 
 
-def _common(state: ClusterState) -> list[str]:
-    return ["--object-store-memory", str(OBJECT_STORE_BYTES), "--dashboard-agent-listen-port", "0",
-            "--min-worker-port", "0", "--max-worker-port", "0", "--temp-dir", state.temp_dir]
+def node_ip(i: int) -> str:
+    """Node i's address: a loopback address of its own (127.0.0.<i+1>), so that nothing that finds a node by
+    its IP (a job's log location, a driver's raylet) confuses two nodes of this machine."""
+    if not 0 <= i < 254:
+        raise ClusterError(f"a local cluster has at most 253 worker nodes, not {i}")
+    return f"127.0.0.{i + 1}"
+
+
+def node_temp_dir(state: ClusterState, i: int) -> str:
+    """Node i's own temp dir (sessions, logs, unpacked runtime_envs), as if it were another machine: nodes
+    that shared one would replace each other's copies of a job's working_dir under running drivers."""
+    return state.temp_dir if i == 0 else f"{state.temp_dir}w{i}"
+
+
+def _common(state: ClusterState, i: int) -> list[str]:
+    # The agent's port is chosen here, not by the OS (0): a job's driver tells the dashboard where its
+    # logs are by its node's configured agent port.
+    return ["--object-store-memory", str(OBJECT_STORE_BYTES), "--dashboard-agent-listen-port", str(_free_port()),
+            "--min-worker-port", "0", "--max-worker-port", "0", "--temp-dir", node_temp_dir(state, i)]
+
+
+def _share_logs(state: ClusterState, i: int) -> None:
+    """Point worker i's session logs folder at the head's. Ray's job service reads a driver's log at the
+    head's session path on the driver's node (on a real cluster, the same path on every machine); with
+    a temp dir per node, the logs folder is the one thing the nodes of this machine must share."""
+    head_session = Path(state.temp_dir, "session_latest").resolve()
+    if not head_session.is_dir():
+        raise ClusterError(f"the head's session folder {head_session} is missing")
+    session = Path(node_temp_dir(state, i), head_session.name)
+    session.mkdir(parents=True, exist_ok=True)
+    logs = session / "logs"
+    if not logs.exists():
+        logs.symlink_to(head_session / "logs", target_is_directory=True)
 
 
 def _start_worker(state: ClusterState, i: int) -> None:
+    _share_logs(state, i)
     resources = {NODE_RESOURCE.format(i): 1, WORKER_RESOURCE: 1, WORKER_TYPE_RESOURCE.format(LOCAL_WORKER_TYPE): 1}
-    _start(["--address", state.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(state.cpus_per_node),
-            "--resources", json.dumps(resources), "--include-log-monitor", "false", *_common(state)], f"worker {i}")
+    _start(["--address", state.address, "--node-ip-address", node_ip(i), "--num-cpus", str(state.cpus_per_node),
+            "--resources", json.dumps(resources), "--include-log-monitor", "false", *_common(state, i)], f"worker {i}")
 
 
 def add_worker(state: ClusterState | None = None) -> int:
     """Start one more worker node (as an autoscaler would); returns its index."""
     state = state or ClusterState.load()
     index = state.workers + 1
-    alive_before = len([n for n in nodes(state) if n["alive"]])
     _start_worker(state, index)
     state.workers = index
     state.save()
-    wait_for_nodes(state, alive_before + 1)
+    mine = NODE_RESOURCE.format(index)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not any(n["alive"] and mine in n["resources"] for n in nodes(state)):
+        if time.monotonic() > deadline:
+            raise ClusterError(f"worker {index} did not join {state.address} within {START_TIMEOUT_S:.0f} s")
+        time.sleep(0.5)
     return index
 
 
@@ -205,7 +243,8 @@ def wait_for_nodes(state: ClusterState, count: int, timeout: float = START_TIMEO
 
 
 def _processes(state: ClusterState) -> list:
-    """This cluster's processes: their command line names its GCS port or its temp dir."""
+    """This cluster's processes: their command line names its GCS port or a temp dir of its nodes (all
+    start with the head's)."""
     import psutil
 
     marks = (state.temp_dir, f":{state.ports['gcs']}", f"--gcs_server_port={state.ports['gcs']}")
@@ -241,7 +280,8 @@ def down(state: ClusterState | None = None, timeout: float = 5.0) -> int:
     psutil.wait_procs(left, timeout=5)
     if state_path().is_file() and ClusterState.load().address == state.address:
         state_path().unlink()
-    shutil.rmtree(state.temp_dir, ignore_errors=True)
+    for i in range(state.workers + 1):
+        shutil.rmtree(node_temp_dir(state, i), ignore_errors=True)
     return len(processes)
 
 

@@ -124,7 +124,7 @@ def resolve_model(uri, tracking_uri: str | None = None) -> ModelRef:
     models, versions or aliases that exist when it is not there)."""
     parsed = parse_model_uri(uri)
     if parsed is None:
-        folder = str(Path(str(uri)).expanduser())
+        folder = str(uri) if str(uri).startswith("s3://") else str(Path(str(uri)).expanduser())
         return ModelRef(uri=str(uri), name=None, version=None, alias=None, source=folder)
     name, version, alias = parsed
     mlflow_client = client(tracking_uri)

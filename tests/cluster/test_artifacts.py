@@ -155,6 +155,10 @@ def test_a_job_output_on_s3_is_published_only_when_the_job_succeeds(s3_endpoint,
     assert first.name == "run1" and (first / "checkpoint.pt").read_bytes() == b"weights"
     assert (first / "onnx" / "image.json").read_text() == "{}"
     assert fetch_folder("s3://terrahash-test/jobs/run1", cache) == first  # reused, not fetched again
+    inner = fetch_folder("s3://terrahash-test/jobs/run1/onnx", cache)  # a folder inside a published one
+    assert inner.name == "onnx" and [p.name for p in inner.iterdir() if p.name != MANIFEST] == ["image.json"]
+    with pytest.raises(ArtifactError, match="lists nothing under"):
+        fetch_folder("s3://terrahash-test/jobs/run1/missing")
 
     with output_folder("s3://terrahash-test/jobs/run1") as folder:  # the job writes it again
         (folder / "checkpoint.pt").write_bytes(b"better weights")
