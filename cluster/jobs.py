@@ -22,7 +22,8 @@ cluster ``terrahash cluster up`` started (cluster/local_cluster.py). Each submis
 ``--module MOD`` runs ``python -m MOD ARGS`` instead of a TerraHash subcommand (a benchmark, say).
 
 ``--after ID`` queues a job: its entrypoint first waits, on the cluster, until job ID has succeeded
-(``terrahash jobs wait``), and gives up if ID fails or is stopped, so ``train -> distill -> index
+(``terrahash jobs wait``, which follows a failed job into the attempts its ``--retries`` leave), and
+gives up if ID fails for good or is stopped, so ``train -> distill -> index
 build`` is one pipeline the client need not watch. ``--follow`` (the default) streams the logs and
 exits with the job's outcome (0 succeeded, 1 failed, 3 stopped); Ctrl-C asks whether to stop the job.
 ``--retries N`` resubmits a job that failed (never one that was stopped) up to N times, following each.
@@ -144,13 +145,14 @@ def _config_hash(argv: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def metadata(argv: list[str], attempt: int, base: str, after: str | None) -> dict[str, str]:
+def metadata(argv: list[str], attempt: int, base: str, after: str | None, retries: int = 0) -> dict[str, str]:
     from training.tracking import git_commit
 
     return {"terrahash.command": shlex.join(argv)[:1000], "terrahash.config_hash": _config_hash(argv),
             "terrahash.git_commit": git_commit() or "unknown",
             "terrahash.submitted_by": f"{getpass.getuser()}@{socket.gethostname()}",
-            "terrahash.attempt": str(attempt), "terrahash.job": base, "terrahash.after": after or ""}
+            "terrahash.attempt": str(attempt), "terrahash.retries": str(retries), "terrahash.job": base,
+            "terrahash.after": after or ""}
 
 
 def runtime_env(base: str, env: dict[str, str] | None = None, working_dir: Path = REPO) -> dict:
@@ -176,15 +178,15 @@ def entrypoint(argv: list[str], address: str, after: str | None = None, module: 
 
 def submit_once(argv: list[str], *, address: str | None = None, attempt: int = 1, base: str | None = None,
                 after: str | None = None, env: dict | None = None, entrypoint_cpus: float = 0.0,
-                entrypoint_resources: dict | None = None, module: str | None = None) -> str:
-    """Submit one attempt; returns its submission id."""
+                entrypoint_resources: dict | None = None, module: str | None = None, retries: int = 0) -> str:
+    """Submit one attempt (of ``retries`` + 1); returns its submission id."""
     url = resolve_address(address)
     named = [module.replace(".", "-").replace("_", "-").split("-", 1)[-1]] if module else argv
     base = base or submission_id(named)
     job_id = submission_id(named, attempt, base)
     client(url).submit_job(entrypoint=entrypoint(argv, url, after, module), submission_id=job_id,
                            runtime_env=runtime_env(base, env),
-                           metadata=metadata(command_of(argv, module)[0 if module else 1:], attempt, base, after),
+                           metadata=metadata(command_of(argv, module)[0 if module else 1:], attempt, base, after, retries),
                            entrypoint_num_cpus=entrypoint_cpus,
                            entrypoint_resources=entrypoint_resources or None)
     return job_id
@@ -194,17 +196,50 @@ def status(job_id: str, address: str | None = None) -> str:
     return str(client(address).get_job_status(job_id).value)
 
 
-def wait(job_id: str, address: str | None = None, poll_s: float = 2.0, timeout: float | None = None) -> str:
-    """Block until the job ends; its final status (SUCCEEDED, FAILED or STOPPED)."""
+RETRY_GRACE_S = 120.0  # how long a waiter gives a failed job's submitter to resubmit it
+
+
+def next_attempt(job_id: str, address: str | None = None) -> str | None:
+    """The id the failed job's next attempt gets, when its ``--retries`` leave one (else None)."""
+    meta = describe(job_id, address)["metadata"]
+    attempt, retries = int(meta.get("terrahash.attempt") or 1), int(meta.get("terrahash.retries") or 0)
+    if attempt > retries or not meta.get("terrahash.job"):
+        return None
+    return submission_id([], attempt + 1, meta["terrahash.job"])
+
+
+def wait(job_id: str, address: str | None = None, poll_s: float = 2.0, timeout: float | None = None,
+         retries: bool = False, say=None) -> str:
+    """Block until the job ends; its final status (SUCCEEDED, FAILED or STOPPED). With ``retries``, a job
+    that failed with attempts left is followed into its next attempt (``<id>-attempt<k>``, submitted by
+    the client that follows it), so a queue behind a job waits for its retries too."""
     jobs = client(address)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         found = str(jobs.get_job_status(job_id).value)
+        if found == "FAILED" and retries and (following := next_attempt(job_id, address)):
+            if say:
+                say(f"job {job_id}: FAILED; waiting for its next attempt, {following}")
+            if not _appears(jobs, following, RETRY_GRACE_S):
+                return found
+            job_id = following
+            continue
         if found in EXIT_CODES:
             return found
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} is still {found} after {timeout:.0f} s")
         time.sleep(poll_s)
+
+
+def _appears(jobs, job_id: str, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            jobs.get_job_status(job_id)
+            return True
+        except RuntimeError:  # the job server answers 404: not submitted (yet)
+            time.sleep(1.0)
+    return False
 
 
 def follow(job_id: str, address: str | None = None, out=None) -> str:
@@ -236,7 +271,7 @@ def submit(argv: list[str], *, address: str | None = None, retries: int = 0, aft
     for attempt in range(1, retries + 2):
         job_id = submit_once(argv, address=address, attempt=attempt, base=base, after=after, env=env,
                              entrypoint_cpus=entrypoint_cpus, entrypoint_resources=entrypoint_resources,
-                             module=module)
+                             module=module, retries=retries)
         base = base or job_id
         say(f"submitted {job_id}" + (f" (attempt {attempt} of {retries + 1})" if retries else "")
             + (f"; it runs once {after} has succeeded" if after else ""))

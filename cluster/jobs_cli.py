@@ -67,7 +67,7 @@ def _jobs(args: argparse.Namespace) -> int:
         stopped = jobs.stop(args.id, args.address)
         print(f"asked {args.id} to stop" if stopped else f"{args.id} had already ended")
         return 0
-    outcome = jobs.wait(args.id, args.address)  # wait
+    outcome = jobs.wait(args.id, args.address, retries=True, say=lambda line: print(line, flush=True))  # wait
     print(f"job {args.id}: {outcome}", flush=True)
     return jobs.EXIT_CODES.get(outcome, 1)
 
@@ -126,7 +126,9 @@ def add_job_commands(subparsers) -> None:
     tail.add_argument("--follow", action="store_true", help="stream them until the job ends; exit with its status")
     halt = commands.add_parser("stop", parents=[address], help="stop a job")
     halt.add_argument("id")
-    hold = commands.add_parser("wait", parents=[address], help="wait until a job ends; exit 0 only if it succeeded")
+    hold = commands.add_parser("wait", parents=[address], help="wait until a job ends; exit 0 only if it succeeded",
+                               description="Wait until a job ends, following a failed job into the next attempts "
+                                           "its --retries leave; exit 0 only if it (or its last attempt) succeeded.")
     hold.add_argument("id")
     for parser in (listing, one, tail, halt, hold):
         parser.set_defaults(handler=_jobs)

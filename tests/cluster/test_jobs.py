@@ -118,3 +118,28 @@ def test_a_stopped_job_is_not_retried_and_a_queue_waits_on_the_cluster(cluster_h
     assert main(["jobs", "logs", queued_bad[0]]) == 0
     logs = capsys.readouterr().out
     assert f"job {blocker}: STOPPED" in logs and "all good" not in logs  # its command never ran
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+def test_ctrl_c_asks_whether_to_stop_the_job(cluster_home, monkeypatch, answer):
+    """A job that runs until stopped (a web server, `--module http.server`); Ctrl-C while its logs stream
+    asks, on a terminal, whether to stop it too, and does what the answer says."""
+    import builtins
+    import sys
+
+    from cluster import jobs
+
+    asked, said = [], []
+    monkeypatch.setattr(jobs, "follow", lambda job_id, address=None: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(builtins, "input", lambda prompt: asked.append(prompt) or answer)
+    with pytest.raises(KeyboardInterrupt):
+        jobs.submit(["0", "--bind", "127.0.0.1"], module="http.server", say=said.append)
+    job_id = said[0].split()[1]
+    assert job_id.startswith("terrahash-server-") and asked == [f"\nstop job {job_id} too? [y/N] "]
+    if answer == "y":
+        assert wait(job_id, timeout=60) == "STOPPED" and f"asked {job_id} to stop" in said
+    else:
+        assert "left job" in said[-1] and describe(job_id)["status"] in ("PENDING", "RUNNING")
+        stop(job_id)
+        assert wait(job_id, timeout=60) == "STOPPED"

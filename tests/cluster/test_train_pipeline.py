@@ -127,3 +127,55 @@ def test_a_queued_pipeline_lands_in_s3_and_the_registry_and_survives_losing_a_no
     versions = client.search_model_versions("name='pipeline-students'")
     assert len(versions) == 1 and versions[0].tags["teacher.run_id"] == metrics["mlflow_run_id"]
     assert client.get_run(metrics["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def _driver_pid(job_id: str) -> int | None:
+    from cluster.jobs import client
+
+    info = client().get_job_info(job_id)
+    return getattr(info.driver_info, "pid", None) and int(info.driver_info.pid)
+
+
+@pytest.mark.timeout(600)
+def test_a_failed_job_is_retried_from_its_last_checkpoint_and_a_queue_behind_it_follows(
+        local_cluster, s3_endpoint, subset, tiny_text_encoder, tmp_path, monkeypatch):
+    """Attempt 1's driver dies mid-training (SIGKILL: the job fails); `--retries 1` submits attempt 2, which
+    resumes the same Ray Train run from its last checkpoint in S3; `jobs wait` on attempt 1, as a queued
+    job's entrypoint runs it, follows it into attempt 2 and succeeds."""
+    import os
+    import signal
+
+    from cluster.jobs import submit
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    config = tiny_config(tiny_text_encoder, epochs=12)
+    config["train"]["eval_every"] = 1
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(config))
+    storage, out = "s3://terrahash-test/retried/ray", "s3://terrahash-test/retried/teacher"
+    said: list[str] = []
+    outcome: list = []
+    follower = threading.Thread(target=lambda: outcome.append(submit(
+        ["train", "--config", str(tmp_path / "teacher.yaml"), "--data", str(subset), "--cache-dir",
+         str(tmp_path / "cache"), "--out", out, "--workers", "1", "--storage", storage, "--eval-split", "none"],
+        retries=1, say=said.append)), daemon=True)
+    follower.start()
+    deadline = time.monotonic() + 300
+    while not any(line.startswith("submitted ") for line in said):
+        assert time.monotonic() < deadline and follower.is_alive(), said
+        time.sleep(0.2)
+    first = said[0].split()[1]
+    waiter: list[int] = []
+    queue = threading.Thread(target=lambda: waiter.append(main(["jobs", "wait", first])), daemon=True)
+    queue.start()
+    root = open_root(storage)
+    while not any("/epoch-0004/" in key for key in root.list()):
+        assert time.monotonic() < deadline, said
+        time.sleep(0.2)
+    os.kill(_driver_pid(first), signal.SIGKILL)  # the driver's machine would have gone; the job fails
+    follower.join(timeout=400)
+    queue.join(timeout=60)
+    assert outcome and outcome[0][1] == "SUCCEEDED", said
+    assert outcome[0][0] == f"{first}-attempt2" and describe(first)["status"] == "FAILED"
+    assert waiter == [0]  # the queue waited through the failure for the retry
+    metrics = json.loads(open_root("s3://terrahash-test/retried").read_bytes("teacher/metrics.json"))
+    assert metrics["resumed_from_epoch"] >= 1, job_logs(outcome[0][0])[-3000:]  # not trained from scratch
