@@ -143,3 +143,24 @@ def test_ctrl_c_asks_whether_to_stop_the_job(cluster_home, monkeypatch, answer):
         assert "left job" in said[-1] and describe(job_id)["status"] in ("PENDING", "RUNNING")
         stop(job_id)
         assert wait(job_id, timeout=60) == "STOPPED"
+
+
+def test_the_gpu_benchmark_runs_unchanged_as_a_job_on_a_worker_type(cluster_home, subset, tiny_text_encoder,
+                                                                     tmp_path, capsys):
+    """`submit --worker-type cpu --module evaluation.bench_gpu_train`: the benchmark script as it is, its Ray
+    Train worker placed by the worker type (on this machine's cluster, CPU nodes: it says it found no GPU)."""
+    import yaml
+
+    from tests.conftest import tiny_config
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(tiny_text_encoder)))
+    assert main(["submit", "--worker-type", "cpu", "--module", "evaluation.bench_gpu_train", "--",
+                 "--config", str(tmp_path / "tiny.yaml"), "--epochs", "2", "--data", str(subset)]) == 0
+    out = capsys.readouterr().out
+    job_id = _submitted(out)[0]
+    assert job_id.startswith("terrahash-bench-gpu-train-") and f"job {job_id}: SUCCEEDED" in out
+    assert "on CPU (no GPU found), 1 worker(s)" in out and "training images/s: " in out
+    assert "'terrahash-worker-cpu': 0.001" in out  # Ray Train asked for the worker type's nodes
+    assert describe(job_id)["metadata"]["terrahash.command"].startswith("python -m evaluation.bench_gpu_train")
+    assert main(["submit", "--worker-type", "gpu", "--", "cluster", "status"]) == 2
+    assert "no worker type 'gpu' in the cluster; its types: cpu" in capsys.readouterr().err
