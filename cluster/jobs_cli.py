@@ -27,9 +27,15 @@ def _submit(args: argparse.Namespace) -> int:
     env = {} if args.on_head and args.worker_type is None else worker_type_env(args.worker_type, args.address,
                                                                                 args.cluster_config)
     env.update(_pairs(args.env, "--env"))
+    if args.print_id and not args.no_follow:
+        raise SystemExit("terrahash submit: --print-id goes with --no-follow")
     job_id, outcome = submit(command, address=args.address, retries=args.retries, after=args.after,
                              do_follow=not args.no_follow, env=env, module=args.module,
-                             entrypoint_cpus=args.entrypoint_cpus, entrypoint_resources=resources)
+                             entrypoint_cpus=args.entrypoint_cpus, entrypoint_resources=resources,
+                             say=(lambda line: None) if args.print_id else print)
+    if args.print_id:
+        print(job_id)
+        return 0
     if outcome is None:
         print(f"`terrahash jobs logs {job_id} --follow` to watch it, `terrahash jobs stop {job_id}` to stop it")
         return 0
@@ -92,6 +98,9 @@ def add_job_commands(subparsers) -> None:
                              "the last checkpoint the previous one reported")
     submit.add_argument("--after", metavar="ID", help="run only once job ID has succeeded (waits on the cluster)")
     submit.add_argument("--no-follow", action="store_true", help="print the job id and return at once")
+    submit.add_argument("--print-id", action="store_true",
+                        help="with --no-follow, print only the job id, for scripts: "
+                             "ID=$(terrahash submit --no-follow --print-id -- train ...)")
     submit.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable of the job (repeatable)")
     submit.add_argument("--entrypoint-cpus", type=float, default=0.0,

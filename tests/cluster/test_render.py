@@ -143,6 +143,7 @@ def _readme_lines(prefixes: tuple[str, ...]) -> list[list[str]]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0].strip()
+            line = re.sub(r"^[A-Z_]+=\$\((.*)\)$", r"\1", line)  # ID=$(terrahash submit ... --print-id ...)
             if line.startswith(prefixes):
                 lines.append(shlex.split(line)[1:])
     return lines

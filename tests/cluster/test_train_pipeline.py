@@ -85,14 +85,15 @@ def test_a_queued_pipeline_lands_in_s3_and_the_registry_and_survives_losing_a_no
     nodes = {n["node"]: n for n in status()["nodes"] if n["alive"]}
     assert {"head", "worker 1", "worker 2"} <= set(nodes)
 
-    assert main(["submit", "--no-follow", "--entrypoint-cpus", "1", *ON_WORKER_1, "--", "train", "--config", str(tmp_path / "teacher.yaml"), *data, *cache, "--out", teacher,
+    assert main(["submit", "--no-follow", "--print-id", "--entrypoint-cpus", "1", *ON_WORKER_1, "--", "train", "--config", str(tmp_path / "teacher.yaml"), *data, *cache, "--out", teacher,
                  "--workers", "1", "--max-failures", "2", "--storage", storage, "--eval-split", "none"]) == 0
-    train_id = _submitted(capsys.readouterr().out)[0]
+    train_id = capsys.readouterr().out.strip()  # --print-id: the id alone, as a script takes it
+    assert train_id.startswith("terrahash-train-") and "\n" not in train_id
     killer = NodeKiller(storage, nodes["worker 2"]["node_id"])
     killer.start()
-    assert main(["submit", "--no-follow", "--after", train_id, *ON_WORKER_1, "--", "distill", "--teacher", teacher,
+    assert main(["submit", "--no-follow", "--print-id", "--after", train_id, *ON_WORKER_1, "--", "distill", "--teacher", teacher,
                  "--config", str(tmp_path / "students.yaml"), *data, *cache]) == 0
-    distill_id = _submitted(capsys.readouterr().out)[0]
+    distill_id = capsys.readouterr().out.strip()
     # The last step is followed: its logs stream here, and its exit status is the pipeline's.
     code = main(["submit", "--after", distill_id, *ON_WORKER_1, "--", "index", "build", "--model", f"{teacher}/students/onnx",
                  "--shards", "2", "--out", index, *data])
