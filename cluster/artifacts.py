@@ -77,7 +77,8 @@ class ArtifactRoot:
         """Upload every file under ``local_dir`` to ``prefix/``, then its manifest (written last, so
         a reader never sees a manifest naming files that are not there yet). Returns the manifest."""
         local_dir = Path(local_dir)
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        # A folder fetched from a root holds that root's manifest: this upload writes its own.
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p != local_dir / MANIFEST)
         manifest = {"files": {}}
         for path in files:
             rel = path.relative_to(local_dir).as_posix()

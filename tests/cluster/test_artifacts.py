@@ -159,6 +159,9 @@ def test_a_job_output_on_s3_is_published_only_when_the_job_succeeds(s3_endpoint,
     assert inner.name == "onnx" and [p.name for p in inner.iterdir() if p.name != MANIFEST] == ["image.json"]
     with pytest.raises(ArtifactError, match="lists nothing under"):
         fetch_folder("s3://terrahash-test/jobs/run1/missing")
+    open_root("s3://terrahash-test/jobs").put_dir(first, "copy")  # a fetched copy published again
+    again = fetch_folder("s3://terrahash-test/jobs/copy", cache)
+    assert (again / "checkpoint.pt").read_bytes() == b"weights"
 
     with output_folder("s3://terrahash-test/jobs/run1") as folder:  # the job writes it again
         (folder / "checkpoint.pt").write_bytes(b"better weights")

@@ -124,6 +124,10 @@ def test_a_queued_pipeline_lands_in_s3_and_the_registry_and_survives_losing_a_no
     manifest = json.loads(root.read_bytes(f"index/index/images/{version}/manifest.json"))
     assert "model_dir" not in manifest["extra"] and not manifest["extra"]["model_files"].startswith("/")
     assert f"index/{manifest['extra']['model_files']}/MANIFEST.json" in keys
+    from cluster.artifacts import fetch_folder
+
+    copy = fetch_folder(f"{BUCKET}/index/{manifest['extra']['model_files']}", tmp_path / "fetched")
+    assert copy.name == "onnx" and (copy / "image_student.onnx").is_file()  # every file checks out
     client = MlflowClient(mlflow_server)
     versions = client.search_model_versions("name='pipeline-students'")
     assert len(versions) == 1 and versions[0].tags["teacher.run_id"] == metrics["mlflow_run_id"]
