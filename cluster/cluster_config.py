@@ -146,11 +146,11 @@ def workers_env(type_name: str | None, cpus: int = 0, gpus: int = 0) -> dict[str
     and its CPUs and GPUs, which training.distributed.apply_worker_type turns into Ray Train's resources."""
     import json
 
-    from cluster.local_cluster import WORKER_RESOURCE, WORKER_TYPE_RESOURCE
+    from cluster.local_cluster import WORKER_RESOURCE, WORKER_TYPE_RESOURCE, WORKERS_ENV
 
     if type_name is None:
-        return {"TERRAHASH_WORKERS": json.dumps({"resource": WORKER_RESOURCE})}
-    return {"TERRAHASH_WORKERS": json.dumps({"type": type_name, "resource": WORKER_TYPE_RESOURCE.format(type_name),
+        return {WORKERS_ENV: json.dumps({"resource": WORKER_RESOURCE})}
+    return {WORKERS_ENV: json.dumps({"type": type_name, "resource": WORKER_TYPE_RESOURCE.format(type_name),
                                              "cpus": cpus, "gpus": gpus})}
 
 

@@ -114,17 +114,17 @@ def worker_type_env(name: str | None, address: str | None = None, cluster_config
     if name is None:
         return workers_env(None)
     if address is None and not os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
-        from cluster.local_cluster import ClusterState
+        from cluster.local_cluster import ClusterState  # the local cluster: one type, its nodes' CPUs
 
-        types = {LOCAL_WORKER_TYPE: (ClusterState.load().cpus_per_node, 0)}
-        if name in types:
-            return workers_env(name, *types[name])
+        if name == LOCAL_WORKER_TYPE:
+            return workers_env(name, ClusterState.load().cpus_per_node, 0)
+        types = [LOCAL_WORKER_TYPE]
     else:
         config = load_cluster_config(cluster_config or REPO / "cluster" / "cluster.yaml")
-        types = config.workers
-        if name in types:
+        if name in config.workers:
             return config.workers_env(name)
-    raise JobError(f"no worker type {name!r} in the cluster; its types: {', '.join(sorted(types))}")
+        types = sorted(config.workers)
+    raise JobError(f"no worker type {name!r} in the cluster; its types: {', '.join(types)}")
 
 
 def submission_id(argv: list[str], attempt: int = 1, base: str | None = None) -> str:
@@ -181,12 +181,13 @@ def submit_once(argv: list[str], *, address: str | None = None, attempt: int = 1
                 entrypoint_resources: dict | None = None, module: str | None = None, retries: int = 0) -> str:
     """Submit one attempt (of ``retries`` + 1); returns its submission id."""
     url = resolve_address(address)
-    named = [module.replace(".", "-").replace("_", "-").split("-", 1)[-1]] if module else argv
+    named = [module.rpartition(".")[2]] if module else argv  # evaluation.bench_gpu_train: bench-gpu-train
     base = base or submission_id(named)
     job_id = submission_id(named, attempt, base)
+    recorded = command_of(argv, module) if module else argv  # "python -m ...", or the subcommand alone
     client(url).submit_job(entrypoint=entrypoint(argv, url, after, module), submission_id=job_id,
                            runtime_env=runtime_env(base, env),
-                           metadata=metadata(command_of(argv, module)[0 if module else 1:], attempt, base, after, retries),
+                           metadata=metadata(recorded, attempt, base, after, retries),
                            entrypoint_num_cpus=entrypoint_cpus,
                            entrypoint_resources=entrypoint_resources or None)
     return job_id
