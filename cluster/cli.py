@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 from cluster.cluster_cli import add_cluster_commands
+from cluster.governance_cli import add_governance_commands
 from cluster.jobs_cli import add_job_commands
 from cluster.lifecycle_cli import add_lifecycle_commands
 from cluster.serving_cli import add_serving_commands
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary.set_defaults(handler=_summarize)
     add_serving_commands(sub, common)
     add_lifecycle_commands(sub)
+    add_governance_commands(sub)
     add_cluster_commands(sub)
     add_job_commands(sub)
     return parser

@@ -257,7 +257,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 _RENDER_HEADER = """# Serve config written by `terrahash serve --render` from the serve settings (serving/settings.py).
 # Applications: the router's (Router + Canary), one per index release, one per model version. The split
-# is the Router's and Canary's user_config "traffic": `terrahash traffic set` changes it in place.
+# is the Router's and Canary's user_config "traffic": `terrahash traffic set` changes it in place; the
+# access settings (auth, the policy read from its file, rate limits) are the Router's "access":
+# `terrahash policy apply FILE` changes the policy in place.
 """
 
 

@@ -24,16 +24,20 @@ IMAGE_FORMATS = ("JPEG", "PNG", "TIFF", "WEBP")
 
 
 class ApiError(Exception):
-    """An answer other than 200: HTTP status, a stable machine code and a message for people."""
+    """An answer other than 200: HTTP status, a stable machine code and a message for people; ``headers``
+    to send with it (``Retry-After``, ``WWW-Authenticate``) and the audit trail's ``decision`` about it."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None,
+                 decision: str | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers, self.decision = headers or {}, decision
 
 
-def error_response(status: int, code: str, message: str, request_id: str | None = None) -> JSONResponse:
+def error_response(status: int, code: str, message: str, request_id: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
     error = {"code": code, "message": message, **({"request_id": request_id} if request_id else {})}
-    return JSONResponse({"error": error}, status_code=status)
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 # --- declared bodies (the OpenAPI schema of each endpoint) -------------------------------------------

@@ -24,6 +24,8 @@ from ray import serve
 from serving.canary import Canary
 from serving.index import ImageRefs, resolve_release
 from serving.query_encoder import QueryEncoder
+from serving.query_log import AuditWriter
+from serving.ratelimit import RateLimiter
 from serving.router import Router
 from serving.serve_config import app_specs, router_fields
 from serving.settings import ServeSettings, load_settings  # noqa: F401  (the app's public settings API)
@@ -104,13 +106,18 @@ def _router_app(args: dict, router_config: dict | None = None, canary_config: di
         num_replicas=1, ray_actor_options=_actor_options(settings, 0.05, {}),
         **({"user_config": canary_config} if canary_config is not None else {}),
     ).bind(settings.app_name, settings.tracking_uri)
+    limiter = RateLimiter.options(ray_actor_options=_actor_options(settings, 0.01, {})).bind()
+    audit = None
+    if settings.audit.log:
+        audit = AuditWriter.options(ray_actor_options=_actor_options(settings, 0.01, settings.audit.resources)).bind(
+            settings.audit.log, settings.audit.flush_s)
     return Router.options(
         num_replicas=settings.router_replicas,
         ray_actor_options=_actor_options(settings, settings.router_num_cpus, settings.router_resources),
         **({"user_config": router_config} if router_config is not None else {}),
     ).bind(canary, {"encoder_threads": settings.encoder_threads, "decode_threads": settings.decode_threads,
                     "router_encodes_text": settings.router_encodes_text, "tracking_uri": settings.tracking_uri,
-                    "model_cache_dir": settings.model_cache_dir, "app_name": settings.app_name})
+                    "model_cache_dir": settings.model_cache_dir, "app_name": settings.app_name}, limiter, audit)
 
 
 BUILDERS = {"index": index_app, "model": model_app, "router": router_app}

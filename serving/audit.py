@@ -7,10 +7,9 @@ with ``seq`` zero-padded to six digits from ``000001``. An entry:
      "alias": "champion", "from_version": "2", "to_version": "3", "gates": [{"name", "passed",
      "detail", "figures"}], "figures": {...}, "reason": "...", "prev_sha256": "<hex>", "sha256": "<hex>"}
 
-Chain rule: an entry's ``sha256`` is the sha256 of its canonical bytes, the JSON of every field but
-``sha256`` with sorted keys and no spaces (``canonical_bytes``); ``prev_sha256`` is the previous
-entry's ``sha256`` (64 zeros for the first). Editing an entry breaks its own hash; deleting or
-replacing one breaks the link of the next and leaves a gap in ``seq``. Entries are created with
+The chain is serving.chain's (the query log uses the same): an entry's ``sha256`` is the sha256 of its
+canonical bytes, ``prev_sha256`` the previous entry's (64 zeros for the first); editing an entry breaks
+its own hash, deleting one breaks the next one's link and leaves a gap in ``seq``. Entries are created with
 ``ArtifactRoot.create_bytes`` (exclusive), so two writers can never both append entry N: the loser
 reads the log again and appends on top of the winner's entry.
 
@@ -20,7 +19,6 @@ Actions: ``promote`` (every gate passed), ``force-promote`` (gates failed, moved
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 import re
@@ -28,11 +26,13 @@ import socket
 from datetime import datetime, timezone
 
 from cluster.artifacts import ArtifactRoot, open_root
+from serving.chain import SEQ_DIGITS, ZERO_SHA256, canonical_bytes, chain_problems, entry_sha256, seal
+
+__all__ = ["AuditLog", "AuditError", "ZERO_SHA256", "canonical_bytes", "entry_sha256", "default_root",
+           "default_actor"]
 
 AUDIT_PREFIX = "audit"
 ACTIONS = ("promote", "force-promote", "rollback", "auto-rollback")
-ZERO_SHA256 = "0" * 64
-SEQ_DIGITS = 6
 MAX_APPEND_TRIES = 100  # other writers that may win the same number before an append gives up
 DEFAULT_ROOT = "./terrahash-root"
 FIELDS = ("seq", "time", "actor", "action", "alias", "from_version", "to_version", "gates", "figures", "reason",
@@ -61,16 +61,6 @@ def default_actor(actor: str | None = None) -> str:
     except (KeyError, OSError):  # no user name for this uid (a container)
         user = str(os.getuid())
     return f"{user}@{socket.gethostname()}"
-
-
-def canonical_bytes(entry: dict) -> bytes:
-    """The bytes an entry's sha256 is taken over: every field but ``sha256``, sorted keys, no spaces."""
-    body = {k: v for k, v in entry.items() if k != "sha256"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def entry_sha256(entry: dict) -> str:
-    return hashlib.sha256(canonical_bytes(entry)).hexdigest()
 
 
 class AuditLog:
@@ -137,8 +127,7 @@ class AuditLog:
                 prev_sha = entry_sha256(previous)
             else:
                 seq, prev_sha = 0, ZERO_SHA256
-            entry = {**body, "seq": seq + 1, "prev_sha256": prev_sha}
-            entry["sha256"] = entry_sha256(entry)
+            entry = seal(body, seq + 1, prev_sha)
             try:
                 self.root.create_bytes(self.key(seq + 1), json.dumps(entry, indent=2, sort_keys=True).encode())
                 return entry
@@ -150,33 +139,20 @@ class AuditLog:
         """Every problem of the chain, one line each (an empty list: the log is whole): an unreadable
         file, an entry whose content no longer has its sha256 (edited), a seq that is not its file's, a
         gap in the numbers (deleted), a ``prev_sha256`` that is not the previous entry's (broken link)."""
-        problems = []
-        expected_seq, prev_sha = 1, ZERO_SHA256
+        problems, read = [], []
         for seq, key in self._files():
             where = f"{self.root.uri}/{key}"
-            if seq != expected_seq:
-                problems.append(f"{where}: gap in the log, entries {expected_seq:0{SEQ_DIGITS}d}.."
-                                f"{seq - 1:0{SEQ_DIGITS}d} are missing" if seq > expected_seq + 1 else
-                                f"{where}: gap in the log, entry {expected_seq:0{SEQ_DIGITS}d} is missing")
             try:
                 entry = json.loads(self.root.read_bytes(key))
                 if not isinstance(entry, dict):
                     raise ValueError("not a JSON object")
             except (ValueError, UnicodeDecodeError) as err:
-                problems.append(f"{where}: unparseable entry ({err})")
-                expected_seq, prev_sha = seq + 1, None  # the next link cannot be checked
+                read.append((where, str(err)))
                 continue
-            actual = entry_sha256(entry)
-            if entry.get("sha256") != actual:
-                problems.append(f"{where}: edited: its content has sha256 {actual[:12]}..., the entry records "
-                                f"{str(entry.get('sha256'))[:12]}...")
             if entry.get("seq") != seq:
                 problems.append(f"{where}: records seq {entry.get('seq')!r}, its file name says {seq}")
-            if prev_sha is not None and entry.get("prev_sha256") != prev_sha:
-                problems.append(f"{where}: broken link: prev_sha256 {str(entry.get('prev_sha256'))[:12]}... is not "
-                                f"the sha256 {prev_sha[:12]}... of the entry before it")
-            expected_seq, prev_sha = seq + 1, actual
-        return problems
+            read.append((where, entry))
+        return chain_problems(read)[0] + problems
 
     def latest(self, alias: str) -> dict | None:
         """The latest entry that moved ``alias`` (None if it never moved)."""

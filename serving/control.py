@@ -135,3 +135,20 @@ def apply_new_config(config: dict, app_name: str = "terrahash", wait: bool = Tru
     apply_config(config)
     if wait and revision:
         wait_applied(app_name, revision, timeout=600)  # new arms' applications may take minutes to build
+
+
+def update_access(app_name: str, change: Callable[[dict], dict]) -> dict:
+    """Apply ``change(access) -> access`` to the router's hot access settings (serving.access.AccessConfig:
+    auth, the policy, rate limits) in place; returns the new settings. Replicas are reconfigured, none
+    restarts."""
+    from serving.access import AccessConfig
+
+    with _lock:
+        config = current_config()
+        app = router_app_config(config, app_name)
+        [deployment] = [d for d in app.get("deployments", []) if d["name"] == "Router"]
+        current = dict(deployment["user_config"])
+        access = AccessConfig.check(change(copy.deepcopy(current.get("access") or {}))).model_dump(mode="json")
+        deployment["user_config"] = {**current, "access": access}
+        apply_config(config)
+    return access

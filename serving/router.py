@@ -17,7 +17,9 @@ traceback is in the replica's log. Request counts and latencies go to Ray's metr
 """
 
 import asyncio
+import json
 import logging
+import math
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +33,17 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException
 
+from serving.access import Gate
 from serving.arms import Arm, ArmStats, Backends, garbage_code
 from serving.api import (CAPTION_BODY, IMAGE_BODY, ITEMS_BODY, TEXT_BODY, ApiError, CaptionSearch, ImageSearch,
                          ItemsSearch, TextSearch, check_query, decode_in_pool, error_response, image_upload,
                          parse_body, parse_choice, parse_filter, parse_k, read_json, wants_stac)
 from serving.codes import pack_signs
 from serving.index import stable_shard
+from serving.keys import Identity
+from serving.policy import SEARCH_ENDPOINTS, coarsen
+from serving.query_log import audit_entry, sha256_of
+from serving.roles import ARM_OVERRIDE, READY_DETAILS, allows
 from serving.ranking import asymmetric_rerank, fuse, item_image, merge_hits
 from serving.settings import FUSION_RULES, RERANK_MODES, check_hot_settings
 from serving.shards import ShardNotReady
@@ -52,6 +59,8 @@ NOT_READY_TRIES = 16  # calls that met a replica without a verified copy before 
 RETRYABLE = (RayError, asyncio.TimeoutError, BackPressureError, ReplicaUnavailableError, DeploymentUnavailableError)
 LATENCY_BUCKETS = (.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
 REPORT_PERIOD_S = 1.0
+LIMITER_TIMEOUT_S = 1.0  # a rate limiter slower than this lets the request through
+AUDIT_TIMEOUT_S = 2.0  # an audit writer slower than this fails the request closed (or lets it through: open)
 
 
 class RouterMetrics:
@@ -85,6 +94,8 @@ class RouterMetrics:
         self.shadow_rank = metrics.Histogram("terrahash_shadow_rank_agreement", description="(1 + Spearman's rho) "
                                              "/ 2 of the common ids of a shadow arm's and the client's top-k",
                                              boundaries=[.1, .25, .5, .75, .9, .95, .99], tag_keys=("arm",))
+        self.audit_failures = metrics.Counter("terrahash_audit_failures", description="requests whose audit entry "
+                                              "the audit writer did not take")
 
     def count(self, endpoint: str, status: int, seconds: float | None = None) -> None:
         self.requests.inc(1, tags={"endpoint": endpoint, "status": str(status)})
@@ -109,11 +120,15 @@ def request_id() -> str:
 
 
 class Call:
-    """One request's budget and the milliseconds spent per step."""
+    """One request's budget, the milliseconds spent per step, and what its audit entry records."""
 
     def __init__(self, deadline_s: float):
         self.deadline = time.monotonic() + deadline_s
         self.timings: dict[str, float] = {}
+        self.who: Identity | None = None  # the caller (serving.access.Gate.identify)
+        self.status, self.decision = 500, "error"
+        self.query_sha256: str | None = None
+        self.answered: dict = {}  # arm, versions and result count of a 200
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -201,10 +216,14 @@ async def _http_error(request: Request, err: HTTPException):
 class Router:
     """HTTP ingress: validate, pick the arm, encode, scatter to every shard group, merge the top-k, answer."""
 
-    def __init__(self, canary, options: dict):
+    def __init__(self, canary, options: dict, limiter=None, audit=None):
         """``options``: encoder_threads, decode_threads, router_encodes_text, tracking_uri, model_cache_dir,
-        app_name. The split and the limits come with ``reconfigure``."""
+        app_name. ``limiter``: the app's serving.ratelimit.RateLimiter; ``audit``: its
+        serving.query_log.AuditWriter (None: no audit trail). The split, the limits and the access
+        settings come with ``reconfigure``."""
         self.canary, self.options = canary, dict(options)
+        self.limiter, self.audit = limiter, audit
+        self.gate = Gate()
         self.backends = Backends(self.options)
         self.arms: dict[str, Arm] = {}
         self.traffic: Traffic | None = None
@@ -226,7 +245,9 @@ class Router:
         if "traffic" not in config:
             raise ValueError("router settings: traffic: missing (the arms; see serving.serve_config.traffic)")
         traffic = check_traffic(config.pop("traffic"))
+        access = config.pop("access", None)
         self.config = check_hot_settings(config)
+        await self.gate.configure(access)
         self.arms = self.backends.arms(traffic.arms)
         self.traffic = traffic
         if self._reporter is None or self._reporter.done():
@@ -242,16 +263,22 @@ class Router:
         return {"status": "ok"}
 
     @api.get("/v1/readyz")
-    async def readyz(self):
+    async def readyz(self, request: Request):
         """Readiness: every live arm's backend is resolved and every shard of its index is held, verified,
-        by at least one replica; lists every shard replica's own report, the reasons of recent
-        replacements, and each arm's state (503 when a live arm or a shard is not ready)."""
-        return await self._timed("readyz", None, lambda request, call: self._readiness(call), wrap=False)
+        by at least one replica (503 when a live arm or a shard is not ready). The status is open to
+        anyone; the details (every shard replica's own report, the reasons of recent replacements, each
+        arm's state) need permission ``ready_details`` when auth is on."""
+        return await self._timed("readyz", request, lambda request, call: self._readiness(call), wrap=False)
 
     @api.get("/v1/traffic")
-    async def traffic_status(self):
+    async def traffic_status(self, request: Request):
         """The split and, per arm, its share, requests, errors, latency, probe and shadow figures and verdict."""
-        return await self._timed("traffic", None, lambda request, call: self._traffic_status(call), wrap=False)
+        return await self._timed("traffic", request, lambda request, call: self._traffic_status(call), wrap=False)
+
+    @api.get("/v1/keys")
+    async def keys(self, request: Request):
+        """The API keys (names, roles, ids, creation and revocation times; never a key or its hash)."""
+        return await self._timed("keys", request, lambda request, call: self._keys(), wrap=False)
 
     @api.post("/v1/search/text", openapi_extra=TEXT_BODY)
     async def search_text(self, request: Request):
@@ -281,9 +308,10 @@ class Router:
         return await self._timed("items", request, self._search_items)
 
     @api.get("/v1/items/{item_id:path}/thumbnail")
-    async def thumbnail(self, item_id: str):
+    async def thumbnail(self, item_id: str, request: Request):
         """A small JPEG of an indexed image (made from the archive on first request, then cached)."""
-        return await self._timed("thumbnail", None, lambda request, call: self._thumbnail(item_id, call), wrap=False)
+        return await self._timed("thumbnail", request, lambda request, call: self._thumbnail(item_id, call),
+                                 wrap=False)
 
     async def probe(self, arm: str, kind: str, payload, k: int) -> list[str]:
         """One probe query of the canary controller on ``arm`` (no fallback): the top-k ids. ``kind`` "text"
@@ -300,44 +328,119 @@ class Router:
 
     # --- request handling ---
 
-    async def _timed(self, endpoint: str, request: Request | None, handler, wrap: bool = True):
-        """Run ``handler`` within the request's deadline; every outcome a JSON answer, counted by status."""
+    async def _timed(self, endpoint: str, request: Request, handler, wrap: bool = True):
+        """Admit the request, run ``handler`` within its deadline, answer in JSON whatever happens, record it
+        in the audit trail, count it by status."""
         start = time.perf_counter()
         call = Call(self.config["deadline_s"])
-        status = 500
+        try:
+            response = await self._answer(endpoint, request, handler, call, wrap, start)
+            response = await self._audited(endpoint, request, call, response)
+        except asyncio.CancelledError:
+            call.status, call.decision = 499, "cancelled"  # the client went away (nginx's code): not a server error
+            self._in_background(self._audited(endpoint, request, call, None))
+            raise
+        finally:
+            self.metrics.count(endpoint, call.status, time.perf_counter() - start)
+        return response
+
+    async def _answer(self, endpoint: str, request: Request, handler, call: Call, wrap: bool, start: float):
         try:
             try:
+                call.who = self.gate.identify(request.headers, endpoint)
+                await self._take_token(call)
                 answer = await asyncio.wait_for(handler(request, call), timeout=max(call.remaining(), 0.001))
             except asyncio.TimeoutError:
                 raise ApiError(504, "deadline_exceeded",
                                f"the request did not finish within its deadline of {self.config['deadline_s']} s") from None
+            call.decision = "allowed"
             if isinstance(answer, Response):
-                status = answer.status_code
+                call.status = answer.status_code
                 return answer
+            call.answered = {"results": len(answer.get("results", [])),
+                             **{k: answer.get(k) for k in ("arm", "model_version", "index_version")}}
             headers = {}
-            if wrap:
+            if endpoint in SEARCH_ENDPOINTS and self.gate.coarsened(call.who):
+                answer = coarsen(answer, self.gate.policy.coarsening)
+            elif wrap:
                 total = (time.perf_counter() - start) * 1000
                 answer.update({"latency_ms": round(total, 3),
                                "timings_ms": {k: round(v, 3) for k, v in call.timings.items()}})
                 headers["X-TerraHash-Arm"] = answer["arm"]
-            response = JSONResponse(answer, headers=headers)
-            status = 200
-            return response
+            call.status = 200
+            return JSONResponse(answer, headers=headers)
         except ApiError as err:
-            status = err.status
-            if status >= 500:
+            call.status = err.status
+            call.decision = err.decision or ("rejected" if err.status < 500 else "error")
+            if err.status >= 500:
                 log.warning("%s: %s", endpoint, err.message)
-            return error_response(err.status, err.code, err.message)
-        except asyncio.CancelledError:
-            status = 499  # the client went away (nginx's code): not a server error
-            raise
+            return error_response(err.status, err.code, err.message, headers=err.headers)
         except Exception:
             rid = request_id()
             log.exception("%s: unexpected error in request %s", endpoint, rid)
+            call.status = 500
             return error_response(500, "internal_error", f"the server failed on this request; quote request id "
                                                          f"{rid} when reporting it", rid)
-        finally:
-            self.metrics.count(endpoint, status, time.perf_counter() - start)
+
+    async def _take_token(self, call: Call) -> None:
+        """429 with Retry-After when the caller's key is over its rate (a bucket shared by every router
+        replica, serving.ratelimit). A limiter that does not answer lets the request through."""
+        limits = self.gate.rate(call.who)
+        if limits is None or self.limiter is None:
+            return
+        try:
+            wait = await asyncio.wait_for(_result(self.limiter.take.remote(call.who.name, *limits)),
+                                          min(LIMITER_TIMEOUT_S, max(call.remaining(), 0.001)))
+        except Exception as err:  # noqa: BLE001 - rate limits are not worth refusing service over
+            log.warning("the rate limiter did not answer (request let through): %s", type(err).__name__)
+            return
+        if wait > 0:
+            raise ApiError(429, "rate_limited", f"key {call.who.name!r} is over its rate of {limits[0]:g} requests/s "
+                                                f"(burst {limits[1]:g}); retry in {wait:.2f} s",
+                           headers={"Retry-After": str(max(1, math.ceil(wait)))}, decision="rate_limited")
+
+    async def _audited(self, endpoint: str, request: Request, call: Call, response):
+        """``response`` once the request's entry is in the audit writer's hands; when the writer cannot
+        take it, a 503 instead (``on_failure: closed``, the default) or the answer anyway (``open``).
+        Load balancers' probes (healthz, readyz) are not recorded."""
+        if self.audit is None or not self.gate.config.audit or endpoint == "readyz":
+            return response
+        from ray.serve import get_replica_context
+
+        entry = audit_entry(call.who, endpoint, call.query_sha256, call.answered, call.status, call.decision,
+                            request_id(), get_replica_context().replica_tag)
+        try:
+            await asyncio.wait_for(_result(self.audit.append.remote(entry)), AUDIT_TIMEOUT_S)
+            return response
+        except Exception as err:  # noqa: BLE001 - whatever keeps the entry from the writer
+            self.metrics.audit_failures.inc(1)
+            log.warning("the audit writer did not take the entry of request %s: %s", entry["request_id"],
+                        type(err).__name__)
+            if self.gate.config.on_failure == "open" or response is None:
+                return response
+            call.status = 503
+            return error_response(503, "audit_unavailable", "the audit trail cannot record this request, so it is "
+                                                            "refused (audit.on_failure: closed)")
+
+    def _in_background(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _admit(self, call: Call, endpoint: str, k: int, text: str | None = None) -> int:
+        """The policy's decision on the query (403 naming the rule), before anything is encoded; returns
+        ``k`` capped for a role with coarsened answers."""
+        if call.who is None:  # a probe of the canary controller
+            return k
+        self.gate.check_query(call.who, endpoint, text, k)
+        return min(k, self.gate.policy.coarsening.max_k) if self.gate.coarsened(call.who) else k
+
+    async def _keys(self) -> JSONResponse:
+        from serving.keys import KeyFile
+
+        if not self.gate.config.keys:
+            raise ApiError(404, "no_keys", "this deployment has no key file (auth is off)")
+        return JSONResponse({"keys": await asyncio.to_thread(KeyFile(self.gate.config.keys).list)})
 
     async def _dispatch(self, request: Request, call: Call, run) -> dict:
         """Answer with the request's arm, or with the primary when that arm fails or is too slow; mirror
@@ -346,6 +449,7 @@ class Router:
         primary = self.arms[traffic.primary]
         forced = request.headers.get("x-terrahash-arm") if request is not None else None
         if forced is not None:
+            self.gate.require(call.who, ARM_OVERRIDE, "choose the arm (X-TerraHash-Arm)")
             if forced not in self.arms:
                 raise ApiError(422, "unknown_arm", f"X-TerraHash-Arm: no arm {forced!r} (arms: {sorted(self.arms)})")
             return await self._on_arm(self.arms[forced], run, call)
@@ -379,9 +483,7 @@ class Router:
             answer = await self._counted(primary, run, call)
         for shadow in mirrored(traffic, self.rng):
             if shadow.name in self.arms and self.arms[shadow.name].ready:
-                task = asyncio.get_running_loop().create_task(self._shadow(self.arms[shadow.name], run, answer))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._in_background(self._shadow(self.arms[shadow.name], run, answer))
         return answer
 
     async def _counted(self, arm: Arm, run, call: Call) -> dict:
@@ -460,8 +562,10 @@ class Router:
         query = check_query(body.query, self.config)
         params = body.model_dump()
         k, rerank, fusion = self._options(params)
+        call.query_sha256 = sha256_of(query)
+        k = self._admit(call, "text", k, query)
         answer = await self._dispatch(request, call, self._text_run(query, k, rerank, fusion, parse_filter(params)))
-        return self._formatted(request, params, answer)
+        return self._formatted(request, params, answer, call=call)
 
     def _text_run(self, query: str, k: int, rerank: str, fusion: str, where):
         async def run(arm: Arm, call: Call) -> dict:
@@ -476,8 +580,10 @@ class Router:
     async def _search_image(self, request: Request, call: Call) -> dict:
         data, params = await image_upload(request, self.config["max_upload_bytes"], ImageSearch)
         k, rerank, fusion = self._options(params)
+        call.query_sha256 = sha256_of(data)
+        k = self._admit(call, "image", k)
         answer = await self._dispatch(request, call, self._image_run(data, k, rerank, fusion, parse_filter(params)))
-        return self._formatted(request, params, answer)
+        return self._formatted(request, params, answer, call=call)
 
     def _image_run(self, data: bytes, k: int, rerank: str, fusion: str, where):
         async def run(arm: Arm, call: Call) -> dict:
@@ -488,17 +594,21 @@ class Router:
     async def _search_similar(self, image_id: str, request: Request, call: Call) -> dict:
         params = dict(request.query_params)
         k, where = parse_k(params.get("k"), self.config), parse_filter(params)
+        call.query_sha256 = sha256_of(image_id)
+        k = self._admit(call, "similar", k)
 
         async def run(arm: Arm, call: Call) -> dict:
             packed = await self._indexed_code(arm, image_id, call)
             hits = await self._search(arm, "images", packed[None], k + 1, call, where=where)
             results = [h for h in hits if h["id"] != image_id][:k]  # exact: self removed from the top k+1
             return {"query": {"image_id": image_id}, "k": k, "rerank": "none", "results": results}
-        return self._formatted(request, params, await self._dispatch(request, call, run))
+        return self._formatted(request, params, await self._dispatch(request, call, run), call=call)
 
     async def _captions(self, request: Request, call: Call) -> dict:
         data, params = await image_upload(request, self.config["max_upload_bytes"], CaptionSearch)
         k, where = parse_k(params.get("k"), self.config), parse_filter(params)
+        call.query_sha256 = sha256_of(data if data is not None else params.get("image_id") or "")
+        k = self._admit(call, "captions", k)
 
         async def run(arm: Arm, call: Call) -> dict:
             if not arm.backend.shards["captions"]:
@@ -518,6 +628,8 @@ class Router:
         limit = params["limit"] or min(10 * self.config["default_k"], self.config["max_k"])
         if limit > self.config["max_k"]:
             raise ApiError(422, "limit_out_of_range", f"limit must be from 1 to {self.config['max_k']}, got {limit}")
+        call.query_sha256 = sha256_of(json.dumps(params, sort_keys=True, default=str))
+        limit = self._admit(call, "items", limit)
         token = params["token"]
 
         async def run(arm: Arm, call: Call) -> dict:
@@ -538,7 +650,7 @@ class Router:
         next_body = None
         if answer.get("next"):
             next_body = {k: v for k, v in params.items() if v is not None and k != "token"} | {"token": answer["next"]}
-        return self._formatted(request, params, answer, next_body)
+        return self._formatted(request, params, answer, next_body, call)
 
     async def _thumbnail(self, item_id: str, call: Call) -> Response:
         """The thumbnail of an indexed image, from the primary arm's index (cached per index release)."""
@@ -560,10 +672,14 @@ class Router:
             self.thumbnails.put(key, data)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
-    def _formatted(self, request: Request, params: dict, answer: dict, next_body: dict | None = None) -> dict:
+    def _formatted(self, request: Request, params: dict, answer: dict, next_body: dict | None = None,
+                   call: Call | None = None) -> dict:
         """The answer as asked: as it is, or as a STAC ItemCollection (format "stac" or Accept GeoJSON)."""
         if not wants_stac(request, params):
             return answer
+        if call is not None and call.who is not None and self.gate.coarsened(call.who):
+            raise ApiError(403, "forbidden", f"role {call.who.role!r} gets coarsened JSON answers; STAC items, "
+                                             f"which link the images, are not available to it", decision="forbidden")
         return item_collection(answer, str(request.base_url), next_body)
 
     def _options(self, params: dict) -> tuple[int, str, str]:
@@ -693,6 +809,8 @@ class Router:
                     index_version=primary["index_version"])
         if problems:
             body["problem"] = "; ".join(problems)
+        if not allows(call.who.role, READY_DETAILS):
+            body = {"ready": body["ready"]}  # storage URIs, checksums and versions are for operators
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     async def _index_readiness(self, arm: Arm, call: Call) -> dict:

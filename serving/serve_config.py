@@ -20,7 +20,7 @@ MODEL_FIELDS = ("model", "index", "release", "encoder_variant", "encoder_replica
                 "encoder_threads", "encoder_resources", "router_encodes_text", "runtime_env", "tracking_uri",
                 "model_cache_dir")
 ROUTER_FIELDS = ("router_replicas", "router_num_cpus", "router_resources", "decode_threads", "encoder_threads",
-                 "router_encodes_text", "runtime_env", "tracking_uri", "model_cache_dir", "app_name")
+                 "router_encodes_text", "runtime_env", "tracking_uri", "model_cache_dir", "app_name", "audit")
 
 
 def _key(*parts) -> str:
@@ -92,7 +92,8 @@ def app_specs(settings: ServeSettings) -> list[dict]:
     split = traffic(settings)
     router = {"kind": "router", "name": settings.app_name, "route_prefix": settings.route_prefix,
               "import_path": "serving.app:router_app", "args": router_fields(settings),
-              "deployments": [{"name": "Router", "user_config": {**settings.router_config(), "traffic": split}},
+              "deployments": [{"name": "Router", "user_config": {**settings.router_config(), "traffic": split,
+                                                                 "access": settings.access_config()}},
                               {"name": "Canary", "user_config": {**settings.canary.model_dump(mode="json"),
                                                                  "traffic": split}}]}
     return [*specs.values(), router]

@@ -100,6 +100,44 @@ class CanaryConfig(BaseModel):
     record_every_s: float = Field(30.0, gt=0)  # how often each registered arm's record goes to MLflow
 
 
+class AuthSettings(BaseModel):
+    """Who may call the API (serving.access, serving.roles): API keys from ``keys``, rules from ``policy``."""
+
+    model_config = _STRICT
+
+    enabled: bool = False
+    keys: str | None = None  # the key file (`terrahash keys create NAME --role ROLE --keys FILE`): a path or s3://
+    policy: str | None = None  # a policy file (serving/policy.yaml), read when the Serve config is written
+    keys_reload_s: float = Field(5.0, gt=0, le=3600)  # how soon a created or revoked key takes effect
+
+    @model_validator(mode="after")
+    def _keys_when_enabled(self):
+        if self.enabled and not self.keys:
+            raise ValueError("auth is enabled: give its key file (keys: FILE)")
+        return self
+
+
+class RateLimitSettings(BaseModel):
+    """Per API key, a token bucket shared by every router replica (serving.ratelimit); with auth on only."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    rate: float = Field(10.0, gt=0, le=1_000_000)  # requests a second, per key (a key's own rate overrides it)
+    burst: float = Field(20.0, ge=1, le=1_000_000)
+
+
+class AuditSettings(BaseModel):
+    """The audit trail of queries (serving.query_log): one hash-chained JSON line per request."""
+
+    model_config = _STRICT
+
+    log: str | None = None  # the log file, on the node the writer runs on (None: no audit trail)
+    on_failure: Literal["closed", "open"] = "closed"  # when the writer cannot take an entry: refuse, or answer
+    flush_s: float = Field(1.0, gt=0, le=1.0)  # entries are durable within this
+    resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources to pin the writer's node
+
+
 class ServeSettings(RouterConfig, EncoderConfig):
     """Everything the app is built from; unknown keys are an error."""
 
@@ -155,6 +193,10 @@ class ServeSettings(RouterConfig, EncoderConfig):
     router_resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources, e.g. to pin a node
     encoder_resources: dict[str, float] = Field(default_factory=dict)
     shard_resources: dict[str, float] = Field(default_factory=dict)
+    # Governance (README "Security and governance"): API keys and roles, query rules, rate limits, audit.
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     HOT_ROUTER: ClassVar[tuple[str, ...]] = tuple(RouterConfig.model_fields)
     HOT_ENCODER: ClassVar[tuple[str, ...]] = tuple(EncoderConfig.model_fields)
@@ -196,11 +238,22 @@ class ServeSettings(RouterConfig, EncoderConfig):
         canary = self.canary.model_copy(update={"root": absolute(default_root(self.canary.root)),
                                                 "probe_data": absolute(self.canary.probe_data)})
         arms = [arm.model_copy(update={"index": absolute(arm.index), "model": absolute(arm.model)}) for arm in self.arms]
+        auth = self.auth.model_copy(update={"keys": absolute(self.auth.keys), "policy": absolute(self.auth.policy)})
+        audit = self.audit.model_copy(update={"log": absolute(self.audit.log)})
         return self.model_copy(update={"index": absolute(self.index), "model": absolute(self.model), "canary": canary,
-                                       "arms": arms})
+                                       "arms": arms, "auth": auth, "audit": audit})
 
     def router_config(self) -> dict:
         return {name: getattr(self, name) for name in self.HOT_ROUTER}
+
+    def access_config(self) -> dict:
+        """The router's hot ``access`` settings (serving.access.AccessConfig), the policy file read here."""
+        from serving.policy import load_policy
+
+        return {"enabled": self.auth.enabled, "keys": self.auth.keys, "keys_reload_s": self.auth.keys_reload_s,
+                "policy": load_policy(self.auth.policy) if self.auth.policy else None,
+                "rate": self.rate_limit.model_dump(), "audit": bool(self.audit.log),
+                "on_failure": self.audit.on_failure}
 
     def encoder_config(self) -> dict:
         return {name: getattr(self, name) for name in self.HOT_ENCODER}

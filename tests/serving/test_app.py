@@ -28,9 +28,11 @@ from tests.serving.conftest import wait_http  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
-def call(url: str, body: bytes | None = None, content_type: str | None = None, method: str | None = None):
+def call(url: str, body: bytes | None = None, content_type: str | None = None, method: str | None = None,
+         headers: dict | None = None):
     """(status, JSON or text body) of one HTTP request."""
-    request = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"))
+    request = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"),
+                                     headers=headers or {})
     if content_type:
         request.add_header("Content-Type", content_type)
     try:
@@ -41,8 +43,8 @@ def call(url: str, body: bytes | None = None, content_type: str | None = None, m
     return status, (json.loads(raw) if "json" in kind else raw.decode())
 
 
-def post_json(url: str, payload) -> tuple[int, dict]:
-    return call(url, json.dumps(payload).encode(), "application/json")
+def post_json(url: str, payload, headers: dict | None = None) -> tuple[int, dict]:
+    return call(url, json.dumps(payload).encode(), "application/json", headers=headers)
 
 
 def multipart(fields: dict, image: bytes, filename: str = "q.jpg") -> tuple[bytes, str]:
@@ -370,6 +372,7 @@ def test_the_shipped_serve_config_is_rendered_from_the_shipped_settings():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
+    from serving.access import AccessConfig
     from serving.serve_config import serve_config
     from serving.settings import check_hot_settings, load_settings
     from serving.traffic import check_traffic
@@ -385,7 +388,10 @@ def test_the_shipped_serve_config_is_rendered_from_the_shipped_settings():
     for app in config.applications:
         ServeSettings.from_dict(app.args)
     router = {d.name: d.user_config for d in kinds["router_app"].deployments}
-    hot = {k: v for k, v in router["Router"].items() if k != "traffic"}
+    hot = {k: v for k, v in router["Router"].items() if k not in ("traffic", "access")}
     assert check_hot_settings(hot) == hot and set(hot) == set(ServeSettings.HOT_ROUTER)
+    access = AccessConfig.check(router["Router"]["access"])  # a cluster deploys with auth on
+    assert access.enabled and access.keys.startswith("s3://") and access.policy["roles"]["restricted"]["rules"]
+    assert access.audit and access.on_failure == "closed"
     assert [a.name for a in check_traffic(router["Router"]["traffic"]).arms] == ["champion", "challenger"]
     assert router["Canary"]["traffic"] == router["Router"]["traffic"]

@@ -38,17 +38,29 @@ def _check(response) -> str | None:
 
 
 def test_generated_requests_never_fail_the_server(serve_app, reference):
+    sent = fuzz_app(serve_app, reference, EXAMPLES)
+    assert sent >= 1000, sent
+
+
+def fuzz_app(url: str, reference, examples: int, key: str | None = None, expect_unauthorised: bool = False) -> int:
+    """Generated requests to every operation of the app at ``url`` (with ``key`` as bearer token, if any);
+    none may fail the server, and good requests between them keep their answer (or, without a key on an
+    app with auth on, keep getting 401). Returns the number sent."""
     from schemathesis.generation import GenerationMode
 
-    schema = schemathesis.openapi.from_url(f"{serve_app}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     good_query = {"query": reference["items"].captions[0], "k": 10}
     want = expected(reference, pack_signs(reference["text"].encode([good_query["query"]])), 10)
     sent, problems, good = [0], [], [0]
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def good_request():
-        status, body = post_json(f"{serve_app}/v1/search/text", good_query)
+        status, body = post_json(f"{url}/v1/search/text", good_query, headers)
         good[0] += 1
-        if status != 200 or got(body) != want:
+        if expect_unauthorised:
+            if status != 401:
+                problems.append(f"good request without a key answered {status}: {str(body)[:200]}")
+        elif status != 200 or got(body) != want:
             problems.append(f"good request answered {status}: {str(body)[:200]}")
 
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -56,11 +68,11 @@ def test_generated_requests_never_fail_the_server(serve_app, reference):
                                               "/v1/search/similar/{image_id}", "/v1/readyz", "/v1/healthz"}
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+            @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
             def fuzz(case):
-                response = case.call(base_url=serve_app, timeout=30)
+                response = case.call(base_url=url, timeout=30, headers=headers)
                 sent[0] += 1
                 problem = _check(response)
                 if problem:
@@ -72,7 +84,7 @@ def test_generated_requests_never_fail_the_server(serve_app, reference):
                 fuzz()
             except Unsatisfiable:  # nothing to make invalid (an endpoint without parameters or body)
                 assert mode is GenerationMode.NEGATIVE, operation.path
-    assert sent[0] >= 1000, sent[0]
     assert good[0] >= sent[0] // GOOD_EVERY
     assert problems == [], problems[:10]
-    assert call(f"{serve_app}/v1/readyz")[0] == 200  # and the app is still whole
+    assert call(f"{url}/v1/readyz")[0] == 200  # and the app is still whole
+    return sent[0]
