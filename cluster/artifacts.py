@@ -195,8 +195,30 @@ class LocalRoot(ArtifactRoot):
                       if p.is_file() and not p.name.endswith(PARTIAL))
 
 
+SSE_ENV, SSE_KMS_KEY_ENV = "TERRAHASH_S3_SSE", "TERRAHASH_S3_SSE_KMS_KEY_ID"
+SSE_MODES = ("AES256", "aws:kms", "aws:kms:dsse")
+
+
+def sse_options(mode: str | None = None, kms_key_id: str | None = None) -> dict:
+    """S3 server-side encryption for every object written (put_object's ServerSideEncryption and
+    SSEKMSKeyId): the arguments, else $TERRAHASH_S3_SSE and $TERRAHASH_S3_SSE_KMS_KEY_ID; {} for the
+    bucket's default."""
+    mode = mode or os.environ.get(SSE_ENV) or None
+    kms_key_id = kms_key_id or os.environ.get(SSE_KMS_KEY_ENV) or None
+    if mode is None:
+        if kms_key_id:
+            raise ValueError(f"${SSE_KMS_KEY_ENV} needs ${SSE_ENV}=aws:kms (or aws:kms:dsse)")
+        return {}
+    if mode not in SSE_MODES:
+        raise ValueError(f"S3 server-side encryption {mode!r}: one of {list(SSE_MODES)} (${SSE_ENV})")
+    if kms_key_id and not mode.startswith("aws:kms"):
+        raise ValueError(f"a KMS key id goes with {SSE_ENV}=aws:kms, not {mode}")
+    return {"ServerSideEncryption": mode, **({"SSEKMSKeyId": kms_key_id} if kms_key_id else {})}
+
+
 class S3Root(ArtifactRoot):
-    """``s3://bucket/prefix`` through boto3; ``endpoint_url`` reaches any S3-compatible store."""
+    """``s3://bucket/prefix`` through boto3; ``endpoint_url`` reaches any S3-compatible store. Objects are
+    written with the server-side encryption of ``sse_options`` (the bucket's default without)."""
 
     def __init__(self, uri: str, endpoint_url: str | None = None, client=None):
         import boto3
@@ -209,18 +231,19 @@ class S3Root(ArtifactRoot):
         self.prefix = parsed.path.strip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
         self.client = client or boto3.client("s3", endpoint_url=self.endpoint_url)
+        self.sse = sse_options()
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **self.sse)
 
     def create_bytes(self, key: str, data: bytes) -> None:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*", **self.sse)
         except ClientError as err:
             # 412 PreconditionFailed: the key exists; 409 ConditionalRequestConflict: a concurrent
             # conditional put on the same key is in flight, and one of the two will win.
@@ -235,7 +258,7 @@ class S3Root(ArtifactRoot):
             raise FileNotFoundError(f"{self.uri}/{key}") from err
 
     def upload(self, local: Path, key: str) -> None:
-        self.client.upload_file(str(local), self.bucket, self._key(key))
+        self.client.upload_file(str(local), self.bucket, self._key(key), ExtraArgs=dict(self.sse) or None)
 
     def download(self, key: str, local: Path) -> None:
         from botocore.exceptions import ClientError

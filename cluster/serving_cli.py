@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -149,8 +150,18 @@ def _build(args: argparse.Namespace) -> int:
     result = _tracked(_index_job(args, "index-build"), lambda: build_indexes(
         args.model, source.pop("data"), args.shards, args.out, factory=args.factory, variant=args.variant,
         captions=not args.no_captions, batch_size=args.batch_size, address=args.address,
-        skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri, chips=_chips(args), **source))
+        skip_bad_images=args.skip_bad_images, tracking_uri=args.tracking_uri, chips=_chips(args),
+        encrypt=args.encrypt, key_file=args.key_file, **source))
     _print_versions(args.out, result)
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from serving.crypto import write_key_file
+
+    key_id = write_key_file(args.file)
+    print(f"wrote a new index key to {args.file} (key id {key_id}, readable by you only); keep it away from the "
+          f"index: `terrahash index build --encrypt --key-file {args.file} ...`")
     return 0
 
 
@@ -161,7 +172,7 @@ def _add(args: argparse.Namespace) -> int:
     result = _tracked(_index_job(args, "index-add"), lambda: add_images(
         source.pop("data"), args.out, base_release=args.base, captions=not args.no_captions,
         batch_size=args.batch_size, address=args.address, skip_bad_images=args.skip_bad_images,
-        tracking_uri=args.tracking_uri, chips=_chips(args), **source))
+        tracking_uri=args.tracking_uri, chips=_chips(args), key_file=args.key_file, **source))
     _print_versions(args.out, result)
     return 0
 
@@ -172,7 +183,7 @@ def _verify(args: argparse.Namespace) -> int:
     from serving.index import latest_version, list_releases, list_versions, verify_index, verify_release
 
     if args.version is None and (args.release or list_releases(args.index)):
-        report = verify_release(args.index, args.release, args.collections)
+        report = verify_release(args.index, args.release, args.collections, key_file=args.key_file)
         print(report)
         return 0 if report.ok else 1
     if args.version is None:
@@ -184,7 +195,8 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"{collection}: no index versions under {args.index}")
             continue
         found += 1
-        report = verify_index(args.index, args.version or latest_version(args.index, collection), collection)
+        report = verify_index(args.index, args.version or latest_version(args.index, collection), collection,
+                              key_file=args.key_file)
         print(report)
         ok &= report.ok
     if not found:
@@ -233,16 +245,21 @@ def _serve(args: argparse.Namespace) -> int:
 
     check_arms(settings)
     where = settings.index or ", ".join(f"{a.name}: {a.index}" for a in arms)
-    print(f"serving {where} on http://{args.host}:{args.port}/v1 (docs at /docs); Ctrl-C stops", flush=True)
+    scheme = "https" if settings.tls else "http"
+    print(f"serving {where} on {scheme}://{args.host}:{args.port}/v1 (docs at /docs); Ctrl-C stops", flush=True)
+    if not settings.auth.enabled:
+        print("auth is off: anyone who reaches this port can search (settings auth: {enabled: true, keys: FILE}; "
+              "README: Security and governance)", file=sys.stderr, flush=True)
     deploy_local(settings, host=args.host, port=args.port)
-    url = f"http://{args.host}:{args.port}{settings.route_prefix.rstrip('/')}"
+    url = f"{scheme}://{args.host}:{args.port}{settings.route_prefix.rstrip('/')}"
+    client = _Client(settings)
     try:
-        _wait_ready(url, timeout=args.ready_timeout)
+        _wait_ready(url, timeout=args.ready_timeout, client=client)
         if args.query:
             labels = _labels(settings, args.labels_data)
             where = {k: v for k, v in (("bbox", args.bbox), ("datetime", args.datetime)) if v}
             for query in args.query:
-                answer = _post_json(f"{url}/v1/search/text", {"query": query, "k": args.k, **where})
+                answer = _post_json(f"{url}/v1/search/text", {"query": query, "k": args.k, **where}, client)
                 print(_format_answer(query, answer, labels), flush=True)
         if args.exit:
             return 0
@@ -263,12 +280,32 @@ _RENDER_HEADER = """# Serve config written by `terrahash serve --render` from th
 """
 
 
-def _wait_ready(url: str, timeout: float) -> None:
+class _Client:
+    """How this command talks to the app it started: trusting its own certificate (a self-signed one too),
+    with $TERRAHASH_API_KEY as bearer token when auth is on."""
+
+    def __init__(self, settings=None):
+        import os
+        import ssl
+
+        self.context = None
+        if settings is not None and settings.tls:
+            self.context = ssl.create_default_context()
+            self.context.load_verify_locations(settings.tls.certfile)
+        key = os.environ.get("TERRAHASH_API_KEY")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def open(self, request, timeout: float):
+        return urllib.request.urlopen(request, timeout=timeout, context=self.context)
+
+
+def _wait_ready(url: str, timeout: float, client: _Client | None = None) -> None:
     """Poll /v1/readyz until every shard is loaded (or fail with its last answer)."""
+    client = client or _Client()
     deadline, last = time.monotonic() + timeout, "no answer"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/v1/readyz", timeout=5) as answer:
+            with client.open(f"{url}/v1/readyz", timeout=5) as answer:
                 if answer.status == 200:
                     return
         except urllib.error.HTTPError as err:
@@ -279,10 +316,12 @@ def _wait_ready(url: str, timeout: float) -> None:
     raise RuntimeError(f"the app at {url} is not ready after {timeout:.0f} s: {last}")
 
 
-def _post_json(url: str, payload: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"})
+def _post_json(url: str, payload: dict, client: _Client | None = None) -> dict:
+    client = client or _Client()
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"content-type": "application/json", **client.headers})
     try:
-        with urllib.request.urlopen(request, timeout=60) as answer:
+        with client.open(request, timeout=60) as answer:
             return json.loads(answer.read())
     except urllib.error.HTTPError as err:  # the app's JSON error: say what it says
         try:
@@ -412,8 +451,12 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
                                "needs `pip install terrahash[track]`)")
     ray_args.add_argument("--tracking-uri", metavar="URI",
                           help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
+    key_args = argparse.ArgumentParser(add_help=False)
+    key_args.add_argument("--key-file", metavar="FILE",
+                          help="the key of an index encrypted at rest (default: $TERRAHASH_INDEX_KEY, else "
+                               "$TERRAHASH_INDEX_KEY_FILE); never kept beside the index")
 
-    build = commands.add_parser("build", parents=[data_args, ray_args], help="encode a dataset and cut N shards",
+    build = commands.add_parser("build", parents=[data_args, ray_args, key_args], help="encode a dataset and cut N shards",
                                 description="Encode every image of --data with the model version's image student "
                                             "(parallel Ray tasks), pack the bits, place each image on a shard by a "
                                             "stable hash of its id, and write shard files, ids and a manifest; the "
@@ -427,9 +470,12 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     build.add_argument("--out", required=True, metavar="URI", help="artifact root: a folder or s3://bucket/prefix")
     build.add_argument("--factory", default="BFlat", help="faiss binary index factory string (default: %(default)s)")
     build.add_argument("--variant", default="fp32", choices=("fp32", "int8"), help="which exported students to use")
+    build.add_argument("--encrypt", action="store_true",
+                       help="encrypt the shard files at rest (AES-256-GCM) with the key of --key-file or the "
+                            "environment; the manifests' checksums cover the ciphertext")
     build.set_defaults(handler=_build)
 
-    add = commands.add_parser("add", parents=[data_args, ray_args], help="add new imagery to the latest release",
+    add = commands.add_parser("add", parents=[data_args, ray_args, key_args], help="add new imagery to the latest release",
                               description="Encode --data's images (and captions) with the model the index was built "
                                           "with, write new versions of the release's image and caption indexes "
                                           "(shards that receive nothing keep their files) and publish a new release. "
@@ -439,7 +485,7 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
                                                         "concurrent adds to the latest each land in it)")
     add.set_defaults(handler=_add)
 
-    verify = commands.add_parser("verify", help="check a release: every shard's checksum and row count",
+    verify = commands.add_parser("verify", parents=[key_args], help="check a release: every shard's checksum and row count",
                                  description="Check the latest release (or --release): its file, the sha256 of each "
                                              "manifest it names, and every shard of both collections. Exit status 1 "
                                              "when anything does not match.")
@@ -459,6 +505,13 @@ def add_serving_commands(subparsers, common: argparse.ArgumentParser) -> None:
     release.add_argument("--captions", metavar="VERSION",
                          help="caption index version, or 'none' (default: the latest, if any)")
     release.set_defaults(handler=_release)
+
+    keygen = commands.add_parser("keygen", help="write a new key for encrypting indexes at rest",
+                                 description="Write 32 random bytes, base64, to a new file readable by its owner "
+                                             "only. Give it to `index build --encrypt --key-file FILE`, and to "
+                                             "serving as index_key_file (a copy on every node holding shards).")
+    keygen.add_argument("file", metavar="FILE", help="the key file to create (it must not exist)")
+    keygen.set_defaults(handler=_keygen)
 
     serve = subparsers.add_parser("serve", help="run the search service locally (Ray Serve)",
                                   description="Deploy the search app on a local Ray (or $RAY_ADDRESS) from its Serve "

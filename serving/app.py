@@ -152,7 +152,7 @@ def _shard_deployment(settings: ServeSettings, manifest: dict, shard_names: list
         options["max_replicas_per_node"] = 1  # a node lost takes at most one replica of each shard
     return ShardServer.options(**options).bind(settings.index, manifest["collection"], manifest["version"], shard_names,
                                                reports, settings.shard_threads, settings.shard_cache_dir,
-                                               settings.shard_health_period_s)
+                                               settings.shard_health_period_s, settings.index_key_file)
 
 
 def _actor_options(settings: ServeSettings, num_cpus: float, resources: dict) -> dict:
@@ -229,8 +229,8 @@ def deploy_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8
         log.warning("%d node(s) cannot spread %d replicas per shard one per node; placing them freely",
                     len(nodes), settings.shard_replicas)
         settings = settings.model_copy(update={"spread_shards": False})
-    serve.start(http_options={"host": host, "port": port})
     config = serve_config(settings, host=host, port=port)
+    serve.start(http_options=config["http_options"])  # with TLS, its certificate and key
     apply_config(config)
     return config
 

@@ -361,7 +361,7 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
                   skip_bad_images: bool = False, tracking_uri: str | None = None,
                   model_cache: str | Path | None = None, images: str | None = None,
                   sidecar: str | Path | None = None, chips=None, stac: str | Path | None = None,
-                  stac_asset: str | None = None) -> dict:
+                  stac_asset: str | None = None, encrypt: bool = False, key_file: str | None = None) -> dict:
     """Encode a dataset, write index versions of ``images`` (and ``captions``) to ``out`` and publish a
     release naming them. Returns {"release": release, "images": manifest, "captions": manifest or None}.
 
@@ -375,9 +375,12 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
     scenes are cut into chips by ``chips``, a serving.geo.ChipConfig); unreadable files are always
     left out and reported that way. ``stac``: index a static STAC catalog instead (serving.stac: each
     item's image asset, or ``stac_asset``, with its bbox, datetime and properties as metadata).
+    ``encrypt``: the shard files are encrypted at rest (serving.crypto) with the key of ``key_file`` or
+    the environment, which is never stored beside the index.
     """
     from serving.registry import DEFAULT_CACHE, add_index_release_tag
 
+    cipher = _cipher(out, key_file) if encrypt else None
     model_dir, registered, ref = _fetch(model, tracking_uri, model_cache or DEFAULT_CACHE)
     image_spec = find_spec(model_dir, "image", variant)
     code_space = model_code_space(model_dir, image_spec)
@@ -392,7 +395,7 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
     # where the model is for later steps (index add, serving) on any node: the registry, else a copy in the root
     where = {"model": registered} if registered else {"model_files": publish_model(out, model_dir, label)}
     extra = {"image_spec": image_spec.name, "dataset": source, "image_root": str(items.image_root), **where}
-    common = {"model_version": label, "code_space": code_space, "image_root": str(items.image_root)}
+    common = {"model_version": label, "code_space": code_space, "image_root": str(items.image_root), "cipher": cipher}
     manifests = {"images": build_index(codes, items.image_ids, bits, n_shards, out, factory, collection="images",
                                        extra={**extra, **items.extra, **_skipped(skipped)},
                                        metadata=_image_metadata(items), **common),
@@ -411,12 +414,26 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
     return {"release": release, **manifests}
 
 
+def _cipher(out: str, key_file: str | None):
+    """The cipher of a new encrypted index in ``out``: its key found, and not kept inside ``out``."""
+    import os
+
+    from serving.crypto import KEY_ENV, KEY_FILE_ENV, Cipher, IndexKeyError, check_key_outside, load_key
+
+    key = load_key(key_file)
+    if key is None:
+        raise IndexKeyError(f"an encrypted index needs a key: give a key file (`terrahash index keygen FILE` makes "
+                            f"one) or set ${KEY_ENV} / ${KEY_FILE_ENV}")
+    check_key_outside(key_file or os.environ.get(KEY_FILE_ENV), out)
+    return Cipher(key)
+
+
 def add_images(data: str | Path | None, out: str, *, base_release: str | None = None, captions: bool = True,
                batch_size: int = 64, address: str | None = None, splits: tuple[str, ...] | None = None,
                skip_bad_images: bool = False, tracking_uri: str | None = None,
                model_cache: str | Path | None = None, images: str | None = None,
                sidecar: str | Path | None = None, chips=None, stac: str | Path | None = None,
-               stac_asset: str | None = None) -> dict:
+               stac_asset: str | None = None, key_file: str | None = None) -> dict:
     """Add a dataset's images (and captions) to the image and caption versions of release
     ``base_release`` (default: the latest), with the model the index was built with, and publish a
     new release (serving.index.add_release: concurrent adds to the latest all land in it). Returns
@@ -427,7 +444,8 @@ def add_images(data: str | Path | None, out: str, *, base_release: str | None = 
     base's registered version (``extra.model``), fetched from the registry at ``tracking_uri`` into
     ``model_cache``, so an add works on any machine; an index built from a folder uses that folder.
     The new release is tagged on the registered version. ``images`` and ``sidecar`` (an archive) or
-    ``stac`` (a catalog) instead of ``data``, as for ``build_indexes``.
+    ``stac`` (a catalog) instead of ``data``, as for ``build_indexes``. An encrypted index needs its key
+    (``key_file`` or the environment, serving.crypto.load_key).
     """
     from serving.registry import DEFAULT_CACHE, add_index_release_tag
 
@@ -459,7 +477,8 @@ def add_images(data: str | Path | None, out: str, *, base_release: str | None = 
                                  "texts": items.captions, "metadata": _caption_metadata(items)}
     result = add_release(out, additions, base_release=base["release"] if base_release else None,
                          model_version=manifest["model_version"], code_space=manifest.get("code_space"),
-                         image_root=str(items.image_root), extra={**items.extra, **_skipped(skipped)})
+                         image_root=str(items.image_root), extra={**items.extra, **_skipped(skipped)},
+                         key_file=key_file)
     if ref is not None:
         from cluster.artifacts import open_root
 

@@ -38,7 +38,8 @@ def current_config() -> dict:
     details = _client().get_serve_details()
     apps = [copy.deepcopy(app["deployed_app_config"]) for app in details.get("applications", {}).values()
             if app.get("deployed_app_config") and app.get("source") != "imperative"]
-    http = {k: v for k, v in (details.get("http_options") or {}).items() if k in ("host", "port")}
+    kept = ("host", "port", "ssl_certfile", "ssl_keyfile", "ssl_ca_certs")
+    http = {k: v for k, v in (details.get("http_options") or {}).items() if k in kept and v is not None}
     return {"proxy_location": details.get("proxy_location") or "EveryNode", "http_options": http,
             "applications": apps}
 

@@ -374,7 +374,7 @@ class ShardedIndex:
 def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root, factory: str = "BFlat", *,
                 model_version: str, collection: str = "images", image_ids: Sequence[str] | None = None,
                 texts: Sequence[str] | None = None, extra: dict | None = None, code_space: str | None = None,
-                image_root: str | None = None, metadata: Sequence[dict] | None = None) -> dict:
+                image_root: str | None = None, metadata: Sequence[dict] | None = None, cipher=None) -> dict:
     """Write a new index version of ``collection`` to ``root`` (a folder, ``s3://`` URI or ArtifactRoot).
 
     Rows are numbered by sorted id; items go to shards by ``stable_shard``. Files, under
@@ -391,7 +391,8 @@ def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root
     ``image_roots`` (see ImageRefs). ``metadata``: one dict per item (``bbox``, ``datetime``, other
     fields), stored as the ids file's metadata columns (serving.items) and searched by filters; the
     manifest then says ``has_metadata`` and counts the items with a footprint and a time (``filterable``).
-    The version is not served until a release names it.
+    The version is not served until a release names it. ``cipher`` (serving.crypto.Cipher): the shard
+    files are encrypted with it, and the manifest says so (``encryption``).
     """
     root, collection, bits = _open(root), _check_collection(collection), validate_bits(bits)
     codes = check_packed(codes_packed, bits)
@@ -408,12 +409,12 @@ def build_index(codes_packed, ids: Sequence[str], bits: int, n_shards: int, root
     shard_of = np.array([stable_shard(i, n_shards) for i in table["id"]], dtype=np.int64)
     _check_factory_fits(factory, bits, np.bincount(shard_of, minlength=n_shards))
     version = _claim_version(root, collection)
-    entries = [_write_shard(root, collection, version, i, codes[shard_of == i], table[shard_of == i])
+    entries = [_write_shard(root, collection, version, i, codes[shard_of == i], table[shard_of == i], cipher)
                for i in range(n_shards)]
     manifest = _manifest(collection, version, None, model_version, bits, factory, n_shards, entries,
                          next_row=len(ids), has_image_ids=image_ids is not None, extra=extra,
                          has_texts=texts is not None, code_space=code_space, has_metadata=meta is not None,
-                         filterable=_filterable(meta),
+                         filterable=_filterable(meta), cipher=cipher,
                          image_roots=_with_root([], image_root, 0, len(ids)))
     return _write_manifest(root, manifest)
 
@@ -422,7 +423,7 @@ def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[st
                  collection: str = "images", new_image_ids: Sequence[str] | None = None,
                  new_texts: Sequence[str] | None = None, model_version: str | None = None,
                  extra: dict | None = None, code_space: str | None = None, image_root: str | None = None,
-                 new_metadata: Sequence[dict] | None = None) -> dict:
+                 new_metadata: Sequence[dict] | None = None, key_file=None) -> dict:
     """A new version = ``base_version`` plus new items; returns its manifest.
 
     Shards that receive no new id are reused: the new manifest points at their old files (same
@@ -431,10 +432,14 @@ def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[st
     ``model_version`` and ``code_space``, when given, must be the base's: codes of two models never
     share an index. ``image_root``: where the new items' images are (their ids are relative to it),
     recorded for the new rows in ``image_roots``; the base's rows keep theirs. ``new_metadata``: the new
-    items' metadata, as for build_index (items on either side without any get empty columns).
+    items' metadata, as for build_index (items on either side without any get empty columns). An
+    encrypted base stays encrypted, with its key (serving.crypto.load_key: ``key_file`` or the environment).
     """
+    from serving.crypto import cipher_for
+
     root, collection = _open(root), _check_collection(collection)
     base = read_manifest(root, base_version, collection)
+    cipher = cipher_for(base, key_file)
     if model_version is not None and model_version != base["model_version"]:
         raise IndexVersionError(f"codes from model {model_version!r} cannot join {collection}/{base_version}, "
                                 f"built with model {base['model_version']!r}; build a new index instead")
@@ -465,7 +470,7 @@ def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[st
     merged = {}
     for i in np.unique(shard_of):
         entry = base["shards"][i]
-        old_codes, old_table = _read_shard(root, collection, base, entry)
+        old_codes, old_table = _read_shard(root, collection, base, entry, key_file)
         _refuse_duplicates(entry["name"], old_table["id"], table["id"][shard_of == i])
         new = table[shard_of == i]
         merged[i] = (np.concatenate([old_codes, codes[shard_of == i]]),
@@ -473,14 +478,14 @@ def add_to_index(root, base_version: str, new_codes_packed, new_ids: Sequence[st
     _check_factory_fits(base["factory"], bits, [len(merged[i][0]) if i in merged else e["rows"]
                                                 for i, e in enumerate(base["shards"])])
     version = _claim_version(root, collection)
-    entries = [_write_shard(root, collection, version, i, *merged[i]) if i in merged else dict(entry)
+    entries = [_write_shard(root, collection, version, i, *merged[i], cipher) if i in merged else dict(entry)
                for i, entry in enumerate(base["shards"])]
     manifest = _manifest(collection, version, base["version"], base["model_version"], bits, base["factory"],
                          n_shards, entries, next_row=int(rows[-1]) + 1,
                          has_image_ids=base["has_image_ids"], extra={**base.get("extra", {}), **(extra or {})},
                          has_texts=base.get("has_texts", False), code_space=base.get("code_space") or code_space,
                          has_metadata=bool(base.get("has_metadata")) or meta is not None,
-                         filterable=_filterable(meta, base.get("filterable")),
+                         filterable=_filterable(meta, base.get("filterable")), cipher=cipher,
                          image_roots=_with_root(_image_roots(base), image_root, int(rows[0]), len(rows)))
     return _write_manifest(root, manifest)
 
@@ -509,14 +514,15 @@ class VerifyReport:
         return head + f"{len(self.problems)} problems\n" + "\n".join(f"  {p}" for p in self.problems)
 
 
-def verify_index(root, version: str, collection: str = "images") -> VerifyReport:
-    """Check every shard of a version: files present, sha256 as in the manifest, rows and shapes."""
+def verify_index(root, version: str, collection: str = "images", key_file=None) -> VerifyReport:
+    """Check every shard of a version: files present, sha256 as in the manifest, rows and shapes (for an
+    encrypted one, that its files decrypt with the key: serving.crypto.load_key)."""
     root, collection = _open(root), _check_collection(collection)
     manifest = read_manifest(root, version, collection)
     report = VerifyReport(collection, version)
     for entry in manifest["shards"]:
         report.shards_checked += 1
-        report.problems.extend(_shard_problems(root, collection, manifest, entry)[0])
+        report.problems.extend(_shard_problems(root, collection, manifest, entry, key_file)[0])
     total = sum(entry["rows"] for entry in manifest["shards"])
     if total != manifest["rows"]:
         report.problems.append(ShardIntegrityError("*", f"shard rows add up to {total}, manifest says {manifest['rows']}"))
@@ -524,14 +530,14 @@ def verify_index(root, version: str, collection: str = "images") -> VerifyReport
 
 
 def load_shard(root, version: str, shard_name: str, collection: str = "images",
-               search_params: dict | None = None) -> Shard:
+               search_params: dict | None = None, key_file=None) -> Shard:
     """Load one shard and rebuild its faiss index; ShardIntegrityError if it does not match the manifest."""
     root, collection = _open(root), _check_collection(collection)
     manifest = read_manifest(root, version, collection)
     by_name = {entry["name"]: entry for entry in manifest["shards"]}
     if shard_name not in by_name:
         raise IndexVersionError(f"{collection}/{version} has no shard {shard_name!r}; it has {sorted(by_name)}")
-    codes, table = _read_shard(root, collection, manifest, by_name[shard_name])
+    codes, table = _read_shard(root, collection, manifest, by_name[shard_name], key_file)
     return Shard(codes, table["row"], manifest["bits"], manifest["factory"], ids=table["id"],
                  image_ids=table["image_id"] if manifest["has_image_ids"] else None,
                  name=shard_name, search_params=search_params,
@@ -540,12 +546,13 @@ def load_shard(root, version: str, shard_name: str, collection: str = "images",
 
 
 def load_index(root, version: str | None = None, collection: str = "images",
-               search_params: dict | None = None) -> ShardedIndex:
+               search_params: dict | None = None, key_file=None) -> ShardedIndex:
     """Every shard of ``version`` (default: ``default_version``), checked and ready to search."""
     root, collection = _open(root), _check_collection(collection)
     version = version or default_version(root, collection)
     manifest = read_manifest(root, version, collection)
-    shards = [load_shard(root, version, entry["name"], collection, search_params) for entry in manifest["shards"]]
+    shards = [load_shard(root, version, entry["name"], collection, search_params, key_file)
+              for entry in manifest["shards"]]
     return ShardedIndex(shards, manifest)
 
 
@@ -746,7 +753,8 @@ MAX_REBASES = 8  # an add whose release number another writer took first is redo
 
 
 def add_release(root, additions: dict, *, base_release: str | None = None, model_version: str | None = None,
-                code_space: str | None = None, image_root: str | None = None, extra: dict | None = None) -> dict:
+                code_space: str | None = None, image_root: str | None = None, extra: dict | None = None,
+                key_file=None) -> dict:
     """Add items to the collections of a release and publish the release of the result; returns
     {"release": release, "images": manifest, "captions": manifest or None}.
 
@@ -771,7 +779,8 @@ def add_release(root, additions: dict, *, base_release: str | None = None, model
                 new_image_ids=items.get("image_ids"),
                 new_texts=items.get("texts") if base[collection].get("has_texts") else None,
                 new_metadata=items.get("metadata"),
-                model_version=model_version, code_space=code_space, image_root=image_root, extra=extra)
+                model_version=model_version, code_space=code_space, image_root=image_root, extra=extra,
+                key_file=key_file)
         following = None if base_release is not None else f"r{int(base['release'][1:]) + 1:04d}"
         try:
             return {"release": publish_release(root, manifests, base_release=base["release"], release=following),
@@ -801,7 +810,8 @@ class ReleaseReport:
         return "\n".join(lines)
 
 
-def verify_release(root, release: str | None = None, collections: Sequence[str] | None = None) -> ReleaseReport:
+def verify_release(root, release: str | None = None, collections: Sequence[str] | None = None,
+                   key_file=None) -> ReleaseReport:
     """Check a release (default: the latest): its file, each manifest's sha256, every shard of every
     collection it names (or of those of ``collections`` it names). Unreadable files are reported, not raised."""
     root = _open(root)
@@ -821,7 +831,7 @@ def verify_release(root, release: str | None = None, collections: Sequence[str] 
             if actual != entry["manifest_sha256"]:
                 report.problems.append(f"{root.uri}/{key}: sha256 {actual[:12]}... is not the release's "
                                        f"{entry['manifest_sha256'][:12]}...")
-            report.collections[collection] = verify_index(root, entry["version"], collection)
+            report.collections[collection] = verify_index(root, entry["version"], collection, key_file)
         except (FileNotFoundError, IndexVersionError) as err:
             report.problems.append(f"{collection} {entry['version']}: {err}")
     return report
@@ -940,16 +950,20 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_file(root: ArtifactRoot, collection: str, path: str, data: bytes) -> dict:
+def _write_file(root: ArtifactRoot, collection: str, path: str, data: bytes, cipher=None) -> dict:
+    """Write one file (sealed with ``cipher``, serving.crypto, when the index is encrypted); its manifest
+    entry, whose sha256 is of the bytes stored."""
+    if cipher is not None:
+        data = cipher.seal(data, path)
     root.write_bytes(_collection_key(collection, path), data)
     return {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def _write_shard(root, collection, version, number, codes, table) -> dict:
+def _write_shard(root, collection, version, number, codes, table, cipher=None) -> dict:
     """Write one shard's two files; return its manifest entry."""
     name = f"shard-{number:05d}"
-    files = {"codes": _write_file(root, collection, f"{version}/{name}.codes.npy", _npy_bytes(codes)),
-             "ids": _write_file(root, collection, f"{version}/{name}.ids.npy", _npy_bytes(table))}
+    files = {"codes": _write_file(root, collection, f"{version}/{name}.codes.npy", _npy_bytes(codes), cipher),
+             "ids": _write_file(root, collection, f"{version}/{name}.ids.npy", _npy_bytes(table), cipher)}
     row_range = [int(table["row"][0]), int(table["row"][-1])] if len(table) else None
     names = table["id"].tolist()
     id_range = [min(names), max(names)] if names else None  # for people reading the manifest
@@ -958,10 +972,11 @@ def _write_shard(root, collection, version, number, codes, table) -> dict:
 
 def _manifest(collection, version, base_version, model_version, bits, factory, n_shards, entries, *,
               next_row, has_image_ids, extra, has_texts=False, code_space=None, image_roots=(),
-              has_metadata=False, filterable=None) -> dict:
+              has_metadata=False, filterable=None, cipher=None) -> dict:
     if not model_version or not isinstance(model_version, str):
         raise IndexVersionError("model_version must name the model version the codes came from")
-    return {
+    encryption = {"encryption": cipher.describe()} if cipher is not None else {}
+    return {**encryption,
         "format": FORMAT, "collection": collection, "version": version, "base_version": base_version,
         "model_version": model_version, "code_space": code_space, "image_roots": list(image_roots),
         "bits": bits, "bit_order": BIT_ORDER, "sign_rule": SIGN_RULE,
@@ -981,16 +996,19 @@ def _write_manifest(root, manifest) -> dict:
     return manifest
 
 
-def _read_shard(root, collection, manifest, entry):
+def _read_shard(root, collection, manifest, entry, key_file=None):
     """(codes, id table) of a shard, or the first ShardIntegrityError found."""
-    problems, arrays = _shard_problems(root, collection, manifest, entry)
+    problems, arrays = _shard_problems(root, collection, manifest, entry, key_file)
     if problems:
         raise problems[0]
     return arrays
 
 
-def _shard_problems(root, collection, manifest, entry):
-    """([ShardIntegrityError, ...], (codes, table) or None): checksums first, then contents."""
+def _shard_problems(root, collection, manifest, entry, key_file=None):
+    """([ShardIntegrityError, ...], (codes, table) or None): checksums first (of the stored bytes), then
+    decryption of an encrypted index (its key: serving.crypto.load_key), then contents."""
+    from serving.crypto import IndexKeyError, cipher_for
+
     name, problems, data = entry["name"], [], {}
     for role, info in sorted(entry["files"].items()):
         try:
@@ -1005,6 +1023,12 @@ def _shard_problems(root, collection, manifest, entry):
         data[role] = blob
     if problems:
         return problems, None
+    try:
+        cipher = cipher_for(manifest, key_file)
+        if cipher is not None:
+            data = {role: cipher.open(blob, entry["files"][role]["path"]) for role, blob in data.items()}
+    except IndexKeyError as err:
+        return [ShardIntegrityError(name, str(err))], None
     try:
         codes = np.load(io.BytesIO(data["codes"]), allow_pickle=False)
         table = np.load(io.BytesIO(data["ids"]), allow_pickle=False)

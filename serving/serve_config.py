@@ -15,7 +15,7 @@ from serving.settings import ArmSettings, ServeSettings
 
 INDEX_FIELDS = ("index", "release", "image_version", "caption_version", "image_base", "shard_replicas",
                 "shards_per_replica", "spread_shards", "shard_num_cpus", "shard_threads", "shard_cache_dir",
-                "shard_health_period_s", "shard_access_log", "runtime_env", "shard_resources")
+                "shard_health_period_s", "shard_access_log", "runtime_env", "shard_resources", "index_key_file")
 MODEL_FIELDS = ("model", "index", "release", "encoder_variant", "encoder_replicas", "encoder_num_cpus",
                 "encoder_threads", "encoder_resources", "router_encodes_text", "runtime_env", "tracking_uri",
                 "model_cache_dir")
@@ -109,5 +109,5 @@ def serve_config(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8
         if settings.runtime_env:
             app["runtime_env"] = dict(settings.runtime_env)
         apps.append(app)
-    return {"proxy_location": proxy_location, "http_options": {"host": host, "port": port},
-            "applications": apps}
+    http = {"host": host, "port": port, **(settings.tls.http_options() if settings.tls else {})}
+    return {"proxy_location": proxy_location, "http_options": http, "applications": apps}

@@ -138,6 +138,20 @@ class AuditSettings(BaseModel):
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources to pin the writer's node
 
 
+class TlsSettings(BaseModel):
+    """HTTPS on Serve's proxies (Ray Serve's ``http_options``): plain HTTP is then refused on the port."""
+
+    model_config = _STRICT
+
+    certfile: str  # PEM certificate (chain) of the service; on every node that runs a proxy
+    keyfile: str  # its PEM private key
+    ca_certs: str | None = None  # CA bundle to verify client certificates by (mutual TLS)
+
+    def http_options(self) -> dict:
+        return {"ssl_certfile": self.certfile, "ssl_keyfile": self.keyfile,
+                **({"ssl_ca_certs": self.ca_certs} if self.ca_certs else {})}
+
+
 class ServeSettings(RouterConfig, EncoderConfig):
     """Everything the app is built from; unknown keys are an error."""
 
@@ -184,6 +198,9 @@ class ServeSettings(RouterConfig, EncoderConfig):
     # there (one folder per node below it). A copy that fails its checksum fails the replica's health check.
     shard_cache_dir: str = "/tmp/terrahash/shards"
     shard_health_period_s: float = Field(2.0, gt=0, le=3600)  # how often Serve checks a shard replica
+    # The key of an index encrypted at rest (serving.crypto): a file on every node that holds shards
+    # (or $TERRAHASH_INDEX_KEY in the replicas' environment). Never beside the index.
+    index_key_file: str | None = None
     # A log line per shard call in every shard replica: off by default, as the router's access log
     # already has every request and the lines cost CPU that the searches need under load.
     shard_access_log: bool = False
@@ -197,6 +214,7 @@ class ServeSettings(RouterConfig, EncoderConfig):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    tls: TlsSettings | None = None
 
     HOT_ROUTER: ClassVar[tuple[str, ...]] = tuple(RouterConfig.model_fields)
     HOT_ENCODER: ClassVar[tuple[str, ...]] = tuple(EncoderConfig.model_fields)
@@ -239,9 +257,14 @@ class ServeSettings(RouterConfig, EncoderConfig):
                                                 "probe_data": absolute(self.canary.probe_data)})
         arms = [arm.model_copy(update={"index": absolute(arm.index), "model": absolute(arm.model)}) for arm in self.arms]
         auth = self.auth.model_copy(update={"keys": absolute(self.auth.keys), "policy": absolute(self.auth.policy)})
+        key_file = absolute(self.index_key_file)
+        tls = None if self.tls is None else self.tls.model_copy(update={
+            "certfile": absolute(self.tls.certfile), "keyfile": absolute(self.tls.keyfile),
+            "ca_certs": absolute(self.tls.ca_certs)})
         audit = self.audit.model_copy(update={"log": absolute(self.audit.log)})
         return self.model_copy(update={"index": absolute(self.index), "model": absolute(self.model), "canary": canary,
-                                       "arms": arms, "auth": auth, "audit": audit})
+                                       "arms": arms, "auth": auth, "audit": audit, "index_key_file": key_file,
+                                       "tls": tls})
 
     def router_config(self) -> dict:
         return {name: getattr(self, name) for name in self.HOT_ROUTER}

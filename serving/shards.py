@@ -132,13 +132,14 @@ class ShardServer:
     """
 
     async def __init__(self, root: str, collection: str, version: str, shard_names: list[str], reports=None,
-                       threads: int = 1, cache_dir: str | None = None, period_s: float = 2.0):
+                       threads: int = 1, cache_dir: str | None = None, period_s: float = 2.0,
+                       key_file: str | None = None):
         import faiss
 
         from cluster.artifacts import open_root
 
         faiss.omp_set_num_threads(threads)
-        self.reports, self.period_s = reports, period_s
+        self.reports, self.period_s, self.key_file = reports, period_s, key_file
         self.replica, self.deployment, self.node = _whereabouts()
         self.labels = [f"{collection}/{version}/{name}" for name in shard_names]
         self.shards, self.problems, self.healthy = [], {}, True
@@ -164,13 +165,14 @@ class ShardServer:
     def _load(self, source, cache: Path | None, collection: str, version: str, name: str):
         """The verified shard: read from the source, or through the node-local ``cache``."""
         if cache is None:
-            return load_shard(source, version, name, collection)
+            return load_shard(source, version, name, collection, key_file=self.key_file)
         try:
             sync_to_cache(source, cache, collection, version, name)
         except LocalCopyBad:
             self.healthy = False  # the health check fails: Serve replaces this replica
             raise
-        return load_shard(LocalRoot(cache), version, name, collection)  # row counts, widths, order
+        # row counts, widths, order; an encrypted index is decrypted in memory only (the cache holds ciphertext)
+        return load_shard(LocalRoot(cache), version, name, collection, key_file=self.key_file)
 
     async def check_health(self) -> None:
         """Serve's health check: reports to ShardReports, and fails while the node-local copy is bad."""

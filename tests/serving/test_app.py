@@ -29,22 +29,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def call(url: str, body: bytes | None = None, content_type: str | None = None, method: str | None = None,
-         headers: dict | None = None):
+         headers: dict | None = None, context=None):
     """(status, JSON or text body) of one HTTP request."""
     request = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"),
                                      headers=headers or {})
     if content_type:
         request.add_header("Content-Type", content_type)
     try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
+        with urllib.request.urlopen(request, timeout=30, context=context) as answer:
             status, raw, kind = answer.status, answer.read(), answer.headers.get("content-type", "")
     except urllib.error.HTTPError as err:
         status, raw, kind = err.code, err.read(), err.headers.get("content-type", "")
     return status, (json.loads(raw) if "json" in kind else raw.decode())
 
 
-def post_json(url: str, payload, headers: dict | None = None) -> tuple[int, dict]:
-    return call(url, json.dumps(payload).encode(), "application/json", headers=headers)
+def post_json(url: str, payload, headers: dict | None = None, context=None) -> tuple[int, dict]:
+    return call(url, json.dumps(payload).encode(), "application/json", headers=headers, context=context)
 
 
 def multipart(fields: dict, image: bytes, filename: str = "q.jpg") -> tuple[bytes, str]:

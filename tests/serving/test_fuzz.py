@@ -42,20 +42,23 @@ def test_generated_requests_never_fail_the_server(serve_app, reference):
     assert sent >= 1000, sent
 
 
-def fuzz_app(url: str, reference, examples: int, key: str | None = None, expect_unauthorised: bool = False) -> int:
+def fuzz_app(url: str, reference, examples: int, key: str | None = None, expect_unauthorised: bool = False,
+             tls: dict | None = None) -> int:
     """Generated requests to every operation of the app at ``url`` (with ``key`` as bearer token, if any);
     none may fail the server, and good requests between them keep their answer (or, without a key on an
-    app with auth on, keep getting 401). Returns the number sent."""
+    app with auth on, keep getting 401). ``tls``: {"cert", "context"} of an HTTPS app's certificate.
+    Returns the number sent."""
     from schemathesis.generation import GenerationMode
 
-    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    verify = {"verify": tls["cert"]} if tls else {}
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json", **verify)
     good_query = {"query": reference["items"].captions[0], "k": 10}
     want = expected(reference, pack_signs(reference["text"].encode([good_query["query"]])), 10)
     sent, problems, good = [0], [], [0]
     headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def good_request():
-        status, body = post_json(f"{url}/v1/search/text", good_query, headers)
+        status, body = post_json(f"{url}/v1/search/text", good_query, headers, (tls or {}).get("context"))
         good[0] += 1
         if expect_unauthorised:
             if status != 401:
@@ -72,7 +75,7 @@ def fuzz_app(url: str, reference, examples: int, key: str | None = None, expect_
                       suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
             def fuzz(case):
-                response = case.call(base_url=url, timeout=30, headers=headers)
+                response = case.call(base_url=url, timeout=30, headers=headers, **verify)
                 sent[0] += 1
                 problem = _check(response)
                 if problem:
@@ -86,5 +89,5 @@ def fuzz_app(url: str, reference, examples: int, key: str | None = None, expect_
                 assert mode is GenerationMode.NEGATIVE, operation.path
     assert good[0] >= sent[0] // GOOD_EVERY
     assert problems == [], problems[:10]
-    assert call(f"{url}/v1/readyz")[0] == 200  # and the app is still whole
+    assert call(f"{url}/v1/readyz", context=(tls or {}).get("context"))[0] == 200  # and the app is still whole
     return sent[0]

@@ -1,11 +1,14 @@
-"""Governance on the live app over real HTTP: API keys and roles, template rules and their hot reload,
-coarsened answers, a rate limit shared by two router replicas, and the audit trail of every request."""
+"""Governance on the live app over real HTTPS: API keys and roles, template rules and their hot reload,
+coarsened answers, a rate limit shared by two router replicas, the audit trail of every request, TLS with
+a self-signed certificate, and an index encrypted at rest answering as the plain one."""
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import http.client
 import json
 import shutil
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +26,32 @@ APP = "guarded"
 POLICY = Path(__file__).resolve().parents[2] / "serving" / "policy.yaml"
 ROLES = ("restricted", "reader", "operator", "admin")
 LIMITED_BURST = 6
+TLS: dict = {}  # the module's SSL context and certificate, set by the fixture
+
+
+def self_signed(folder: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "terrahash test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return str(folder / "cert.pem"), str(folder / "key.pem")
 
 
 def request(url: str, key: str | None = None, payload=None, method: str | None = None, headers: dict | None = None,
@@ -37,7 +66,7 @@ def request(url: str, key: str | None = None, payload=None, method: str | None =
     for name, value in (headers or {}).items():
         req.add_header(name, value)
     try:
-        with urllib.request.urlopen(req, timeout=30) as answer:
+        with urllib.request.urlopen(req, timeout=30, context=TLS.get("context")) as answer:
             status, body, got = answer.status, answer.read(), dict(answer.headers)
     except urllib.error.HTTPError as err:
         status, body, got = err.code, err.read(), dict(err.headers)
@@ -46,22 +75,36 @@ def request(url: str, key: str | None = None, payload=None, method: str | None =
 
 
 @pytest.fixture(scope="module")
-def guarded(serve_app, built_index, reference, tmp_path_factory):
+def guarded(local_ray, model_dir, ucm_many, reference, tmp_path_factory):
     """The app with auth on: a key per role, a revoked key, a key with a tight rate, the shipped policy,
-    an audit log, and two router replicas."""
-    from serving.app import check_arms, delete_apps
+    an audit log, two router replicas; served over HTTPS, from an encrypted copy of ``built_index``."""
+    from ray import serve
+
+    from serving.app import check_arms
+    from serving.build import build_indexes
     from serving.control import apply_config
+    from serving.crypto import write_key_file
     from serving.serve_config import serve_config
     from serving.settings import ServeSettings
+    from tests.conftest import free_port
+    from tests.serving.conftest import SHARDS
 
     folder = tmp_path_factory.mktemp("governance")
+    certfile, keyfile = self_signed(folder)
+    TLS.update(context=ssl.create_default_context(cafile=certfile), cert=certfile)
+    index_key = folder / "secrets" / "index.key"
+    index_key.parent.mkdir()
+    write_key_file(index_key)
+    root = tmp_path_factory.mktemp("encrypted_index")
+    build_indexes(model_dir, ucm_many, SHARDS, str(root), batch_size=32, encrypt=True, key_file=str(index_key))
     keys = KeyFile(folder / "keys.json")
     issued = {role: keys.create(role, role) for role in ROLES}
     issued["revoked"] = keys.create("gone", "reader")
     keys.revoke("gone")
     issued["limited"] = keys.create("limited", "reader", rate=0.01, burst=LIMITED_BURST)
     settings = ServeSettings.from_dict({
-        "index": str(built_index["root"]), "app_name": APP, "route_prefix": f"/{APP}", "router_replicas": 2,
+        "index": str(root), "index_key_file": str(index_key), "tls": {"certfile": certfile, "keyfile": keyfile},
+        "app_name": APP, "route_prefix": f"/{APP}", "router_replicas": 2,
         "shard_replicas": 1, "spread_shards": False, "shards_per_replica": 3, "shard_num_cpus": 0.05,
         "encoder_num_cpus": 0.05, "router_num_cpus": 0.05, "max_k": 50,
         "shard_cache_dir": str(tmp_path_factory.mktemp("guarded_shards")),
@@ -69,14 +112,17 @@ def guarded(serve_app, built_index, reference, tmp_path_factory):
         "rate_limit": {"rate": 1000, "burst": 1000}, "audit": {"log": str(folder / "queries.jsonl")},
         "canary": {"enabled": False}})
     check_arms(settings)
-    port = int(serve_app.rsplit(":", 1)[1])
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, **settings.tls.http_options()})
     apply_config(serve_config(settings, port=port))
-    url = f"{serve_app}/{APP}"
+    url = f"https://127.0.0.1:{port}/{APP}"
     wait_until(lambda: request(f"{url}/v1/readyz")[0] == 200, 300, "the guarded app is ready")
     items = reference["items"]
     yield {"url": url, "keys": issued, "key_file": keys, "log": QueryLog(folder / "queries.jsonl"),
-           "image_id": items.image_ids[0], "image": Path(items.image_paths[0]).read_bytes(), "image_path": items.image_paths[0]}
-    delete_apps(APP)
+           "image_id": items.image_ids[0], "image": Path(items.image_paths[0]).read_bytes(),
+           "image_path": items.image_paths[0], "root": root}
+    serve.shutdown()
+    TLS.clear()
 
 
 def _endpoints(guarded) -> dict:
@@ -298,5 +344,26 @@ def test_losing_the_audit_writer_fails_closed_and_the_chain_survives(guarded):
 def test_fuzzing_with_auth_on_with_and_without_a_key(guarded, reference):
     from tests.serving.test_fuzz import fuzz_app
 
-    fuzz_app(guarded["url"], reference, examples=25, key=guarded["keys"]["admin"])
-    fuzz_app(guarded["url"], reference, examples=10, expect_unauthorised=True)
+    fuzz_app(guarded["url"], reference, examples=25, key=guarded["keys"]["admin"], tls=TLS)
+    fuzz_app(guarded["url"], reference, examples=10, expect_unauthorised=True, tls=TLS)
+
+
+def test_tls_with_a_self_signed_certificate_and_plain_http_refused(guarded):
+    assert request(guarded["url"] + "/v1/healthz")[0] == 200  # the client trusts the certificate
+    plain = guarded["url"].replace("https://", "http://")
+    with pytest.raises((OSError, http.client.HTTPException)):
+        urllib.request.urlopen(plain + "/v1/healthz", timeout=10).read()
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        urllib.request.urlopen(guarded["url"] + "/v1/healthz", timeout=10)  # a client that does not trust it
+
+
+def test_the_encrypted_index_answers_as_the_plain_one(guarded, reference):
+    from serving.codes import pack_signs
+    from tests.serving.test_app import expected, got
+
+    stored = list((Path(guarded["root"]) / "index" / "images").rglob("*.npy"))
+    assert stored and all(b"NUMPY" not in path.read_bytes() for path in stored)
+    for query in reference["items"].captions[::97]:
+        status, _, body = request(guarded["url"] + "/v1/search/text", guarded["keys"]["reader"], {"query": query, "k": 20})
+        assert status == 200
+        assert got(body) == expected(reference, pack_signs(reference["text"].encode([query])), 20)
