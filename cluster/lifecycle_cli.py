@@ -148,3 +148,40 @@ def add_lifecycle_commands(subparsers) -> None:
                               "outside terrahash, or lost last entries); exit 1 when they differ")
     history.add_argument("--json", action="store_true", help="print the entries (and any problems) as JSON")
     history.set_defaults(handler=_history)
+
+    card = subparsers.add_parser(
+        "card", parents=[where], help="write (again) the model card of a registered version",
+        description="Build the model card of version VERSION of NAME from its distillation run's metrics.json, its "
+                    "teacher's and its own MLflow runs (parameters, energy and CO2) and the dataset (--data): JSON "
+                    "and Markdown, logged with the version's files and set as its description. `terrahash distill` "
+                    "writes one for every version it registers; this writes one for older versions.")
+    card.add_argument("name", metavar="NAME", help="registered model")
+    card.add_argument("version", metavar="VERSION", help="model version number")
+    card.add_argument("--data", required=True, metavar="DIR", help="the dataset the version was made from")
+    card.add_argument("--out", metavar="DIR", default=".", help="where to write the card files too (default: here)")
+    card.set_defaults(handler=_card)
+
+
+def _card(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from evaluation.model_card import CARD_MD, publish_card, write_card
+    from serving.registry import client
+    from training.data import load_dataset
+
+    _common(args)
+    mlflow = client(args.tracking_uri)
+    version = mlflow.get_model_version(args.name, args.version)
+    with tempfile.TemporaryDirectory(prefix="terrahash-card-") as tmp:
+        metrics = json.loads(Path(mlflow.download_artifacts(version.run_id, "metrics.json", tmp)).read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = write_card(out, {**metrics, "mlflow_run_id": version.run_id}, load_dataset(args.data), args.name,
+                      args.version, mlflow)
+    source = version.source.rstrip("/").rsplit("/", 1)[-1]  # the folder of the run's artifacts it was made from
+    publish_card(mlflow, args.name, args.version, out, version.run_id, source)
+    observed = [m["name"] for m in card["failure_modes"] if m["observed"]]
+    print(f"model card of {args.name} version {args.version}: {out / CARD_MD}; failure modes observed: "
+          f"{', '.join(observed) or 'none'}")
+    return 0

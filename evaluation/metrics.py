@@ -210,6 +210,23 @@ def mean_average_precision(
     return float(average_precision(ranked).mean())
 
 
+def per_class_average_precision(distances, relevance, query_labels, k: int | None = None, db_ids=None,
+                                descending: bool = False, exclude=None) -> dict[str, float]:
+    """mAP@k of the queries of each class: ``{label: mean AP of the queries with that label}``, sorted by
+    label (the fairness view: a mean over all queries can hide a class the codes fail)."""
+    ranked, _ = _ranked_relevance(distances, relevance, db_ids, descending, k, allow_none=True, exclude=exclude)
+    ap = average_precision(ranked)
+    labels = np.asarray(query_labels)
+    return {str(label): float(ap[labels == label].mean()) for label in sorted(set(labels.tolist()))}
+
+
+def worst_class(per_class: dict[str, float]) -> dict:
+    """The class with the lowest figure, its figure, the mean over classes and the gap between them."""
+    label = min(per_class, key=lambda c: (per_class[c], c))
+    mean = float(np.mean(list(per_class.values())))
+    return {"class": label, "value": per_class[label], "mean": mean, "gap": mean - per_class[label]}
+
+
 def precision_at_k(
     distances, relevance, k: int, db_ids=None, descending: bool = False, exclude=None
 ) -> float:

@@ -83,7 +83,8 @@ def parity_reports(teacher_dir, students_dir, data_dir, cache_dir=None, splits=(
                 "text": bit_agreement(captions[query_captions], teacher.captions[query_captions])}
         db = index.database_rows(split)
         for name, (images, captions) in models.items():
-            report["figures"][name] = evaluate_rows(images, captions, index.labels, index.captions_of, query, db)["binary"]
+            report["figures"][name] = evaluate_rows(images, captions, index.labels, index.captions_of, query, db,
+                                                    per_class=name in ("teacher", "fp32"))["binary"]
         teacher_figures = report["figures"]["teacher"]
         report["map_ratio"] = {name: {task: figures[task]["map_all"] / teacher_figures[task]["map_all"]
                                       for task in ("image_to_image", "text_to_image")}

@@ -123,12 +123,14 @@ def _class_figures(q: np.ndarray, db: np.ndarray, q_labels, db_labels, similarit
         "map_all": lambda: metrics.mean_average_precision(score, rel, descending=desc, exclude=exclude),
         "map_50": lambda: metrics.mean_average_precision(score, rel, k=50, descending=desc, exclude=exclude),
         "p_at_10": lambda: metrics.precision_at_k(score, rel, k=10, descending=desc, exclude=exclude),
+        "per_class": lambda: metrics.per_class_average_precision(score, rel, q_labels, descending=desc,
+                                                                 exclude=exclude),
     }
     return {name: compute[name]() for name in names}
 
 
 def retrieval_figures(query: SplitCodes, database: SplitCodes, similarity: str = "hamming",
-                      own: SplitCodes | None = None) -> dict:
+                      own: SplitCodes | None = None, per_class: bool = False) -> dict:
     """All figures of the protocol for one split as queries, as a nested dict.
 
     ``similarity`` is one of ``scores``'s: with ``hamming`` the codes must be {-1, +1} (or
@@ -136,13 +138,15 @@ def retrieval_figures(query: SplitCodes, database: SplitCodes, similarity: str =
     against); with ``asymmetric`` the query codes are continuous and the database's binary.
     ``own`` is the query split as a database for the instance figures (default ``query``; the
     split's binary codes for ``asymmetric``). Without query captions the text figures are None;
-    without database captions image-to-text mAP is.
+    without database captions image-to-text mAP is. ``per_class``: image-to-image and text-to-image
+    also carry ``per_class``, the mAP@all of each class's queries (metrics.per_class_average_precision).
     """
     own = query if own is None else own
+    extra = ("per_class",) if per_class else ()
     figures = {"image_to_image": _class_figures(query.images, database.images, query.image_labels,
                                                 database.image_labels, similarity,
                                                 _same(query.image_ids, database.image_ids),
-                                                ("map_all", "map_50", "p_at_10")),
+                                                ("map_all", "map_50", "p_at_10", *extra)),
                "text_to_image": None, "image_to_text": None, "mr": None}
     if not len(query.captions):
         return figures
@@ -155,7 +159,7 @@ def retrieval_figures(query: SplitCodes, database: SplitCodes, similarity: str =
     r_i2t = metrics.recall_at_k(i2t_own, t2i_gt.T, descending=desc)
 
     t2i = _class_figures(query.captions, database.images, query.caption_labels, database.image_labels,
-                         similarity, _same(query.caption_ids, database.image_ids), ("map_all",))
+                         similarity, _same(query.caption_ids, database.image_ids), ("map_all", *extra))
     i2t = (_class_figures(query.images, database.captions, query.image_labels, database.caption_labels,
                           similarity, _same(query.image_ids, database.caption_ids), ("map_all",))
            if len(database.captions) else {"map_all": None})
@@ -182,7 +186,8 @@ def format_table(binary: dict, floats: dict | None = None, title: str = "", asym
     A figure that could not be computed (no captions) shows as "-"."""
     columns = {"binary": binary, "asymmetric": asymmetric, "float": floats}
     columns = {name: figures for name, figures in columns.items() if figures is not None}
-    rows = [(task, name) for task in TASKS for name in (binary[task] or {})]
+    rows = [(task, name) for task in TASKS for name, value in (binary[task] or {}).items()
+            if not isinstance(value, dict)]  # per_class is listed apart
     if not binary["text_to_image"]:  # the text rows are shown, empty, so that the reader sees why
         rows += [(task, name) for task in TASKS[1:] for name in ("map_all",)]
     rows.append(("mr", ""))
@@ -217,7 +222,7 @@ def _signs(codes: SplitCodes) -> SplitCodes:
 
 def evaluate_rows(images: np.ndarray, captions: np.ndarray, labels: np.ndarray, captions_of: list[np.ndarray],
                   query_rows: np.ndarray, db_rows: np.ndarray, pr_curve: bool = False,
-                  asymmetric: bool = False) -> dict:
+                  asymmetric: bool = False, per_class: bool = False) -> dict:
     """Binary and float figures (and with ``asymmetric`` the asymmetric ones) of the query rows
     against the database rows, from continuous codes: ``images`` (N, nbits), ``captions``
     (M, nbits), ``labels`` (N,) and each image's caption rows. A query row that is also a
@@ -225,7 +230,7 @@ def evaluate_rows(images: np.ndarray, captions: np.ndarray, labels: np.ndarray, 
     query = split_codes(images, captions, labels, captions_of, query_rows)
     database = split_codes(images, captions, labels, captions_of, db_rows)
     binary_query, binary_db = _signs(query), _signs(database)
-    figures = {"binary": retrieval_figures(binary_query, binary_db, "hamming"),
+    figures = {"binary": retrieval_figures(binary_query, binary_db, "hamming", per_class=per_class),
                "float": retrieval_figures(query, database, "cosine")}
     if asymmetric:
         figures["asymmetric"] = retrieval_figures(query, binary_db, "asymmetric", own=binary_query)

@@ -65,4 +65,17 @@ def format_report(report: dict) -> str:
                           asymmetric=report.get("asymmetric"), footnotes=footnotes(report))]
     if "free_text" in report:
         parts.append(free_text_table(report))
+    if (report.get("image_to_image") or {}).get("per_class"):
+        parts.append(per_class_line(report))
     return "\n\n".join(parts)
+
+
+def per_class_line(report: dict) -> str:
+    """The worst classes by image-to-image AP (binary), beside the mean over classes."""
+    from evaluation.metrics import worst_class
+
+    per_class = report["image_to_image"]["per_class"]
+    worst = worst_class(per_class)
+    lowest = sorted(per_class.items(), key=lambda item: (item[1], item[0]))[:3]
+    return (f"per-class image-to-image mAP@all (binary): mean over classes {worst['mean']:.3f}; lowest: "
+            + ", ".join(f"{c} {v:.3f}" for c, v in lowest) + f" (gap {worst['gap']:.3f})")

@@ -96,6 +96,18 @@ class ItemsSearch(_Filters):
     format: Literal["json", "stac"] | None = FORMAT
 
 
+class Explain(BaseModel):
+    """POST /v1/explain: a query (text, an image file, or an indexed image's id) and one result id."""
+
+    model_config = _BODY
+    result_id: str = Field(description="id of the indexed image to explain (a result of the query)")
+    query: str | None = Field(None, description="a text query: leave-one-word-out attribution, and the occlusion "
+                                                "map of the result image for it")
+    image_base64: str | None = Field(None, description="an image query (JPEG, PNG, TIFF or WebP), base64-encoded")
+    image_id: str | None = Field(None, description="an indexed image as the query")
+    grid: StrictInt = Field(4, ge=2, le=8, description="cells per side of the occlusion map")
+
+
 def _form_schema(fields: dict) -> dict:
     return {"type": "object", "required": ["image"],
             "properties": {"image": {"type": "string", "format": "binary"}, **fields}}
@@ -122,11 +134,13 @@ TEXT_BODY = openapi_body(TextSearch)
 IMAGE_BODY = openapi_body(ImageSearch, _OPTIONS)
 CAPTION_BODY = openapi_body(CaptionSearch, {name: _OPTIONS[name] for name in ("k", "bbox", "datetime")})
 ITEMS_BODY = openapi_body(ItemsSearch)
+EXPLAIN_BODY = openapi_body(Explain)
 
 _FIELD_CODES = {"k": "k_out_of_range", "query": "invalid_query", "rerank": "invalid_rerank",
                 "fusion": "invalid_fusion", "image_base64": "invalid_image", "image_id": "invalid_image_id",
                 "bbox": "invalid_bbox", "datetime": "invalid_datetime", "format": "invalid_format",
-                "limit": "limit_out_of_range", "token": "invalid_token"}
+                "limit": "limit_out_of_range", "token": "invalid_token", "result_id": "invalid_result_id",
+                "grid": "invalid_grid"}
 
 
 def parse_body(model: type[BaseModel], payload) -> BaseModel:

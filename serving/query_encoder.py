@@ -1,4 +1,6 @@
 """The query encoder deployment: a model version's ONNX image and text students, batched across requests."""
+import json
+
 import numpy as np
 from ray import serve
 
@@ -63,6 +65,17 @@ class QueryEncoder:
     async def describe(self) -> dict:
         """What this encoder serves (model, its version label, code space, bits, image size)."""
         return {k: v for k, v in self.loaded.items() if k not in ("folder", "image_spec", "text_spec")}
+
+    async def card(self) -> dict | None:
+        """The model version's card (evaluation/model_card.py): {"json", "markdown"}, None without one."""
+        from pathlib import Path
+
+        folder = Path(self.loaded["folder"])
+        if not (folder / "model_card.json").exists():
+            return None
+        markdown = folder / "model_card.md"
+        return {"json": json.loads((folder / "model_card.json").read_text()),
+                "markdown": markdown.read_text() if markdown.exists() else None}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def encode_text(self, texts: list[str]) -> list[np.ndarray]:

@@ -35,10 +35,11 @@ from starlette.exceptions import HTTPException
 
 from serving.access import Gate
 from serving.arms import Arm, ArmStats, Backends, garbage_code
-from serving.api import (CAPTION_BODY, IMAGE_BODY, ITEMS_BODY, TEXT_BODY, ApiError, CaptionSearch, ImageSearch,
-                         ItemsSearch, TextSearch, check_query, decode_in_pool, error_response, image_upload,
-                         parse_body, parse_choice, parse_filter, parse_k, read_json, wants_stac)
-from serving.codes import pack_signs
+from serving.api import (CAPTION_BODY, EXPLAIN_BODY, IMAGE_BODY, ITEMS_BODY, TEXT_BODY, ApiError, CaptionSearch,
+                         Explain, ImageSearch, ItemsSearch, TextSearch, check_query, decode_in_pool, error_response, image_upload,
+                         parse_body, parse_choice, parse_filter, parse_k, read_json, wants_stac, base64_limit,
+                         decode_base64)
+from serving.codes import pack_signs, unpack_signs
 from serving.index import stable_shard
 from serving.keys import Identity
 from serving.policy import SEARCH_ENDPOINTS, coarsen
@@ -313,6 +314,20 @@ class Router:
         return await self._timed("thumbnail", request, lambda request, call: self._thumbnail(item_id, call),
                                  wrap=False)
 
+    @api.post("/v1/explain", openapi_extra=EXPLAIN_BODY)
+    async def explain(self, request: Request):
+        """Why ``result_id`` answers a query: the occlusion map of the result image (which cells, masked,
+        move its code furthest from the query's: Hamming and cosine changes per cell, the strongest cell,
+        a PNG overlay) and, for a text query, the bits each word's removal flips."""
+        return await self._timed("explain", request, self._explain)
+
+    @api.get("/v1/models/{version:path}/card")
+    async def model_card(self, version: str, request: Request):
+        """The model card of a served model version: JSON, or Markdown with ``Accept: text/markdown``.
+        ``version`` is the ``model_version`` answers carry, ``NAME/VERSION`` of a registered one, or an arm."""
+        return await self._timed("card", request, lambda request, call: self._card(version, request, call),
+                                 wrap=False)
+
     async def probe(self, arm: str, kind: str, payload, k: int) -> list[str]:
         """One probe query of the canary controller on ``arm`` (no fallback): the top-k ids. ``kind`` "text"
         (payload: the query) or "image" (payload: the image file's bytes)."""
@@ -434,6 +449,89 @@ class Router:
             return k
         self.gate.check_query(call.who, endpoint, text, k)
         return min(k, self.gate.policy.coarsening.max_k) if self.gate.coarsened(call.who) else k
+
+    async def _explain(self, request: Request, call: Call) -> dict:
+        import base64
+
+        from serving.explain import attribution, leave_one_out, masked_copies, occlusion_with_overlay
+
+        params = parse_body(Explain, await read_json(request, base64_limit(self.config["max_upload_bytes"]))).model_dump()
+        given = [name for name in ("query", "image_base64", "image_id") if params[name] is not None]
+        if len(given) != 1:
+            raise ApiError(422, "invalid_query", "give exactly one of query, image_base64 and image_id")
+        text = check_query(params["query"], self.config) if params["query"] is not None else None
+        data = (decode_base64(params["image_base64"], self.config["max_upload_bytes"])
+                if params["image_base64"] is not None else None)
+        call.query_sha256 = sha256_of(text if text is not None else data if data is not None else params["image_id"])
+
+        async def run(arm: Arm, call: Call) -> dict:
+            encode = self._image_encoder(arm, call)
+            if text is not None:
+                query_code = await self._text_code(arm, text, call)
+            elif data is not None:
+                query_code = await self._encode_image(arm, data, call)
+            else:  # an indexed image: its stored binary code, as +-1
+                packed = await self._indexed_code(arm, params["image_id"], call)
+                query_code = unpack_signs(packed[None], arm.backend.index["bits"])[0].astype(np.float32)
+            item = await self._ask_holder(arm, "item", params["result_id"], call)
+            pixels = await self._item_pixels(arm, item, params["result_id"])
+            with call.timer("explain"):
+                codes = await encode([pixels, *masked_copies(pixels, params["grid"])])
+                found = occlusion_with_overlay(query_code, pixels, codes, params["grid"])
+            png = found.pop("png")
+            answer = {"query": {k: params[k] for k in ("query", "image_id") if params[k] is not None} or
+                      {"image": "upload"}, "result_id": params["result_id"], "occlusion": found,
+                      "overlay_png_base64": base64.b64encode(png).decode()}
+            if text is not None:
+                words, variants = leave_one_out(text)
+                codes = np.stack([await self._text_code(arm, t, call) for t in [text, *variants]])
+                answer["words"] = attribution(words, codes)
+            return answer
+        return await self._dispatch(request, call, run)
+
+    def _image_encoder(self, arm: Arm, call: Call):
+        """Decoded images -> codes through the arm's encoder deployment (batched there), for explain."""
+        async def encode(images: list) -> np.ndarray:
+            return np.stack(await _all_or_none([self._call(arm.backend.encoder, "encode_image", call, p)
+                                                for p in images]))
+        return encode
+
+    async def _text_code(self, arm: Arm, text: str, call: Call) -> np.ndarray:
+        if arm.backend.text is not None:
+            return _finite(arm.backend.text.encode([text])[0])
+        return _finite(await self._call(arm.backend.encoder, "encode_text", call, text))
+
+    async def _item_pixels(self, arm: Arm, item: dict, item_id: str) -> np.ndarray:
+        """An indexed item's image, read from the archive and resized as the model reads it."""
+        from serving.encoders import decode_and_resize
+        from serving.thumbnails import item_image_pil
+
+        source = item_image(item, arm.backend.index["refs"]["images"])
+
+        def read():
+            return decode_and_resize(item_image_pil(source, item.get("properties", {})).convert("RGB"),
+                                     arm.backend.model["image_size"])
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.decoder, read)
+        except (OSError, ValueError) as err:
+            raise ApiError(502, "source_unreadable", f"the image of {item_id!r} cannot be read from the "
+                                                     f"archive: {err}") from None
+
+    async def _card(self, version: str, request: Request, call: Call) -> Response:
+        wanted = version.removeprefix("models:/")
+        for arm in self.arms.values():
+            model = arm.backend.model
+            names = {arm.name, model.get("model_version"), str(model.get("model") or "").removeprefix("models:/")}
+            if arm.ready and wanted in names:
+                card = await self._call(arm.backend.encoder, "card", call)
+                if card is None:
+                    raise ApiError(404, "no_model_card", f"model version {version!r} has no model card "
+                                                         f"(`terrahash card NAME VERSION` writes one)")
+                if "text/markdown" in request.headers.get("accept", "") and card["markdown"]:
+                    return Response(card["markdown"], media_type="text/markdown; charset=utf-8")
+                return JSONResponse(card["json"])
+        served = sorted({a.backend.model.get("model_version") for a in self.arms.values() if a.ready} - {None})
+        raise ApiError(404, "unknown_model_version", f"no arm serves model version {version!r}; served: {served}")
 
     async def _keys(self) -> JSONResponse:
         from serving.keys import KeyFile
@@ -570,11 +668,8 @@ class Router:
     def _text_run(self, query: str, k: int, rerank: str, fusion: str, where):
         async def run(arm: Arm, call: Call) -> dict:
             with call.timer("encode"):
-                if arm.backend.text is not None:
-                    code = arm.backend.text.encode([query])[0]  # (bits,) float32
-                else:
-                    code = await self._call(arm.backend.encoder, "encode_text", call, query)
-            return await self._rank(arm, self._faulty(arm, _finite(code), query), k, rerank, fusion, call, where)
+                code = await self._text_code(arm, query, call)  # (bits,) float32
+            return await self._rank(arm, self._faulty(arm, code, query), k, rerank, fusion, call, where)
         return run
 
     async def _search_image(self, request: Request, call: Call) -> dict:

@@ -24,7 +24,7 @@ def thumbnail_path(image_id: str) -> str:
     return f"/v1/items/{quote(image_id, safe='/,')}/thumbnail"
 
 
-def _pixels(image_ref: str, properties: dict):
+def item_image_pil(image_ref: str, properties: dict):
     """A PIL image of the item: its chip read from the scene, or its file decoded (Pillow)."""
     from PIL import Image
 
@@ -47,7 +47,7 @@ def _pixels(image_ref: str, properties: dict):
 def make_thumbnail(image_ref: str, properties: dict, side: int = THUMBNAIL_SIDE) -> bytes:
     """JPEG bytes of the item's image scaled to fit ``side`` x ``side`` (aspect kept); OSError or
     ValueError when the image cannot be read."""
-    image = _pixels(image_ref, properties).convert("RGB")
+    image = item_image_pil(image_ref, properties).convert("RGB")
     image.thumbnail((side, side))
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=JPEG_QUALITY)

@@ -153,7 +153,22 @@ def run_distillation(teacher: str | Path, config: DistillConfig, data_dir, out_d
             tracker.client.log_artifacts(tracker.run_id, str(out / ONNX_DIR), ONNX_DIR)
             metrics["registered"] = register_students(tracker, config.registered_model, teacher_run, version_tags)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    if metrics.get("registered"):  # after the run has ended, so that the card has its energy too
+        _model_card(tracker, metrics, dataset, out)
     return metrics
+
+
+def _model_card(tracker, metrics: dict, dataset, out: Path) -> None:
+    """The registered version's model card (evaluation/model_card.py), beside its students and in MLflow."""
+    from evaluation.model_card import publish_card, write_card
+    from serving.spec import load_spec
+
+    registered, onnx = metrics["registered"], out / ONNX_DIR
+    facts = {**metrics, "mlflow_run_id": tracker.run_id,
+             "bits": load_spec(onnx / "image_student.spec.json").bits}
+    write_card(onnx, facts, dataset, registered["name"], registered["version"], tracker.client)
+    publish_card(tracker.client, registered["name"], registered["version"], onnx, tracker.run_id, ONNX_DIR)
+    log.info("model card of %s version %s written (%s/model_card.md)", registered["name"], registered["version"], onnx)
 
 
 def register_students(tracker, name: str, teacher_run: str | None, figures: dict[str, float] | None = None) -> dict:

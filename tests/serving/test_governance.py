@@ -80,6 +80,7 @@ def guarded(local_ray, model_dir, ucm_many, reference, tmp_path_factory):
     an audit log, two router replicas; served over HTTPS, from an encrypted copy of ``built_index``."""
     from ray import serve
 
+    from evaluation.model_card import write_card
     from serving.app import check_arms
     from serving.build import build_indexes
     from serving.control import apply_config
@@ -88,6 +89,7 @@ def guarded(local_ray, model_dir, ucm_many, reference, tmp_path_factory):
     from serving.settings import ServeSettings
     from tests.conftest import free_port
     from tests.serving.conftest import SHARDS
+    from training.data import load_dataset
 
     folder = tmp_path_factory.mktemp("governance")
     certfile, keyfile = self_signed(folder)
@@ -96,7 +98,10 @@ def guarded(local_ray, model_dir, ucm_many, reference, tmp_path_factory):
     index_key.parent.mkdir()
     write_key_file(index_key)
     root = tmp_path_factory.mktemp("encrypted_index")
-    build_indexes(model_dir, ucm_many, SHARDS, str(root), batch_size=32, encrypt=True, key_file=str(index_key))
+    model = folder / "model"  # the students with a model card, as a registered version carries one
+    shutil.copytree(model_dir, model)
+    write_card(model, {}, load_dataset(ucm_many), "tiny-students", "1")
+    build_indexes(model, ucm_many, SHARDS, str(root), batch_size=32, encrypt=True, key_file=str(index_key))
     keys = KeyFile(folder / "keys.json")
     issued = {role: keys.create(role, role) for role in ROLES}
     issued["revoked"] = keys.create("gone", "reader")
@@ -138,18 +143,27 @@ def _endpoints(guarded) -> dict:
         "traffic": ("/v1/traffic", None, {}),
         "keys": ("/v1/keys", None, {}),
         "arm": ("/v1/search/text", {"query": "a farm", "k": 5}, {"headers": {"X-TerraHash-Arm": "default"}}),
+        "explain": ("/v1/explain", {"query": "a farm", "result_id": image_id, "grid": 2}, {}),
+        "card": ("/v1/models/default/card", None, {}),
     }
 
 
 # Expected status per caller and endpoint (restricted: items is denied by the shipped policy's rule).
 TABLE = {
-    None:         dict(text=401, image=401, similar=401, captions=401, items=401, thumbnail=401, traffic=401, keys=401, arm=401),
-    "bogus":      dict(text=401, image=401, similar=401, captions=401, items=401, thumbnail=401, traffic=401, keys=401, arm=401),
-    "revoked":    dict(text=401, image=401, similar=401, captions=401, items=401, thumbnail=401, traffic=401, keys=401, arm=401),
-    "restricted": dict(text=200, image=200, similar=200, captions=200, items=403, thumbnail=403, traffic=403, keys=403, arm=403),
-    "reader":     dict(text=200, image=200, similar=200, captions=200, items=200, thumbnail=200, traffic=403, keys=403, arm=403),
-    "operator":   dict(text=200, image=200, similar=200, captions=200, items=200, thumbnail=200, traffic=200, keys=403, arm=200),
-    "admin":      dict(text=200, image=200, similar=200, captions=200, items=200, thumbnail=200, traffic=200, keys=200, arm=200),
+    None:         dict(text=401, image=401, similar=401, captions=401, items=401, thumbnail=401, traffic=401, keys=401, arm=401,
+                       explain=401, card=401),
+    "bogus":      dict(text=401, image=401, similar=401, captions=401, items=401, thumbnail=401, traffic=401, keys=401, arm=401,
+                       explain=401, card=401),
+    "revoked":    dict(text=401, image=401, similar=401, captions=401, items=401, thumbnail=401, traffic=401, keys=401, arm=401,
+                       explain=401, card=401),
+    "restricted": dict(text=200, image=200, similar=200, captions=200, items=403, thumbnail=403, traffic=403, keys=403, arm=403,
+                       explain=403, card=200),
+    "reader":     dict(text=200, image=200, similar=200, captions=200, items=200, thumbnail=200, traffic=403, keys=403, arm=403,
+                       explain=200, card=200),
+    "operator":   dict(text=200, image=200, similar=200, captions=200, items=200, thumbnail=200, traffic=200, keys=403, arm=200,
+                       explain=200, card=200),
+    "admin":      dict(text=200, image=200, similar=200, captions=200, items=200, thumbnail=200, traffic=200, keys=200, arm=200,
+                       explain=200, card=200),
 }
 
 
@@ -167,7 +181,7 @@ def test_each_role_against_each_endpoint(guarded, caller):
             if status == 401:
                 assert headers.get("www-authenticate", headers.get("WWW-Authenticate", "")).startswith("Bearer")
             continue
-        if name in ("thumbnail", "traffic", "keys"):
+        if name in ("thumbnail", "traffic", "keys", "explain", "card"):
             if name == "keys":
                 assert {k["name"] for k in body["keys"]} >= set(ROLES) and "sha256" not in json.dumps(body)
             continue
@@ -367,3 +381,37 @@ def test_the_encrypted_index_answers_as_the_plain_one(guarded, reference):
         status, _, body = request(guarded["url"] + "/v1/search/text", guarded["keys"]["reader"], {"query": query, "k": 20})
         assert status == 200
         assert got(body) == expected(reference, pack_signs(reference["text"].encode([query])), 20)
+
+
+def test_explanations_over_http(guarded):
+    from PIL import Image
+
+    url, key, image_id = guarded["url"], guarded["keys"]["reader"], guarded["image_id"]
+    status, _, body = request(f"{url}/v1/explain", key, {"query": "a farm with green fields", "result_id": image_id})
+    assert status == 200, body
+    occlusion = body["occlusion"]
+    assert len(occlusion["hamming_change"]) == 4 and len(occlusion["hamming_change"][0]) == 4  # the default grid
+    assert 0 <= occlusion["strongest_cell"][0] < 4 and body["arm"] == "default"
+    overlay = Image.open(__import__("io").BytesIO(__import__("base64").b64decode(body["overlay_png_base64"])))
+    assert overlay.format == "PNG"
+    assert [w["word"] for w in body["words"]] == "a farm with green fields".split()
+    assert all(0 <= w["bits_flipped"] <= 16 for w in body["words"])
+    status, _, body = request(f"{url}/v1/explain", key, {"image_id": image_id, "result_id": image_id, "grid": 3})
+    assert status == 200 and body["occlusion"]["hamming_distance"] == 0 and "words" not in body
+    for bad, code in (({"query": "a", "image_id": image_id, "result_id": image_id}, 422),
+                      ({"query": "a farm", "result_id": "no/such.jpg"}, 404),
+                      ({"query": "a farm", "result_id": image_id, "grid": 40}, 422)):
+        status, _, body = request(f"{url}/v1/explain", key, bad)
+        assert status == code and "error" in body, (bad, body)
+
+
+def test_model_cards_over_http(guarded):
+    url, key = guarded["url"], guarded["keys"]["restricted"]
+    status, _, card = request(f"{url}/v1/models/default/card", key)
+    assert status == 200 and card["model"]["uri"] == "models:/tiny-students/1" and card["data"]["dataset"] == "ucm_subset"
+    version = request(f"{url}/v1/search/text", guarded["keys"]["reader"], {"query": "a farm"})[2]["model_version"]
+    assert request(f"{url}/v1/models/{version}/card", key)[2] == card  # by the version answers name
+    status, headers, markdown = request(f"{url}/v1/models/default/card", key, headers={"Accept": "text/markdown"})
+    assert status == 200 and markdown.decode().startswith("# Model card: tiny-students version 1")
+    status, _, body = request(f"{url}/v1/models/nope/card", key)
+    assert status == 404 and body["error"]["code"] == "unknown_model_version"

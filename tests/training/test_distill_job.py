@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -63,6 +64,25 @@ def test_distill_registers_onnx_students_with_their_teacher_as_lineage(mlflow_se
 
     local = client.download_artifacts(run.info.run_id, "onnx", str(tmp_path / "download"))
     assert load_encoder(f"{local}/text_student.int8.spec.json").encode_packed(["a runway"]).shape == (1, 2)
+    # The version's model card: with its files, as its description, from the runs' own figures.
+    card = json.loads((Path(local) / "model_card.json").read_text())
+    assert card["model"]["uri"] == f"models:/{registered['name']}/{registered['version']}" and card["model"]["bits"] == 16
+    assert card["model"]["teacher_run_id"] == teacher["mlflow_run_id"] and card["data"]["dataset"] == "ucm_subset"
+    assert card["data"]["splits"]["train"]["images"] == 12 and card["training"]["teacher"]["train.epochs"] == "2"
+    per_class = card["per_class"]["image_to_image"]
+    assert set(per_class) == {"agricultural", "airplane", "baseballdiamond"} and card["per_class"]["worst"]["class"] in per_class
+    assert card["per_class"]["worst"]["value"] == min(per_class.values())
+    assert card["figures"]["models"]["fp32"]["image_to_image"]["map_all"] == pytest.approx(
+        metrics["parity"]["figures"]["fp32"]["image_to_image"]["map_all"])
+    assert card["energy"]["distillation"]["energy_kwh"] == client.get_run(run.info.run_id).data.metrics["energy_kwh"]
+    assert card["energy"]["training"]["run_id"] == teacher["mlflow_run_id"]
+    assert {m["name"] for m in card["failure_modes"]} >= {"duplicate_captions", "weak_class", "class_collapse"}
+    assert version.tags.get("model_card") is None  # the tag is set after registration: read the version again
+    again = client.get_model_version(registered["name"], registered["version"])
+    assert again.tags["model_card"] == "onnx/model_card.json" and again.description.startswith("# Model card")
+    assert main(["card", registered["name"], registered["version"], "--data", str(subset), "--tracking-uri",
+                 mlflow_server, "--out", str(tmp_path / "card")]) == 0  # written again, for an older version
+    assert json.loads((tmp_path / "card" / "model_card.json").read_text())["model"]["bits"] == 16
 
 
 def test_students_train_on_two_ray_train_workers(local_ray, subset, tiny_text_encoder, tmp_path):
