@@ -98,10 +98,11 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "te
     query_rows, db_rows, database = choose_rows(index.rows(split), index.database_rows(split),
                                                 len(index.labels), split)
     figures = evaluate_rows(images, captions, index.labels, index.captions_of, query_rows, db_rows,
-                            pr_curve=True, asymmetric=True, per_class=True)
+                            pr_curve=True, asymmetric=True, class_names=list(dataset.classes))
     query_captions = [c for r in query_rows for c in index.captions_of[r]]
     report = {"bits": config.train.bits, **figures["binary"], "asymmetric": figures["asymmetric"],
               "float": figures["float"], "pr_curve_image_to_image": figures["pr_curve"],
+              "per_class": figures["per_class"],
               "recall_ceiling": recall_ceiling([index.captions[c] for c in query_captions],
                                                index.caption_owner[query_captions].tolist()),
               "split": split, "database": {**database, "queries": int(len(query_rows)),

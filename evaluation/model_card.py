@@ -111,15 +111,12 @@ def build_card(metrics: dict, dataset, name: str, version: str, client=None) -> 
     distill = _run(client, metrics.get("mlflow_run_id"))
     teacher = _run(client, metrics.get("teacher_run_id"))
     report = metrics.get("parity") or {}
-    figures = {model: {"image_to_image": {k: v for k, v in (f.get("image_to_image") or {}).items()
-                                          if not isinstance(v, dict)},
-                       "text_to_image": {k: v for k, v in (f.get("text_to_image") or {}).items()
-                                         if not isinstance(v, dict)},
-                       "mr": f.get("mr")}
+    figures = {model: {"image_to_image": dict(f.get("image_to_image") or {}),
+                       "text_to_image": dict(f.get("text_to_image") or {}), "mr": f.get("mr")}
                for model, f in (report.get("figures") or {}).items()}
-    per_class_model = "fp32" if "fp32" in (report.get("figures") or {}) else "teacher"
-    chosen = (report.get("figures") or {}).get(per_class_model) or {}
-    per_class = {task: (chosen.get(task) or {}).get("per_class") for task in ("image_to_image", "text_to_image")}
+    per_class_model = "fp32" if "fp32" in (report.get("per_class") or {}) else "teacher"
+    chosen = (report.get("per_class") or {}).get(per_class_model) or {}
+    per_class = {task: chosen.get(task) for task in ("image_to_image", "text_to_image")}
     overlap = caption_overlap(dataset, report.get("split", "test"))
     splits = {split: {"images": len(dataset.split(split)), "captions": sum(len(r.captions) for r in dataset.split(split))}
               for split in ("train", "val", "test")}

@@ -83,8 +83,11 @@ def parity_reports(teacher_dir, students_dir, data_dir, cache_dir=None, splits=(
                 "text": bit_agreement(captions[query_captions], teacher.captions[query_captions])}
         db = index.database_rows(split)
         for name, (images, captions) in models.items():
-            report["figures"][name] = evaluate_rows(images, captions, index.labels, index.captions_of, query, db,
-                                                    per_class=name in ("teacher", "fp32"))["binary"]
+            found = evaluate_rows(images, captions, index.labels, index.captions_of, query, db,
+                                  class_names=list(index.dataset.classes) if name in ("teacher", "fp32") else None)
+            report["figures"][name] = found["binary"]
+            if "per_class" in found:
+                report.setdefault("per_class", {})[name] = found["per_class"]
         teacher_figures = report["figures"]["teacher"]
         report["map_ratio"] = {name: {task: figures[task]["map_all"] / teacher_figures[task]["map_all"]
                                       for task in ("image_to_image", "text_to_image")}

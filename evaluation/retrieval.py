@@ -123,14 +123,12 @@ def _class_figures(q: np.ndarray, db: np.ndarray, q_labels, db_labels, similarit
         "map_all": lambda: metrics.mean_average_precision(score, rel, descending=desc, exclude=exclude),
         "map_50": lambda: metrics.mean_average_precision(score, rel, k=50, descending=desc, exclude=exclude),
         "p_at_10": lambda: metrics.precision_at_k(score, rel, k=10, descending=desc, exclude=exclude),
-        "per_class": lambda: metrics.per_class_average_precision(score, rel, q_labels, descending=desc,
-                                                                 exclude=exclude),
     }
     return {name: compute[name]() for name in names}
 
 
 def retrieval_figures(query: SplitCodes, database: SplitCodes, similarity: str = "hamming",
-                      own: SplitCodes | None = None, per_class: bool = False) -> dict:
+                      own: SplitCodes | None = None) -> dict:
     """All figures of the protocol for one split as queries, as a nested dict.
 
     ``similarity`` is one of ``scores``'s: with ``hamming`` the codes must be {-1, +1} (or
@@ -138,15 +136,13 @@ def retrieval_figures(query: SplitCodes, database: SplitCodes, similarity: str =
     against); with ``asymmetric`` the query codes are continuous and the database's binary.
     ``own`` is the query split as a database for the instance figures (default ``query``; the
     split's binary codes for ``asymmetric``). Without query captions the text figures are None;
-    without database captions image-to-text mAP is. ``per_class``: image-to-image and text-to-image
-    also carry ``per_class``, the mAP@all of each class's queries (metrics.per_class_average_precision).
+    without database captions image-to-text mAP is.
     """
     own = query if own is None else own
-    extra = ("per_class",) if per_class else ()
     figures = {"image_to_image": _class_figures(query.images, database.images, query.image_labels,
                                                 database.image_labels, similarity,
                                                 _same(query.image_ids, database.image_ids),
-                                                ("map_all", "map_50", "p_at_10", *extra)),
+                                                ("map_all", "map_50", "p_at_10")),
                "text_to_image": None, "image_to_text": None, "mr": None}
     if not len(query.captions):
         return figures
@@ -159,7 +155,7 @@ def retrieval_figures(query: SplitCodes, database: SplitCodes, similarity: str =
     r_i2t = metrics.recall_at_k(i2t_own, t2i_gt.T, descending=desc)
 
     t2i = _class_figures(query.captions, database.images, query.caption_labels, database.image_labels,
-                         similarity, _same(query.caption_ids, database.image_ids), ("map_all", *extra))
+                         similarity, _same(query.caption_ids, database.image_ids), ("map_all",))
     i2t = (_class_figures(query.images, database.captions, query.image_labels, database.caption_labels,
                           similarity, _same(query.image_ids, database.caption_ids), ("map_all",))
            if len(database.captions) else {"map_all": None})
@@ -167,6 +163,20 @@ def retrieval_figures(query: SplitCodes, database: SplitCodes, similarity: str =
     figures["image_to_text"] = {**i2t, "r1": r_i2t[1], "r5": r_i2t[5], "r10": r_i2t[10]}
     figures["mr"] = metrics.mean_recall(r_t2i, r_i2t)
     return figures
+
+
+def per_class_figures(query: SplitCodes, database: SplitCodes, class_names) -> dict:
+    """{"image_to_image": {class: mAP@all}, "text_to_image": {...} or None} of binary codes (Hamming)."""
+    def by_class(q, q_labels, q_ids):
+        score, desc = scores(q, database.images, "hamming")
+        rel = metrics.relevance_from_labels(q_labels, database.image_labels)
+        found = metrics.per_class_average_precision(score, rel, q_labels, descending=desc,
+                                                    exclude=_same(q_ids, database.image_ids))
+        return {str(class_names[int(label)]): value for label, value in found.items()}
+
+    return {"image_to_image": by_class(query.images, query.image_labels, query.image_ids),
+            "text_to_image": by_class(query.captions, query.caption_labels, query.caption_ids)
+            if len(query.captions) else None}
 
 
 def image_pr_curve(query: SplitCodes, database: SplitCodes) -> dict:
@@ -186,8 +196,7 @@ def format_table(binary: dict, floats: dict | None = None, title: str = "", asym
     A figure that could not be computed (no captions) shows as "-"."""
     columns = {"binary": binary, "asymmetric": asymmetric, "float": floats}
     columns = {name: figures for name, figures in columns.items() if figures is not None}
-    rows = [(task, name) for task in TASKS for name, value in (binary[task] or {}).items()
-            if not isinstance(value, dict)]  # per_class is listed apart
+    rows = [(task, name) for task in TASKS for name in (binary[task] or {})]
     if not binary["text_to_image"]:  # the text rows are shown, empty, so that the reader sees why
         rows += [(task, name) for task in TASKS[1:] for name in ("map_all",)]
     rows.append(("mr", ""))
@@ -222,18 +231,22 @@ def _signs(codes: SplitCodes) -> SplitCodes:
 
 def evaluate_rows(images: np.ndarray, captions: np.ndarray, labels: np.ndarray, captions_of: list[np.ndarray],
                   query_rows: np.ndarray, db_rows: np.ndarray, pr_curve: bool = False,
-                  asymmetric: bool = False, per_class: bool = False) -> dict:
+                  asymmetric: bool = False, class_names=None) -> dict:
     """Binary and float figures (and with ``asymmetric`` the asymmetric ones) of the query rows
     against the database rows, from continuous codes: ``images`` (N, nbits), ``captions``
     (M, nbits), ``labels`` (N,) and each image's caption rows. A query row that is also a
-    database row is not ranked against itself (leave-one-out)."""
+    database row is not ranked against itself (leave-one-out). With ``class_names`` (the names of the
+    label ids), ``per_class``: the binary mAP@all of each class's image and text queries
+    (metrics.per_class_average_precision), keyed by class name."""
     query = split_codes(images, captions, labels, captions_of, query_rows)
     database = split_codes(images, captions, labels, captions_of, db_rows)
     binary_query, binary_db = _signs(query), _signs(database)
-    figures = {"binary": retrieval_figures(binary_query, binary_db, "hamming", per_class=per_class),
+    figures = {"binary": retrieval_figures(binary_query, binary_db, "hamming"),
                "float": retrieval_figures(query, database, "cosine")}
     if asymmetric:
         figures["asymmetric"] = retrieval_figures(query, binary_db, "asymmetric", own=binary_query)
     if pr_curve:
         figures["pr_curve"] = image_pr_curve(binary_query, binary_db)
+    if class_names is not None:
+        figures["per_class"] = per_class_figures(binary_query, binary_db, class_names)
     return figures

@@ -65,7 +65,7 @@ def format_report(report: dict) -> str:
                           asymmetric=report.get("asymmetric"), footnotes=footnotes(report))]
     if "free_text" in report:
         parts.append(free_text_table(report))
-    if (report.get("image_to_image") or {}).get("per_class"):
+    if (report.get("per_class") or {}).get("image_to_image"):
         parts.append(per_class_line(report))
     return "\n\n".join(parts)
 
@@ -74,7 +74,7 @@ def per_class_line(report: dict) -> str:
     """The worst classes by image-to-image AP (binary), beside the mean over classes."""
     from evaluation.metrics import worst_class
 
-    per_class = report["image_to_image"]["per_class"]
+    per_class = report["per_class"]["image_to_image"]
     worst = worst_class(per_class)
     lowest = sorted(per_class.items(), key=lambda item: (item[1], item[0]))[:3]
     return (f"per-class image-to-image mAP@all (binary): mean over classes {worst['mean']:.3f}; lowest: "

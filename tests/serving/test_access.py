@@ -181,3 +181,28 @@ def test_the_cli_prints_a_new_key_alone_on_stdout_and_verifies_a_log(tmp_path, c
     log.path.write_text("\n".join(lines[:2] + lines[3:]) + "\n")
     assert main(["audit", "verify", str(log.path)]) == 1 and "broken link" in capsys.readouterr().out
     assert main(["audit", "verify", str(tmp_path / "none.jsonl")]) == 2
+
+
+def test_the_readme_governance_commands_run(tmp_path, monkeypatch, capsys):
+    """`terrahash keys|audit|policy check|index keygen` as README.md's security section writes them (only
+    the placeholders FILE and LOG made real files); `policy apply` is tested on a live app."""
+    import re
+    from pathlib import Path
+
+    from cluster.cli import main
+
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "README.md").read_text()
+    section = text[text.index("## Security and governance"):text.index("## Run on a cluster")]
+    spans = [s for s in re.findall(r"`(terrahash (?:keys|audit|policy check|index keygen)\b[^`]*)`", section)
+             if len(s.split()) > 2]
+    assert len(spans) >= 6, spans
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TERRAHASH_KEYS", str(tmp_path / "keys.json"))
+    log = _log(tmp_path)
+    places = {"FILE": str(repo / "serving" / "policy.yaml"), "LOG": str(log.path)}
+    for span in spans:
+        argv = [places.get(word, word) for word in span.split()[1:]]
+        if argv[:2] == ["index", "keygen"]:
+            argv[2] = str(tmp_path / "index.key")
+        assert main(argv) == 0, (span, capsys.readouterr())
