@@ -149,13 +149,10 @@ def _endpoints(guarded) -> dict:
 
 
 # Expected status per caller and endpoint (restricted: items is denied by the shipped policy's rule).
+UNAUTHENTICATED = dict(text=401, image=401, similar=401, captions=401, items=401, thumbnail=401, traffic=401, keys=401,
+                       arm=401, explain=401, card=401)
 TABLE = {
-    None:         dict(text=401, image=401, similar=401, captions=401, items=401, thumbnail=401, traffic=401, keys=401, arm=401,
-                       explain=401, card=401),
-    "bogus":      dict(text=401, image=401, similar=401, captions=401, items=401, thumbnail=401, traffic=401, keys=401, arm=401,
-                       explain=401, card=401),
-    "revoked":    dict(text=401, image=401, similar=401, captions=401, items=401, thumbnail=401, traffic=401, keys=401, arm=401,
-                       explain=401, card=401),
+    None: UNAUTHENTICATED, "bogus": UNAUTHENTICATED, "revoked": UNAUTHENTICATED,
     "restricted": dict(text=200, image=200, similar=200, captions=200, items=403, thumbnail=403, traffic=403, keys=403, arm=403,
                        explain=403, card=200),
     "reader":     dict(text=200, image=200, similar=200, captions=200, items=200, thumbnail=200, traffic=403, keys=403, arm=403,
