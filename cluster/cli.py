@@ -23,14 +23,14 @@ DEFAULT_CACHE = os.environ.get("TERRAHASH_CACHE", ".cache/terrahash/features")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.config import check, load_config
+    from training.config import check, load_config, set_bits
     from training.jobs import run_training
 
     config = load_config(args.config)
     if args.schedule is not None:
         config.train.schedule = args.schedule
     if args.bits is not None:
-        config.train.bits = args.bits
+        set_bits(config, args.bits)
     if args.epochs is not None:
         config.train.epochs = args.epochs
     if args.seed is not None:
@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder, or s3://bucket/prefix/NAME in the artifact root (written once the "
                                      "run has succeeded; $AWS_ENDPOINT_URL for an S3-compatible store); default: "
                                      "runs/<config>-<bits>")
-    train.add_argument("--bits", type=int, help="code length, overriding the config (a multiple of 8 from 8 to 1024)")
+    train.add_argument("--bits", type=int, help="code length, overriding the config (a multiple of 8 from 8 to 1024; "
+                       "a split code keeps its share of instance bits)")
     train.add_argument("--epochs", type=int, help="number of epochs, overriding the config")
     train.add_argument("--seed", type=int, help="random seed, overriding the config")
     train.add_argument("--schedule", choices=("joint", "sync", "async"),

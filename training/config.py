@@ -362,6 +362,18 @@ def load_config(path_or_name: str | Path) -> ExperimentConfig:
     return read_config_file(path, config_from_dict)
 
 
+def set_bits(config: ExperimentConfig, bits: int) -> ExperimentConfig:
+    """``config`` at another code length: ``train.bits`` = ``bits``, and the instance part of a split
+    code (``loss.instance_bits``) kept at the same share of the code (at least 1 bit, and at least one
+    class bit left), so one shipped config serves every length of the code-length dial."""
+    old = config.train.bits
+    config.train.bits = validate_bits(bits)
+    if config.loss.instance_bits and bits != old:
+        share = round(config.loss.instance_bits * bits / old)
+        config.loss.instance_bits = min(max(1, share), bits - 1)
+    return config
+
+
 def read_config_file(path: Path, make):
     """``make(mapping)`` of a YAML file; errors (bad YAML, schema) name the file."""
     try:

@@ -96,6 +96,8 @@ def localize(command: str, places: dict) -> list[str]:
             word = places["geo_root"]
         elif flag in ("--out", "--index") or (flag in ("verify", "release") and words[0] == "index"):
             word = places["root"]
+        elif word == "FILE" and words[:2] == ["index", "keygen"]:
+            word = places["key"]  # outside the index root, as a build requires
         elif flag == "--shards" and word == "N":
             word = "3"
         out.append(word)
@@ -113,7 +115,8 @@ def places(model_dir, subset, tmp_path):
     images = new_imagery(tmp_path / "folder") / "images"  # a plain folder of images, no JSON
     return {"model": str(model_dir), "data": str(subset), "added": str(new_imagery(tmp_path / "added")),
             "images": str(images), "stac": str(stac_catalog(images, tmp_path / "catalog")),
-            "root": str(tmp_path / "index-root"), "geo_root": str(tmp_path / "geo-root"), "port": free_port()}
+            "root": str(tmp_path / "index-root"), "geo_root": str(tmp_path / "geo-root"),
+            "key": str(tmp_path / "index.key"), "port": free_port()}
 
 
 def test_readmes_show_the_index_and_serve_commands():
@@ -129,7 +132,7 @@ def test_readmes_show_the_index_and_serve_commands():
 
 def test_every_readme_index_and_serve_command_runs(local_ray, places, capsys):
     commands = readme_commands(REPO / "README.md") + readme_commands(REPO / "serving" / "README.md")
-    order = ["index build", "index add", "index release", "index verify", "serve"]
+    order = ["index keygen", "index build", "index add", "index release", "index verify", "serve"]
     commands = sorted(commands, key=lambda c: next(i for i, o in enumerate(order) if o in c))
     runs = list(dict.fromkeys(tuple(localize(c, places)) for c in commands))  # the same once localized: once
     for argv in map(list, runs):

@@ -376,6 +376,22 @@ def test_bits_follow_the_serving_rule():
     assert config_from_dict({"train": {"bits": MIN_BITS}}).train.bits == MIN_BITS
 
 
+def test_another_code_length_keeps_the_instance_share_of_a_split_code():
+    from training.config import check, load_config, set_bits
+
+    shipped = load_config("fast_split")
+    share = shipped.loss.instance_bits / shipped.train.bits
+    for bits in (8, 16, 32, 64, 128, 256):
+        config = set_bits(load_config("fast_split"), bits)
+        check(config)
+        assert config.train.bits == bits
+        assert 1 <= config.loss.instance_bits < bits
+        assert abs(config.loss.instance_bits - share * bits) <= 1  # the same share, rounded
+    assert set_bits(load_config("fast"), 16).loss.instance_bits == 0  # an undivided code stays undivided
+    with pytest.raises(ValueError, match="multiple of 8"):
+        set_bits(load_config("fast_split"), 20)
+
+
 def test_out_of_range_value_in_a_file_names_the_file_and_the_field(tmp_path):
     path = tmp_path / "hot.yaml"
     path.write_text("loss:\n  contrastive_temperature: 0\n")
