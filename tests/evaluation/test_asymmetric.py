@@ -7,6 +7,7 @@ import pytest
 
 from evaluation import metrics
 from evaluation.retrieval import SplitCodes, evaluate_rows, retrieval_figures, scores
+from tests.evaluation.test_metrics import ref_ap
 
 
 def ref_asymmetric_order(query, db):
@@ -107,12 +108,7 @@ def ref_loo_map(codes, labels):
         others = [j for j in range(len(codes)) if j != q]
         dist = {j: int(np.sum(codes[q] != codes[j])) for j in others}
         order = sorted(others, key=lambda j: (dist[j], j))
-        hits, total = 0, 0.0
-        for i, j in enumerate(order, start=1):
-            if labels[j] == labels[q]:
-                hits += 1
-                total += hits / i
-        aps.append(total / hits if hits else 0.0)
+        aps.append(ref_ap(labels[j] == labels[q] for j in order))
     return float(np.mean(aps))
 
 

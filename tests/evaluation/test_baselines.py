@@ -6,6 +6,7 @@ import pytest
 
 from evaluation import metrics
 from evaluation.baselines import ITQ, fuse, lsh_codes, mean_caption_vectors, pq_scores
+from tests.evaluation.test_metrics import ref_ap
 
 
 def _clusters(rng, n_per: int, classes: int, dim: int, spread: float = 0.6):
@@ -65,12 +66,7 @@ def _plain_ap_at_50(scores: np.ndarray, relevant: np.ndarray) -> float:
     aps = []
     for row, rel in zip(scores, relevant):
         order = sorted(range(len(row)), key=lambda i: (-row[i], i))[:50]
-        hits, total = 0, 0.0
-        for position, item in enumerate(order, start=1):
-            if rel[item]:
-                hits += 1
-                total += hits / position
-        aps.append(total / hits if hits else 0.0)
+        aps.append(ref_ap(rel[i] for i in order))
     return float(np.mean(aps))
 
 
