@@ -367,7 +367,10 @@ def set_bits(config: ExperimentConfig, bits: int) -> ExperimentConfig:
     code (``loss.instance_bits``) kept at the same share of the code (at least 1 bit, and at least one
     class bit left), so one shipped config serves every length of the code-length dial."""
     old = config.train.bits
-    config.train.bits = validate_bits(bits)
+    try:
+        config.train.bits = validate_bits(bits)
+    except ValueError as err:
+        raise ConfigError(f"config.train.bits: {err}") from None
     if config.loss.instance_bits and bits != old:
         share = round(config.loss.instance_bits * bits / old)
         config.loss.instance_bits = min(max(1, share), bits - 1)

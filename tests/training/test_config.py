@@ -388,7 +388,7 @@ def test_another_code_length_keeps_the_instance_share_of_a_split_code():
         assert 1 <= config.loss.instance_bits < bits
         assert abs(config.loss.instance_bits - share * bits) <= 1  # the same share, rounded
     assert set_bits(load_config("fast"), 16).loss.instance_bits == 0  # an undivided code stays undivided
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(ConfigError, match="config.train.bits: bits must be a multiple of 8"):
         set_bits(load_config("fast_split"), 20)
 
 
