@@ -108,6 +108,18 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from evaluation.report import write_report
+
+    report = write_report(args.models, args.data, args.out, peers=args.peers,
+                          cache_dir=None if args.no_cache else args.cache_dir, device=args.device or "auto",
+                          peer_codes=args.peer_codes)
+    front = ", ".join(report["pareto"]["front"])
+    print(f"wrote {Path(args.out) / 'report.html'} and report.json ({len(report['code_length']['order'])} models); "
+          f"Pareto front: {front}")
+    return 0
+
+
 def _summarize(args: argparse.Namespace) -> int:
     from evaluation.summary import summarize
 
@@ -254,6 +266,32 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--no-track", action="store_true", help="do not log to MLflow nor register the students")
     distill.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI, overriding the config")
     distill.set_defaults(handler=_distill)
+
+    report = sub.add_parser(
+        "report", parents=[data_options], help="one HTML page comparing models, baselines and peer indexes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_paragraphs(
+            "Evaluate trained models side by side on the test split (queries) against train + val (database), as "
+            "terrahash eval does, and write OUT/report.html (self-contained: plots and thumbnails embedded), "
+            "OUT/report.json (every number the page shows) and the plots as PNG files.",
+            "Sections: the code-length dial (binary, asymmetric and float figures, PR curves, R@K with its ceiling, "
+            "teacher against its fp32 and int8 students when RUN/students holds them); baselines on the same frozen "
+            "features (LSH, ITQ, float cosine, PQ, and per-modality PQ indexes fused by average or maximum, AP@50); the "
+            "Pareto front of mAP against bytes per item, measured query latency and energy per 1,000 queries; "
+            "per-class fairness and confusion; robustness to 7 corruptions at 3 severities and the drift detector's "
+            "alarm rates (the first model's student, else its teacher); example queries with thumbnails; peer "
+            "indexes (faiss kinds, usearch, Milvus Lite).",
+            "Features of frozen encoders come from --cache-dir, so models trained here recompute none."))
+    report.add_argument("--models", nargs="+", required=True, metavar="RUN",
+                        help="`terrahash train` output folders (their s3:// copies, or runs:/<MLflow run id>); "
+                             "the first one is the robustness and drift section's model")
+    report.add_argument("--out", required=True, help="output folder")
+    report.add_argument("--peers", metavar="FILE",
+                        help="the JSON of `python -m evaluation.bench_peers --json FILE` (for example at 1M codes); "
+                             "without it the peer benchmark runs here at --peer-codes codes")
+    report.add_argument("--peer-codes", type=int, default=100_000,
+                        help="codes per set of the peer benchmark run without --peers (default: %(default)s)")
+    report.set_defaults(handler=_report)
 
     summary = sub.add_parser("summarize", help="a Markdown table over several eval JSON reports",
                              description="Print one Markdown row per `terrahash eval --json` report.")

@@ -188,6 +188,23 @@ def _compute_image_features(encoder, paths, image_size, mean, std, views, batch_
 
 
 @torch.inference_mode()
+def array_features(encoder: nn.Module, images: list[np.ndarray], mean, std, views: tuple[int, ...] = (0,),
+                   device: torch.device | None = None, batch_size: int = 32) -> np.ndarray:
+    """Pooled features (V, N, D) of RGB uint8 arrays (H, W, 3) of one size under dihedral ``views``,
+    preprocessed as ``image_features``'s (for images made in memory, such as corrupted queries)."""
+    device = device or next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(torch.from_numpy(np.stack(images[start:start + batch_size])).to(device), mean, std)
+        chunks.append(torch.stack([encoder(dihedral(x, v).contiguous(memory_format=torch.channels_last)).float().cpu()
+                                   for v in views]))
+    encoder.train(was_training)
+    return torch.cat(chunks, dim=1).numpy()
+
+
+@torch.inference_mode()
 def text_features(encoder, texts: list[str], batch_size: int = 256, cache: FeatureCache | None = None,
                   desc: str = "text features") -> np.ndarray:
     """Mean-pooled sentence features of every text: float32 (M, D), cached like image features."""

@@ -25,3 +25,14 @@ def trained(subset, tiny_text_encoder, tmp_path_factory):
 def trained_other(subset, tiny_text_encoder, tmp_path_factory):
     """Another tiny model on the same data, from another seed."""
     return train_tiny(subset, tiny_text_encoder, tmp_path_factory.mktemp("trained_other"), seed=7)
+
+
+@pytest.fixture(scope="session")
+def written_report(trained, trained_other, subset, tmp_path_factory):
+    """``terrahash report`` over both tiny models (small Pareto and peer databases): (out folder, report)."""
+    from evaluation.report import write_report
+
+    out = tmp_path_factory.mktemp("report")
+    report = write_report([trained / "run", trained_other / "run"], subset, out, cache_dir=trained / "cache",
+                          device="cpu", pareto_database=3000, pareto_queries=60, peer_codes=3000)
+    return out, report
