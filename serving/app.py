@@ -69,7 +69,8 @@ def index_app(args: dict):
             "shard_count": {name: len(m["shards"]) for name, m in manifests.items()},
             "shards_per_replica": per_replica, "groups": names,
             "refs": {name: ImageRefs(m, settings.image_base) for name, m in manifests.items()}, "reports": True,
-            "filterable": images.get("filterable") or {"bbox": 0, "datetime": 0}}
+            "filterable": images.get("filterable") or {"bbox": 0, "datetime": 0},
+            "drift": images.get("extra", {}).get("drift")}
     return IndexInfo.options(ray_actor_options=_actor_options(settings, 0.01, {})).bind(
         info, [g for gs in groups.values() for g in gs], reports)
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.codes import unpack_signs
+from serving.drift import index_detector
 from serving.index import add_release, build_index, publish_release, resolve_release
 from serving.spec import CodeSpaceError, check_code_space, load_spec, spec_code_space
 
@@ -394,7 +396,8 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
     codes, items, skipped = _encode_items(image_spec, items, batch_size, skip_bad_images)
     # where the model is for later steps (index add, serving) on any node: the registry, else a copy in the root
     where = {"model": registered} if registered else {"model_files": publish_model(out, model_dir, label)}
-    extra = {"image_spec": image_spec.name, "dataset": source, "image_root": str(items.image_root), **where}
+    extra = {"image_spec": image_spec.name, "dataset": source, "image_root": str(items.image_root), **where,
+             "drift": index_detector(unpack_signs(codes, bits))}  # the router's drift gauge compares queries with it
     common = {"model_version": label, "code_space": code_space, "image_root": str(items.image_root), "cipher": cipher}
     manifests = {"images": build_index(codes, items.image_ids, bits, n_shards, out, factory, collection="images",
                                        extra={**extra, **items.extra, **_skipped(skipped)},

@@ -87,3 +87,44 @@ def choose_threshold(detector: BitDrift, clean_codes: np.ndarray, window: int, q
 def alarm_rate(detector: BitDrift, codes: np.ndarray, window: int, trials: int = 200, seed: int = 1) -> float:
     """Share of random windows of ``codes`` on which the detector fires."""
     return float((window_statistics(detector, codes, window, trials, seed) > detector.threshold).mean())
+
+
+# --- serving: the detector of an index, and the window of a router replica's recent queries ---
+
+DRIFT_WINDOW = 32
+DRIFT_QUANTILE = 0.99
+
+
+def index_detector(codes: np.ndarray, window: int = DRIFT_WINDOW, quantile: float = DRIFT_QUANTILE,
+                   seed: int = 0) -> dict | None:
+    """The detector an index build records (``to_json`` plus ``window`` and ``quantile``): reference
+    frequencies of a seeded 80% of the indexed image codes, threshold on windows of the other 20%
+    (codes the reference did not see, as val queries are in the report). None under 5 windows of codes."""
+    codes = bits_set(codes)
+    if len(codes) < 5 * window:
+        return None
+    order = np.random.default_rng(seed).permutation(len(codes))
+    held = max(window, len(codes) // 5)
+    detector = choose_threshold(BitDrift.fit(codes[order[held:]]), codes[order[:held]], window, quantile=quantile,
+                                seed=seed)
+    return {**detector.to_json(), "window": window, "quantile": quantile, "reference_codes": int(len(codes) - held)}
+
+
+class QueryWindow:
+    """The last ``window`` query codes of one router replica and one index, and D over them."""
+
+    def __init__(self, recorded: dict):
+        self.detector = BitDrift.from_json(recorded)
+        self.window = int(recorded.get("window", DRIFT_WINDOW))
+        self.codes = np.zeros((self.window, self.detector.nbits), dtype=bool)
+        self.seen = 0
+
+    def observe(self, code: np.ndarray) -> dict | None:
+        """Add one query's code; {"statistic", "threshold", "alarm", "window"} once the window is full."""
+        self.codes[self.seen % self.window] = bits_set(np.asarray(code).reshape(1, -1))[0]
+        self.seen += 1
+        if self.seen < self.window:
+            return None
+        statistic = self.detector.statistic(self.codes)
+        return {"statistic": statistic, "threshold": self.detector.threshold,
+                "alarm": statistic > self.detector.threshold, "window": self.window}

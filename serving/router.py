@@ -40,6 +40,7 @@ from serving.api import (CAPTION_BODY, EXPLAIN_BODY, IMAGE_BODY, ITEMS_BODY, TEX
                          parse_body, parse_choice, parse_filter, parse_k, read_json, wants_stac, base64_limit,
                          decode_base64)
 from serving.codes import pack_signs, unpack_signs
+from serving.drift import QueryWindow
 from serving.index import stable_shard
 from serving.keys import Identity
 from serving.policy import SEARCH_ENDPOINTS, coarsen
@@ -95,6 +96,11 @@ class RouterMetrics:
         self.shadow_rank = metrics.Histogram("terrahash_shadow_rank_agreement", description="(1 + Spearman's rho) "
                                              "/ 2 of the common ids of a shadow arm's and the client's top-k",
                                              boundaries=[.1, .25, .5, .75, .9, .95, .99], tag_keys=("arm",))
+        self.drift = metrics.Gauge("terrahash_query_drift", description="drift statistic D of this replica's last "
+                                   "window of image query codes against the index's reference (serving/drift.py)",
+                                   tag_keys=("arm",))
+        self.drift_alarm = metrics.Gauge("terrahash_query_drift_alarm", description="1 while D is above the "
+                                         "index's threshold, else 0", tag_keys=("arm",))
         self.audit_failures = metrics.Counter("terrahash_audit_failures", description="requests whose audit entry "
                                               "the audit writer did not take")
 
@@ -238,6 +244,7 @@ class Router:
         self._reporter: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self.thumbnails = ThumbnailCache()
+        self.drift_windows: dict[tuple, QueryWindow] = {}  # (arm, index version) -> its recent image queries
 
     async def reconfigure(self, config: dict) -> None:
         """Hot limits, defaults, the deadline (serving.settings.RouterConfig) and the split ("traffic",
@@ -337,7 +344,7 @@ class Router:
         if kind == "text":
             run = self._text_run(payload, k, "none", "average", None)
         else:
-            run = self._image_run(payload, k, "none", "average", None)
+            run = self._image_run(payload, k, "none", "average", None, observe_drift=False)  # not user traffic
         answer = await asyncio.wait_for(self._on_arm(self.arms[arm], run, call), call.remaining())
         return [hit["id"] for hit in answer["results"]]
 
@@ -680,11 +687,34 @@ class Router:
         answer = await self._dispatch(request, call, self._image_run(data, k, rerank, fusion, parse_filter(params)))
         return self._formatted(request, params, answer, call=call)
 
-    def _image_run(self, data: bytes, k: int, rerank: str, fusion: str, where):
+    def _image_run(self, data: bytes, k: int, rerank: str, fusion: str, where, observe_drift: bool = True):
         async def run(arm: Arm, call: Call) -> dict:
             code = await self._encode_image(arm, data, call)
-            return await self._rank(arm, code, k, rerank, fusion, call, where)
+            drift = self._observe_drift(arm, code) if observe_drift else None
+            mode = rerank
+            if drift is not None and drift["alarm"] and rerank == "none" and self.config["drift_fallback"] == "asymmetric":
+                mode = "asymmetric"
+            answer = await self._rank(arm, code, k, mode, fusion, call, where)
+            if drift is not None:
+                answer["drift"] = {**drift, "fallback": mode if mode != rerank else None}
+            return answer
         return run
+
+    def _observe_drift(self, arm: Arm, code: np.ndarray) -> dict | None:
+        """Add an image query's code to the arm's window; D, the threshold and the alarm once it is full
+        (None before, or when the index records no detector), also set as the arm's gauges."""
+        recorded = arm.backend.index.get("drift")
+        if not recorded:
+            return None
+        key = (arm.name, json.dumps(arm.backend.index.get("index_version"), sort_keys=True))
+        window = self.drift_windows.get(key)
+        if window is None:
+            window = self.drift_windows[key] = QueryWindow(recorded)
+        found = window.observe(code)
+        if found is not None:
+            self.metrics.drift.set(found["statistic"], tags={"arm": arm.name})
+            self.metrics.drift_alarm.set(float(found["alarm"]), tags={"arm": arm.name})
+        return found
 
     async def _search_similar(self, image_id: str, request: Request, call: Call) -> dict:
         params = dict(request.query_params)

@@ -3,7 +3,7 @@ windows, and that flipping bits (what a corruption does to codes) sets it off.""
 import numpy as np
 import pytest
 
-from serving.drift import BitDrift, alarm_rate, bits_set, choose_threshold
+from serving.drift import BitDrift, QueryWindow, alarm_rate, bits_set, choose_threshold, index_detector
 
 
 def _codes(rng, n: int, p: np.ndarray) -> np.ndarray:
@@ -52,3 +52,32 @@ def test_the_threshold_chosen_on_clean_windows_holds_on_fresh_ones_and_flipped_b
     assert alarm_rate(detector, shifted, window=32) >= 0.9
     with pytest.raises(ValueError, match="window of 32"):
         alarm_rate(detector, shifted[:10], window=32)
+
+
+def test_the_index_detector_holds_out_codes_for_its_threshold_and_needs_enough():
+    rng = np.random.default_rng(2)
+    p = rng.uniform(0.1, 0.9, 64)
+    codes = _codes(rng, 1000, p)
+    recorded = index_detector(codes, window=32, quantile=0.99, seed=0)
+    assert recorded["reference_codes"] == 800 and recorded["window"] == 32
+    order = np.random.default_rng(0).permutation(1000)  # the held-out fifth is what the threshold saw
+    mine = choose_threshold(BitDrift.fit(codes[order[200:]]), codes[order[:200]], 32, quantile=0.99, seed=0)
+    assert recorded["threshold"] == pytest.approx(mine.threshold)
+    assert index_detector(codes[:159], window=32) is None  # under 5 windows: no detector recorded
+
+
+def test_a_query_window_reports_d_of_the_last_window_once_full():
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.2, 0.8, 16)
+    reference = _codes(rng, 500, p)
+    recorded = {**BitDrift.fit(reference, threshold=2.0).to_json(), "window": 8}
+    window = QueryWindow(recorded)
+    queries = _codes(rng, 20, p)
+    found = [window.observe(q) for q in queries]
+    assert found[:7] == [None] * 7
+    detector = BitDrift.from_json(recorded)
+    for i in range(7, 20):  # D over the last 8 codes, whatever order the ring holds them in
+        assert found[i]["statistic"] == pytest.approx(detector.statistic(queries[i - 7:i + 1]))
+        assert found[i]["alarm"] == (found[i]["statistic"] > 2.0)
+    stuck = [window.observe(np.ones(16)) for _ in range(8)]  # one code over and over: a broken feed
+    assert stuck[-1]["alarm"]

@@ -299,6 +299,50 @@ def test_shadow_copies_never_change_or_slow_a_client_answer(ab, ray_metrics_url)
     set_traffic({"champion": 100, "challenger": 0}, faults={"challenger": None})
 
 
+def test_the_drift_gauge_fires_on_a_shifted_feed_and_answers_fall_back(ab, ranking_index, ranking_model_dir,
+                                                                       ucm_many, ray_metrics_url):
+    """D of the champion's last 32 image queries equals the index's detector on their codes (canary probes
+    are not counted); a feed of blank frames sets the alarm, the answers are flagged and re-ranked by the
+    float query code, the gauge says so, and 32 real scenes later the feed is clean again."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    from serving.build import dataset_items, find_spec
+    from serving.drift import BitDrift
+    from serving.encoders import load_encoder
+    from tests.serving.test_app import call, multipart
+
+    recorded = ranking_index["images"]["extra"]["drift"]
+    assert recorded["window"] == 32 and recorded["reference_codes"] == 168  # 80% of the 210 indexed images
+    detector = BitDrift.from_json(recorded)
+    encoder = load_encoder(find_spec(ranking_model_dir, "image"))
+    scenes = [Path(p).read_bytes() for p in dataset_items(ucm_many).image_paths[::6][:32]]  # one per 6: all classes
+
+    def search(data: bytes) -> dict:
+        body, kind = multipart({"k": "5"}, data)
+        status, answer = call(f"{ab['url']}/v1/search/image", body, kind, headers={"X-TerraHash-Arm": "champion"})
+        assert status == 200, answer
+        return answer
+
+    clean = [search(data) for data in scenes][-1]
+    assert clean["drift"]["statistic"] == pytest.approx(detector.statistic(encoder.encode(scenes)), rel=1e-6)
+    assert clean["drift"]["threshold"] == pytest.approx(recorded["threshold"])
+    assert not clean["drift"]["alarm"] and clean["drift"]["fallback"] is None and clean["rerank"] == "none"
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(buffer, format="JPEG")
+    blank = [search(buffer.getvalue()) for _ in range(32)][-1]
+    assert blank["drift"]["alarm"] and blank["drift"]["statistic"] > 3 * detector.threshold
+    assert blank["drift"]["fallback"] == "asymmetric" and blank["rerank"] == "asymmetric"
+    wait_until(lambda: any(line.startswith("ray_terrahash_query_drift_alarm") and 'arm="champion"' in line
+                           and line.rstrip().endswith(" 1.0")
+                           for line in urllib.request.urlopen(ray_metrics_url, timeout=10).read().decode().splitlines()),
+               30, "the drift alarm gauge at 1")
+    assert not [search(data) for data in scenes][-1]["drift"]["alarm"]
+
+
 def _shadow_figures(url: str) -> dict:
     with urllib.request.urlopen(f"{url}/v1/traffic", timeout=10) as answer:
         return json.loads(answer.read())["arms"]["challenger"].get("mirror") or {}
