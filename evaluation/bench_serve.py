@@ -15,8 +15,11 @@ Steps (figures, not timed tests):
    ``--qps`` queries/s for ``--seconds`` s (p50/p99, errors); the breakdown comes from the
    server-side timings each answer carries (encode, shard search, merge; the rest is HTTP and
    Serve overhead).
+5. the same two runs against ``minimal``: a single-process FastAPI + faiss server over the same
+   index (evaluation/minimal_server.py, under uvicorn), what a user could write instead of the app.
 
-Run: ``nice -n 10 python -m evaluation.bench_serve [--model DIR] [--json out.json]``.
+Run: ``nice -n 10 python -m evaluation.bench_serve [--model DIR] [--json out.json]``; a shorter run:
+``--sequential 100 --seconds 20 --layout grouped --layout minimal``.
 """
 from __future__ import annotations
 
@@ -230,6 +233,40 @@ def serve_layout(root: Path, queries: list[str], k: int, layout: str, sequential
     return {"settings": LAYOUTS[layout], "sequential": seq, "sustained": {"qps": qps, "seconds": seconds, **sustained}}
 
 
+def minimal_layout(root: Path, model_dir: Path, queries: list[str], k: int, sequential_n: int, qps: float,
+                   seconds: float) -> dict:
+    """The same runs against evaluation/minimal_server.py in a uvicorn subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "TERRAHASH_MINIMAL_INDEX": str(root), "TERRAHASH_MINIMAL_MODEL": str(model_dir)}
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "evaluation.minimal_server:app", "--port", str(port),
+                               "--log-level", "warning"], cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/healthz", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the minimal server did not start") from None
+                time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/v1/search/text"
+        sequential(url, queries, k, 30)  # warm-up
+        seq = summarize(sequential(url, queries, k, sequential_n))
+        sustained = summarize(open_loop(url, queries, k, qps, seconds))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {"settings": {"server": "FastAPI + uvicorn, one process, IndexBinaryFlat"}, "sequential": seq,
+            "sustained": {"qps": qps, "seconds": seconds, **sustained}}
+
+
 def run(model_dir: Path, layouts: list[str], sequential_n: int, qps: float, seconds: float, k: int,
         serve_env: dict[str, str]) -> dict:
     import os
@@ -244,16 +281,18 @@ def run(model_dir: Path, layouts: list[str], sequential_n: int, qps: float, seco
         build_random_index(root, model_dir)
         build_s = time.perf_counter() - t0
         local = in_process(model_dir, root, queries[:200], k)
-        measured = {layout: serve_layout(root, queries, k, layout, sequential_n, qps, seconds, serve_env)
+        measured = {layout: minimal_layout(root, model_dir, queries, k, sequential_n, qps, seconds)
+                    if layout == "minimal" else serve_layout(root, queries, k, layout, sequential_n, qps, seconds, serve_env)
                     for layout in layouts}
     for figures in measured.values():
         figures["ratio_e2e_p50_to_in_process"] = _r(figures["sequential"]["p50_ms"] / local["encode_search_p50_ms"])
     report = {"model": str(model_dir), "rows": ROWS, "shards": SHARDS, "bits": BITS, "k": k,
               "serve_env": serve_env, "index_build_s": _r(build_s), "in_process": local,
               "layouts": measured}
-    if len(measured) == 2:
-        a, b = (measured[name]["sequential"]["p50_ms"] for name in layouts)
-        report[f"sequential_p50_{layouts[0]}_over_{layouts[1]}"] = _r(a / b)
+    for name in layouts[1:]:
+        for mode in ("sequential", "sustained"):
+            a, b = measured[layouts[0]][mode]["p50_ms"], measured[name][mode]["p50_ms"]
+            report[f"{mode}_p50_{layouts[0]}_over_{name}"] = _r(a / b)
     return report
 
 
@@ -264,15 +303,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qps", type=float, default=50, help="open-loop rate (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=60, help="open-loop duration (default: %(default)s)")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS),
-                        help="serving layout(s) to measure, in order (default: grouped, then per-shard)")
+    parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS) + ["minimal"],
+                        help="serving layout(s) to measure, in order, each against the first (default: grouped, "
+                             "per-shard, then minimal: a single-process FastAPI + faiss server)")
     parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment variable for Ray Serve's processes, e.g. "
                              "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (repeatable)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     model = Path(args.model) if args.model else (find_model() or prepare_model())
-    report = run(model, args.layout or ["grouped", "per-shard"], args.sequential, args.qps, args.seconds, args.k,
+    report = run(model, args.layout or ["grouped", "per-shard", "minimal"], args.sequential, args.qps, args.seconds, args.k,
                  dict(item.split("=", 1) for item in args.serve_env))
     text = json.dumps(report, indent=2)
     print(text)
