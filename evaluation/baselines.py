@@ -78,6 +78,7 @@ def pq_scores(queries: np.ndarray, database: np.ndarray, m: int = 16, nbits: int
     index = faiss.IndexPQ(dim, m, nbits)
     index.pq.cp.seed = seed
     index.pq.cp.max_points_per_centroid = max(256, len(db))  # train on every vector, not a sample
+    index.pq.cp.min_points_per_centroid = 1  # a small database is all there is: no faiss warning per sub-quantizer
     index.train(db)
     index.add(db)
     distances, rows = index.search(_normalised(queries), len(db))

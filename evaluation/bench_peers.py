@@ -77,8 +77,14 @@ def _usearch(packed: np.ndarray, bits: int):
 
 
 def _milvus(signs: np.ndarray, folder: Path):
+    import logging
+
     from pymilvus import DataType, MilvusClient
 
+    # Milvus Lite's embedded server logs each segment build at INFO, and its gRPC shim a traceback for
+    # the AllocTimestamp call it does not implement (pymilvus falls back by itself): noise, not errors.
+    logging.getLogger("milvus_lite").setLevel(logging.WARNING)
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     client = MilvusClient(str(folder / "milvus.db"))
     schema = MilvusClient.create_schema(auto_id=False)
     schema.add_field("id", DataType.INT64, is_primary=True)

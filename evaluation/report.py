@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from . import report_sections as sections
 from .ceiling import recall_ceiling
-from .corruptions import KINDS, SEVERITIES
 from .retrieval import choose_rows, evaluate_rows, signs
 
 log = logging.getLogger(__name__)
@@ -199,10 +198,10 @@ def build(runs, data_dir, peers: str | Path | None = None, cache_dir=None, devic
     encoder_name, encoder = (f"{target.name}/fp32", target.students["fp32"]) if "fp32" in target.students else \
         (target.name, target.teacher)
     train_rows, val_rows = index.rows("train"), index.rows("val")
-    window = max(2, min(DRIFT_WINDOW, len(val_rows) // 2, len(q_rows) // 2))
+    picked = robustness_rows(index.labels, q_rows, robustness_per_class, seed)
+    window = max(2, min(DRIFT_WINDOW, len(val_rows) // 2, len(picked) // 2))
     detector, report["drift"] = sections.drift(signs(encoder.images[train_rows]), signs(encoder.images[val_rows]),
                                                signs(encoder.images[q_rows]), window)
-    picked = robustness_rows(index.labels, q_rows, robustness_per_class, seed)
     images = [load_image(index.dataset.records[r].path, target.image_size) for r in picked]
     found = robustness(encoder.encode_images, images, index.labels[picked], signs(encoder.images[db_rows]),
                        index.labels[db_rows], detector, window, seed=seed)
