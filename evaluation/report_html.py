@@ -41,7 +41,7 @@ def code_length_html(report: dict, plots: dict) -> str:
         columns += [("t→i mAP@all", "binary.text_to_image.map_all"), ("i→t mAP@all", "binary.image_to_text.map_all"),
                     ("t→i R@1", "binary.text_to_image.r1"), ("t→i R@5", "binary.text_to_image.r5"),
                     ("t→i R@10", "binary.text_to_image.r10"), ("mR", "binary.mr")]
-    parts = ["<h3>Binary codes (Hamming ranking)</h3>", table(report, rows, columns, best="max")]
+    parts = ["<h3>Binary codes (Hamming ranking)</h3>", table(report, rows, columns, best="max", plain=("bits",))]
     ways = [("i→i " + w, f"{w}.image_to_image.map_all") for w in ("binary", "asymmetric", "float")]
     if _has_text(first):
         ways += [("t→i " + w, f"{w}.text_to_image.map_all") for w in ("binary", "asymmetric", "float")]
@@ -118,7 +118,8 @@ def baselines_html(report: dict) -> str:
                ("P@10", "p_at_10")]
     parts = [f'<p class="note">Image → image on the frozen image features ({base["image_dim"]} dimensions), '
              f'fitted on {html.escape(base["fit_on"])}: random-hyperplane LSH, ITQ, float cosine and a FAISS PQ '
-             "index (bits = sub-quantizers × bits each).</p>", table(report, rows, columns, best="max")]
+             "index (bits = sub-quantizers × bits each).</p>",
+             table(report, rows, columns, best="max", plain=("bits", "bytes_per_item"))]
     fusion_rows = []
     if "fusion_pq" in base:
         fusion_rows += [(f"PQ {w}", f"baselines.fusion_pq.{w}") for w in ("image", "text", "average", "maximum")]

@@ -55,13 +55,16 @@ def cell(report: dict, path: str, digits: int = 4, best: bool = False) -> str:
 
 
 def table(report: dict, rows: Sequence[tuple[str, str]], columns: Sequence[tuple[str, str]], digits: int = 4,
-          corner: str = "", best: str | None = None) -> str:
+          corner: str = "", best: str | None = None, plain: Sequence[str] = ()) -> str:
     """A table of ``report`` figures: row (label, path prefix) x column (label, path suffix); the
-    figure at ``prefix.suffix``. ``best``: "max" or "min" marks each column's best row."""
+    figure at ``prefix.suffix``. ``best``: "max" or "min" marks each column's best row, except in the
+    ``plain`` columns (suffixes: sizes, bits)."""
     head = "".join(f"<th>{html.escape(label)}</th>" for label, _ in columns)
     marks = {}
     if best:
         for _, suffix in columns:
+            if suffix in plain:
+                continue
             values = {prefix: lookup(report, f"{prefix}.{suffix}") for _, prefix in rows}
             known = {p: v for p, v in values.items() if isinstance(v, (int, float))}
             if known:
