@@ -279,12 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
             "features (LSH, ITQ, float cosine, PQ, and per-modality PQ indexes fused by average or maximum, AP@50); the "
             "Pareto front of mAP against bytes per item, measured query latency and energy per 1,000 queries; "
             "per-class fairness and confusion; robustness to 7 corruptions at 3 severities and the drift detector's "
-            "alarm rates (the first model's student, else its teacher); example queries with thumbnails; peer "
+            "alarm rates (the fp32 image student of the first model that has students, else the first model); example queries with thumbnails; peer "
             "indexes (faiss kinds, usearch, Milvus Lite).",
             "Features of frozen encoders come from --cache-dir, so models trained here recompute none."))
     report.add_argument("--models", nargs="+", required=True, metavar="RUN",
                         help="`terrahash train` output folders (their s3:// copies, or runs:/<MLflow run id>); "
-                             "the first one is the robustness and drift section's model")
+                             "the robustness and drift sections use the first one with students (else the first)")
     report.add_argument("--out", required=True, help="output folder")
     report.add_argument("--peers", metavar="FILE",
                         help="the JSON of `python -m evaluation.bench_peers --json FILE` (for example at 1M codes); "

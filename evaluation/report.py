@@ -14,8 +14,9 @@ Sections of ``report.json`` (all figures are what the page shows, ``evaluation.r
   per-modality PQ indexes fused by average or maximum (AP@50), and our own codes fused the same way;
 - ``pareto``: mAP against bytes per item, measured latency and energy per 1,000 queries;
 - ``fairness``: per-class AP, worst class and gap of every model and baseline; top-10 confusion;
-- ``robustness`` and ``drift``: corrupted queries of one model (``evaluation.robustness``) and the
-  drift detector (``serving.drift``) on clean and corrupted windows;
+- ``robustness`` and ``drift``: corrupted queries of one model, the fp32 image student of the first
+  run that has students, else the first run's teacher (``evaluation.robustness``), and the drift
+  detector (``serving.drift``) on clean and corrupted windows;
 - ``examples``: top-5 results of a few text and image queries per model;
 - ``peers``: ``evaluation.bench_peers`` (its JSON with ``--peers``; else run here at 100k codes).
 """
@@ -194,7 +195,7 @@ def build(runs, data_dir, peers: str | Path | None = None, cache_dir=None, devic
     report["pareto"] = pareto(models, report, image_features, q_rows, db_rows, seed, pareto_database, pareto_queries)
     report["fairness"] = fairness(models, report, index, q_rows, db_rows)
 
-    target = models[0]
+    target = next((m for m in models if "fp32" in m.students), models[0])  # serving's encoder where there is one
     encoder_name, encoder = (f"{target.name}/fp32", target.students["fp32"]) if "fp32" in target.students else \
         (target.name, target.teacher)
     train_rows, val_rows = index.rows("train"), index.rows("val")

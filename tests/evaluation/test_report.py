@@ -80,7 +80,7 @@ def test_pareto_front_is_the_non_dominated_points_with_measured_costs(written_re
     for p in points:
         assert p["latency_ms_p50"] > 0 and p["latency_ms_p99"] >= p["latency_ms_p50"]
     names = {p["name"] for p in points}
-    assert {"run", "run-2", "lsh-16", "itq-16", "cosine", "pq"} <= names
+    assert {"run", "run-2", "run-2/fp32", "run-2/int8", "lsh-16", "itq-16", "cosine", "pq"} <= names
     binary = [p for p in points if p["index"] == "binary-16"]
     assert len({p["latency_ms_p50"] for p in binary}) == 1  # one index, measured once, for every 16-bit config
 
@@ -100,7 +100,7 @@ def test_robustness_and_drift_use_the_same_detector_on_the_picked_queries(writte
     index, q, _ = _index(subset)
     rows = robustness_rows(index.labels, q, 10, seed=0)
     assert report["robustness"]["rows"] == rows.tolist()
-    assert report["robustness"]["encoder"] == "run"  # the tiny runs have no students: the teacher
+    assert report["robustness"]["encoder"] == "run-2/fp32"  # the first run with students: its image student
     for kind, by in report["robustness"]["corruptions"].items():
         assert set(by) == {"1", "2", "3"}
         assert report["drift"]["alarm_rate"]["corruptions"][kind] == {s: v["alarm_rate"] for s, v in by.items()}
@@ -125,3 +125,23 @@ def test_peers_compare_every_index_on_both_code_sets(written_report):
         assert found["faiss-flat"]["recall_at_10"] == 1.0
         assert found["milvus-lite"]["recall_at_10"] == 1.0  # +-1 floats with inner product rank as Hamming
         assert 0.0 < found["usearch-hnsw"]["recall_at_10"] <= 1.0
+
+
+def test_students_are_measured_from_their_onnx_codes(written_report, subset):
+    """The fp32 and int8 rows are the ONNX students' own figures, recomputed here from their encoders."""
+    from serving.encoders import ImageEncoder
+    from training.export import ONNX_DIR
+
+    out, report = written_report
+    index, q, db = _index(subset)
+    folder = report["code_length"]["models"]["run-2"]["run"]
+    assert report["code_length"]["models"]["run"]["students"] == {}
+    paths = [str(r.path) for r in index.dataset.records]
+    for variant, suffix in (("fp32", ""), ("int8", ".int8")):
+        codes = ImageEncoder(f"{folder}/students/{ONNX_DIR}/image_student{suffix}.spec.json").encode(paths)
+        signs = np.where(codes >= 0, 1, -1)
+        mine = metrics.mean_average_precision(metrics.hamming_distances(signs[q], signs[db]),
+                                              metrics.relevance_from_labels(index.labels[q], index.labels[db]))
+        found = report["code_length"]["models"]["run-2"]["students"][variant]["binary"]
+        assert found["image_to_image"]["map_all"] == pytest.approx(mine)
+    assert "run-2/fp32" in report["fairness"]["entries"]
