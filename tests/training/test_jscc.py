@@ -1,0 +1,134 @@
+"""DeepJSCC models: shapes and the power constraint, the AWGN channel's measured noise power, the
+frozen hasher (no update, gradients through it), and the quantize-and-forward rate and codebook."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.jscc import (AlignedLoss, BlockQuantizer, DecodeForward, Decoder, Encoder, awgn, bandwidth_ratio,
+                           noise_variance, power_normalize, psnr, qf_bits_per_pixel, symbols)
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_codec_shapes_and_unit_power_per_complex_symbol(conditioned):
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 32, 48)
+    encoder, decoder = Encoder(c_out=8, width=16, snr_conditioning=conditioned), Decoder(8, 16, conditioned)
+    with torch.no_grad():
+        z = encoder(images, snr_db=-5.0)
+    assert z.shape == (3, 8, 8, 12)
+    k = symbols(8, 32, 48)
+    assert k == 8 * 8 * 12 // 2
+    assert z.flatten(1).pow(2).sum(dim=1) == pytest.approx(torch.full((3,), float(k)), rel=1e-5)
+    complex_symbols = torch.view_as_complex(z.flatten(1).reshape(3, k, 2))
+    assert complex_symbols.abs().pow(2).mean(dim=1) == pytest.approx(torch.ones(3), rel=1e-5)
+    with torch.no_grad():
+        out = decoder(z, snr_db=-5.0)
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    assert bandwidth_ratio(32) == pytest.approx(1 / 3)
+    assert symbols(32, 256, 256) == pytest.approx(256 * 256 * 3 / 3)  # rho = k / (3 H W) = 1/3
+    with pytest.raises(ValueError, match="multiples of 4"):
+        symbols(8, 30, 32)
+
+
+def test_power_normalisation_is_per_image():
+    z = torch.stack([torch.ones(4, 2, 2), 10 * torch.ones(4, 2, 2)])
+    normalised = power_normalize(z)
+    assert torch.allclose(normalised[0], normalised[1]) and torch.allclose(normalised[0], torch.full((4, 2, 2), 0.5 ** 0.5))
+
+
+@pytest.mark.parametrize("snr_db", [-15.0, -5.0, 0.0, 10.0])
+def test_awgn_has_the_noise_power_its_snr_says(snr_db):
+    z = power_normalize(torch.randn(64, 16, 16, 16))
+    generator = torch.Generator().manual_seed(1)
+    noise = awgn(z, snr_db, generator) - z  # (64, 2048 complex symbols each)
+    measured = noise.flatten(1).pow(2).sum(dim=1).mean() / (z[0].numel() / 2)  # per complex symbol
+    assert float(measured) == pytest.approx(noise_variance(snr_db), rel=0.01)
+    assert float(10 * torch.log10(1 / measured)) == pytest.approx(snr_db, abs=0.05)
+    real, imag = noise.flatten(1).reshape(64, -1, 2).unbind(-1)
+    assert float(real.var()) == pytest.approx(float(imag.var()), rel=0.02)  # circular: half the power each
+    per_image = awgn(z, torch.tensor([-15.0] * 32 + [10.0] * 32), generator) - z
+    low, high = per_image[:32].pow(2).mean(), per_image[32:].pow(2).mean()
+    assert float(low / high) == pytest.approx(10 ** 2.5, rel=0.05)
+
+
+def test_decode_and_forward_trains_every_hop_end_to_end():
+    torch.manual_seed(0)
+    link = DecodeForward(hops=3, c_out=4, width=8)
+    images = torch.rand(2, 3, 16, 16)
+    out = link(images, snr_db=0.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    torch.mean((out - images) ** 2).backward()
+    for hop in range(3):
+        assert link.encoders[hop].out.weight.grad.abs().sum() > 0
+        assert link.decoders[hop].inp[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="at least one hop"):
+        DecodeForward(hops=0)
+
+
+class TinyHasher(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5),
+                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 16),
+                                       torch.nn.Tanh())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_the_frozen_hasher_gets_no_update_but_passes_gradients_to_the_decoder():
+    torch.manual_seed(0)
+    hasher = TinyHasher()
+    before = {k: v.clone() for k, v in hasher.state_dict().items()}
+    decoder = Decoder(4, 8)
+    loss_fn = AlignedLoss(hasher, weight=0.06).train()
+    assert not hasher.training and all(not p.requires_grad for p in hasher.parameters())
+    optimizer = torch.optim.SGD(list(decoder.parameters()) + list(hasher.parameters()), lr=0.5)
+    source = torch.rand(4, 3, 16, 16)
+    received = torch.randn(4, 4, 4, 4)
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = loss_fn(source, decoder(received))
+        out["loss"].backward()
+        optimizer.step()
+    assert all(p.grad is None for p in hasher.parameters())
+    assert all(before[k].equal(v) for k, v in hasher.state_dict().items())  # weights and BN statistics
+    # the semantic term alone reaches the decoder through the hasher
+    decoder.zero_grad()
+    AlignedLoss(hasher, weight=1.0)(source, decoder(received))["sdh"].backward()
+    assert decoder.body[-2].weight.grad.abs().sum() > 0
+    baseline = AlignedLoss(None)(source, decoder(received))
+    assert set(baseline) == {"loss", "mse"} and baseline["loss"] == baseline["mse"]
+
+
+@pytest.mark.parametrize("n_q, b", [(4, 0.75), (2, 1), (4, 1.25), (2, 1.5), (2, 2)])
+def test_quantize_and_forward_rate_is_the_papers_formula(n_q, b):
+    k = symbols(32, 256, 256)  # rho = 1/3
+    assert qf_bits_per_pixel(k, n_q, b, 256, 256) == pytest.approx(2 * b)  # 4 bpp at b = 2
+    quantizer = BlockQuantizer(n_q, b)
+    y = torch.randn(2, 32, 8, 8)
+    blocks = 2 * 32 * 8 * 8 // 2 // n_q
+    assert quantizer.blocks(y).shape == (2 * blocks, n_q)
+    assert quantizer.bits * blocks == pytest.approx(qf_bits_per_pixel(32 * 8 * 8 // 2, n_q, b, 32, 32) * 32 * 32)
+
+
+def test_the_codebook_is_learned_and_decoding_loses_less_with_more_bits():
+    torch.manual_seed(0)
+    y = torch.randn(16, 8, 8, 8)
+    errors = []
+    for b in (1, 2):
+        quantizer = BlockQuantizer(2, b).fit(y, seed=0)
+        indices = quantizer.encode(y)
+        assert indices.shape == (16, 8 * 8 * 8 // 2) and int(indices.max()) < 2 ** (2 * b)
+        errors.append(float(((quantizer.decode(indices, y.shape) - y) ** 2).mean()))
+        again = BlockQuantizer(2, b).fit(y, seed=0)
+        assert again.codebook.equal(quantizer.codebook)  # seeded
+    assert errors[1] < errors[0] < 1.0
+    with pytest.raises(ValueError, match="whole number of bits"):
+        BlockQuantizer(4, 0.6)
+
+
+def test_psnr_of_known_error():
+    source = torch.zeros(2, 3, 4, 4)
+    assert psnr(source, source + 0.1) == pytest.approx(torch.full((2,), 20.0), abs=1e-4)
