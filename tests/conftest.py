@@ -74,6 +74,22 @@ def tiny_config(text_folder, freeze: bool = True, epochs: int = 4, tracking: dic
     }
 
 
+def train_tiny(subset, text_encoder, out, seed: int = 0, epochs: int = 2):
+    from training.config import config_from_dict
+    from training.train import fit
+
+    config = tiny_config(text_encoder, epochs=epochs)
+    config["train"]["seed"] = seed
+    fit(config_from_dict(config), subset, out / "run", cache_dir=out / "cache", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(subset, tiny_text_encoder, tmp_path_factory):
+    """A tiny model trained on the 3-class subset: ``trained / "run"``, features in ``trained / "cache"``."""
+    return train_tiny(subset, tiny_text_encoder, tmp_path_factory.mktemp("trained"))
+
+
 @pytest.fixture(scope="session")
 def subset(ucm_dir, tmp_path_factory) -> Path:
     """A few real UCM images: 3 classes x (4 train, 2 val, 2 test)."""

@@ -3,22 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import tiny_config
-from training.config import config_from_dict
-from training.train import fit
-
-
-def train_tiny(subset, text_encoder, out, seed: int = 0, epochs: int = 2):
-    config = tiny_config(text_encoder, epochs=epochs)
-    config["train"]["seed"] = seed
-    fit(config_from_dict(config), subset, out / "run", cache_dir=out / "cache", progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def trained(subset, tiny_text_encoder, tmp_path_factory):
-    """A tiny model trained on the 3-class subset: ``trained / "run"``, features in ``trained / "cache"``."""
-    return train_tiny(subset, tiny_text_encoder, tmp_path_factory.mktemp("trained"))
+from tests.conftest import train_tiny
 
 
 @pytest.fixture(scope="session")

@@ -132,3 +132,36 @@ def test_the_codebook_is_learned_and_decoding_loses_less_with_more_bits():
 def test_psnr_of_known_error():
     source = torch.zeros(2, 3, 4, 4)
     assert psnr(source, source + 0.1) == pytest.approx(torch.full((2,), 20.0), abs=1e-4)
+
+
+def test_crops_are_seeded_per_epoch():
+    import numpy as np
+
+    from training.jscc_train import crops
+
+    images = np.random.default_rng(0).integers(0, 255, (3, 20, 20, 3), dtype=np.uint8)
+    first = crops(images, 8, seed=0, epoch=0)
+    assert first.shape == (3, 3, 8, 8) and 0 <= float(first.min()) and float(first.max()) <= 1
+    assert crops(images, 8, 0, 0).equal(first) and not crops(images, 8, 0, 1).equal(first)
+
+
+def test_the_grid_trains_baseline_and_aligned_links_through_the_frozen_teacher(trained, subset, tmp_path):
+    from training.jscc_config import jscc_config_from_dict
+    from training.jscc_train import link_names, load_hasher, load_link, train_grid
+
+    config = jscc_config_from_dict({"image_size": 32, "c_out": 4, "width": 8, "hops": [1, 2], "epochs": 2,
+                                    "batch_size": 4, "hasher": "teacher", "device": "cpu",
+                                    "tracking": {"enabled": False}})
+    hasher = load_hasher(trained / "run", "teacher")
+    before = {k: v.clone() for k, v in hasher.state_dict().items()}
+    manifest = train_grid(config, trained / "run", subset, tmp_path, progress=False)
+    assert [link["name"] for link in manifest["links"]] == ["df-h1-baseline", "df-h1-aligned", "df-h2-baseline",
+                                                            "df-h2-aligned"]
+    assert [n for n, *_ in link_names(config)] == [link["name"] for link in manifest["links"]]
+    link, record = load_link(tmp_path / "df-h2-aligned.pt")
+    assert link.hops == 2 and record["model"] == "aligned" and record["snr_db"] is None
+    assert all(len(link["loss"]) == 2 for link in manifest["links"])
+    assert all(v.equal(load_hasher(trained / "run", "teacher").state_dict()[k]) for k, v in before.items())
+    fixed = jscc_config_from_dict({"snr_conditioning": False, "hops": [1], "snr_eval_db": [-5, -10]})
+    assert [n for n, *_ in link_names(fixed)] == ["df-h1-snr-5-baseline", "df-h1-snr-5-aligned",
+                                                  "df-h1-snr-10-baseline", "df-h1-snr-10-aligned"]
