@@ -165,3 +165,38 @@ def test_the_grid_trains_baseline_and_aligned_links_through_the_frozen_teacher(t
     fixed = jscc_config_from_dict({"snr_conditioning": False, "hops": [1], "snr_eval_db": [-5, -10]})
     assert [n for n, *_ in link_names(fixed)] == ["df-h1-snr-5-baseline", "df-h1-snr-5-aligned",
                                                   "df-h1-snr-10-baseline", "df-h1-snr-10-aligned"]
+
+
+def test_ms_ssim_fits_the_window_to_the_image_size():
+    from training.jscc_eval import ms_ssim_of
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 128, 128)
+    assert ms_ssim_of(images, images) == pytest.approx(torch.ones(2), abs=1e-5)
+    noisy = (images + 0.2 * torch.randn_like(images)).clamp(0, 1)
+    assert (ms_ssim_of(images, noisy) < 0.99).all()
+    with pytest.raises(ValueError, match="over 32 px"):
+        ms_ssim_of(images[..., :32, :32], images[..., :32, :32])
+
+
+def test_the_grid_evaluates_every_df_and_qf_point(trained, subset, tmp_path):
+    from training.jscc_config import jscc_config_from_dict
+    from training.jscc_eval import evaluate_grid, format_points
+    from training.jscc_train import train_grid
+
+    config = jscc_config_from_dict({"image_size": 48, "c_out": 4, "width": 8, "hops": [1, 2], "epochs": 1,
+                                    "batch_size": 4, "hasher": "teacher", "device": "cpu", "snr_eval_db": [-5, -15],
+                                    "qf_grid": [[4, 0.75], [2, 2]], "tracking": {"enabled": False}})
+    train_grid(config, trained / "run", subset, tmp_path, progress=False)
+    report = evaluate_grid(tmp_path, subset, progress=False)
+    df = [p for p in report["points"] if p["protocol"] == "df"]
+    qf = [p for p in report["points"] if p["protocol"] == "qf"]
+    assert sorted((p["hops"], p["snr_db"], p["model"]) for p in df) == sorted(
+        (h, s, m) for h in (1, 2) for s in (-5.0, -15.0) for m in ("baseline", "aligned"))
+    k = 4 * 12 * 12 // 2  # complex symbols of a 48 px image at c_out = 4
+    assert len(qf) == 2 * 2 * 2 and {p["bits_per_pixel"] for p in qf} == {2 * k * 0.75 / 48 ** 2, 2 * k * 2 / 48 ** 2}
+    for p in report["points"]:
+        assert 0 <= p["bit_agreement"] <= 1 and 0 < p["map_all"] <= 1 and p["psnr"] > 0
+        assert p["map_ratio"] == pytest.approx(p["map_all"] / report["map_all_clean"])
+    assert evaluate_grid(tmp_path, subset, progress=False)["points"] == report["points"]  # seeded: the same table
+    assert "N_Q=4 b=0.75" in format_points(report)
