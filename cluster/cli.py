@@ -15,6 +15,7 @@ from pathlib import Path
 from cluster.cluster_cli import add_cluster_commands
 from cluster.governance_cli import add_governance_commands
 from cluster.jobs_cli import add_job_commands
+from cluster.jscc_cli import add_jscc_commands
 from cluster.lifecycle_cli import add_lifecycle_commands
 from cluster.serving_cli import add_serving_commands
 
@@ -302,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_governance_commands(sub)
     add_cluster_commands(sub)
     add_job_commands(sub)
+    add_jscc_commands(sub)
     return parser
 
 

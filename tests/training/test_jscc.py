@@ -200,3 +200,38 @@ def test_the_grid_evaluates_every_df_and_qf_point(trained, subset, tmp_path):
         assert p["map_ratio"] == pytest.approx(p["map_all"] / report["map_all_clean"])
     assert evaluate_grid(tmp_path, subset, progress=False)["points"] == report["points"]  # seeded: the same table
     assert "N_Q=4 b=0.75" in format_points(report)
+
+
+def test_jscc_commands_train_and_evaluate_the_grid_and_log_to_mlflow(trained, subset, tmp_path, mlflow_server):
+    """`terrahash jscc train` then `terrahash jscc eval --json`: the JSON's points and keys are the
+    issue's interface, and both phases are MLflow runs with energy."""
+    import json
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from cluster.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"name": "jscc-tiny", "image_size": 48, "c_out": 4, "width": 8, "hops": [1, 3],
+                                      "epochs": 1, "batch_size": 4, "hasher": "teacher", "snr_eval_db": [-5.0],
+                                      "qf_grid": [[2, 1.0]]}))
+    out = tmp_path / "links"
+    assert main(["jscc", "train", "--config", str(config), "--hasher", str(trained / "run"), "--data", str(subset),
+                 "--out", str(out), "--device", "cpu", "--tracking-uri", mlflow_server]) == 0
+    assert main(["jscc", "eval", "--model", str(out), "--data", str(subset), "--json", str(tmp_path / "jscc.json"),
+                 "--device", "cpu", "--tracking-uri", mlflow_server]) == 0
+    report = json.loads((tmp_path / "jscc.json").read_text())
+    assert 0 < report["map_all_clean"] <= 1
+    keys = {"protocol", "snr_db", "model", "psnr", "ms_ssim", "bit_agreement", "map_all"}
+    assert {(p["hops"], p["model"]) for p in report["points"] if p["protocol"] == "df"} == {
+        (h, m) for h in (1, 3) for m in ("baseline", "aligned")}
+    assert all(keys <= set(p) and ("hops" in p if p["protocol"] == "df" else {"n_q", "b"} <= set(p))
+               for p in report["points"])
+    client = MlflowClient(mlflow_server)
+    runs = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name("terrahash").experiment_id], "attributes.run_name LIKE 'jscc-tiny-%'")}
+    assert set(runs) == {"jscc-tiny-train", "jscc-tiny-eval"}
+    assert all("energy_kwh" in r.data.metrics for r in runs.values())
+    assert "df/3/snr-5/aligned/map_all" in runs["jscc-tiny-eval"].data.metrics
+    assert runs["jscc-tiny-train"].data.params["alignment_weight"] == "0.06"
