@@ -61,6 +61,42 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _send(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.features import load_image
+    from training.jscc_export import SPEC_FILE, received_message, send
+    from training.jscc_train import load_hasher, load_link
+
+    folder = Path(args.model)
+    manifest = json.loads((folder / "jscc.json").read_text())
+    wanted = [link for link in manifest["links"] if link["hops"] == args.hops and link["model"] == args.link
+              and link["snr_db"] in (None, args.snr)]
+    if not wanted:
+        have = sorted({(link["hops"], link["model"]) for link in manifest["links"]})
+        raise ValueError(f"{folder}: no {args.link} link of {args.hops} hop(s) trained for {args.snr:g} dB; it has "
+                         f"(hops, model) {have}")
+    name = wanted[0]["name"]
+    link, _ = load_link(folder / f"{name}.pt")
+    spec = json.loads((folder / "onnx" / name / SPEC_FILE).read_text())
+    size = spec["image_size"]
+    image = torch.from_numpy(load_image(Path(args.image), size)).permute(2, 0, 1).float().div_(255.0)
+    symbols, _ = send(link, image, args.snr, seed=args.seed)
+    source_hash = None
+    if not args.no_hash:  # the sender's own hash of its image: cheap to send, lets the service measure the link
+        import numpy as np
+
+        hasher = load_hasher(manifest["hasher"]["model_dir"], manifest["hasher"]["kind"])
+        with torch.no_grad():
+            code = hasher(image[None])[0].numpy()
+        source_hash = np.packbits(code >= 0).tobytes()
+    body = received_message(symbols, args.snr, args.hops, spec["model_version"], source_hash, k=args.k)
+    Path(args.out).write_text(json.dumps(body))
+    print(f"{len(symbols)} complex symbols over {args.hops} hop(s) at {args.snr:g} dB ({name}, model version "
+          f"{spec['model_version']}) in {args.out}: POST it to /v1/search/received")
+    return 0
+
+
 def add_jscc_commands(subparsers) -> None:
     data_options = argparse.ArgumentParser(add_help=False)
     data_options.add_argument("--data", default=os.environ.get("TERRAHASH_DATA", "../shared/data/ucm_captions"),
@@ -96,3 +132,19 @@ def add_jscc_commands(subparsers) -> None:
     evaluate.add_argument("--model", required=True, help="folder written by `terrahash jscc train`")
     evaluate.add_argument("--json", help="write the figures here")
     evaluate.set_defaults(handler=_eval)
+    sender = sub.add_parser("send", help="simulate a field unit and its relays: the symbols the service receives",
+                            description="Send IMAGE over a simulated decode-and-forward link (AWGN at --snr on every "
+                                        "hop, the relays decoding and re-encoding) and write the JSON body of POST "
+                                        "/v1/search/received: the complex64 symbols of the last hop (base64), the "
+                                        "SNR, the hop count, the decoder's model version and the image's own hash.")
+    sender.add_argument("image", help="image file (resized to the link's image size)")
+    sender.add_argument("--model", required=True, help="folder written by `terrahash jscc train`")
+    sender.add_argument("--snr", type=float, required=True, help="SNR of every hop, dB")
+    sender.add_argument("--hops", type=int, default=1, help="hops of the link, relays + 1 (default: %(default)s)")
+    sender.add_argument("--link", choices=("aligned", "baseline"), default="aligned",
+                        help="which trained model (default: %(default)s)")
+    sender.add_argument("--out", required=True, help="the JSON body to write")
+    sender.add_argument("--k", type=int, default=10, help="results asked for (default: %(default)s)")
+    sender.add_argument("--seed", type=int, default=0, help="seed of the channel noise (default: %(default)s)")
+    sender.add_argument("--no-hash", action="store_true", help="leave out the source image's hash")
+    sender.set_defaults(handler=_send)

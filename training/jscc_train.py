@@ -7,7 +7,8 @@ teacher``). It sees received images as serving would: resized to its input size 
 Data: the train split's images, decoded once at 256 px (UCM's own size; ``image_size`` when larger)
 and cut into one random ``image_size`` crop per image and epoch (seeded: epoch e of the run with seed s draws from
 ``default_rng((s, e))``). Each link writes ``OUT/<link>.pt`` (its weights and what it was trained
-for); ``OUT/jscc.json`` lists them with their losses.
+for) and ``OUT/onnx/<link>/`` (its ONNX encoder and decoder with their spec, training/jscc_export.py);
+``OUT/jscc.json`` lists them with their losses.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .jscc import AlignedLoss, DecodeForward
 from .jscc_config import JsccConfig
+from .jscc_export import export_link
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +151,9 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
     for n, (name, hops, snr, model) in enumerate(link_names(config)):
         start = time.perf_counter()
         link, history = train_link(config, hops, snr, model, images, hasher, device, config.seed + n, progress)
-        torch.save({"state_dict": link.state_dict(), "hops": hops, "snr_db": snr, "model": model,
-                    "config": asdict(config)}, out / f"{name}.pt")
+        record = {"state_dict": link.state_dict(), "hops": hops, "snr_db": snr, "model": model, "config": asdict(config)}
+        torch.save(record, out / f"{name}.pt")
+        export_link(link, record, out / "onnx" / name)  # the query path's encoder, decoder and spec
         links.append({"name": name, "hops": hops, "snr_db": snr, "model": model, "loss": history,
                       "seconds": round(time.perf_counter() - start, 1)})
         log.info("%s: loss %.4f after %d epochs (%.0f s)", name, history[-1], len(history), links[-1]["seconds"])

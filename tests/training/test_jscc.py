@@ -206,6 +206,7 @@ def test_jscc_commands_train_and_evaluate_the_grid_and_log_to_mlflow(trained, su
     """`terrahash jscc train` then `terrahash jscc eval --json`: the JSON's points and keys are the
     issue's interface, and both phases are MLflow runs with energy."""
     import json
+    from pathlib import Path
 
     import yaml
     from mlflow import MlflowClient
@@ -235,3 +236,48 @@ def test_jscc_commands_train_and_evaluate_the_grid_and_log_to_mlflow(trained, su
     assert all("energy_kwh" in r.data.metrics for r in runs.values())
     assert "df/3/snr-5/aligned/map_all" in runs["jscc-tiny-eval"].data.metrics
     assert runs["jscc-tiny-train"].data.params["alignment_weight"] == "0.06"
+    image = next(subset.glob("*.json"))  # any file of the subset names its images
+    entry = json.loads(image.read_text())["images"][0]
+    first = str(Path(entry["filepath"]) / entry["filename"])
+    body = tmp_path / "received.json"
+    assert main(["jscc", "send", first, "--model", str(out), "--snr", "-5", "--hops", "3", "--out", str(body)]) == 0
+    sent = json.loads(body.read_text())
+    spec = json.loads((out / "onnx" / "df-h3-aligned" / "jscc.spec.json").read_text())
+    assert sent["model_version"] == spec["model_version"] and sent["hops"] == 3 and len(sent["source_hash"]) == 4
+    assert main(["jscc", "send", first, "--model", str(out), "--snr", "-5", "--hops", "2", "--out", str(body)]) == 2
+
+
+@pytest.mark.parametrize("conditioned", [True, False])
+def test_an_exported_link_decodes_sent_symbols_as_torch_does(tmp_path, conditioned):
+    import base64
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from training.jscc_config import jscc_config_from_dict
+    from training.jscc_export import export_link, received_message, send
+
+    torch.manual_seed(0)
+    config = jscc_config_from_dict({"image_size": 32, "c_out": 4, "width": 8, "snr_conditioning": conditioned})
+    link = DecodeForward(hops=3, c_out=4, width=8, snr_conditioning=conditioned).eval()
+    record = {"config": {"image_size": 32, "c_out": 4, "snr_conditioning": conditioned, "snr_train_db": [-15, -5]},
+              "model": "aligned", "snr_db": None if conditioned else -5.0}
+    spec = json.loads(export_link(link, record, tmp_path).read_text())
+    assert spec["symbols"] == 4 * 8 * 8 // 2 and spec["hops"] == 3 and len(spec["model_version"]) == 16
+    assert config.c_out == spec["c_out"]
+    image = torch.rand(3, 32, 32)
+    received, _ = send(link, image, -5.0, seed=3)
+    assert received.dtype == np.complex64 and received.shape == (spec["symbols"],)
+    again, _ = send(link, image, -5.0, seed=3)
+    assert np.array_equal(received, again)  # the channel noise is seeded
+    body = received_message(received, -5.0, 3, spec["model_version"], b"\x01" * 8)
+    back = np.frombuffer(base64.b64decode(body["symbols"]), dtype=np.complex64)
+    assert np.array_equal(back, received) and body["source_hash"] == "01" * 8
+    channel = back.view(np.float32).reshape(1, 4, 8, 8)
+    feeds = {"x": channel, **({"snr_db": np.array([-5.0], dtype=np.float32)} if conditioned else {})}
+    session = ort.InferenceSession(str(tmp_path / spec["decoder"]["file"]), providers=["CPUExecutionProvider"])
+    decoded = session.run(["out"], feeds)[0]
+    with torch.no_grad():
+        want = link.decoders[-1](torch.from_numpy(channel), -5.0).numpy()
+    assert decoded.shape == (1, 3, 32, 32) and np.abs(decoded - want).max() < 1e-4
