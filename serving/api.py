@@ -96,6 +96,21 @@ class ItemsSearch(_Filters):
     format: Literal["json", "stac"] | None = FORMAT
 
 
+class ReceivedSearch(BaseModel):
+    """POST /v1/search/received: an image sent over a radio link, as the last hop's DeepJSCC symbols."""
+
+    model_config = _BODY
+    symbols: str = Field(description="the received channel symbols: complex64 little-endian, base64-encoded (k "
+                                     "symbols of the deployment's link; `terrahash jscc send` writes them)")
+    snr_db: float = Field(ge=-30, le=30, description="the link's SNR in dB (a conditioned decoder is told it)")
+    model_version: str = Field(description="the decoder the sender's link was trained with (its spec's model_version)")
+    hops: StrictInt | None = Field(None, ge=1, le=8, description="hops the image travelled (reported back)")
+    source_hash: str | None = Field(None, description="the sender's hash of its image, hex (as many bits as the "
+                                                      "served codes): the answer gives the received image's bit "
+                                                      "agreement with it")
+    k: StrictInt | None = K
+
+
 class Explain(BaseModel):
     """POST /v1/explain: a query (text, an image file, or an indexed image's id) and one result id."""
 
@@ -135,12 +150,14 @@ IMAGE_BODY = openapi_body(ImageSearch, _OPTIONS)
 CAPTION_BODY = openapi_body(CaptionSearch, {name: _OPTIONS[name] for name in ("k", "bbox", "datetime")})
 ITEMS_BODY = openapi_body(ItemsSearch)
 EXPLAIN_BODY = openapi_body(Explain)
+RECEIVED_BODY = openapi_body(ReceivedSearch)
 
 _FIELD_CODES = {"k": "k_out_of_range", "query": "invalid_query", "rerank": "invalid_rerank",
                 "fusion": "invalid_fusion", "image_base64": "invalid_image", "image_id": "invalid_image_id",
                 "bbox": "invalid_bbox", "datetime": "invalid_datetime", "format": "invalid_format",
                 "limit": "limit_out_of_range", "token": "invalid_token", "result_id": "invalid_result_id",
-                "grid": "invalid_grid"}
+                "grid": "invalid_grid", "symbols": "invalid_symbols", "snr_db": "invalid_snr",
+                "model_version": "unknown_model_version", "hops": "invalid_hops", "source_hash": "invalid_source_hash"}
 
 
 def parse_body(model: type[BaseModel], payload) -> BaseModel:

@@ -118,7 +118,8 @@ def _router_app(args: dict, router_config: dict | None = None, canary_config: di
         **({"user_config": router_config} if router_config is not None else {}),
     ).bind(canary, {"encoder_threads": settings.encoder_threads, "decode_threads": settings.decode_threads,
                     "router_encodes_text": settings.router_encodes_text, "tracking_uri": settings.tracking_uri,
-                    "model_cache_dir": settings.model_cache_dir, "app_name": settings.app_name}, limiter, audit)
+                    "model_cache_dir": settings.model_cache_dir, "app_name": settings.app_name,
+                    "jscc_model": settings.jscc_model}, limiter, audit)
 
 
 BUILDERS = {"index": index_app, "model": model_app, "router": router_app}

@@ -30,7 +30,7 @@ ALL = frozenset().union(*ROLES.values())
 # The permission an endpoint needs; None: open to anyone (load balancers' probes).
 ENDPOINTS: dict[str, str | None] = {
     "healthz": None, "readyz": None, "traffic": TRAFFIC, "keys": KEYS,
-    "text": SEARCH, "image": SEARCH, "similar": SEARCH, "captions": SEARCH, "items": SEARCH,
+    "text": SEARCH, "image": SEARCH, "similar": SEARCH, "captions": SEARCH, "items": SEARCH, "received": SEARCH,
     "thumbnail": FULL, "explain": EXPLAIN, "card": CARDS,
 }
 

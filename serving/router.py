@@ -35,8 +35,8 @@ from starlette.exceptions import HTTPException
 
 from serving.access import Gate
 from serving.arms import Arm, ArmStats, Backends, garbage_code
-from serving.api import (CAPTION_BODY, EXPLAIN_BODY, IMAGE_BODY, ITEMS_BODY, TEXT_BODY, ApiError, CaptionSearch,
-                         Explain, ImageSearch, ItemsSearch, TextSearch, check_query, decode_in_pool, error_response, image_upload,
+from serving.api import (CAPTION_BODY, EXPLAIN_BODY, IMAGE_BODY, ITEMS_BODY, RECEIVED_BODY, TEXT_BODY, ApiError,
+                         CaptionSearch, Explain, ImageSearch, ItemsSearch, ReceivedSearch, TextSearch, check_query, decode_in_pool, error_response, image_upload,
                          parse_body, parse_choice, parse_filter, parse_k, read_json, wants_stac, base64_limit,
                          decode_base64)
 from serving.codes import pack_signs, unpack_signs
@@ -186,6 +186,13 @@ def check_filterable(index: dict, where) -> None:
                                         "(give a sidecar or STAC catalog with datetime)")
 
 
+def _resized(pixels: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 (size, size, 3): the encoder's input size, by the spec's resize rule."""
+    from serving.encoders import decode_and_resize
+
+    return pixels if pixels.shape[:2] == (size, size) else decode_and_resize(pixels, size)
+
+
 def _finite(code: np.ndarray) -> np.ndarray:
     if not np.isfinite(code).all():
         raise RuntimeError("the encoder returned a code with NaN or infinite values")
@@ -245,6 +252,7 @@ class Router:
         self._wake: asyncio.Event | None = None
         self.thumbnails = ThumbnailCache()
         self.drift_windows: dict[tuple, QueryWindow] = {}  # (arm, index version) -> its recent image queries
+        self.received = None  # serving.jscc.ReceivedDecoder of options["jscc_model"], loaded at first use
 
     async def reconfigure(self, config: dict) -> None:
         """Hot limits, defaults, the deadline (serving.settings.RouterConfig) and the split ("traffic",
@@ -298,6 +306,12 @@ class Router:
         """Image to image: multipart (file field "image", fields k, rerank, fusion), JSON
         {"image_base64", "k", ...}, or a raw image/* body (k etc. in the query string)."""
         return await self._timed("image", request, self._search_image)
+
+    @api.post("/v1/search/received", openapi_extra=RECEIVED_BODY)
+    async def search_received(self, request: Request):
+        """An image sent over a radio link: the last hop's DeepJSCC symbols (JSON {"symbols", "snr_db",
+        "model_version", "source_hash", "k"}), decoded by the deployment's link and searched as an image."""
+        return await self._timed("received", request, self._search_received)
 
     @api.get("/v1/search/similar/{image_id:path}")
     async def search_similar(self, image_id: str, request: Request, k: str | None = None):
@@ -715,6 +729,35 @@ class Router:
             self.metrics.drift.set(found["statistic"], tags={"arm": arm.name})
             self.metrics.drift_alarm.set(float(found["alarm"]), tags={"arm": arm.name})
         return found
+
+    async def _search_received(self, request: Request, call: Call) -> dict:
+        from serving.jscc import ReceivedDecoder, source_bits
+
+        if not self.options.get("jscc_model"):
+            raise ApiError(404, "not_configured", "this deployment decodes no radio-link symbols (serve it with "
+                                                  "jscc_model: an exported link of `terrahash jscc train`)")
+        if self.received is None:
+            self.received = await asyncio.to_thread(ReceivedDecoder, self.options["jscc_model"])
+        body = parse_body(ReceivedSearch, await read_json(request, base64_limit(self.config["max_upload_bytes"])))
+        symbols = self.received.symbols(body.symbols, body.model_version)
+        k = parse_k(body.k, self.config)
+        call.query_sha256 = sha256_of(body.symbols)
+        k = self._admit(call, "received", k)
+        with call.timer("jscc_decode"):
+            pixels = await asyncio.get_running_loop().run_in_executor(self.decoder, self.received.image, symbols,
+                                                                      body.snr_db)
+        link = {**self.received.describe(), "snr_db_received": body.snr_db, "hops_received": body.hops}
+
+        async def run(arm: Arm, call: Call) -> dict:
+            source = source_bits(body.source_hash, arm.backend.index["bits"])
+            with call.timer("encode"):
+                code = _finite(await self._call(arm.backend.encoder, "encode_image", call,
+                                                _resized(pixels, arm.backend.model["image_size"])))
+            answer = await self._rank(arm, code, k, "none", self.config["fusion"], call)
+            answer["received"] = {**link, "bit_agreement": None if source is None else
+                                  float(((code >= 0).astype(np.uint8) == source).mean())}
+            return answer
+        return await self._dispatch(request, call, run)
 
     async def _search_similar(self, image_id: str, request: Request, call: Call) -> dict:
         params = dict(request.query_params)

@@ -20,7 +20,8 @@ MODEL_FIELDS = ("model", "index", "release", "encoder_variant", "encoder_replica
                 "encoder_threads", "encoder_resources", "router_encodes_text", "runtime_env", "tracking_uri",
                 "model_cache_dir")
 ROUTER_FIELDS = ("router_replicas", "router_num_cpus", "router_resources", "decode_threads", "encoder_threads",
-                 "router_encodes_text", "runtime_env", "tracking_uri", "model_cache_dir", "app_name", "audit")
+                 "router_encodes_text", "runtime_env", "tracking_uri", "model_cache_dir", "app_name", "audit",
+                 "jscc_model")
 
 
 def _key(*parts) -> str:

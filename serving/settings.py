@@ -172,6 +172,9 @@ class ServeSettings(RouterConfig, EncoderConfig):
     route_prefix: str = "/"
     tracking_uri: str | None = None  # MLflow, for models:/ URIs; default $MLFLOW_TRACKING_URI
     model_cache_dir: str = "/tmp/terrahash/models"  # node-local copies of registered model versions
+    # An exported DeepJSCC link (`terrahash jscc train`'s OUT/onnx/<link>) whose decoder turns the symbols of
+    # POST /v1/search/received into an image; None: the endpoint answers 404.
+    jscc_model: str | None = None
     release: str | None = None  # the index release served (e.g. r0003); default the latest
     image_version: str | None = None  # override the release's image index version
     caption_version: str | None = None  # override the release's caption index version

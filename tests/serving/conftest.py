@@ -134,9 +134,10 @@ def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
         time.sleep(0.2)
 
 
-def running_app(index_root, cache_dir):
-    """Start the app over ``index_root`` on the session's local Ray, over HTTP on a free loopback port;
-    yields its base URL, then shuts Serve down."""
+def running_app(index_root, cache_dir, jscc_model=None):
+    """Start the app over ``index_root`` on the session's local Ray, over HTTP on a free loopback port
+    (decoding radio-link symbols with the exported link ``jscc_model`` when given); yields its base URL,
+    then shuts Serve down."""
     from ray import serve
 
     from serving.app import ServeSettings, run_apps
@@ -146,7 +147,7 @@ def running_app(index_root, cache_dir):
     settings = ServeSettings(index=str(index_root), shard_replicas=1, spread_shards=False, shards_per_replica=3,
                              shard_num_cpus=0.05, encoder_num_cpus=0.1, router_num_cpus=0.05,
                              max_upload_bytes=200_000, max_image_pixels=1_000_000, max_query_chars=200, max_k=50,
-                             shard_cache_dir=str(cache_dir))
+                             shard_cache_dir=str(cache_dir), jscc_model=str(jscc_model) if jscc_model else None)
     run_apps(settings)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/v1/readyz")
@@ -154,7 +155,24 @@ def running_app(index_root, cache_dir):
     serve.shutdown()
 
 
+@pytest.fixture(scope="session")
+def jscc_link(tmp_path_factory):
+    """A tiny random 2-hop DeepJSCC link (32 px, SNR-conditioned) exported as the query path reads it."""
+    import torch
+
+    from training.jscc import DecodeForward
+    from training.jscc_export import export_link
+
+    torch.manual_seed(0)
+    link = DecodeForward(hops=2, c_out=4, width=8, snr_conditioning=True).eval()
+    record = {"config": {"image_size": 32, "c_out": 4, "snr_conditioning": True, "snr_train_db": [-15.0, -5.0]},
+              "model": "aligned", "snr_db": None}
+    folder = tmp_path_factory.mktemp("jscc_link")
+    export_link(link, record, folder)
+    return {"folder": folder, "link": link}
+
+
 @pytest.fixture(scope="module")
-def serve_app(local_ray, built_index, tmp_path_factory):
-    """The app over ``built_index``; yields its base URL."""
-    yield from running_app(built_index["root"], tmp_path_factory.mktemp("shard_cache"))
+def serve_app(local_ray, built_index, jscc_link, tmp_path_factory):
+    """The app over ``built_index``, decoding radio-link symbols with ``jscc_link``; yields its base URL."""
+    yield from running_app(built_index["root"], tmp_path_factory.mktemp("shard_cache"), jscc_link["folder"])

@@ -395,3 +395,48 @@ def test_the_shipped_serve_config_is_rendered_from_the_shipped_settings():
     assert access.audit and access.on_failure == "closed"
     assert [a.name for a in check_traffic(router["Router"]["traffic"]).arms] == ["champion", "challenger"]
     assert router["Canary"]["traffic"] == router["Router"]["traffic"]
+
+
+def test_symbols_received_over_a_radio_link_are_decoded_and_searched(serve_app, reference, jscc_link, ucm_many):
+    """POST /v1/search/received: the ONNX decoder's image, encoded by the served student, ranks as the
+    unsharded index ranks its code; the source hash gives the bit agreement; bad symbols get 4xx JSON."""
+    import base64
+
+    import torch
+
+    from serving.encoders import decode_and_resize
+    from serving.jscc import ReceivedDecoder
+    from training.features import load_image
+    from training.jscc_export import received_message, send
+
+    decoder = ReceivedDecoder(jscc_link["folder"])
+    path = reference["items"].image_paths[5]
+    image = torch.from_numpy(load_image(Path(path), 32)).permute(2, 0, 1).float().div_(255.0)
+    symbols, _ = send(jscc_link["link"], image, -5.0, seed=1)
+    pixels = decode_and_resize(decoder.image(symbols, -5.0), 64)
+    code = reference["image"].encode([pixels])
+    sent_code = reference["image"].encode([Path(path).read_bytes()])
+    source = np.packbits(sent_code[0] >= 0).tobytes()
+    body = received_message(symbols, -5.0, 2, decoder.model_version, source, k=8)
+    status, answer = post_json(f"{serve_app}/v1/search/received", body)
+    assert status == 200, answer
+    assert got(answer) == expected(reference, reference["image"].encode_packed([pixels]), 8)
+    assert answer["received"]["bit_agreement"] == pytest.approx(float(((code[0] >= 0) == (sent_code[0] >= 0)).mean()))
+    assert answer["received"]["model_version"] == decoder.model_version and answer["received"]["hops_received"] == 2
+    assert "jscc_decode" in answer["timings_ms"]
+
+    def bad(change: dict) -> tuple[int, str]:
+        status, answer = post_json(f"{serve_app}/v1/search/received", {**body, **change})
+        return status, answer["error"]["code"]
+
+    nan = symbols.copy()
+    nan[3] = np.nan
+    assert bad({"symbols": base64.b64encode(symbols[:-1].tobytes()).decode()}) == (422, "invalid_symbols")
+    assert bad({"symbols": base64.b64encode(nan.tobytes()).decode()}) == (422, "invalid_symbols")
+    assert bad({"symbols": "not base64!"}) == (422, "invalid_symbols")
+    assert bad({"model_version": "0" * 16}) == (409, "unknown_model_version")
+    assert bad({"source_hash": "ab"}) == (422, "invalid_source_hash")
+    assert bad({"snr_db": 99}) == (422, "invalid_snr")
+    assert bad({"extra": 1})[0] == 422
+    assert call(f"{serve_app}/v1/healthz") == (200, {"status": "ok"})  # nothing of that hurt the replica
+
