@@ -190,6 +190,7 @@ def build_index(kind: str, db: np.ndarray, seed: int = 0, m: int = 16, nbits: in
     else:
         index = faiss.IndexPQ(db.shape[1], m, nbits)
         index.pq.cp.seed = seed
+        index.pq.cp.min_points_per_centroid = 1  # a small test database is all there is: no faiss warning
         index.train(vectors[: max(256 * 39, 2 ** nbits)])
     index.add(vectors)
     return index
