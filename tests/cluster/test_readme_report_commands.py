@@ -8,7 +8,6 @@ import shlex
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
 from cluster.cli import main
