@@ -116,8 +116,8 @@ def add_jscc_commands(subparsers) -> None:
                                        "model (MSE + lambda L_SdH through the frozen hasher), on crops of the train "
                                        "split; writes OUT/<link>.pt and OUT/jscc.json and logs the run to MLflow with "
                                        "its energy.")
-    train.add_argument("--config", default="cpu", help="YAML file or shipped name: cpu (a 2-core CPU, about an hour) or "
-                                                       "gpu (256 px, the paper's 12 models) (default: %(default)s)")
+    train.add_argument("--config", default="cpu", help="YAML file or shipped name: cpu (128 px crops, sized for a 2-core "
+                                                       "CPU) or gpu (256 px, the paper's 12 models) (default: %(default)s)")
     train.add_argument("--hasher", required=True, metavar="MODEL_DIR",
                        help="a `terrahash train` folder: its distilled image student (RUN/students; config hasher: "
                             "student) or its teacher (hasher: teacher) is the frozen hasher")

@@ -1,7 +1,7 @@
 """``terrahash jscc`` configs: the codec, the links of the grid, the training budget (training/jscc.py).
 
 Shipped: ``training/configs/jscc/cpu.yaml`` (128 px crops, one SNR-conditioned model per hop count
-trained across the SNR range; about an hour on a 2-core CPU) and ``gpu.yaml`` (256 px, the paper's
+trained across the SNR range, 32 hidden channels, 4 epochs: sized for a 2-core CPU) and ``gpu.yaml`` (256 px, the paper's
 12 decode-and-forward models, one per hop count and SNR).
 """
 from __future__ import annotations
