@@ -17,7 +17,7 @@ import numpy as np
 from serving.drift import BitDrift, alarm_rate, choose_threshold
 
 from . import metrics
-from .baselines import FUSIONS, ITQ, fuse, lsh_codes, pq_scores
+from .baselines import FUSIONS, ITQ, _normalised, fuse, lsh_codes, pq_scores
 from .fairness import most_confused, top_k_confusion
 from .pareto import AXES, non_dominated
 from .retrieval import scores, signs
@@ -184,7 +184,7 @@ def build_index(kind: str, db: np.ndarray, seed: int = 0, m: int = 16, nbits: in
         index = faiss.IndexBinaryFlat(db.shape[1])
         index.add(np.packbits(db > 0, axis=1))
         return index
-    vectors = np.ascontiguousarray(db / np.maximum(np.linalg.norm(db, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+    vectors = np.ascontiguousarray(_normalised(db))
     if kind == "float":
         index = faiss.IndexFlatIP(db.shape[1])
     else:
@@ -199,8 +199,7 @@ def build_index(kind: str, db: np.ndarray, seed: int = 0, m: int = 16, nbits: in
 def query_vectors(kind: str, queries: np.ndarray) -> np.ndarray:
     if kind == "binary":
         return np.packbits(queries > 0, axis=1)
-    return np.ascontiguousarray(queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12),
-                                dtype=np.float32)
+    return np.ascontiguousarray(_normalised(queries))
 
 
 def pareto(points: list[dict], costs: dict[str, dict]) -> dict:

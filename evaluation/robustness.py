@@ -22,7 +22,8 @@ from .corruptions import KINDS, SEVERITIES, corrupt
 Encode = Callable[[list[np.ndarray]], np.ndarray]
 
 
-def _map(codes: np.ndarray, labels: np.ndarray, db_codes: np.ndarray, db_labels: np.ndarray) -> float:
+def hamming_map(codes: np.ndarray, labels: np.ndarray, db_codes: np.ndarray, db_labels: np.ndarray) -> float:
+    """Image-to-image mAP@all of sign codes against database sign codes, by Hamming ranking (class relevance)."""
     relevance = metrics.relevance_from_labels(labels, db_labels)
     return metrics.mean_average_precision(metrics.hamming_distances(codes, db_codes), relevance)
 
@@ -36,7 +37,7 @@ def robustness(encode: Encode, images: Sequence[np.ndarray], labels: np.ndarray,
     against the database's sign codes. ``alarm_rate`` only with a ``detector``."""
     labels = np.asarray(labels)
     clean = bits_set(encode(list(images)))
-    clean_map = _map(clean, labels, db_codes, db_labels)
+    clean_map = hamming_map(clean, labels, db_codes, db_labels)
     out = {"clean": {"map_all": clean_map,
                      "alarm_rate": alarm_rate(detector, clean, window) if detector else None},
            "corruptions": {}, "queries": len(images), "window": window, "seed": seed}
@@ -46,7 +47,7 @@ def robustness(encode: Encode, images: Sequence[np.ndarray], labels: np.ndarray,
         for severity in severities:
             corrupted = [corrupt(image, kind, severity, seed * 1_000_003 + i) for i, image in enumerate(images)]
             codes = bits_set(encode(corrupted))
-            found = _map(codes, labels, db_codes, db_labels)
+            found = hamming_map(codes, labels, db_codes, db_labels)
             out["corruptions"][kind][str(severity)] = {
                 "map_all": found, "map_drop": clean_map - found,
                 "bit_flip_rate": float((codes != clean).mean()),

@@ -62,14 +62,13 @@ def hash_codes(hasher, images: torch.Tensor, batch: int = 32) -> np.ndarray:
 
 def _figures(sent: torch.Tensor, received: torch.Tensor, hasher, sent_codes: np.ndarray, q_labels, db_codes,
              db_labels) -> dict:
-    from evaluation import metrics
+    from evaluation.retrieval import signs
+    from evaluation.robustness import hamming_map
 
-    codes = hash_codes(hasher, received)
-    signs = np.where(codes >= 0, 1, -1)
-    relevance = metrics.relevance_from_labels(q_labels, db_labels)
+    received_signs = signs(hash_codes(hasher, received))
     return {"psnr": float(psnr(sent, received).mean()), "ms_ssim": float(ms_ssim_of(sent, received).mean()),
-            "bit_agreement": float((signs == np.where(sent_codes >= 0, 1, -1)).mean()),
-            "map_all": metrics.mean_average_precision(metrics.hamming_distances(signs, db_codes), relevance)}
+            "bit_agreement": float((received_signs == signs(sent_codes)).mean()),
+            "map_all": hamming_map(received_signs, q_labels, db_codes, db_labels)}
 
 
 @torch.no_grad()
@@ -117,14 +116,16 @@ def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = 
         return torch.from_numpy(load_images([paths[r] for r in rows], size)).permute(0, 3, 1, 2).float().div_(255.0)
 
     sent, val = tensor(q_rows), tensor(index.rows("val"))
-    db_codes = np.where(hash_codes(hasher, torch.from_numpy(load_images([paths[r] for r in db_rows], 256)).permute(
-        0, 3, 1, 2).float().div_(255.0)) >= 0, 1, -1)
+    from evaluation.retrieval import signs
+
+    db_codes = signs(hash_codes(hasher, torch.from_numpy(load_images([paths[r] for r in db_rows], 256)).permute(
+        0, 3, 1, 2).float().div_(255.0)))
     q_labels, db_labels = index.labels[q_rows], index.labels[db_rows]
     sent_codes = hash_codes(hasher, sent)
-    from evaluation import metrics
+    from evaluation.retrieval import signs
+    from evaluation.robustness import hamming_map
 
-    clean = metrics.mean_average_precision(metrics.hamming_distances(np.where(sent_codes >= 0, 1, -1), db_codes),
-                                           metrics.relevance_from_labels(q_labels, db_labels))
+    clean = hamming_map(signs(sent_codes), q_labels, db_codes, db_labels)
     links = {(l["hops"], l["snr_db"], l["model"]): folder / f"{l['name']}.pt" for l in manifest["links"]}
     points = []
     k = symbols(config.c_out, size, size)
