@@ -238,12 +238,13 @@ def test_health_readiness_metrics_and_docs(serve_app, ray_metrics_url):
     assert call(f"{serve_app}/metrics")[0] == 404  # no per-replica registry that a scrape would see at random
 
 
-def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index):
+def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index, jscc_link):
     from serving.app import run_apps
 
+    # The fixture's settings but for the limits changed here, so the app is left as the later tests expect it.
     settings = dict(index=str(built_index["root"]), shard_replicas=1, spread_shards=False, shard_num_cpus=0.05,
                     encoder_num_cpus=0.1, router_num_cpus=0.05, max_upload_bytes=200_000,
-                    max_image_pixels=1_000_000, max_query_chars=200)
+                    max_image_pixels=1_000_000, max_query_chars=200, jscc_model=str(jscc_link["folder"]))
     status, in_router = post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 5})
     assert status == 200
     try:
