@@ -18,7 +18,7 @@ from hypothesis.errors import Unsatisfiable  # noqa: E402
 from serving.codes import pack_signs  # noqa: E402
 from tests.serving.test_app import call, expected, got, post_json  # noqa: E402
 
-EXAMPLES = 180  # per operation and mode (positive and negative): well over 1,000 requests in all
+EXAMPLES = 90  # per operation and mode (positive and negative): well over 1,000 requests in all
 GOOD_EVERY = 10  # a known-good request after every this many generated ones
 
 
