@@ -350,3 +350,15 @@ async def decode_in_pool(pool: Executor, data: bytes, size: int, max_pixels: int
     import asyncio
 
     return await asyncio.get_running_loop().run_in_executor(pool, decode_image, data, size, max_pixels)
+
+
+def check_filterable(index: dict, where) -> None:
+    """422 for a bbox filter on an index without footprints, or a datetime filter on one without times:
+    such a filter could only answer nothing, which is more likely a mistake than a question."""
+    counts = index.get("filterable") or {}
+    if where is not None and where.bbox is not None and not counts.get("bbox"):
+        raise ApiError(422, "no_footprints", "no item of this index has a footprint to filter by bbox (index "
+                                             "GeoTIFFs, or give a sidecar or STAC catalog with bbox)")
+    if where is not None and where.interval is not None and not counts.get("datetime"):
+        raise ApiError(422, "no_times", "no item of this index has an acquisition time to filter by datetime "
+                                        "(give a sidecar or STAC catalog with datetime)")

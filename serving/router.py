@@ -34,28 +34,28 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException
 
 from serving.access import Gate
-from serving.arms import Arm, ArmStats, Backends, garbage_code
 from serving.api import (CAPTION_BODY, EXPLAIN_BODY, IMAGE_BODY, ITEMS_BODY, RECEIVED_BODY, TEXT_BODY, ApiError,
-                         CaptionSearch, Explain, ImageSearch, ItemsSearch, ReceivedSearch, TextSearch, check_query, decode_in_pool, error_response, image_upload,
-                         parse_body, parse_choice, parse_filter, parse_k, read_json, wants_stac, base64_limit,
-                         decode_base64)
-from serving.codes import pack_signs, unpack_signs
+                         CaptionSearch, ImageSearch, ReceivedSearch, TextSearch, base64_limit, check_filterable,
+                         check_query, decode_in_pool, error_response, image_upload, parse_body, parse_choice,
+                         parse_filter, parse_k, read_json, wants_stac)
+from serving.arms import Arm, ArmStats, Backends, garbage_code
+from serving.calls import Call, all_or_none, awaited, finite
+from serving.codes import pack_signs
 from serving.drift import QueryWindow
 from serving.index import stable_shard
-from serving.keys import Identity
 from serving.policy import SEARCH_ENDPOINTS, coarsen
 from serving.query_log import audit_entry, sha256_of
-from serving.roles import ARM_OVERRIDE, READY_DETAILS, allows
-from serving.ranking import asymmetric_rerank, fuse, item_image, merge_hits
+from serving.ranking import asymmetric_rerank, fuse, merge_hits
+from serving.roles import ARM_OVERRIDE
+from serving.router_views import OperatorViews
 from serving.settings import FUSION_RULES, RERANK_MODES, check_hot_settings
 from serving.shards import ShardNotReady
 from serving.stac import item_collection
-from serving.thumbnails import ThumbnailCache, make_thumbnail, thumbnail_path
+from serving.thumbnails import ThumbnailCache
 from serving.traffic import Traffic, assign, check_traffic, mirrored, overlap_at_k, rank_correlation
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to each replica's log file
 
-COLLECTIONS = ("images", "captions")
 NOT_READY_TRIES = 16  # calls that met a replica without a verified copy before answering 503
 # A lost or overloaded replica: worth another try within the deadline (Serve may pick another replica).
 RETRYABLE = (RayError, asyncio.TimeoutError, BackPressureError, ReplicaUnavailableError, DeploymentUnavailableError)
@@ -126,77 +126,11 @@ def request_id() -> str:
     return _get_serve_request_context().request_id or "unknown"
 
 
-class Call:
-    """One request's budget, the milliseconds spent per step, and what its audit entry records."""
-
-    def __init__(self, deadline_s: float):
-        self.deadline = time.monotonic() + deadline_s
-        self.timings: dict[str, float] = {}
-        self.who: Identity | None = None  # the caller (serving.access.Gate.identify)
-        self.status, self.decision = 500, "error"
-        self.query_sha256: str | None = None
-        self.answered: dict = {}  # arm, versions and result count of a 200
-
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def timer(self, name: str) -> "_Timer":
-        return _Timer(self.timings, name)
-
-
-class _Timer:
-    """Adds the milliseconds spent in a ``with`` block to ``timings[name]``."""
-
-    def __init__(self, timings: dict, name: str):
-        self.timings, self.name = timings, name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + (time.perf_counter() - self.start) * 1000
-
-
-async def _result(response):
-    return await response
-
-
-async def _all_or_none(coroutines) -> list:
-    """The results of ``coroutines`` run at once; when one fails, the others are cancelled (no call keeps
-    retrying for a request that has already failed)."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-def check_filterable(index: dict, where) -> None:
-    """422 for a bbox filter on an index without footprints, or a datetime filter on one without times:
-    such a filter could only answer nothing, which is more likely a mistake than a question."""
-    counts = index.get("filterable") or {}
-    if where is not None and where.bbox is not None and not counts.get("bbox"):
-        raise ApiError(422, "no_footprints", "no item of this index has a footprint to filter by bbox (index "
-                                             "GeoTIFFs, or give a sidecar or STAC catalog with bbox)")
-    if where is not None and where.interval is not None and not counts.get("datetime"):
-        raise ApiError(422, "no_times", "no item of this index has an acquisition time to filter by datetime "
-                                        "(give a sidecar or STAC catalog with datetime)")
-
-
 def _resized(pixels: np.ndarray, size: int) -> np.ndarray:
     """RGB uint8 (size, size, 3): the encoder's input size, by the spec's resize rule."""
     from serving.encoders import decode_and_resize
 
     return pixels if pixels.shape[:2] == (size, size) else decode_and_resize(pixels, size)
-
-
-def _finite(code: np.ndarray) -> np.ndarray:
-    if not np.isfinite(code).all():
-        raise RuntimeError("the encoder returned a code with NaN or infinite values")
-    return code
 
 
 api = FastAPI(title="TerraHash search", version="1",
@@ -227,7 +161,7 @@ async def _http_error(request: Request, err: HTTPException):
 
 @serve.deployment(max_ongoing_requests=100)
 @serve.ingress(api)
-class Router:
+class Router(OperatorViews):
     """HTTP ingress: validate, pick the arm, encode, scatter to every shard group, merge the top-k, answer."""
 
     def __init__(self, canary, options: dict, limiter=None, audit=None):
@@ -425,7 +359,7 @@ class Router:
         if limits is None or self.limiter is None:
             return
         try:
-            wait = await asyncio.wait_for(_result(self.limiter.take.remote(call.who.name, *limits)),
+            wait = await asyncio.wait_for(awaited(self.limiter.take.remote(call.who.name, *limits)),
                                           min(LIMITER_TIMEOUT_S, max(call.remaining(), 0.001)))
         except Exception as err:  # noqa: BLE001 - rate limits are not worth refusing service over
             log.warning("the rate limiter did not answer (request let through): %s", type(err).__name__)
@@ -446,7 +380,7 @@ class Router:
         entry = audit_entry(call.who, endpoint, call.query_sha256, call.answered, call.status, call.decision,
                             request_id(), get_replica_context().replica_tag)
         try:
-            await asyncio.wait_for(_result(self.audit.append.remote(entry)), AUDIT_TIMEOUT_S)
+            await asyncio.wait_for(awaited(self.audit.append.remote(entry)), AUDIT_TIMEOUT_S)
             return response
         except Exception as err:  # noqa: BLE001 - whatever keeps the entry from the writer
             self.metrics.audit_failures.inc(1)
@@ -471,95 +405,12 @@ class Router:
         self.gate.check_query(call.who, endpoint, text, k)
         return min(k, self.gate.policy.coarsening.max_k) if self.gate.coarsened(call.who) else k
 
-    async def _explain(self, request: Request, call: Call) -> dict:
-        import base64
-
-        from serving.explain import attribution, leave_one_out, masked_copies, occlusion_with_overlay
-
-        params = parse_body(Explain, await read_json(request, base64_limit(self.config["max_upload_bytes"]))).model_dump()
-        given = [name for name in ("query", "image_base64", "image_id") if params[name] is not None]
-        if len(given) != 1:
-            raise ApiError(422, "invalid_query", "give exactly one of query, image_base64 and image_id")
-        text = check_query(params["query"], self.config) if params["query"] is not None else None
-        data = (decode_base64(params["image_base64"], self.config["max_upload_bytes"])
-                if params["image_base64"] is not None else None)
-        call.query_sha256 = sha256_of(text if text is not None else data if data is not None else params["image_id"])
-
-        async def run(arm: Arm, call: Call) -> dict:
-            encode = self._image_encoder(arm, call)
-            if text is not None:
-                query_code = await self._text_code(arm, text, call)
-            elif data is not None:
-                query_code = await self._encode_image(arm, data, call)
-            else:  # an indexed image: its stored binary code, as +-1
-                packed = await self._indexed_code(arm, params["image_id"], call)
-                query_code = unpack_signs(packed[None], arm.backend.index["bits"])[0].astype(np.float32)
-            item = await self._ask_holder(arm, "item", params["result_id"], call)
-            pixels = await self._item_pixels(arm, item, params["result_id"])
-            with call.timer("explain"):
-                codes = await encode([pixels, *masked_copies(pixels, params["grid"])])
-                found = occlusion_with_overlay(query_code, pixels, codes, params["grid"])
-            png = found.pop("png")
-            answer = {"query": {k: params[k] for k in ("query", "image_id") if params[k] is not None} or
-                      {"image": "upload"}, "result_id": params["result_id"], "occlusion": found,
-                      "overlay_png_base64": base64.b64encode(png).decode()}
-            if text is not None:
-                words, variants = leave_one_out(text)
-                codes = np.stack([await self._text_code(arm, t, call) for t in [text, *variants]])
-                answer["words"] = attribution(words, codes)
-            return answer
-        return await self._dispatch(request, call, run)
-
-    def _image_encoder(self, arm: Arm, call: Call):
-        """Decoded images -> codes through the arm's encoder deployment (batched there), for explain."""
-        async def encode(images: list) -> np.ndarray:
-            return np.stack(await _all_or_none([self._call(arm.backend.encoder, "encode_image", call, p)
-                                                for p in images]))
-        return encode
 
     async def _text_code(self, arm: Arm, text: str, call: Call) -> np.ndarray:
         if arm.backend.text is not None:
-            return _finite(arm.backend.text.encode([text])[0])
-        return _finite(await self._call(arm.backend.encoder, "encode_text", call, text))
+            return finite(arm.backend.text.encode([text])[0])
+        return finite(await self._call(arm.backend.encoder, "encode_text", call, text))
 
-    async def _item_pixels(self, arm: Arm, item: dict, item_id: str) -> np.ndarray:
-        """An indexed item's image, read from the archive and resized as the model reads it."""
-        from serving.encoders import decode_and_resize
-        from serving.thumbnails import item_image_pil
-
-        source = item_image(item, arm.backend.index["refs"]["images"])
-
-        def read():
-            return decode_and_resize(item_image_pil(source, item.get("properties", {})).convert("RGB"),
-                                     arm.backend.model["image_size"])
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.decoder, read)
-        except (OSError, ValueError) as err:
-            raise ApiError(502, "source_unreadable", f"the image of {item_id!r} cannot be read from the "
-                                                     f"archive: {err}") from None
-
-    async def _card(self, version: str, request: Request, call: Call) -> Response:
-        wanted = version.removeprefix("models:/")
-        for arm in self.arms.values():
-            model = arm.backend.model
-            names = {arm.name, model.get("model_version"), str(model.get("model") or "").removeprefix("models:/")}
-            if arm.ready and wanted in names:
-                card = await self._call(arm.backend.encoder, "card", call)
-                if card is None:
-                    raise ApiError(404, "no_model_card", f"model version {version!r} has no model card "
-                                                         f"(`terrahash card NAME VERSION` writes one)")
-                if "text/markdown" in request.headers.get("accept", "") and card["markdown"]:
-                    return Response(card["markdown"], media_type="text/markdown; charset=utf-8")
-                return JSONResponse(card["json"])
-        served = sorted({a.backend.model.get("model_version") for a in self.arms.values() if a.ready} - {None})
-        raise ApiError(404, "unknown_model_version", f"no arm serves model version {version!r}; served: {served}")
-
-    async def _keys(self) -> JSONResponse:
-        from serving.keys import KeyFile
-
-        if not self.gate.config.keys:
-            raise ApiError(404, "no_keys", "this deployment has no key file (auth is off)")
-        return JSONResponse({"keys": await asyncio.to_thread(KeyFile(self.gate.config.keys).list)})
 
     async def _dispatch(self, request: Request, call: Call, run) -> dict:
         """Answer with the request's arm, or with the primary when that arm fails or is too slow; mirror
@@ -670,7 +521,7 @@ class Router:
             self._wake.clear()
             report = {**self.stats.drain(), "revision": self.traffic.revision}
             try:
-                await asyncio.wait_for(_result(self.canary.report.remote(replica, report)), 5.0)
+                await asyncio.wait_for(awaited(self.canary.report.remote(replica, report)), 5.0)
             except Exception as err:  # noqa: BLE001
                 log.warning("canary report failed: %s", type(err).__name__)
 
@@ -751,7 +602,7 @@ class Router:
         async def run(arm: Arm, call: Call) -> dict:
             source = source_bits(body.source_hash, arm.backend.index["bits"])
             with call.timer("encode"):
-                code = _finite(await self._call(arm.backend.encoder, "encode_image", call,
+                code = finite(await self._call(arm.backend.encoder, "encode_image", call,
                                                 _resized(pixels, arm.backend.model["image_size"])))
             answer = await self._rank(arm, code, k, "none", self.config["fusion"], call)
             answer["received"] = {**link, "bit_agreement": None if source is None else
@@ -790,55 +641,6 @@ class Router:
             return {"query": {"image": "upload"}, "k": k, "results": hits}
         return await self._dispatch(request, call, run)
 
-    async def _search_items(self, request: Request, call: Call) -> dict:
-        params = parse_body(ItemsSearch, await read_json(request, 64 * 1024)).model_dump()
-        where = parse_filter(params)
-        limit = params["limit"] or min(10 * self.config["default_k"], self.config["max_k"])
-        if limit > self.config["max_k"]:
-            raise ApiError(422, "limit_out_of_range", f"limit must be from 1 to {self.config['max_k']}, got {limit}")
-        call.query_sha256 = sha256_of(json.dumps(params, sort_keys=True, default=str))
-        limit = self._admit(call, "items", limit)
-        token = params["token"]
-
-        async def run(arm: Arm, call: Call) -> dict:
-            check_filterable(arm.backend.index, where)
-            with call.timer("list"):
-                pages = await _all_or_none([self._call(h, "list_items", call, where, token, limit + 1)
-                                            for h in arm.backend.shards["images"]])
-            found = sorted((item for page in pages for item in page["items"]), key=lambda item: item["id"])
-            refs = arm.backend.index["refs"]["images"]
-            results = [{**item, "image": item_image(item, refs), "thumbnail": thumbnail_path(item["image_id"])}
-                       for item in found[:limit]]
-            more = len(found) > limit  # each group was asked for limit + 1: more exist exactly when this holds
-            return {"query": {"bbox": params["bbox"], "datetime": params["datetime"]}, "limit": limit,
-                    "matched": sum(page["matched"] for page in pages), "results": results,
-                    "next": results[-1]["id"] if more else None}
-
-        answer = await self._dispatch(request, call, run)
-        next_body = None
-        if answer.get("next"):
-            next_body = {k: v for k, v in params.items() if v is not None and k != "token"} | {"token": answer["next"]}
-        return self._formatted(request, params, answer, next_body, call)
-
-    async def _thumbnail(self, item_id: str, call: Call) -> Response:
-        """The thumbnail of an indexed image, from the primary arm's index (cached per index release)."""
-        arm = self.arms[self.traffic.primary]
-        if not await arm.backend.wait_ready(call.remaining() - 0.05):
-            raise ApiError(503, "arm_not_ready", f"arm {arm.name}: {arm.backend.problem}")
-        index = arm.backend.index
-        key = (index.get("release"), item_id)
-        data = self.thumbnails.get(key)
-        if data is None:
-            item = await self._ask_holder(arm, "item", item_id, call)
-            source = item_image(item, index["refs"]["images"])
-            try:
-                data = await asyncio.get_running_loop().run_in_executor(self.decoder, make_thumbnail, source,
-                                                                        item.get("properties", {}))
-            except (OSError, ValueError) as err:
-                raise ApiError(502, "source_unreadable", f"the image of {item_id!r} cannot be read from the "
-                                                         f"archive: {err}") from None
-            self.thumbnails.put(key, data)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
     def _formatted(self, request: Request, params: dict, answer: dict, next_body: dict | None = None,
                    call: Call | None = None) -> dict:
@@ -865,7 +667,7 @@ class Router:
             pixels = await decode_in_pool(self.decoder, data, arm.backend.model["image_size"],
                                           self.config["max_image_pixels"])
         with call.timer("encode"):
-            code = _finite(await self._call(arm.backend.encoder, "encode_image", call, pixels))
+            code = finite(await self._call(arm.backend.encoder, "encode_image", call, pixels))
         return self._faulty(arm, code, str(len(data)) + str(data[-64:]))
 
     async def _indexed_code(self, arm: Arm, image_id: str, call: Call) -> np.ndarray:
@@ -900,7 +702,7 @@ class Router:
             if not arm.backend.shards["captions"]:
                 raise ApiError(422, "invalid_rerank", "fusion needs a caption index, and this deployment has none")
             depth = max(k, self.config["rerank_depth"])
-            images, captions = await _all_or_none([self._search(arm, "images", packed, depth, call, where=where),
+            images, captions = await all_or_none([self._search(arm, "images", packed, depth, call, where=where),
                                                    self._search(arm, "captions", packed, depth, call, where=where)])
             with call.timer("rerank"):
                 results = fuse(images, captions, bits, fusion)[:k]
@@ -913,7 +715,7 @@ class Router:
         check_filterable(arm.backend.index, where)
         start = time.perf_counter()
         args = (packed, k, with_codes) + ((where,) if where is not None else ())  # unfiltered: the old call
-        answers = await _all_or_none([self._call(h, "search", call, *args) for h in arm.backend.shards[collection]])
+        answers = await all_or_none([self._call(h, "search", call, *args) for h in arm.backend.shards[collection]])
         call.timings["search"] = call.timings.get("search", 0.0) + (time.perf_counter() - start) * 1000
         with call.timer("merge"):
             return merge_hits(answers, k, arm.backend.index["bits"], arm.backend.index["refs"][collection], with_codes)
@@ -929,7 +731,7 @@ class Router:
                 raise ApiError(504, "deadline_exceeded", f"{name} did not answer within the request's deadline")
             response = getattr(handle, method).remote(*args)
             try:
-                return await asyncio.wait_for(_result(response), min(remaining, self.config["shard_timeout_s"]))
+                return await asyncio.wait_for(awaited(response), min(remaining, self.config["shard_timeout_s"]))
             except ShardNotReady as err:
                 not_ready += 1
                 self.metrics.retries.inc(1, tags={"callee": name, "reason": "not_ready"})
@@ -948,76 +750,3 @@ class Router:
                     raise ApiError(503, f"{'encoder' if name == 'QueryEncoder' else 'shard'}_unavailable",
                                    f"{name} did not answer after {retries} attempts") from None
                 await asyncio.sleep(min(0.02 * retries, max(call.remaining(), 0)))  # let the handle learn of a loss
-
-    async def _readiness(self, call: Call) -> JSONResponse:
-        traffic = self.traffic
-        arms = {name: {"ready": arm.ready, "problem": arm.backend.problem, "weight": arm.route.weight,
-                       "shadow": arm.route.shadow, **arm.versions()} for name, arm in self.arms.items()}
-        required = [a for a in self.arms.values()
-                    if not a.route.shadow and (a.route.weight > 0 or a.name == traffic.primary)]
-        body = {"ready": True, "degraded": False, "shards": [], "replicas": [], "replaced": []}
-        problems, seen = [], set()
-        for arm in required:
-            if not arm.ready:
-                body["ready"] = False
-                problems.append(f"arm {arm.name}: {arm.backend.problem}")
-                continue
-            if arm.backend.index_app in seen:
-                continue
-            seen.add(arm.backend.index_app)
-            index = await self._index_readiness(arm, call)
-            if index.get("problem"):
-                problems.append(f"arm {arm.name}: {index['problem']}")
-            for key in ("shards", "replicas", "replaced"):
-                body[key] += index.get(key, [])
-            body["ready"] = body["ready"] and index["ready"]
-            body["degraded"] = body["degraded"] or index.get("degraded", False)
-        primary = self.arms[traffic.primary].versions()
-        body.update(arms=arms, primary=traffic.primary, model_version=primary["model_version"],
-                    index_version=primary["index_version"])
-        if problems:
-            body["problem"] = "; ".join(problems)
-        if not allows(call.who.role, READY_DETAILS):
-            body = {"ready": body["ready"]}  # storage URIs, checksums and versions are for operators
-        return JSONResponse(body, status_code=200 if body["ready"] else 503)
-
-    async def _index_readiness(self, arm: Arm, call: Call) -> dict:
-        """One index's readiness from its shard replicas' own reports."""
-        if arm.backend.reports is None:
-            return {"ready": False, "problem": "the index application has no readiness reports"}
-        try:
-            snapshot = await self._call(arm.backend.reports, "snapshot", call)
-        except ApiError as err:
-            return {"ready": False, "problem": f"no readiness reports: {err.message}"}
-        labels = arm.backend.index["shards"]
-        per_shard: dict[str, list[dict]] = {label: [] for c in COLLECTIONS for label in labels.get(c, [])}
-        for replica in snapshot["replicas"]:
-            for shard in replica["shards"]:
-                if shard["shard"] in per_shard:
-                    per_shard[shard["shard"]].append({**shard, "replica": replica["replica"]})
-        shards = []
-        for label, held in per_shard.items():
-            ready = [r for r in held if r["ready"]]
-            problems = [f"replica {r['replica']}: {r['problem']}" for r in held if not r["ready"]]
-            shards.append({"shard": label, "ready": bool(ready), "replicas": len(held), "ready_replicas": len(ready),
-                           "rows": ready[0]["rows"] if ready else 0,
-                           "problem": "; ".join(problems) or (None if held else "no replica has reported")})
-        mine = set(per_shard)
-        replicas = [r for r in snapshot["replicas"] if any(s["shard"] in mine for s in r["shards"])]
-        replaced = [r for r in snapshot["replaced"] if any(s["shard"] in mine for s in r["shards"])]
-        return {"ready": all(s["ready"] for s in shards),
-                "degraded": any(not s["ready"] for r in replicas for s in r["shards"]),
-                "shards": shards, "replicas": replicas, "replaced": replaced}
-
-    async def _traffic_status(self, call: Call) -> JSONResponse:
-        """The canary controller's figures per arm, with this router's view of each arm."""
-        try:
-            status = await self._call(self.canary, "status", call)
-        except ApiError as err:
-            status = {"problem": f"the canary controller did not answer: {err.message}", "arms": {}}
-        for name, arm in self.arms.items():
-            status.setdefault("arms", {}).setdefault(name, {}).update(
-                ready=arm.ready, problem=arm.backend.problem, weight=arm.route.weight, shadow=arm.route.shadow,
-                **arm.versions())
-        status.update(primary=self.traffic.primary, salt=self.traffic.salt)
-        return JSONResponse(status)
