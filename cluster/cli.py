@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager" on a first plot
     if hasattr(args, "data") and not Path(args.data).exists():
         print(f"terrahash: dataset {args.data!r} not found (give --data or set TERRAHASH_DATA)", file=sys.stderr)
         return 2

@@ -90,11 +90,15 @@ def _code_length_plot(section: dict) -> bytes:
                 ax.plot(bits, [e[way][task]["map_all"] for e in mine], style, marker="o", color=f"C{n}",
                         label=f"{config} {way}" if task == tasks[0][1] else None)
         ax.set_xscale("log", base=2)
+        every_bits = sorted({e["bits"] for e in entries.values()})
+        ax.set_xticks(every_bits, [str(b) for b in every_bits])
+        ax.minorticks_off()
         ax.set_xlabel("bits")
         ax.set_ylabel("mAP@all")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-    figure.legend(loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.12))
+    figure.tight_layout(rect=(0, 0.13, 1, 1))  # room below the axes' labels for the legend
+    figure.legend(loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, 0.0))
     return png_of(figure)
 
 
