@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving.calls import awaited
 from serving.traffic import ArmRoute
 
 log = logging.getLogger("ray.serve")
@@ -52,8 +53,8 @@ class Backend:
 
         encoder = serve.get_deployment_handle("QueryEncoder", self.model_app)
         info = serve.get_deployment_handle("IndexInfo", self.index_app)
-        model = await asyncio.wait_for(_result(encoder.describe.remote()), DESCRIBE_TIMEOUT_S)
-        index = await asyncio.wait_for(_result(info.describe.remote()), DESCRIBE_TIMEOUT_S)
+        model = await asyncio.wait_for(awaited(encoder.describe.remote()), DESCRIBE_TIMEOUT_S)
+        index = await asyncio.wait_for(awaited(info.describe.remote()), DESCRIBE_TIMEOUT_S)
         if index.get("code_space") and model.get("code_space") and index["code_space"] != model["code_space"]:
             raise ValueError(f"model {model['model']} (code space {model['code_space'][:19]}) does not speak the "
                              f"code space of index {index['index']} release {index['release']} "
@@ -79,10 +80,6 @@ def _load_text(model: dict, options: dict):
     folder = fetch_model(model["model"], cache_dir=options.get("model_cache_dir", "/tmp/terrahash/models"),
                          tracking_uri=options.get("tracking_uri"))
     return TextEncoder(str(find_spec(folder, "text", model.get("variant", "fp32"))), int(options.get("encoder_threads", 1)))
-
-
-async def _result(response):
-    return await response
 
 
 @dataclass

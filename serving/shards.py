@@ -28,6 +28,7 @@ import numpy as np
 from ray import serve
 
 from cluster.artifacts import LocalRoot, sha256_file
+from serving.calls import awaited
 from serving.index import ShardIntegrityError, load_shard, merge_topk, read_manifest
 from serving.items import describe
 
@@ -91,10 +92,6 @@ def sync_to_cache(source, cache: Path, collection: str, version: str, name: str)
 def cache_folder(cache_dir: str | os.PathLike, node: str, source_uri: str) -> Path:
     """Where a node keeps its copies of one artifact root's shards: ``<cache_dir>/<node>/<source hash>``."""
     return Path(cache_dir) / node / hashlib.sha256(source_uri.encode()).hexdigest()[:16]
-
-
-async def _result(response):
-    return await response
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=256)
@@ -186,7 +183,7 @@ class ShardServer:
         report = {"replica": self.replica, "deployment": self.deployment, "node": self.node,
                   "healthy": self.healthy, "period_s": self.period_s, "shards": self.ready()}
         try:
-            await asyncio.wait_for(_result(self.reports.report.remote(report)), REPORT_TIMEOUT_S)
+            await asyncio.wait_for(awaited(self.reports.report.remote(report)), REPORT_TIMEOUT_S)
         except Exception as err:  # readiness reporting must never fail the replica itself
             log.warning("could not report readiness: %s", err)
 

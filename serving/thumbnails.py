@@ -1,6 +1,6 @@
 """Thumbnails of indexed items: a small JPEG made from the item's image on first request, then cached.
 
-``GET /v1/items/{id}/thumbnail`` (serving.router) answers with ``make_thumbnail`` of the item's
+``GET /v1/items/{id}/thumbnail`` (serving.router_views) answers with ``make_thumbnail`` of the item's
 image reference: a local file, an ``s3://`` object (serving.archive.read_source), or a scene's chip
 (``<scene>?window=col,row,width,height`` with the chip's bands and stretch in its properties, read
 as the index read it, serving.geo). ``ThumbnailCache`` keeps the JPEGs in the router's memory,
