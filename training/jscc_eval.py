@@ -98,7 +98,8 @@ def _qf(link, quantizer: BlockQuantizer, received: torch.Tensor, snr: float, bat
 
 def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = True) -> dict:
     """The table's points for the links in ``model_dir`` (written by ``train_grid``)."""
-    from evaluation.retrieval import choose_rows
+    from evaluation.retrieval import choose_rows, signs
+    from evaluation.robustness import hamming_map
 
     from .data import load_dataset
     from .train import DatasetIndex
@@ -116,14 +117,11 @@ def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = 
         return torch.from_numpy(load_images([paths[r] for r in rows], size)).permute(0, 3, 1, 2).float().div_(255.0)
 
     sent, val = tensor(q_rows), tensor(index.rows("val"))
-    from evaluation.retrieval import signs
-
-    db_codes = signs(hash_codes(hasher, torch.from_numpy(load_images([paths[r] for r in db_rows], 256)).permute(
+    # The database as the index holds it: full images at the hasher's own input size.
+    db_codes = signs(hash_codes(hasher, torch.from_numpy(load_images([paths[r] for r in db_rows], hasher.size)).permute(
         0, 3, 1, 2).float().div_(255.0)))
     q_labels, db_labels = index.labels[q_rows], index.labels[db_rows]
     sent_codes = hash_codes(hasher, sent)
-    from evaluation.retrieval import signs
-    from evaluation.robustness import hamming_map
 
     clean = hamming_map(signs(sent_codes), q_labels, db_codes, db_labels)
     links = {(l["hops"], l["snr_db"], l["model"]): folder / f"{l['name']}.pt" for l in manifest["links"]}
