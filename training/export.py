@@ -41,16 +41,21 @@ class ExportError(RuntimeError):
     """An exported model that does not reproduce its torch source."""
 
 
-def _export(module: torch.nn.Module, args: tuple, input_names: list[str], dynamic: dict, path: Path) -> None:
+def _export(module: torch.nn.Module, args: tuple, input_names: list[str], dynamic: dict, path: Path,
+            output_name: str = OUTPUT) -> None:
     """torch.export-based ONNX export of ``module`` in eval mode, one self-contained file."""
+    import warnings
+
     module = module.eval()
     # The exporter's graph passes log a line per deduplicated initializer (hundreds) at INFO, and
     # its optimizer a line per folded constant and rewrite pass.
     for name in ("onnx_ir", "onnxscript"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Inputs that share one batch dimension get a UserWarning each that the name is kept once.
+        warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used", category=UserWarning)
         program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, input_names=input_names,
-                                    output_names=[OUTPUT], dynamic_shapes=dynamic, external_data=False,
+                                    output_names=[output_name], dynamic_shapes=dynamic, external_data=False,
                                     verbose=False)
     program.save(str(path))
 

@@ -43,14 +43,10 @@ class _Hop(nn.Module):
 
 
 def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> None:
-    from .export import OPSET
+    from .export import _export as export_onnx
 
     batch = torch.export.Dim("batch", min=1)
-    dynamic = {name: {0: batch} for name in ("x", "snr_db")[:len(args)]}
-    with torch.no_grad():
-        program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET, input_names=names,
-                                    output_names=["out"], dynamic_shapes=dynamic, external_data=False, verbose=False)
-    program.save(str(path))
+    export_onnx(module, args, names, {name: {0: batch} for name in ("x", "snr_db")[:len(args)]}, path, "out")
 
 
 def _verify(path: Path, module: nn.Module, feeds: dict[str, np.ndarray]) -> float:

@@ -270,6 +270,11 @@ def track_run(config, out_dir: str | Path, dataset: CaptionDataset,
     from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+    # MLflow's own INFO lines (creating the database's tables, starting and stopping the system-metrics
+    # sampler) say nothing the run's one line below does not; its warnings still show.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.WARNING))
+
     uri, artifact_location = resolve_tracking_uri(tracking)
     client = MlflowClient(uri)
     tags = run_tags(dataset) | ({MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {})
