@@ -37,6 +37,9 @@ class JsccConfig:
     alignment_weight: NonNegative = 0.06  # lambda of the aligned model (the paper's)
     hasher: Annotated[str, OneOf(("student", "teacher"))] = "student"  # the frozen h: RUN/students, or the run's teacher
     qf_grid: tuple[tuple[Count, Positive], ...] = PAPER_QF_GRID  # (N_Q, b) of quantize-and-forward
+    # Multi-hop links start from the trained 1-hop link of the same model (every hop's pair a copy of it)
+    # instead of from random weights, then train end to end through all hops.
+    warm_start: bool = False
     epochs: Count = 8
     batch_size: BatchSize = 16
     lr: Positive = 1e-3

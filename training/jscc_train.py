@@ -94,7 +94,7 @@ def link_names(config: JsccConfig) -> list[tuple[str, int, float | None, str]]:
     """(name, hops, SNR it is trained at or None for a conditioned link, model) of every link to train."""
     snrs = [None] if config.snr_conditioning else list(config.snr_eval_db)
     out = []
-    for hops in config.hops:
+    for hops in sorted(config.hops):
         for snr in snrs:
             for model in config.models:
                 name = f"df-h{hops}" + ("" if snr is None else f"-snr{snr:g}") + f"-{model}"
@@ -103,10 +103,16 @@ def link_names(config: JsccConfig) -> list[tuple[str, int, float | None, str]]:
 
 
 def train_link(config: JsccConfig, hops: int, snr_db: float | None, model: str, images: np.ndarray,
-               hasher: FrozenHasher | None, device: torch.device, seed: int, progress: bool = True) -> tuple[DecodeForward, list]:
-    """One link trained end to end through its hops; returns it (eval mode) and the mean loss per epoch."""
+               hasher: FrozenHasher | None, device: torch.device, seed: int, progress: bool = True,
+               start_from: DecodeForward | None = None) -> tuple[DecodeForward, list]:
+    """One link trained end to end through its hops; returns it (eval mode) and the mean loss per epoch.
+    ``start_from``: a trained 1-hop link whose encoder/decoder pair every hop starts from."""
     torch.manual_seed(seed)
     link = DecodeForward(hops, config.c_out, config.width, config.snr_conditioning).to(device)
+    if start_from is not None:
+        for encoder, decoder in zip(link.encoders, link.decoders):
+            encoder.load_state_dict(start_from.encoders[0].state_dict())
+            decoder.load_state_dict(start_from.decoders[0].state_dict())
     loss_fn = AlignedLoss(hasher if model == "aligned" else None, config.alignment_weight).train()
     optimizer = torch.optim.Adam(link.parameters(), lr=config.lr)
     noise = torch.Generator(device=device).manual_seed(seed)
@@ -147,14 +153,19 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
         raise ValueError(f"{data_dir}: no train images to train the links on")
     images = load_images(train, max(256, config.image_size))
     hasher = load_hasher(hasher_dir, config.hasher, device) if "aligned" in config.models else None
-    links = []
-    for n, (name, hops, snr, model) in enumerate(link_names(config)):
+    links, one_hop = [], {}
+    for n, (name, hops, snr, model) in enumerate(link_names(config)):  # 1-hop links first
         start = time.perf_counter()
-        link, history = train_link(config, hops, snr, model, images, hasher, device, config.seed + n, progress)
+        start_from = one_hop.get((snr, model)) if config.warm_start and hops > 1 else None
+        link, history = train_link(config, hops, snr, model, images, hasher, device, config.seed + n, progress,
+                                   start_from)
+        if hops == 1:
+            one_hop[(snr, model)] = link
         record = {"state_dict": link.state_dict(), "hops": hops, "snr_db": snr, "model": model, "config": asdict(config)}
         torch.save(record, out / f"{name}.pt")
         export_link(link, record, out / "onnx" / name)  # the query path's encoder, decoder and spec
         links.append({"name": name, "hops": hops, "snr_db": snr, "model": model, "loss": history,
+                      "started_from": "1-hop link" if start_from is not None else "random",
                       "seconds": round(time.perf_counter() - start, 1)})
         log.info("%s: loss %.4f after %d epochs (%.0f s)", name, history[-1], len(history), links[-1]["seconds"])
     manifest = {"config": asdict(config), "hasher": {"model_dir": str(hasher_dir), "kind": config.hasher},

@@ -145,6 +145,30 @@ def test_crops_are_seeded_per_epoch():
     assert crops(images, 8, 0, 0).equal(first) and not crops(images, 8, 0, 1).equal(first)
 
 
+def test_a_warm_started_link_starts_every_hop_from_the_one_hop_pair():
+    import numpy as np
+
+    from training.jscc_config import jscc_config_from_dict
+    from training.jscc_train import train_link
+
+    # lr so small that one epoch leaves the weights where they started, to see where that was.
+    config = jscc_config_from_dict({"image_size": 16, "c_out": 4, "width": 8, "epochs": 1, "batch_size": 4,
+                                    "lr": 1e-12, "device": "cpu", "tracking": {"enabled": False}})
+    images = np.random.default_rng(0).integers(0, 255, (4, 24, 24, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    one_hop, _ = train_link(config, 1, None, "baseline", images, None, cpu, seed=0, progress=False)
+    warm, _ = train_link(config, 3, None, "baseline", images, None, cpu, seed=1, progress=False, start_from=one_hop)
+    cold, _ = train_link(config, 3, None, "baseline", images, None, cpu, seed=1, progress=False)
+    pair = {**one_hop.encoders[0].state_dict(), **one_hop.decoders[0].state_dict()}
+
+    def distance(link, hop):
+        mine = {**link.encoders[hop].state_dict(), **link.decoders[hop].state_dict()}
+        return max(float((mine[k].float() - v.float()).abs().max()) for k, v in pair.items())
+
+    assert all(distance(warm, hop) < 1e-6 for hop in range(3))
+    assert all(distance(cold, hop) > 1e-2 for hop in range(3))
+
+
 def test_the_grid_trains_baseline_and_aligned_links_through_the_frozen_teacher(trained, subset, tmp_path):
     from training.jscc_config import jscc_config_from_dict
     from training.jscc_train import link_names, load_hasher, load_link, train_grid
