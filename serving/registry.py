@@ -114,6 +114,11 @@ def client(tracking_uri: str | None = None):
 def quiet_mlflow() -> None:
     """No progress bars nor INFO lines from MLflow on the command line (warnings still show)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_mlflow_logs()
+
+
+def quiet_mlflow_logs() -> None:
+    """No INFO lines from MLflow and its database migrations (warnings still show)."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.WARNING))
 

@@ -113,13 +113,11 @@ def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = 
     paths = [r.path for r in index.dataset.records]
     size = config.image_size
 
-    def tensor(rows) -> torch.Tensor:
-        return torch.from_numpy(load_images([paths[r] for r in rows], size)).permute(0, 3, 1, 2).float().div_(255.0)
+    def tensor(rows, side: int = size) -> torch.Tensor:
+        return torch.from_numpy(load_images([paths[r] for r in rows], side)).permute(0, 3, 1, 2).float().div_(255.0)
 
     sent, val = tensor(q_rows), tensor(index.rows("val"))
-    # The database as the index holds it: full images at the hasher's own input size.
-    db_codes = signs(hash_codes(hasher, torch.from_numpy(load_images([paths[r] for r in db_rows], hasher.size)).permute(
-        0, 3, 1, 2).float().div_(255.0)))
+    db_codes = signs(hash_codes(hasher, tensor(db_rows, hasher.size)))  # the database as the index holds it
     q_labels, db_labels = index.labels[q_rows], index.labels[db_rows]
     sent_codes = hash_codes(hasher, sent)
 

@@ -270,10 +270,11 @@ def track_run(config, out_dir: str | Path, dataset: CaptionDataset,
     from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+    from serving.registry import quiet_mlflow_logs
+
     # MLflow's own INFO lines (creating the database's tables, starting and stopping the system-metrics
-    # sampler) say nothing the run's one line below does not; its warnings still show.
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.WARNING))
+    # sampler) say nothing the run's one line below does not.
+    quiet_mlflow_logs()
 
     uri, artifact_location = resolve_tracking_uri(tracking)
     client = MlflowClient(uri)
