@@ -49,11 +49,14 @@ class JsccConfig:
 
 
 def jscc_config_from_dict(data: dict | None) -> JsccConfig:
+    from .config import ConfigError
+
     config = build(JsccConfig, data or {}, "jscc")
     if config.snr_train_db[0] > config.snr_train_db[1]:
-        from .config import ConfigError
-
         raise ConfigError(f"jscc.snr_train_db: {list(config.snr_train_db)} must be [low, high]")
+    if config.warm_start and 1 not in config.hops:
+        raise ConfigError(f"jscc.warm_start: multi-hop links start from the 1-hop link, but hops are "
+                          f"{list(config.hops)}")
     return config
 
 

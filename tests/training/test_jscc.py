@@ -168,6 +168,11 @@ def test_a_warm_started_link_starts_every_hop_from_the_one_hop_pair():
     assert all(distance(warm, hop) < 1e-6 for hop in range(3))
     assert all(distance(cold, hop) > 1e-2 for hop in range(3))
 
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="warm_start"):
+        jscc_config_from_dict({"warm_start": True, "hops": [2, 3]})
+
 
 def test_the_grid_trains_baseline_and_aligned_links_through_the_frozen_teacher(trained, subset, tmp_path):
     from training.jscc_config import jscc_config_from_dict
