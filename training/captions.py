@@ -7,8 +7,9 @@ badly. Each augmented variant of a caption applies, in this order:
 
 1. clause reordering: the caption is cut at commas, semicolons, " while " and " and " between clauses,
    and its clauses are shuffled (with probability ``reorder``);
-2. synonyms: every word or phrase of ``SYNONYMS`` is replaced by a random member of its group (with
-   probability ``synonym`` each);
+2. synonyms: every word or phrase of the vocabulary's groups (``VOCABULARIES``: ``SYNONYMS``, the
+   scene words, alone or with ``CAPTION_SYNONYMS``) is replaced by a random member of its group
+   (with probability ``synonym`` each);
 3. word dropout: every word is dropped with probability ``word_dropout`` (one word at least stays).
 
 Variants are drawn from ``numpy.random.default_rng((seed, caption_row, variant))``: the same seed gives
@@ -93,25 +94,73 @@ SYNONYMS: tuple[tuple[str, ...], ...] = (
 )
 
 
+# The words of the train captions most often left out by the groups above (frequent words
+# counted over the UCM-Captions train split, stop words aside), with everyday alternatives. Used
+# on top of SYNONYMS by the "scene_and_captions" vocabulary.
+CAPTION_SYNONYMS: tuple[tuple[str, ...], ...] = (
+    ("lines", "rows"),
+    ("roofs", "rooftops"),
+    ("roof", "rooftop"),
+    ("tennis courts", "tennis pitches"),
+    ("grey", "gray", "greyish"),
+    ("villa", "mansion", "detached house"),
+    ("villas", "mansions", "detached houses"),
+    ("withered", "dry", "parched", "dead"),
+    ("swimming pool", "pool", "backyard pool"),
+    ("swimming pools", "pools", "backyard pools"),
+    ("grass", "lawn", "turf"),
+    ("narrow", "thin", "slim"),
+    ("busy", "congested", "heavy with traffic"),
+    ("desert", "arid land", "barren land", "wasteland"),
+    ("desolate", "barren", "bleak"),
+    ("lush", "luxuriant", "thick", "flourishing"),
+    ("empty", "vacant", "deserted"),
+    ("weeds", "scrub", "wild plants"),
+    ("roadside", "side of the road", "edge of the road"),
+    ("parallel", "side by side"),
+    ("diagonally", "at an angle", "obliquely"),
+    ("haphazardly", "randomly", "irregularly", "in disorder"),
+    ("scatteredly", "dispersedly", "here and there"),
+    ("backyards", "gardens", "yards"),
+    ("manicured", "well kept", "neatly trimmed"),
+    ("emerald", "bright green"),
+    ("turbid", "muddy", "murky"),
+    ("curved", "winding", "bending"),
+    ("round", "circular"),
+    ("old", "aged", "weathered"),
+    ("stopped", "waiting", "sitting"),
+    ("across", "spanning", "over"),
+    ("medium", "moderate", "mid-sized"),
+    ("water", "the water surface"),
+    ("sands", "sand", "sandy ground"),
+)
+
+# Named vocabularies (train.captions.vocabulary in a config).
+VOCABULARIES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "scene": SYNONYMS,
+    "scene_and_captions": SYNONYMS + CAPTION_SYNONYMS,
+}
+
 _CLAUSE_BREAK = re.compile(r"\s*(?:[,;]|\bwhile\b|\band\b(?= (?:a|an|the|some|many|two|three|several|lots)\b))\s*")
 
 
-def _synonym_table() -> tuple[dict[tuple[str, ...], tuple[str, ...]], int]:
+def _synonym_table(groups) -> tuple[dict[tuple[str, ...], tuple[str, ...]], int]:
     table: dict[tuple[str, ...], tuple[str, ...]] = {}
-    for group in SYNONYMS:
+    for group in groups:
         for phrase in group:
             table.setdefault(tuple(phrase.split()), group)
     return table, max(len(k) for k in table)
 
 
-_TABLE, _LONGEST = _synonym_table()
+_TABLES = {name: _synonym_table(groups) for name, groups in VOCABULARIES.items()}
 
 
-def _replace_synonyms(words: list[str], rate: float, rng: np.random.Generator) -> list[str]:
+def _replace_synonyms(words: list[str], rate: float, rng: np.random.Generator, vocabulary: str) -> list[str]:
+    table, longest = _TABLES[vocabulary]
     out, i = [], 0
     while i < len(words):
-        for n in range(min(_LONGEST, len(words) - i), 0, -1):
-            group = _TABLE.get(tuple(words[i:i + n]))
+        for n in range(min(longest, len(words) - i), 0, -1):
+            group = table.get(tuple(words[i:i + n]))
             if group is not None:
                 out.extend(group[rng.integers(len(group))].split() if rng.random() < rate else words[i:i + n])
                 i += n
@@ -123,12 +172,12 @@ def _replace_synonyms(words: list[str], rate: float, rng: np.random.Generator) -
 
 
 def augment_caption(text: str, rng: np.random.Generator, word_dropout: float = 0.1, synonym: float = 0.5,
-                    reorder: float = 0.5) -> str:
+                    reorder: float = 0.5, vocabulary: str = "scene") -> str:
     """One reworded copy of ``text`` (lower case, the final full stop kept if it had one)."""
     clauses = [c for c in _CLAUSE_BREAK.split(text.strip().rstrip(".").lower()) if c]
     if len(clauses) > 1 and rng.random() < reorder:
         clauses = [clauses[i] for i in rng.permutation(len(clauses))]
-    words = _replace_synonyms(" , ".join(clauses).split(), synonym, rng)
+    words = _replace_synonyms(" , ".join(clauses).split(), synonym, rng, vocabulary)
     kept = [w for w in words if w == "," or rng.random() >= word_dropout]
     if all(w == "," for w in kept):
         kept = [w for w in words if w != ","][:1]

@@ -83,6 +83,7 @@ class Rule:
 
 
 NUM_DIHEDRAL_VIEWS = 8  # 4 rotations x optional flip: overhead scenes have no canonical orientation
+VOCABULARIES = ("scene", "scene_and_captions")  # synonym groups of caption augmentation (training/captions.py)
 SCHEDULES = ("joint", "sync", "async")  # how the two towers are trained (training/jobs.py)
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -188,6 +189,9 @@ class CaptionAugmentConfig:
     word_dropout: Fraction = 0.1  # each word dropped with this probability
     synonym: Fraction = 0.5  # each listed word or phrase replaced by one of its synonyms
     reorder: Fraction = 0.5  # a caption's clauses shuffled
+    # Synonym groups (training/captions.py VOCABULARIES): the scene words, or those and the
+    # frequent train-caption words they leave out.
+    vocabulary: Annotated[str, OneOf(VOCABULARIES)] = "scene"
     # Std of Gaussian noise on the frozen text encoder's features (relative to each feature's spread
     # over the train captions): a smoother text head for sentences unlike the training captions.
     feature_noise: NonNegative = 0.0
@@ -195,7 +199,8 @@ class CaptionAugmentConfig:
     @property
     def rates(self) -> dict[str, float]:
         """The keyword arguments of training.captions.augment_caption."""
-        return {"word_dropout": self.word_dropout, "synonym": self.synonym, "reorder": self.reorder}
+        return {"word_dropout": self.word_dropout, "synonym": self.synonym, "reorder": self.reorder,
+                "vocabulary": self.vocabulary}
 
 
 @dataclass

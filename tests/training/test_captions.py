@@ -33,3 +33,23 @@ def test_rates_of_zero_leave_the_caption_as_written_in_lower_case():
     out = augment_caption("There is a piece of farmland .", rng, word_dropout=0.0, synonym=0.0, reorder=0.0)
     assert out == "there is a piece of farmland."
     assert augment_caption("a", np.random.default_rng(0), word_dropout=0.99) == "a"  # one word always stays
+
+
+def test_the_wider_vocabulary_rewords_the_caption_words_the_scene_list_leaves_out():
+    caption = ["Some villas with swimming pools and lush trees are next to a grey road ."]
+    scene = [v[0] for v in caption_variants(caption, np.arange(1), 30, seed=0, synonym=1.0, word_dropout=0.0)]
+    wider = [v[0] for v in caption_variants(caption, np.arange(1), 30, seed=0, synonym=1.0, word_dropout=0.0,
+                                            vocabulary="scene_and_captions")]
+    assert all("villas" in v and "lush" in v for v in scene)  # not in the scene groups: kept as written
+    assert any("mansions" in v for v in wider) and any("luxuriant" in v for v in wider)
+    assert wider == [v[0] for v in caption_variants(caption, np.arange(1), 30, seed=0, synonym=1.0, word_dropout=0.0,
+                                                    vocabulary="scene_and_captions")]
+
+
+def test_an_unknown_vocabulary_is_a_config_error():
+    import pytest
+
+    from training.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="vocabulary"):
+        config_from_dict({"train": {"captions": {"vocabulary": "thesaurus"}}})
