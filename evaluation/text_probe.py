@@ -119,8 +119,6 @@ def run_probe(data_dir: str | Path, config_name: str = "fast_split", layers: Seq
               epochs: int = 3, query_sets: Sequence[str] = DEFAULT_SETS, ks: Sequence[int] = (1, 10, 50),
               encoder_lr: float = 3e-5, seed: int = 0, progress=print) -> dict:
     """The probe's figures: ``{"knn": {set: {k: acc}}, "classifier": [{layers, epochs: [...], chosen}]}``."""
-    import torch
-
     from training.captions import caption_variants
     from training.config import load_config
     from training.data import load_dataset

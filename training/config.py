@@ -147,6 +147,8 @@ class LossConfig:
         "instance_hash_proxy": 0.0,  # L_HP on the instance bits alone, against proxies of their own
         # the instance bits' similarities kept to the frozen image features' (losses.FeatureStructureLoss)
         "instance_structure": 0.0,
+        # the text codes' similarities kept to the frozen text encoder's, on the batch's reworded captions
+        "text_structure": 0.0,
         "self_distill": 1.0,  # L_SdH between the weak and the strong image view
         "quantization": 0.1,  # L_bce-Q on image and text codes
         "contrastive": 0.5,  # symmetric image-text InfoNCE on continuous codes
@@ -197,7 +199,7 @@ class CaptionAugmentConfig:
     feature_noise: NonNegative = 0.0
 
     @property
-    def rates(self) -> dict[str, float]:
+    def rates(self) -> dict[str, float | str]:
         """The keyword arguments of training.captions.augment_caption."""
         return {"word_dropout": self.word_dropout, "synonym": self.synonym, "reorder": self.reorder,
                 "vocabulary": self.vocabulary}

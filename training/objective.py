@@ -80,10 +80,13 @@ class HashingObjective(nn.Module):
     def forward(self, h_weak: torch.Tensor, h_strong: torch.Tensor | None, h_text: torch.Tensor | None,
                 labels: torch.Tensor, caption_features: torch.Tensor,
                 target_proxies: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                image_features: torch.Tensor | None = None,
+                text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Named loss terms. Shapes: codes (B, nbits), labels (B,) class ids, caption_features (B, D),
         ``image_features`` (B, D') the frozen backbone's features of the weak view (for the
-        ``instance_structure`` term; without them the term is not computed).
+        ``instance_structure`` term; without them the term is not computed), ``text_features``
+        (B, D) the frozen text encoder's features of the texts ``h_text`` was coded from, as worded
+        in the batch (augmented), for the ``text_structure`` term likewise.
 
         The split schedules compute one side only. The image job passes ``h_text=None``: only the
         image terms. The text job passes the image job's published codes of the batch's images as
@@ -112,6 +115,8 @@ class HashingObjective(nn.Module):
         if image_side and image_features is not None and self.config.instance_bits \
                 and w.get("instance_structure", 0):
             terms["instance_structure"] = self.structure(h_weak[:, c:], image_features)
+        if text_side and text_features is not None and w.get("text_structure", 0):
+            terms["text_structure"] = self.structure(h_text, text_features)
         if image_side and w.get("self_distill", 0):
             terms["self_distill"] = self.self_distill(h_weak, h_strong)
         if w.get("quantization", 0):

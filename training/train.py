@@ -286,6 +286,15 @@ class Trainer:
         texts = [self.variant_texts[v][i] for v, i in zip(variants.tolist(), caption_rows.tolist())]
         return self.model.text_head(self.model.text_encoder.encode(texts))
 
+    def _worded_features(self, batch: Batch) -> torch.Tensor | None:
+        """The frozen text encoder's features (B, D) of the batch's captions as worded in the batch
+        (the drawn variant), for the text_structure term; None when the encoder is fine-tuned."""
+        if not self.config.text.freeze_encoder:
+            return None
+        rows = batch.captions.to(self.device)
+        variants = torch.zeros_like(rows) if batch.caption_variants is None else batch.caption_variants.to(self.device)
+        return self.variant_features[variants, rows]
+
     def use_snapshot(self, snapshot: Snapshot) -> None:
         """The image codes and proxies the text role trains against from now on."""
         self.snapshot = snapshot
@@ -299,13 +308,14 @@ class Trainer:
         if self.role == "text":
             h_image = self._snapshot_codes[batch.images.to(self.device)]  # (B, nbits), constants
             return self.objective(h_image, None, self._text_codes(batch.captions, batch.caption_variants), labels,
-                                  caption_features,
-                                  target_proxies=self._snapshot_proxies)
+                                  caption_features, target_proxies=self._snapshot_proxies,
+                                  text_features=self._worded_features(batch))
         h_weak = self._image_codes(batch.weak)
         h_strong = self._image_codes(batch.strong)
         h_text = self._text_codes(batch.captions, batch.caption_variants) if self.role == "joint" else None
         features = batch.weak.to(self.device) if self.config.image.freeze_backbone else None  # (B, D)
-        return self.objective(h_weak, h_strong, h_text, labels, caption_features, image_features=features)
+        return self.objective(h_weak, h_strong, h_text, labels, caption_features, image_features=features,
+                              text_features=self._worded_features(batch) if h_text is not None else None)
 
     def train_mode(self, on: bool) -> None:
         self.model.train(on)

@@ -131,3 +131,20 @@ def test_the_structure_term_shapes_the_instance_bits_of_the_weak_view_alone():
     objective.total(terms).backward()
     assert h_weak.grad[:, :5].abs().sum() == 0 and h_weak.grad[:, 5:].abs().sum() > 0
     assert h_strong.grad is None or h_strong.grad.abs().sum() == 0
+
+
+def test_the_text_structure_term_shapes_the_text_codes_alone_from_the_worded_captions_features():
+    only = {k: 0.0 for k in LossConfig().weights}
+    only.update(text_structure=1.0)
+    objective = HashingObjective(LossConfig(weights=only), 3, 8)
+    h_weak, h_text = codes(4, 8), codes(4, 8, seed=2)
+    labels, captions = torch.tensor([0, 1, 2, 0]), torch.randn(4, 5)
+    assert objective(h_weak, None, h_text, labels, captions) == {}  # no worded features: not computed
+    worded = torch.randn(4, 5)
+    terms = objective(h_weak, None, h_text, labels, captions, text_features=worded)
+    assert set(terms) == {"text_structure"}
+    objective.total(terms).backward()
+    assert h_text.grad.abs().sum() > 0 and (h_weak.grad is None or h_weak.grad.abs().sum() == 0)
+    # zero when the codes' similarities already are the centred features' own
+    centred = torch.nn.functional.normalize(worded - worded.mean(0), dim=1)
+    assert float(objective.structure(centred, worded)) == pytest.approx(0.0, abs=1e-10)
