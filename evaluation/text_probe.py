@@ -16,8 +16,9 @@ the text tower names a query's class. This probe measures that directly, without
   one); the others are reported at that epoch, never chosen on.
 
 ``python -m evaluation.text_probe --data DIR --layers 0 2 --epochs 3`` prints one table per setting
-and ``--json OUT`` writes them. On this 2-core CPU a frozen epoch takes about 5 s, a fine-tuned one
-about 5 minutes (every caption through the whole encoder, gradients through the top layers).
+and ``--json OUT`` writes them. On this 2-core CPU a frozen epoch takes about 20 s, one with the top
+two layers fine-tuned about 7 minutes (every caption through the whole encoder, gradients through
+the top layers).
 """
 from __future__ import annotations
 
