@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("matplotlib").setLevel(logging.WARNING)  # "generated new fontManager" on a first plot
+        # transformers draws a "Loading weights" bar each time a text encoder loads; it reads this
+        # variable when first imported (later, by the command), and nothing here is downloaded
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if hasattr(args, "data") and not Path(args.data).exists():
         print(f"terrahash: dataset {args.data!r} not found (give --data or set TERRAHASH_DATA)", file=sys.stderr)
         return 2
