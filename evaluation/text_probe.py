@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .retrieval import _cosine
+
 DEFAULT_SETS = ("ucm_free_text_val", "ucm_free_text")
 
 
@@ -38,10 +40,7 @@ def knn_vote(train_features: np.ndarray, train_labels: np.ndarray, features: np.
              num_classes: int) -> np.ndarray:
     """The class most common among each row's ``k`` nearest train rows by cosine (ties: the lower
     class id, and among equal similarities the lower train row)."""
-    def unit(x):
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    similarity = unit(features) @ unit(train_features).T  # (Q, M)
+    similarity = _cosine(features, train_features)  # (Q, M)
     nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
     votes = np.stack([np.bincount(train_labels[row], minlength=num_classes) for row in nearest])
     return votes.argmax(axis=1)
@@ -74,20 +73,15 @@ class _Probe:
         self.noise = None if noise is None else torch.as_tensor(noise)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def features(self, texts: list[str], batch: int = 256):
-        """Features of ``texts`` in eval mode, no gradients: (Q, D)."""
+    def predict(self, texts: list[str]) -> np.ndarray:
+        """The head's class of each text, through the encoder as it now is."""
         import torch
 
-        self.encoder.eval()
-        with torch.no_grad():
-            return torch.cat([self.encoder.encode(texts[i:i + batch]) for i in range(0, len(texts), batch)])
-
-    def predict(self, texts: list[str], cached=None) -> np.ndarray:
-        import torch
+        from training.features import text_features
 
         self.head.eval()
         with torch.no_grad():
-            return self.head(self.features(texts) if cached is None else cached).argmax(1).numpy()
+            return self.head(torch.as_tensor(text_features(self.encoder, texts, desc="probe texts"))).argmax(1).numpy()
 
     def epoch(self, texts: list[str], labels: np.ndarray, batch_size: int, rng: np.random.Generator,
               cached=None) -> float:
@@ -120,9 +114,12 @@ def run_probe(data_dir: str | Path, config_name: str = "fast_split", layers: Seq
               epochs: int = 3, query_sets: Sequence[str] = DEFAULT_SETS, ks: Sequence[int] = (1, 10, 50),
               encoder_lr: float = 3e-5, seed: int = 0, progress=print) -> dict:
     """The probe's figures: ``{"knn": {set: {k: acc}}, "classifier": [{layers, epochs: [...], chosen}]}``."""
+    import torch
+
     from training.captions import caption_variants
     from training.config import load_config
     from training.data import load_dataset
+    from training.features import text_features
     from training.models import TextEncoder
     from training.train import DatasetIndex
 
@@ -149,13 +146,12 @@ def run_probe(data_dir: str | Path, config_name: str = "fast_split", layers: Seq
     labels = np.concatenate([caption_labels[train]] * (1 + len(copies)))
     evaluated = {"val captions": ([index.captions[i] for i in val], caption_labels[val]), **queries}
 
-    encoder = TextEncoder(config.text)
-    base = _Probe(encoder, len(classes), config.text.head_hidden, config.text.dropout, 0, encoder_lr,
-                  config.train.lr, None, seed)
-    train_features = base.features(texts)
-    spread = train_features[:len(train)].std(0).numpy()
-    knn = {name: {str(k): float(np.mean(knn_vote(train_features[:len(train)].numpy(), caption_labels[train],
-                                                    base.features(q_texts).numpy(), k, len(classes)) == y))
+    frozen = TextEncoder(config.text)
+    train_features = text_features(frozen, texts, desc="train texts")  # (len(texts), D)
+    as_written = train_features[:len(train)]  # the captions themselves, before their variants
+    spread = as_written.std(0)
+    knn = {name: {str(k): float(np.mean(knn_vote(as_written, caption_labels[train],
+                                                    text_features(frozen, q_texts, desc=name), k, len(classes)) == y))
                   for k in ks} for name, (q_texts, y) in queries.items()}
     progress(f"kNN vote on frozen features: {knn}")
     results = []
@@ -163,7 +159,7 @@ def run_probe(data_dir: str | Path, config_name: str = "fast_split", layers: Seq
         encoder = TextEncoder(config.text)  # fresh pretrained weights for every setting
         probe = _Probe(encoder, len(classes), config.text.head_hidden, config.text.dropout, n, encoder_lr,
                        config.train.lr, aug.feature_noise * spread if aug.feature_noise else None, seed)
-        cached = train_features if n == 0 else None
+        cached = torch.as_tensor(train_features) if n == 0 else None
         rng = np.random.default_rng(seed)
         history = []
         for e in range(1, epochs + 1):

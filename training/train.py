@@ -277,23 +277,28 @@ class Trainer:
         return self.model.image_head(self.model.image_encoder(x.contiguous(memory_format=torch.channels_last)))
 
     def _text_codes(self, caption_rows: torch.Tensor, variants: torch.Tensor | None = None) -> torch.Tensor:
-        variants = torch.zeros_like(caption_rows) if variants is None else variants
         if self.config.text.freeze_encoder:
-            features = self.variant_features[variants.to(self.device), caption_rows.to(self.device)]  # (B, D)
+            features = self._worded_features(caption_rows, variants)
             if self.text_noise is not None and self.model.text_head.training:
                 features = features + torch.randn_like(features) * self.text_noise
             return self.model.text_head(features)
+        variants = torch.zeros_like(caption_rows) if variants is None else variants
         texts = [self.variant_texts[v][i] for v, i in zip(variants.tolist(), caption_rows.tolist())]
         return self.model.text_head(self.model.text_encoder.encode(texts))
 
-    def _worded_features(self, batch: Batch) -> torch.Tensor | None:
-        """The frozen text encoder's features (B, D) of the batch's captions as worded in the batch
-        (the drawn variant), for the text_structure term; None when the encoder is fine-tuned."""
-        if not self.config.text.freeze_encoder:
-            return None
-        rows = batch.captions.to(self.device)
-        variants = torch.zeros_like(rows) if batch.caption_variants is None else batch.caption_variants.to(self.device)
+    def _worded_features(self, caption_rows: torch.Tensor, variants: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen text encoder's features (B, D) of captions as a batch words them (the drawn
+        variant; None: as written)."""
+        rows = caption_rows.to(self.device)
+        variants = torch.zeros_like(rows) if variants is None else variants.to(self.device)
         return self.variant_features[variants, rows]
+
+    def _structure_features(self, batch: Batch) -> torch.Tensor | None:
+        """What the text_structure term compares the text codes with; None when it is off or the
+        text encoder is fine-tuned (no cached features)."""
+        if not (self.config.loss.weights.get("text_structure", 0) and self.config.text.freeze_encoder):
+            return None
+        return self._worded_features(batch.captions, batch.caption_variants)
 
     def use_snapshot(self, snapshot: Snapshot) -> None:
         """The image codes and proxies the text role trains against from now on."""
@@ -309,13 +314,13 @@ class Trainer:
             h_image = self._snapshot_codes[batch.images.to(self.device)]  # (B, nbits), constants
             return self.objective(h_image, None, self._text_codes(batch.captions, batch.caption_variants), labels,
                                   caption_features, target_proxies=self._snapshot_proxies,
-                                  text_features=self._worded_features(batch))
+                                  text_features=self._structure_features(batch))
         h_weak = self._image_codes(batch.weak)
         h_strong = self._image_codes(batch.strong)
         h_text = self._text_codes(batch.captions, batch.caption_variants) if self.role == "joint" else None
         features = batch.weak.to(self.device) if self.config.image.freeze_backbone else None  # (B, D)
         return self.objective(h_weak, h_strong, h_text, labels, caption_features, image_features=features,
-                              text_features=self._worded_features(batch) if h_text is not None else None)
+                              text_features=self._structure_features(batch) if h_text is not None else None)
 
     def train_mode(self, on: bool) -> None:
         self.model.train(on)
