@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     from training.config import check
     from training.data import load_dataset
     from training.jscc_config import load_jscc_config
-    from training.jscc_train import link_names, train_grid
+    from training.jscc_train import link_epochs, link_names, train_grid
     from training.tracking import track_run
 
     config = load_jscc_config(args.config)
@@ -29,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
     _tracked(config, args)
     check(config, "jscc")
     dataset = load_dataset(args.data)
-    images = len(dataset.split("train")) * config.epochs * len(link_names(config))
+    images = len(dataset.split("train")) * sum(link_epochs(config, hops) for _, hops, _, _ in link_names(config))
     with track_run(config, args.out, dataset, images, run_name=f"{config.name}-train", artifacts=("jscc.json",)) as run:
         manifest = train_grid(config, args.hasher, args.data, args.out)
         run.log_metrics({f"{link['name']}/final_loss": link["loss"][-1] for link in manifest["links"]})
@@ -47,9 +47,9 @@ def _eval(args: argparse.Namespace) -> int:
     config = jscc_config_from_dict(manifest["config"])
     _tracked(config, args)
     dataset = load_dataset(args.data)
-    with track_run(config, args.model, dataset, len(dataset.split("test")), run_name=f"{config.name}-eval",
-                   artifacts=()) as run:
-        report = evaluate_grid(args.model, args.data)
+    with track_run(config, args.model, dataset, len(dataset.split(args.split)),
+                   run_name=f"{config.name}-eval" + ("" if args.split == "test" else f"-{args.split}"), artifacts=()) as run:
+        report = evaluate_grid(args.model, args.data, split=args.split)
         run.log_metrics({"map_all_clean": report["map_all_clean"], **{
             f"{p['protocol']}/{p.get('hops', '')}{p.get('n_q', '')}{'-' + format(p['b'], 'g') if 'b' in p else ''}"
             f"/snr{p['snr_db']:g}/{p['model']}/{name}": p[name]
@@ -122,15 +122,19 @@ def add_jscc_commands(subparsers) -> None:
                        help="a `terrahash train` folder: its distilled image student (RUN/students; config hasher: "
                             "student) or its teacher (hasher: teacher) is the frozen hasher")
     train.add_argument("--out", required=True, help="output folder")
-    train.add_argument("--epochs", type=int, help="epochs per link, overriding the config")
+    train.add_argument("--epochs", type=int, help="epochs per link, overriding the config's epochs (a warm-started "
+                                                  "link keeps its warm_start_epochs when the config sets them)")
     train.set_defaults(handler=_train)
-    evaluate = sub.add_parser("eval", parents=[data_options, tracking], help="the grid's table on the test split",
+    evaluate = sub.add_parser("eval", parents=[data_options, tracking], help="the grid's table on the test (or val) split",
                               description="PSNR, MS-SSIM, bit agreement of the hasher's codes and received-query "
                                           "mAP@all (against the clean train+val database) at every grid point: hops "
                                           "1..4 x SNR for decode-and-forward, (N_Q, b) x SNR for quantize-and-forward, "
                                           "baseline and aligned. Prints the table; --json writes it (key points).")
     evaluate.add_argument("--model", required=True, help="folder written by `terrahash jscc train`")
     evaluate.add_argument("--json", help="write the figures here")
+    evaluate.add_argument("--split", choices=("test", "val"), default="test",
+                          help="queries: the test split against train+val, or the val split against train, on which "
+                               "a config's choices are made (default: %(default)s)")
     evaluate.set_defaults(handler=_eval)
     sender = sub.add_parser("send", help="simulate a field unit and its relays: the symbols the service receives",
                             description="Send IMAGE over a simulated decode-and-forward link (AWGN at --snr on every "

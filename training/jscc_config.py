@@ -41,6 +41,8 @@ class JsccConfig:
     # instead of from random weights, then train end to end through all hops.
     warm_start: bool = False
     epochs: Count = 8
+    # Epochs of a warm-started multi-hop link (it fine-tunes a trained pair); 0: ``epochs``.
+    warm_start_epochs: NonNegativeInt = 0
     batch_size: BatchSize = 16
     lr: Positive = 1e-3
     seed: NonNegativeInt = 0

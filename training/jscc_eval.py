@@ -1,5 +1,9 @@
 """``terrahash jscc eval``: the grid's figures on the test split (queries) against train + val (database).
 
+``split="val"`` gives the same figures for the val split's queries against the train split, the
+figures a config's choices (lambda, epochs, warm start) are made on, so that the test split is only
+reported; its quantize-and-forward codebooks are then fitted on as many train images as val has.
+
 For every trained link and SNR of the config (decode-and-forward, ``protocol: df``) and every
 (N_Q, b) of the quantize-and-forward grid at each SNR (``protocol: qf``: the 1-hop pair's channel
 output quantized by a k-means codebook fitted on the val split's channel outputs, then decoded by
@@ -96,8 +100,9 @@ def _qf(link, quantizer: BlockQuantizer, received: torch.Tensor, snr: float, bat
     return torch.cat(out)
 
 
-def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = True) -> dict:
-    """The table's points for the links in ``model_dir`` (written by ``train_grid``)."""
+def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = True, split: str = "test") -> dict:
+    """The table's points for the links in ``model_dir`` (written by ``train_grid``), the queries of ``split``
+    (``test`` or ``val``) against its database splits."""
     from evaluation.retrieval import choose_rows, signs
     from evaluation.robustness import hamming_map
 
@@ -108,15 +113,20 @@ def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = 
     manifest = json.loads((folder / "jscc.json").read_text())
     config: JsccConfig = jscc_config_from_dict(manifest["config"])
     hasher = load_hasher(manifest["hasher"]["model_dir"], manifest["hasher"]["kind"])
+    if split not in ("test", "val"):
+        raise ValueError(f"jscc eval: the queries are the test or the val split, not {split!r}")
     index = DatasetIndex.build(load_dataset(data_dir))
-    q_rows, db_rows, database = choose_rows(index.rows("test"), index.database_rows("test"), len(index.labels), "test")
+    q_rows, db_rows, database = choose_rows(index.rows(split), index.database_rows(split), len(index.labels), split)
+    fit_rows = index.rows("val")  # the codebooks' channel outputs: never the queries'
+    if split == "val":
+        fit_rows = np.sort(np.random.default_rng(config.seed).choice(index.rows("train"), len(fit_rows), replace=False))
     paths = [r.path for r in index.dataset.records]
     size = config.image_size
 
     def tensor(rows, side: int = size) -> torch.Tensor:
         return torch.from_numpy(load_images([paths[r] for r in rows], side)).permute(0, 3, 1, 2).float().div_(255.0)
 
-    sent, val = tensor(q_rows), tensor(index.rows("val"))
+    sent, fit_images = tensor(q_rows), tensor(fit_rows)
     db_codes = signs(hash_codes(hasher, tensor(db_rows, hasher.size)))  # the database as the index holds it
     q_labels, db_labels = index.labels[q_rows], index.labels[db_rows]
     sent_codes = hash_codes(hasher, sent)
@@ -142,7 +152,7 @@ def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = 
             if key is None:
                 continue
             link, _ = load_link(links[key])
-            fit_on = _channel_outputs(link, val, snr, seed=config.seed + 7)
+            fit_on = _channel_outputs(link, fit_images, snr, seed=config.seed + 7)
             received_symbols = _channel_outputs(link, sent, snr, seed=config.seed + 1000 * n + 1)
             rng = np.random.default_rng(config.seed)
             for n_q, b in config.qf_grid:
@@ -158,7 +168,8 @@ def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = 
     steps.close()
     for point in points:
         point["map_ratio"] = point["map_all"] / clean if clean else None
-    return {"points": points, "map_all_clean": clean, "database": {**database, "queries": int(len(q_rows))},
+    return {"split": split, "points": points, "map_all_clean": clean,
+            "database": {**database, "queries": int(len(q_rows))},
             "image_size": size, "symbols": k, "bandwidth_ratio": k / (3 * size * size),
             "hasher": manifest["hasher"], "lpips": "not computed: its network weights come from a model hub"}
 

@@ -102,11 +102,19 @@ def link_names(config: JsccConfig) -> list[tuple[str, int, float | None, str]]:
     return out
 
 
+def link_epochs(config: JsccConfig, hops: int) -> int:
+    """Epochs the grid trains a link of ``hops`` for: ``warm_start_epochs`` when it starts from the 1-hop pair."""
+    warm = config.warm_start and hops > 1 and config.warm_start_epochs > 0
+    return config.warm_start_epochs if warm else config.epochs
+
+
 def train_link(config: JsccConfig, hops: int, snr_db: float | None, model: str, images: np.ndarray,
                hasher: FrozenHasher | None, device: torch.device, seed: int, progress: bool = True,
-               start_from: DecodeForward | None = None) -> tuple[DecodeForward, list]:
-    """One link trained end to end through its hops; returns it (eval mode) and the mean loss per epoch.
-    ``start_from``: a trained 1-hop link whose encoder/decoder pair every hop starts from."""
+               start_from: DecodeForward | None = None, epochs: int | None = None) -> tuple[DecodeForward, dict]:
+    """One link trained end to end through its hops; returns it (eval mode) and the mean of each loss term
+    per epoch (``loss``, ``mse`` and, for the aligned model, ``sdh``).
+    ``start_from``: a trained 1-hop link whose encoder/decoder pair every hop starts from.
+    ``epochs``: how many (default: the config's)."""
     torch.manual_seed(seed)
     link = DecodeForward(hops, config.c_out, config.width, config.snr_conditioning).to(device)
     if start_from is not None:
@@ -117,12 +125,13 @@ def train_link(config: JsccConfig, hops: int, snr_db: float | None, model: str, 
     optimizer = torch.optim.Adam(link.parameters(), lr=config.lr)
     noise = torch.Generator(device=device).manual_seed(seed)
     snr_rng = np.random.default_rng(seed)
-    history = []
+    history: dict[str, list[float]] = {}
     low, high = config.snr_train_db
-    for epoch in tqdm(range(config.epochs), desc=f"{hops} hop(s) {model}", unit="epoch", disable=not progress):
+    for epoch in tqdm(range(config.epochs if epochs is None else epochs), desc=f"{hops} hop(s) {model}",
+                      unit="epoch", disable=not progress):
         data = crops(images, config.image_size, config.seed, epoch)
         order = torch.from_numpy(np.random.default_rng((config.seed, epoch, 1)).permutation(len(data)))
-        total, batches = 0.0, 0
+        totals, batches = {}, 0
         for start in range(0, len(data), config.batch_size):
             batch = data[order[start:start + config.batch_size]].to(device)
             if snr_db is None:
@@ -133,8 +142,11 @@ def train_link(config: JsccConfig, hops: int, snr_db: float | None, model: str, 
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
-            total, batches = total + float(losses["loss"].detach()), batches + 1
-        history.append(total / max(batches, 1))
+            for term, value in losses.items():
+                totals[term] = totals.get(term, 0.0) + float(value.detach())
+            batches += 1
+        for term, total in totals.items():
+            history.setdefault(term, []).append(total / max(batches, 1))
     return link.eval(), history
 
 
@@ -158,16 +170,18 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
         start = time.perf_counter()
         start_from = one_hop.get((snr, model)) if config.warm_start and hops > 1 else None
         link, history = train_link(config, hops, snr, model, images, hasher, device, config.seed + n, progress,
-                                   start_from)
+                                   start_from, link_epochs(config, hops))
         if hops == 1:
             one_hop[(snr, model)] = link
         record = {"state_dict": link.state_dict(), "hops": hops, "snr_db": snr, "model": model, "config": asdict(config)}
         torch.save(record, out / f"{name}.pt")
         export_link(link, record, out / "onnx" / name)  # the query path's encoder, decoder and spec
-        links.append({"name": name, "hops": hops, "snr_db": snr, "model": model, "loss": history,
+        links.append({"name": name, "hops": hops, "snr_db": snr, "model": model, "loss": history["loss"],
+                      "terms": history,
                       "started_from": "1-hop link" if start_from is not None else "random",
                       "seconds": round(time.perf_counter() - start, 1)})
-        log.info("%s: loss %.4f after %d epochs (%.0f s)", name, history[-1], len(history), links[-1]["seconds"])
+        log.info("%s: loss %.4f after %d epochs (%.0f s)", name, history["loss"][-1], len(history["loss"]),
+                 links[-1]["seconds"])
     manifest = {"config": asdict(config), "hasher": {"model_dir": str(hasher_dir), "kind": config.hasher},
                 "dataset": dataset.name, "train_images": len(train), "links": links}
     (out / "jscc.json").write_text(json.dumps(manifest, indent=1))

@@ -179,8 +179,8 @@ def test_the_grid_trains_baseline_and_aligned_links_through_the_frozen_teacher(t
     from training.jscc_train import link_names, load_hasher, load_link, train_grid
 
     config = jscc_config_from_dict({"image_size": 32, "c_out": 4, "width": 8, "hops": [1, 2], "epochs": 2,
-                                    "batch_size": 4, "hasher": "teacher", "device": "cpu",
-                                    "tracking": {"enabled": False}})
+                                    "warm_start": True, "warm_start_epochs": 1, "batch_size": 4, "hasher": "teacher",
+                                    "device": "cpu", "tracking": {"enabled": False}})
     hasher = load_hasher(trained / "run", "teacher")
     before = {k: v.clone() for k, v in hasher.state_dict().items()}
     manifest = train_grid(config, trained / "run", subset, tmp_path, progress=False)
@@ -189,7 +189,11 @@ def test_the_grid_trains_baseline_and_aligned_links_through_the_frozen_teacher(t
     assert [n for n, *_ in link_names(config)] == [link["name"] for link in manifest["links"]]
     link, record = load_link(tmp_path / "df-h2-aligned.pt")
     assert link.hops == 2 and record["model"] == "aligned" and record["snr_db"] is None
-    assert all(len(link["loss"]) == 2 for link in manifest["links"])
+    # The 1-hop pairs train for epochs, the 2-hop links start from them and fine-tune for warm_start_epochs.
+    assert [(len(link["loss"]), link["started_from"]) for link in manifest["links"]] == [
+        (2, "random"), (2, "random"), (1, "1-hop link"), (1, "1-hop link")]
+    assert all(set(link["terms"]) == ({"loss", "mse", "sdh"} if link["model"] == "aligned" else {"loss", "mse"})
+               for link in manifest["links"])
     assert all(v.equal(load_hasher(trained / "run", "teacher").state_dict()[k]) for k, v in before.items())
     fixed = jscc_config_from_dict({"snr_conditioning": False, "hops": [1], "snr_eval_db": [-5, -10]})
     assert [n for n, *_ in link_names(fixed)] == ["df-h1-snr-5-baseline", "df-h1-snr-5-aligned",
@@ -229,6 +233,16 @@ def test_the_grid_evaluates_every_df_and_qf_point(trained, subset, tmp_path):
         assert p["map_ratio"] == pytest.approx(p["map_all"] / report["map_all_clean"])
     assert evaluate_grid(tmp_path, subset, progress=False)["points"] == report["points"]  # seeded: the same table
     assert "N_Q=4 b=0.75" in format_points(report)
+    val = evaluate_grid(tmp_path, subset, progress=False, split="val")  # what a config's choices are made on
+    assert report["split"] == "test" and val["split"] == "val" and val["database"]["splits"] == ["train"]
+    from training.data import load_dataset
+
+    dataset = load_dataset(subset)
+    assert (val["database"]["queries"], val["database"]["images"]) == (len(dataset.split("val")),
+                                                                       len(dataset.split("train")))
+    assert len(val["points"]) == len(report["points"])
+    with pytest.raises(ValueError, match="test or the val split"):
+        evaluate_grid(tmp_path, subset, progress=False, split="train")
 
 
 def test_jscc_commands_train_and_evaluate_the_grid_and_log_to_mlflow(trained, subset, tmp_path, mlflow_server):
