@@ -29,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
     _tracked(config, args)
     check(config, "jscc")
     dataset = load_dataset(args.data)
-    images = len(dataset.split("train")) * sum(link_epochs(config, hops) for _, hops, _, _ in link_names(config))
+    images = len(dataset.split("train")) * sum(link_epochs(config, hops, model) for _, hops, _, model in link_names(config))
     with track_run(config, args.out, dataset, images, run_name=f"{config.name}-train", artifacts=("jscc.json",)) as run:
         manifest = train_grid(config, args.hasher, args.data, args.out)
         run.log_metrics({f"{link['name']}/final_loss": link["loss"][-1] for link in manifest["links"]})
@@ -122,8 +122,9 @@ def add_jscc_commands(subparsers) -> None:
                        help="a `terrahash train` folder: its distilled image student (RUN/students; config hasher: "
                             "student) or its teacher (hasher: teacher) is the frozen hasher")
     train.add_argument("--out", required=True, help="output folder")
-    train.add_argument("--epochs", type=int, help="epochs per link, overriding the config's epochs (a warm-started "
-                                                  "link keeps its warm_start_epochs when the config sets them)")
+    train.add_argument("--epochs", type=int, help="epochs per link, overriding the config's epochs (a link started "
+                                                  "from a trained pair keeps the config's warm_start_epochs or "
+                                                  "aligned_epochs when it sets them)")
     train.set_defaults(handler=_train)
     evaluate = sub.add_parser("eval", parents=[data_options, tracking], help="the grid's table on the test (or val) split",
                               description="PSNR, MS-SSIM, bit agreement of the hasher's codes and received-query "

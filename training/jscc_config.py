@@ -1,8 +1,9 @@
 """``terrahash jscc`` configs: the codec, the links of the grid, the training budget (training/jscc.py).
 
 Shipped: ``training/configs/jscc/cpu.yaml`` (128 px crops, one SNR-conditioned model per hop count
-trained across the SNR range, 32 hidden channels, 4 epochs: sized for a 2-core CPU) and ``gpu.yaml`` (256 px, the paper's
-12 decode-and-forward models, one per hop count and SNR).
+trained across the SNR range, 32 hidden channels, 10 epochs for the 1-hop pairs and 3 for the
+multi-hop links started from them: sized for a 2-core CPU) and ``gpu.yaml`` (256 px, the paper's 12
+decode-and-forward models, one per hop count and SNR).
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ class JsccConfig:
     epochs: Count = 8
     # Epochs of a warm-started multi-hop link (it fine-tunes a trained pair); 0: ``epochs``.
     warm_start_epochs: NonNegativeInt = 0
+    # The aligned model's 1-hop pair starts from the trained baseline pair (images MSE has already
+    # learned to form) and fine-tunes with the alignment term for aligned_epochs (0: ``epochs``).
+    aligned_from_baseline: bool = False
+    aligned_epochs: NonNegativeInt = 0
     batch_size: BatchSize = 16
     lr: Positive = 1e-3
     seed: NonNegativeInt = 0
@@ -56,6 +61,9 @@ def jscc_config_from_dict(data: dict | None) -> JsccConfig:
     config = build(JsccConfig, data or {}, "jscc")
     if config.snr_train_db[0] > config.snr_train_db[1]:
         raise ConfigError(f"jscc.snr_train_db: {list(config.snr_train_db)} must be [low, high]")
+    if config.aligned_from_baseline and (1 not in config.hops or set(config.models) != set(MODELS)):
+        raise ConfigError(f"jscc.aligned_from_baseline: the aligned 1-hop pair starts from the baseline's, but hops "
+                          f"are {list(config.hops)} and models {list(config.models)}")
     if config.warm_start and 1 not in config.hops:
         raise ConfigError(f"jscc.warm_start: multi-hop links start from the 1-hop link, but hops are "
                           f"{list(config.hops)}")

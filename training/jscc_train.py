@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .jscc import AlignedLoss, DecodeForward
-from .jscc_config import JsccConfig
+from .jscc_config import MODELS, JsccConfig
 from .jscc_export import export_link
 
 log = logging.getLogger(__name__)
@@ -96,16 +96,29 @@ def link_names(config: JsccConfig) -> list[tuple[str, int, float | None, str]]:
     out = []
     for hops in sorted(config.hops):
         for snr in snrs:
-            for model in config.models:
+            for model in sorted(config.models, key=MODELS.index):  # the baseline first: aligned may start from it
                 name = f"df-h{hops}" + ("" if snr is None else f"-snr{snr:g}") + f"-{model}"
                 out.append((name, hops, snr, model))
     return out
 
 
-def link_epochs(config: JsccConfig, hops: int) -> int:
-    """Epochs the grid trains a link of ``hops`` for: ``warm_start_epochs`` when it starts from the 1-hop pair."""
-    warm = config.warm_start and hops > 1 and config.warm_start_epochs > 0
-    return config.warm_start_epochs if warm else config.epochs
+def link_epochs(config: JsccConfig, hops: int, model: str) -> int:
+    """Epochs the grid trains a link for: ``warm_start_epochs`` when a multi-hop link starts from the 1-hop
+    pair, ``aligned_epochs`` when the aligned 1-hop pair starts from the baseline's, else ``epochs``."""
+    if hops > 1 and config.warm_start and config.warm_start_epochs > 0:
+        return config.warm_start_epochs
+    if hops == 1 and model == "aligned" and config.aligned_from_baseline and config.aligned_epochs > 0:
+        return config.aligned_epochs
+    return config.epochs
+
+
+def _start_from(config: JsccConfig, hops: int, snr: float | None, model: str, one_hop: dict):
+    """(the trained 1-hop link a link starts from or None, what the manifest calls it)."""
+    if hops > 1 and config.warm_start:
+        return one_hop[(snr, model)], "1-hop link"
+    if hops == 1 and model == "aligned" and config.aligned_from_baseline:
+        return one_hop[(snr, "baseline")], "baseline 1-hop link"
+    return None, "random"
 
 
 def train_link(config: JsccConfig, hops: int, snr_db: float | None, model: str, images: np.ndarray,
@@ -168,9 +181,9 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
     links, one_hop = [], {}
     for n, (name, hops, snr, model) in enumerate(link_names(config)):  # 1-hop links first
         start = time.perf_counter()
-        start_from = one_hop.get((snr, model)) if config.warm_start and hops > 1 else None
+        start_from, started = _start_from(config, hops, snr, model, one_hop)
         link, history = train_link(config, hops, snr, model, images, hasher, device, config.seed + n, progress,
-                                   start_from, link_epochs(config, hops))
+                                   start_from, link_epochs(config, hops, model))
         if hops == 1:
             one_hop[(snr, model)] = link
         record = {"state_dict": link.state_dict(), "hops": hops, "snr_db": snr, "model": model, "config": asdict(config)}
@@ -178,7 +191,7 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
         export_link(link, record, out / "onnx" / name)  # the query path's encoder, decoder and spec
         links.append({"name": name, "hops": hops, "snr_db": snr, "model": model, "loss": history["loss"],
                       "terms": history,
-                      "started_from": "1-hop link" if start_from is not None else "random",
+                      "started_from": started,
                       "seconds": round(time.perf_counter() - start, 1)})
         log.info("%s: loss %.4f after %d epochs (%.0f s)", name, history["loss"][-1], len(history["loss"]),
                  links[-1]["seconds"])

@@ -172,6 +172,8 @@ def test_a_warm_started_link_starts_every_hop_from_the_one_hop_pair():
 
     with pytest.raises(ConfigError, match="warm_start"):
         jscc_config_from_dict({"warm_start": True, "hops": [2, 3]})
+    with pytest.raises(ConfigError, match="aligned_from_baseline"):
+        jscc_config_from_dict({"aligned_from_baseline": True, "models": ["aligned"]})
 
 
 def test_the_grid_trains_baseline_and_aligned_links_through_the_frozen_teacher(trained, subset, tmp_path):
@@ -179,8 +181,9 @@ def test_the_grid_trains_baseline_and_aligned_links_through_the_frozen_teacher(t
     from training.jscc_train import link_names, load_hasher, load_link, train_grid
 
     config = jscc_config_from_dict({"image_size": 32, "c_out": 4, "width": 8, "hops": [1, 2], "epochs": 2,
-                                    "warm_start": True, "warm_start_epochs": 1, "batch_size": 4, "hasher": "teacher",
-                                    "device": "cpu", "tracking": {"enabled": False}})
+                                    "warm_start": True, "warm_start_epochs": 1, "aligned_from_baseline": True,
+                                    "aligned_epochs": 1, "models": ["aligned", "baseline"], "batch_size": 4,
+                                    "hasher": "teacher", "device": "cpu", "tracking": {"enabled": False}})
     hasher = load_hasher(trained / "run", "teacher")
     before = {k: v.clone() for k, v in hasher.state_dict().items()}
     manifest = train_grid(config, trained / "run", subset, tmp_path, progress=False)
@@ -189,9 +192,10 @@ def test_the_grid_trains_baseline_and_aligned_links_through_the_frozen_teacher(t
     assert [n for n, *_ in link_names(config)] == [link["name"] for link in manifest["links"]]
     link, record = load_link(tmp_path / "df-h2-aligned.pt")
     assert link.hops == 2 and record["model"] == "aligned" and record["snr_db"] is None
-    # The 1-hop pairs train for epochs, the 2-hop links start from them and fine-tune for warm_start_epochs.
+    # The baseline's 1-hop pair trains for epochs, the aligned one starts from it and fine-tunes for
+    # aligned_epochs, the 2-hop links start from their model's 1-hop pair and fine-tune for warm_start_epochs.
     assert [(len(link["loss"]), link["started_from"]) for link in manifest["links"]] == [
-        (2, "random"), (2, "random"), (1, "1-hop link"), (1, "1-hop link")]
+        (2, "random"), (1, "baseline 1-hop link"), (1, "1-hop link"), (1, "1-hop link")]
     assert all(set(link["terms"]) == ({"loss", "mse", "sdh"} if link["model"] == "aligned" else {"loss", "mse"})
                for link in manifest["links"])
     assert all(v.equal(load_hasher(trained / "run", "teacher").state_dict()[k]) for k, v in before.items())
