@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     from training.config import check
     from training.data import load_dataset
     from training.jscc_config import load_jscc_config
-    from training.jscc_train import link_epochs, link_names, train_grid
+    from training.jscc_train import link_names, link_start, train_grid
     from training.tracking import track_run
 
     config = load_jscc_config(args.config)
@@ -29,7 +29,8 @@ def _train(args: argparse.Namespace) -> int:
     _tracked(config, args)
     check(config, "jscc")
     dataset = load_dataset(args.data)
-    images = len(dataset.split("train")) * sum(link_epochs(config, hops, model) for _, hops, _, model in link_names(config))
+    epochs = sum(link_start(config, hops, model)[1] for _, hops, _, model in link_names(config))
+    images = len(dataset.split("train")) * epochs
     with track_run(config, args.out, dataset, images, run_name=f"{config.name}-train", artifacts=("jscc.json",)) as run:
         manifest = train_grid(config, args.hasher, args.data, args.out)
         run.log_metrics({f"{link['name']}/final_loss": link["loss"][-1] for link in manifest["links"]})
@@ -47,8 +48,9 @@ def _eval(args: argparse.Namespace) -> int:
     config = jscc_config_from_dict(manifest["config"])
     _tracked(config, args)
     dataset = load_dataset(args.data)
-    with track_run(config, args.model, dataset, len(dataset.split(args.split)),
-                   run_name=f"{config.name}-eval" + ("" if args.split == "test" else f"-{args.split}"), artifacts=()) as run:
+    run_name = f"{config.name}-eval" + ("" if args.split == "test" else f"-{args.split}")
+    with track_run(config, args.model, dataset, len(dataset.split(args.split)), run_name=run_name,
+                   artifacts=()) as run:
         report = evaluate_grid(args.model, args.data, split=args.split)
         run.log_metrics({"map_all_clean": report["map_all_clean"], **{
             f"{p['protocol']}/{p.get('hops', '')}{p.get('n_q', '')}{'-' + format(p['b'], 'g') if 'b' in p else ''}"

@@ -25,19 +25,15 @@ SCALES = (2, 4, 8)  # downsampling factors
 KINDS = ("blur", "jpeg", "gaussian_noise")
 
 
-def _tensor(images: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
 def degradations(images: np.ndarray) -> dict:
     """{name: degraded float images (N, 3, S, S) in [0, 1]} of uint8 ``images`` (N, S, S, 3)."""
     import torch.nn.functional as F
 
+    from training.jscc_train import as_tensor
+
     from .corruptions import SEVERITIES, corrupt
 
-    sent, side = _tensor(images), images.shape[1]
+    sent, side = as_tensor(images), images.shape[1]
     out = {}
     for factor in SCALES:
         small = F.interpolate(sent, scale_factor=1 / factor, mode="bilinear", antialias=True, align_corners=False)
@@ -45,7 +41,7 @@ def degradations(images: np.ndarray) -> dict:
                                                      align_corners=False).clamp(0, 1)
     for kind in KINDS:
         for severity in SEVERITIES:
-            out[f"{kind} {severity}"] = _tensor(np.stack([corrupt(im, kind, severity, seed=i)
+            out[f"{kind} {severity}"] = as_tensor(np.stack([corrupt(im, kind, severity, seed=i)
                                                           for i, im in enumerate(images)]))
     return out
 
@@ -54,7 +50,7 @@ def link_quality(model_dir: str | Path, data_dir: str | Path, size: int = 128, k
     from training.data import load_dataset
     from training.jscc import psnr
     from training.jscc_eval import hash_codes
-    from training.jscc_train import load_hasher, load_images
+    from training.jscc_train import as_tensor, load_hasher, load_images
     from training.train import DatasetIndex
 
     from .retrieval import signs
@@ -66,10 +62,10 @@ def link_quality(model_dir: str | Path, data_dir: str | Path, size: int = 128, k
     queries, database = index.rows("val"), index.rows("train")
     if not len(queries) or not len(database):
         raise ValueError(f"{data_dir}: needs images in both the val and the train split")
-    db_codes = signs(hash_codes(hasher, _tensor(load_images([paths[r] for r in database], hasher.size))))
+    db_codes = signs(hash_codes(hasher, as_tensor(load_images([paths[r] for r in database], hasher.size))))
     images = load_images([paths[r] for r in queries], size)
     q_labels, db_labels = index.labels[queries], index.labels[database]
-    sent = _tensor(images)
+    sent = as_tensor(images)
     sent_codes = signs(hash_codes(hasher, sent))
     rows = []
     for name, received in degradations(images).items():

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .jscc import BlockQuantizer, awgn, psnr, qf_bits_per_pixel, symbols
 from .jscc_config import JsccConfig, jscc_config_from_dict
-from .jscc_train import link_names, load_hasher, load_images, load_link
+from .jscc_train import as_tensor, link_names, load_hasher, load_images, load_link
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,9 @@ def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = 
     folder = Path(model_dir)
     manifest = json.loads((folder / "jscc.json").read_text())
     config: JsccConfig = jscc_config_from_dict(manifest["config"])
-    hasher = load_hasher(manifest["hasher"]["model_dir"], manifest["hasher"]["kind"])
     if split not in ("test", "val"):
         raise ValueError(f"jscc eval: the queries are the test or the val split, not {split!r}")
+    hasher = load_hasher(manifest["hasher"]["model_dir"], manifest["hasher"]["kind"])
     index = DatasetIndex.build(load_dataset(data_dir))
     q_rows, db_rows, database = choose_rows(index.rows(split), index.database_rows(split), len(index.labels), split)
     fit_rows = index.rows("val")  # the codebooks' channel outputs: never the queries'
@@ -124,7 +124,7 @@ def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = 
     size = config.image_size
 
     def tensor(rows, side: int = size) -> torch.Tensor:
-        return torch.from_numpy(load_images([paths[r] for r in rows], side)).permute(0, 3, 1, 2).float().div_(255.0)
+        return as_tensor(load_images([paths[r] for r in rows], side))
 
     sent, fit_images = tensor(q_rows), tensor(fit_rows)
     db_codes = signs(hash_codes(hasher, tensor(db_rows, hasher.size)))  # the database as the index holds it

@@ -81,13 +81,18 @@ def load_images(paths: list, side: int) -> np.ndarray:
     return np.stack([load_image(p, side) for p in tqdm(paths, desc="images", unit="image", leave=False)])
 
 
+def as_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
 def crops(images: np.ndarray, size: int, seed: int, epoch: int) -> torch.Tensor:
     """One random ``size`` crop of each image, float (N, 3, size, size) in [0, 1], seeded by (seed, epoch)."""
     rng = np.random.default_rng((seed, epoch))
     n, side = len(images), images.shape[1]
     ys, xs = rng.integers(0, side - size + 1, n), rng.integers(0, side - size + 1, n)
     out = np.stack([images[i, y:y + size, x:x + size] for i, (y, x) in enumerate(zip(ys, xs))])
-    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+    return as_tensor(out)
 
 
 def link_names(config: JsccConfig) -> list[tuple[str, int, float | None, str]]:
@@ -102,23 +107,15 @@ def link_names(config: JsccConfig) -> list[tuple[str, int, float | None, str]]:
     return out
 
 
-def link_epochs(config: JsccConfig, hops: int, model: str) -> int:
-    """Epochs the grid trains a link for: ``warm_start_epochs`` when a multi-hop link starts from the 1-hop
-    pair, ``aligned_epochs`` when the aligned 1-hop pair starts from the baseline's, else ``epochs``."""
-    if hops > 1 and config.warm_start and config.warm_start_epochs > 0:
-        return config.warm_start_epochs
-    if hops == 1 and model == "aligned" and config.aligned_from_baseline and config.aligned_epochs > 0:
-        return config.aligned_epochs
-    return config.epochs
-
-
-def _start_from(config: JsccConfig, hops: int, snr: float | None, model: str, one_hop: dict):
-    """(the trained 1-hop link a link starts from or None, what the manifest calls it)."""
+def link_start(config: JsccConfig, hops: int, model: str) -> tuple[str | None, int]:
+    """(the model whose trained 1-hop pair a link starts from, None for random weights; its epochs).
+    A warm-started multi-hop link starts from its own model's pair for ``warm_start_epochs``, the aligned
+    1-hop pair from the baseline's for ``aligned_epochs`` (0: ``epochs``)."""
     if hops > 1 and config.warm_start:
-        return one_hop[(snr, model)], "1-hop link"
+        return model, config.warm_start_epochs or config.epochs
     if hops == 1 and model == "aligned" and config.aligned_from_baseline:
-        return one_hop[(snr, "baseline")], "baseline 1-hop link"
-    return None, "random"
+        return "baseline", config.aligned_epochs or config.epochs
+    return None, config.epochs
 
 
 def train_link(config: JsccConfig, hops: int, snr_db: float | None, model: str, images: np.ndarray,
@@ -181,9 +178,10 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
     links, one_hop = [], {}
     for n, (name, hops, snr, model) in enumerate(link_names(config)):  # 1-hop links first
         start = time.perf_counter()
-        start_from, started = _start_from(config, hops, snr, model, one_hop)
+        source, epochs = link_start(config, hops, model)
+        start_from = one_hop[(snr, source)] if source else None
         link, history = train_link(config, hops, snr, model, images, hasher, device, config.seed + n, progress,
-                                   start_from, link_epochs(config, hops, model))
+                                   start_from, epochs)
         if hops == 1:
             one_hop[(snr, model)] = link
         record = {"state_dict": link.state_dict(), "hops": hops, "snr_db": snr, "model": model, "config": asdict(config)}
@@ -191,7 +189,8 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
         export_link(link, record, out / "onnx" / name)  # the query path's encoder, decoder and spec
         links.append({"name": name, "hops": hops, "snr_db": snr, "model": model, "loss": history["loss"],
                       "terms": history,
-                      "started_from": started,
+                      "started_from": ("random" if source is None else "1-hop link" if source == model
+                                       else f"{source} 1-hop link"),
                       "seconds": round(time.perf_counter() - start, 1)})
         log.info("%s: loss %.4f after %d epochs (%.0f s)", name, history["loss"][-1], len(history["loss"]),
                  links[-1]["seconds"])
