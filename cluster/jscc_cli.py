@@ -29,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
     _tracked(config, args)
     check(config, "jscc")
     dataset = load_dataset(args.data)
-    epochs = sum(link_start(config, hops, model)[1] for _, hops, _, model in link_names(config))
+    epochs = sum(link_start(config, hops, model).epochs for _, hops, _, model in link_names(config))
     images = len(dataset.split("train")) * epochs
     with track_run(config, args.out, dataset, images, run_name=f"{config.name}-train", artifacts=("jscc.json",)) as run:
         manifest = train_grid(config, args.hasher, args.data, args.out)

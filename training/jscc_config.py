@@ -44,6 +44,9 @@ class JsccConfig:
     epochs: Count = 8
     # Epochs of a warm-started multi-hop link (it fine-tunes a trained pair); 0: ``epochs``.
     warm_start_epochs: NonNegativeInt = 0
+    # Learning rate of that fine-tune (0: ``lr``): a smaller step keeps a deep link near the trained pair
+    # it starts from instead of drifting to the mean image.
+    warm_start_lr: NonNegative = 0.0
     # The aligned model's 1-hop pair starts from the trained baseline pair (images MSE has already
     # learned to form) and fine-tunes with the alignment term for aligned_epochs (0: ``epochs``).
     aligned_from_baseline: bool = False

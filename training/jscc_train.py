@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -107,24 +108,32 @@ def link_names(config: JsccConfig) -> list[tuple[str, int, float | None, str]]:
     return out
 
 
-def link_start(config: JsccConfig, hops: int, model: str) -> tuple[str | None, int]:
-    """(the model whose trained 1-hop pair a link starts from, None for random weights; its epochs).
-    A warm-started multi-hop link starts from its own model's pair for ``warm_start_epochs``, the aligned
-    1-hop pair from the baseline's for ``aligned_epochs`` (0: ``epochs``)."""
+class Start(NamedTuple):
+    """Where a link starts and how it trains from there."""
+    source: str | None  # the model whose trained 1-hop pair it copies; None: random weights
+    epochs: int
+    lr: float
+
+
+def link_start(config: JsccConfig, hops: int, model: str) -> Start:
+    """A warm-started multi-hop link starts from its own model's pair for ``warm_start_epochs`` at
+    ``warm_start_lr``, the aligned 1-hop pair from the baseline's for ``aligned_epochs`` (0: ``epochs``,
+    ``lr``)."""
     if hops > 1 and config.warm_start:
-        return model, config.warm_start_epochs or config.epochs
+        return Start(model, config.warm_start_epochs or config.epochs, config.warm_start_lr or config.lr)
     if hops == 1 and model == "aligned" and config.aligned_from_baseline:
-        return "baseline", config.aligned_epochs or config.epochs
-    return None, config.epochs
+        return Start("baseline", config.aligned_epochs or config.epochs, config.lr)
+    return Start(None, config.epochs, config.lr)
 
 
 def train_link(config: JsccConfig, hops: int, snr_db: float | None, model: str, images: np.ndarray,
                hasher: FrozenHasher | None, device: torch.device, seed: int, progress: bool = True,
-               start_from: DecodeForward | None = None, epochs: int | None = None) -> tuple[DecodeForward, dict]:
+               start_from: DecodeForward | None = None, epochs: int | None = None,
+               lr: float | None = None) -> tuple[DecodeForward, dict]:
     """One link trained end to end through its hops; returns it (eval mode) and the mean of each loss term
     per epoch (``loss``, ``mse`` and, for the aligned model, ``sdh``).
     ``start_from``: a trained 1-hop link whose encoder/decoder pair every hop starts from.
-    ``epochs``: how many (default: the config's)."""
+    ``epochs``, ``lr``: default the config's."""
     torch.manual_seed(seed)
     link = DecodeForward(hops, config.c_out, config.width, config.snr_conditioning).to(device)
     if start_from is not None:
@@ -132,7 +141,7 @@ def train_link(config: JsccConfig, hops: int, snr_db: float | None, model: str, 
             encoder.load_state_dict(start_from.encoders[0].state_dict())
             decoder.load_state_dict(start_from.decoders[0].state_dict())
     loss_fn = AlignedLoss(hasher if model == "aligned" else None, config.alignment_weight).train()
-    optimizer = torch.optim.Adam(link.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(link.parameters(), lr=config.lr if lr is None else lr)
     noise = torch.Generator(device=device).manual_seed(seed)
     snr_rng = np.random.default_rng(seed)
     history: dict[str, list[float]] = {}
@@ -178,10 +187,10 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
     links, one_hop = [], {}
     for n, (name, hops, snr, model) in enumerate(link_names(config)):  # 1-hop links first
         start = time.perf_counter()
-        source, epochs = link_start(config, hops, model)
+        source, epochs, lr = link_start(config, hops, model)
         start_from = one_hop[(snr, source)] if source else None
         link, history = train_link(config, hops, snr, model, images, hasher, device, config.seed + n, progress,
-                                   start_from, epochs)
+                                   start_from, epochs, lr)
         if hops == 1:
             one_hop[(snr, model)] = link
         record = {"state_dict": link.state_dict(), "hops": hops, "snr_db": snr, "model": model, "config": asdict(config)}
@@ -190,7 +199,7 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
         links.append({"name": name, "hops": hops, "snr_db": snr, "model": model, "loss": history["loss"],
                       "terms": history,
                       "started_from": ("random" if source is None else "1-hop link" if source == model
-                                       else f"{source} 1-hop link"),
+                                       else f"{source} 1-hop link"), "lr": lr,
                       "seconds": round(time.perf_counter() - start, 1)})
         log.info("%s: loss %.4f after %d epochs (%.0f s)", name, history["loss"][-1], len(history["loss"]),
                  links[-1]["seconds"])

@@ -151,13 +151,14 @@ def test_a_warm_started_link_starts_every_hop_from_the_one_hop_pair():
     from training.jscc_config import jscc_config_from_dict
     from training.jscc_train import train_link
 
-    # lr so small that one epoch leaves the weights where they started, to see where that was.
     config = jscc_config_from_dict({"image_size": 16, "c_out": 4, "width": 8, "epochs": 1, "batch_size": 4,
-                                    "lr": 1e-12, "device": "cpu", "tracking": {"enabled": False}})
+                                    "device": "cpu", "tracking": {"enabled": False}})
     images = np.random.default_rng(0).integers(0, 255, (4, 24, 24, 3), dtype=np.uint8)
     cpu = torch.device("cpu")
     one_hop, _ = train_link(config, 1, None, "baseline", images, None, cpu, seed=0, progress=False)
-    warm, _ = train_link(config, 3, None, "baseline", images, None, cpu, seed=1, progress=False, start_from=one_hop)
+    # The fine-tune's lr so small that one epoch leaves the weights where they started, to see where that was.
+    warm, _ = train_link(config, 3, None, "baseline", images, None, cpu, seed=1, progress=False, start_from=one_hop,
+                         lr=1e-12)
     cold, _ = train_link(config, 3, None, "baseline", images, None, cpu, seed=1, progress=False)
     pair = {**one_hop.encoders[0].state_dict(), **one_hop.decoders[0].state_dict()}
 
@@ -181,9 +182,9 @@ def test_the_grid_trains_baseline_and_aligned_links_through_the_frozen_teacher(t
     from training.jscc_train import link_names, load_hasher, load_link, train_grid
 
     config = jscc_config_from_dict({"image_size": 32, "c_out": 4, "width": 8, "hops": [1, 2], "epochs": 2,
-                                    "warm_start": True, "warm_start_epochs": 1, "aligned_from_baseline": True,
-                                    "aligned_epochs": 1, "models": ["aligned", "baseline"], "batch_size": 4,
-                                    "hasher": "teacher", "device": "cpu", "tracking": {"enabled": False}})
+                                    "warm_start": True, "warm_start_epochs": 1, "warm_start_lr": 1e-4,
+                                    "aligned_from_baseline": True, "aligned_epochs": 1,
+                                    "models": ["aligned", "baseline"], "batch_size": 4, "hasher": "teacher", "device": "cpu", "tracking": {"enabled": False}})
     hasher = load_hasher(trained / "run", "teacher")
     before = {k: v.clone() for k, v in hasher.state_dict().items()}
     manifest = train_grid(config, trained / "run", subset, tmp_path, progress=False)
@@ -193,9 +194,10 @@ def test_the_grid_trains_baseline_and_aligned_links_through_the_frozen_teacher(t
     link, record = load_link(tmp_path / "df-h2-aligned.pt")
     assert link.hops == 2 and record["model"] == "aligned" and record["snr_db"] is None
     # The baseline's 1-hop pair trains for epochs, the aligned one starts from it and fine-tunes for
-    # aligned_epochs, the 2-hop links start from their model's 1-hop pair and fine-tune for warm_start_epochs.
-    assert [(len(link["loss"]), link["started_from"]) for link in manifest["links"]] == [
-        (2, "random"), (1, "baseline 1-hop link"), (1, "1-hop link"), (1, "1-hop link")]
+    # aligned_epochs, the 2-hop links start from their model's 1-hop pair and fine-tune for warm_start_epochs
+    # at warm_start_lr.
+    assert [(len(link["loss"]), link["started_from"], link["lr"]) for link in manifest["links"]] == [
+        (2, "random", 1e-3), (1, "baseline 1-hop link", 1e-3), (1, "1-hop link", 1e-4), (1, "1-hop link", 1e-4)]
     assert all(set(link["terms"]) == ({"loss", "mse", "sdh"} if link["model"] == "aligned" else {"loss", "mse"})
                for link in manifest["links"])
     assert all(v.equal(load_hasher(trained / "run", "teacher").state_dict()[k]) for k, v in before.items())
