@@ -7,7 +7,7 @@
 - ``rayjob-<job>.yaml`` per job: a RayJob that runs ``terrahash <job's subcommand>`` on a cluster of its
   own (``shutdownAfterJobFinishes``, ``backoffLimit`` retries on a fresh cluster, ``K8sJobMode``),
   with the jobs' runtime_env and one CPU reserved for the entrypoint;
-- ``rayservice.yaml``: a RayService whose ``serveConfigV2`` is serving.serve_config.serve_config of the
+- ``rayservice.yaml``: a RayService whose ``serveConfigV2`` is serving.runtime.serve_config.serve_config of the
   config's serve settings, the same Serve config ``terrahash serve --render`` writes: the app is
   defined once.
 
@@ -123,8 +123,8 @@ def rayjob(config: ClusterConfig, job: str) -> dict:
 
 def serve_config_v2(config: ClusterConfig, root: Path | None = None) -> dict:
     """The Serve config of the config's serve settings, listening on every interface of the head."""
-    from serving.serve_config import serve_config
-    from serving.settings import load_settings
+    from serving.runtime.serve_config import serve_config
+    from serving.runtime.settings import load_settings
 
     path = Path(config.serve_settings)
     if not path.is_absolute():

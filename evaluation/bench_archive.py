@@ -5,7 +5,7 @@ UTM CRS, tiled and deflate-compressed as survey products are) and a folder of th
 JPEGs, then measures, per second:
 
 - reading only: chips cut from the scene (windowed read + percentile stretch), against JPEG decodes;
-- encoding end to end: serving.build.encode_all over each (Ray tasks, the model's image student).
+- encoding end to end: serving.ingest.build.encode_all over each (Ray tasks, the model's image student).
 
     python -m evaluation.bench_archive --model runs/fast_split-64/students/onnx --tiles 12
 """
@@ -24,7 +24,7 @@ def write_archives(data: Path, tiles: int, folder: Path) -> tuple[Path, Path]:
     from PIL import Image
     from affine import Affine
 
-    from serving.build import dataset_items
+    from serving.ingest.build import dataset_items
 
     paths = dataset_items(data).image_paths[: tiles * tiles]
     if len(paths) < tiles * tiles:
@@ -56,9 +56,9 @@ def main(argv=None) -> int:
 
     import ray
 
-    from serving.archive import archive_items, read_source
-    from serving.build import encode_all, find_spec
-    from serving.encoders import decode_and_resize
+    from serving.ingest.archive import archive_items, read_source
+    from serving.ingest.build import encode_all, find_spec
+    from serving.model.encoders import decode_and_resize
 
     spec = find_spec(args.model, "image")
     with tempfile.TemporaryDirectory() as tmp:

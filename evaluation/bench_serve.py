@@ -43,8 +43,8 @@ BITS, ROWS, SHARDS = 64, 1_000_000, 4
 
 def find_model(bits: int = BITS) -> Path | None:
     """An exported model version with ``bits``-bit students, under runs/ or the cache."""
-    from serving.build import find_spec
-    from serving.spec import load_spec
+    from serving.ingest.build import find_spec
+    from serving.model.spec import load_spec
 
     for folder in sorted(REPO.glob("runs/*/students/onnx")) + [CACHE]:
         try:
@@ -84,8 +84,8 @@ def student_bits(student) -> int:
 
 
 def build_random_index(root: Path, model_dir: Path, rows: int = ROWS, shards: int = SHARDS) -> dict:
-    from serving.codes import random_codes
-    from serving.index import build_index, publish_release
+    from serving.model.codes import random_codes
+    from serving.index.versions import build_index, publish_release
 
     codes = random_codes(rows, BITS, seed=0)
     ids = [f"tile/{i:07d}" for i in range(rows)]
@@ -100,9 +100,9 @@ def build_random_index(root: Path, model_dir: Path, rows: int = ROWS, shards: in
 
 def in_process(model_dir: Path, root: Path, queries: list[str], k: int) -> dict:
     """p50 of encode + one unsharded IndexBinaryFlat search, in this process."""
-    from serving.build import find_spec
-    from serving.encoders import load_encoder
-    from serving.index import load_index
+    from serving.ingest.build import find_spec
+    from serving.model.encoders import load_encoder
+    from serving.index.versions import load_index
 
     encoder = load_encoder(find_spec(model_dir, "text"), threads=1)
     index = load_index(str(root))
@@ -271,7 +271,7 @@ def run(model_dir: Path, layouts: list[str], sequential_n: int, qps: float, seco
         serve_env: dict[str, str]) -> dict:
     import os
 
-    from serving.build import dataset_items
+    from serving.ingest.build import dataset_items
 
     data = Path(os.environ.get("TERRAHASH_DATA", REPO.parent / "shared" / "data" / "ucm_captions"))
     queries = dataset_items(data).captions[::7][:500]  # real captions as queries

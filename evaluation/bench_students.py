@@ -7,7 +7,7 @@ real test-split captions and images. Text timings include tokenization; image ti
 preprocessed pixels (decoding is the same for both sides). Sizes: ONNX file size for the students,
 fp32 parameters and buffers of the modules a query runs through for the teacher.
 
-Parity (``--parity``, evaluation/parity.py): on the test split, the share of bits on which the ONNX
+Parity (``--parity``, training/parity.py): on the test split, the share of bits on which the ONNX
 students (fp32, int8) agree with the torch students, and the retrieval figures of teacher and students.
 
     python -m evaluation.bench_students --teacher runs/fast-64 --students STUDENTS_DIR \\
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .parity import format_parity, parity
+from training.parity import format_parity, parity
 
 RATIO_TARGETS = {"text int8 latency b=1": 5.0, "text int8 size": 4.0, "image latency b=1": 3.0}
 
@@ -83,8 +83,8 @@ def _teacher_runners(teacher_dir):
 
 def benchmark(teacher_dir, students_dir, data_dir, queries: int = 100, batches: int = 10) -> list[dict]:
     """Rows of (model, latency b=1 in ms, throughput b=32 per second, size in MB)."""
-    from serving.encoders import ImageEncoder, TextEncoder, preprocess_images
-    from training.data import load_dataset
+    from serving.model.encoders import ImageEncoder, TextEncoder, preprocess_images
+    from serving.ingest.dataset import load_dataset
 
     from training.export import ONNX_DIR
 

@@ -76,7 +76,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, split: str = "te
                    queries: str | Path | None = None) -> dict:
     """Figures of the model in ``model_dir`` on ``split`` of the dataset in ``data_dir`` (with the
     free-text query file ``queries`` when given)."""
-    from training.data import load_dataset
+    from serving.ingest.dataset import load_dataset
     from training.features import FeatureCache, default_device
     from training.train import DatasetIndex, Encoders, dataset_codes, load_trained, text_codes
 

@@ -180,7 +180,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="dataset folder holding one Karpathy-style dataset*.json")
     parser.add_argument("--top", type=int, default=10, help="how many of the most overlapping queries to list")
     args = parser.parse_args(argv)
-    from training.data import load_dataset
+    from serving.ingest.dataset import load_dataset
 
     query_set = load_queries(args.queries)
     dataset = load_dataset(args.data, check_images=False)

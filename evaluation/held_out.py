@@ -53,7 +53,7 @@ def choose_classes(classes: Sequence[str], count: int | None = None, names: Sequ
 def write_held_out(data: str | Path, out: str | Path, count: int | None = None, names: Sequence[str] = (),
                    seed: int = 0) -> dict:
     """Write the seen and unseen sets (module docstring); returns the record in ``held_out.json``."""
-    from training.data import KARPATHY, load_dataset
+    from serving.ingest.dataset import KARPATHY, load_dataset
 
     dataset = load_dataset(data, check_images=False)
     if dataset.layout != KARPATHY:

@@ -47,7 +47,7 @@ def degradations(images: np.ndarray) -> dict:
 
 
 def link_quality(model_dir: str | Path, data_dir: str | Path, size: int = 128, kind: str = "student") -> dict:
-    from training.data import load_dataset
+    from serving.ingest.dataset import load_dataset
     from training.jscc import psnr
     from training.jscc_eval import hash_codes
     from training.jscc_train import as_tensor, load_hasher, load_images

@@ -25,9 +25,9 @@ class TextQuery(BaseModel):
 def create_app(index_root: str, model_dir: str) -> FastAPI:
     import faiss
 
-    from serving.build import find_spec
-    from serving.encoders import load_encoder
-    from serving.index import load_index
+    from serving.ingest.build import find_spec
+    from serving.model.encoders import load_encoder
+    from serving.index.versions import load_index
 
     faiss.omp_set_num_threads(1)
     encoder = load_encoder(find_spec(model_dir, "text"), threads=1)

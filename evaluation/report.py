@@ -16,7 +16,7 @@ Sections of ``report.json`` (all figures are what the page shows, ``evaluation.r
 - ``fairness``: per-class AP, worst class and gap of every model and baseline; top-10 confusion;
 - ``robustness`` and ``drift``: corrupted queries of one model, the fp32 image student of the first
   run that has students, else the first run's teacher (``evaluation.robustness``), and the drift
-  detector (``serving.drift``) on clean and corrupted windows;
+  detector (``serving.runtime.drift``) on clean and corrupted windows;
 - ``examples``: top-5 results of a few text and image queries per model;
 - ``peers``: ``evaluation.bench_peers`` (its JSON with ``--peers``; else run here at 100k codes).
 """
@@ -91,10 +91,10 @@ def _teacher(model, config, encoders, device) -> Encoded:
 
 def _students(folder: Path, paths: list[str], captions: list[str]) -> dict[str, Encoded]:
     """The fp32 and int8 ONNX students beside the run, with their codes of the whole dataset."""
-    from serving.encoders import ImageEncoder, TextEncoder
+    from serving.model.encoders import ImageEncoder, TextEncoder
     from training.export import ONNX_DIR
 
-    from .parity import VARIANTS, in_batches
+    from training.parity import VARIANTS, in_batches
 
     onnx = folder / "students" / ONNX_DIR
     out = {}
@@ -168,7 +168,7 @@ def build(runs, data_dir, peers: str | Path | None = None, cache_dir=None, devic
           pareto_database: int = PARETO_DATABASE, pareto_queries: int = PARETO_QUERIES,
           robustness_per_class: int = ROBUSTNESS_PER_CLASS, peer_codes: int = 100_000) -> tuple[dict, list]:
     """The report's JSON and the models (for the page's thumbnails)."""
-    from training.data import load_dataset
+    from serving.ingest.dataset import load_dataset
     from training.features import default_device, load_image
     from training.train import DatasetIndex
 

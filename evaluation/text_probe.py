@@ -118,7 +118,7 @@ def run_probe(data_dir: str | Path, config_name: str = "fast_split", layers: Seq
 
     from training.captions import caption_variants
     from training.config import load_config
-    from training.data import load_dataset
+    from serving.ingest.dataset import load_dataset
     from training.features import text_features
     from training.models import TextEncoder
     from training.train import DatasetIndex

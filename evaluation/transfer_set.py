@@ -1,6 +1,6 @@
 """A transfer set made from local data: one split's images re-cut as another sensor and another
 scale would see them, written as an image-only labelled set in the class-folder layout
-(``OUT/<class>/<image>.png``, read by ``training.data.load_dataset`` and so by ``terrahash eval``).
+(``OUT/<class>/<image>.png``, read by ``serving.ingest.dataset.load_dataset`` and so by ``terrahash eval``).
 
 Each image gets its own transform, drawn from a generator seeded by ``--seed`` and the image's
 path in the source dataset (so an image's transform does not depend on which others are in the
@@ -187,7 +187,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _dataset_root(dataset) -> Path:
-    from training.data import CLASS_FOLDERS
+    from serving.ingest.dataset import CLASS_FOLDERS
 
     return Path(dataset.json_path if dataset.layout == CLASS_FOLDERS else dataset.json_path.parent).resolve()
 
@@ -233,7 +233,7 @@ def build_transfer_set(data: str | Path, out: str | Path, split: str = "test", s
                        overwrite: bool = False) -> dict:
     """Write the transfer set of ``split`` (``all``: every image) of the dataset in ``data`` to
     ``out`` (module docstring); returns the manifest."""
-    from training.data import DatasetError, load_dataset
+    from serving.ingest.dataset import DatasetError, load_dataset
 
     if seed < 0:
         raise TransferSetError(f"--seed must be 0 or more, not {seed}")

@@ -1,35 +1,35 @@
 """The search service as Serve applications: one per index, one per model version, and the router's.
 
-Traffic arms (serving/traffic.py) are built from three kinds of application, so that an arm can be
+Traffic arms (serving/runtime/traffic.py) are built from three kinds of application, so that an arm can be
 added, re-weighted or removed while the others keep serving, without restarting a replica:
 
-* ``<app>-index-<key>`` (``index_app``): one index release, its shard groups (serving/shards.py,
+* ``<app>-index-<key>`` (``index_app``): one index release, its shard groups (serving/runtime/replicas.py,
   ``shards_per_replica`` shards per deployment, ``shard_replicas`` replicas each, at most one per node,
   serving node-local verified copies), ``ShardReports`` and ``IndexInfo`` (what the router needs to
   know of the index). Arms that declare the same index and release share it.
-* ``<app>-model-<key>`` (``model_app``): a ``QueryEncoder`` (serving/query_encoder.py) for one model
-  version, fetched on its own node from the registry's artifact store (serving/registry.py).
-* ``<app>`` (``router_app``): the ``Router`` (serving/router.py, the FastAPI ingress) and the
-  ``Canary`` controller (serving/canary.py). The split lives in their ``user_config``.
+* ``<app>-model-<key>`` (``model_app``): a ``QueryEncoder`` (serving/runtime/query_encoder.py) for one model
+  version, fetched on its own node from the registry's artifact store (serving/model/registry.py).
+* ``<app>`` (``router_app``): the ``Router`` (serving/runtime/router.py, the FastAPI ingress) and the
+  ``Canary`` controller (serving/lifecycle/canary.py). The split lives in their ``user_config``.
 
-``serving.serve_config.serve_config(settings)`` writes the whole set as one Serve config (for
+``serving.runtime.serve_config.serve_config(settings)`` writes the whole set as one Serve config (for
 ``serve deploy`` or ``terrahash serve``); ``run_apps`` deploys the same set from Python. The encoder
-must speak the index's code space (``serving.spec.check_code_space``), checked when the model
+must speak the index's code space (``serving.model.spec.check_code_space``), checked when the model
 application starts. Nothing here imports torch.
 """
 import logging
 
 from ray import serve
 
-from serving.canary import Canary
-from serving.index import ImageRefs, resolve_release
-from serving.query_encoder import QueryEncoder
-from serving.query_log import AuditWriter
-from serving.ratelimit import RateLimiter
-from serving.router import Router
-from serving.serve_config import app_specs, router_fields
-from serving.settings import ServeSettings, load_settings  # noqa: F401  (the app's public settings API)
-from serving.shards import ShardReports, ShardServer
+from serving.lifecycle.canary import Canary
+from serving.index.versions import ImageRefs, resolve_release
+from serving.runtime.query_encoder import QueryEncoder
+from serving.governance.query_log import AuditWriter
+from serving.governance.ratelimit import RateLimiter
+from serving.runtime.router import Router
+from serving.runtime.serve_config import app_specs, router_fields
+from serving.runtime.settings import ServeSettings, load_settings  # noqa: F401  (the app's public settings API)
+from serving.runtime.replicas import ShardReports, ShardServer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def index_app(args: dict):
 
 def _served_model(served: dict, root: str | None = None) -> str | None:
     """What the index in ``root`` was built with: its registered model version, else its copy of the model."""
-    from serving.build import served_model
+    from serving.ingest.build import served_model
 
     return served_model(served, root)
 
@@ -171,8 +171,8 @@ def app_builder(args: dict):
 def check_arms(settings: ServeSettings) -> list[dict]:
     """Before deploying: every arm's release resolves, its model loads here, and speaks the index's code
     space (``CodeSpaceError`` naming both otherwise). Returns, per arm, the model QueryEncoder would load."""
-    from serving.query_encoder import load_model
-    from serving.spec import check_code_space
+    from serving.runtime.query_encoder import load_model
+    from serving.model.spec import check_code_space
 
     loaded = []
     for arm in settings.arm_list():
@@ -219,8 +219,8 @@ def deploy_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8
     so that ``terrahash traffic set`` can change the split live. Returns the config applied."""
     import ray
 
-    from serving.control import apply_config
-    from serving.serve_config import serve_config
+    from serving.lifecycle.control import apply_config
+    from serving.runtime.serve_config import serve_config
 
     if not ray.is_initialized():
         # the replicas' and Serve's own lines stay in their log files (/tmp/ray/session_latest/logs/serve)

@@ -20,7 +20,7 @@ from typing import Annotated
 
 import yaml
 
-from serving.codes import validate_bits
+from serving.model.codes import validate_bits
 
 
 class ConfigError(ValueError):

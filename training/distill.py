@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .batches import batch_bounds
 from .config import check
-from .data import load_dataset
+from serving.ingest.dataset import load_dataset
 from .features import FeatureCache, default_device, dihedral, image_features, load_image, normalize
 from .losses import BCEQuantizationLoss, total_loss
 from .models import HashingModel

@@ -3,9 +3,9 @@
 The job: students trained on the teacher's codes (``distill.distill``; in one process or as a Ray
 Train job), exported to ONNX fp32 and int8 with their specs (``export.export_students``), checked
 against the torch students and the teacher on val (database: train) and on the test split, from one
-encoding pass (``evaluation.parity.parity_reports``), then logged to MLflow with the teacher's run as
+encoding pass (``training.parity.parity_reports``), then logged to MLflow with the teacher's run as
 lineage and registered as a new version of ``config.registered_model``. The val figures are also set
-as tags on the model version: they are what the promotion gates compare (serving/promotion.py); the
+as tags on the model version: they are what the promotion gates compare (serving/lifecycle/promotion.py); the
 test figures are reported only.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import load_dataset
+from serving.ingest.dataset import load_dataset
 from .export import ONNX_DIR, export_students
 from .students import DISTILL_CONFIG, DistillConfig, load_distill_config
 from .tracking import flatten, track_run
@@ -35,7 +35,7 @@ def resolve_teacher(teacher: str | Path, tracking_uri: str | None = None) -> Pat
     training run (its checkpoint and config are downloaded from MLflow)."""
     text = str(teacher)
     if text.startswith("s3://"):
-        from cluster.artifacts import fetch_folder
+        from serving.storage import fetch_folder
 
         folder = fetch_folder(text)
     elif not text.startswith("runs:/"):
@@ -119,7 +119,7 @@ def run_distillation(teacher: str | Path, config: DistillConfig, data_dir, out_d
 
     ``metrics["parity"]`` is the ``parity_split`` report (test: reported only), ``metrics["val_parity"]``
     the val one; run metrics ``parity/...`` (the former), ``val/<model>/...`` and ``val_parity/...``."""
-    from evaluation.parity import metric_name, parity_reports, version_figures
+    from training.parity import metric_name, parity_reports, version_figures
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def run_distillation(teacher: str | Path, config: DistillConfig, data_dir, out_d
 def _model_card(tracker, metrics: dict, dataset, out: Path) -> None:
     """The registered version's model card (evaluation/model_card.py), beside its students and in MLflow."""
     from evaluation.model_card import publish_card, write_card
-    from serving.spec import load_spec
+    from serving.model.spec import load_spec
 
     registered, onnx = metrics["registered"], out / ONNX_DIR
     facts = {**metrics, "mlflow_run_id": tracker.run_id,

@@ -2,8 +2,8 @@
 
 Each student becomes one ONNX graph from input to continuous codes (dynamic batch axis, pinned
 opset), checked against torch with onnxruntime, with a spec JSON written here from the student's
-config (never by hand) that serving reads back (``serving/spec.py``). Every spec records the code
-space of its codes (``serving.spec.code_space_id`` of the fp32 image student): the image student's
+config (never by hand) that serving reads back (``serving/model/spec.py``). Every spec records the code
+space of its codes (``serving.model.spec.code_space_id`` of the fp32 image student): the image student's
 own, shared by its int8 variant and by the text student exported beside it. Int8 variants come from
 onnxruntime's quantization tools: dynamic for text; for images, a few static variants (calibrated
 on real images, some bias-corrected) and dynamic, keeping whichever keeps most bits on held-out images.
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.spec import (BINARIZE_RULE, BIT_ORDER, RESIZE_RULE, SPEC_FORMAT_VERSION, code_space_id, spec_code_space,
+from serving.model.spec import (BINARIZE_RULE, BIT_ORDER, RESIZE_RULE, SPEC_FORMAT_VERSION, code_space_id, spec_code_space,
                           spec_path_for)
-from cluster.artifacts import sha256_file
+from serving.storage import sha256_file
 
 from .students import ImageStudent, TextStudent, load_image_student, load_text_student
 
@@ -429,7 +429,7 @@ def export_students(students_dir: str | Path, out_dir: str | Path | None = None,
     fp32 export. Both are needed when an image student is present. Returns the spec paths and the
     quantization scores.
     """
-    from serving.encoders import preprocess_images  # calibration sees exactly what serving will send
+    from serving.model.encoders import preprocess_images  # calibration sees exactly what serving will send
 
     students_dir = Path(students_dir)
     out = Path(out_dir) if out_dir is not None else students_dir / ONNX_DIR

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import SCHEDULES, ExperimentConfig, check, save_config  # noqa: F401 (SCHEDULES: re-exported)
-from .data import load_dataset
+from serving.ingest.dataset import load_dataset
 from .snapshots import SnapshotStore, start_store_actor
 from .tracking import ARTIFACTS, flatten, track_run
 from .train import CHECKPOINT, LoopContext, fit

@@ -106,7 +106,7 @@ def evaluate_grid(model_dir: str | Path, data_dir: str | Path, progress: bool = 
     from evaluation.retrieval import choose_rows, signs
     from evaluation.robustness import hamming_map
 
-    from .data import load_dataset
+    from serving.ingest.dataset import load_dataset
     from .train import DatasetIndex
 
     folder = Path(model_dir)

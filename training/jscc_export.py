@@ -5,7 +5,7 @@
 - ``jscc_encoder.onnx``: the first hop's encoder, image (B, 3, H, W) in [0, 1] [+ snr_db (B,)] ->
   power-normalised channel input (B, c_out, H/4, W/4), what a field unit runs;
 - ``jscc_decoder.onnx``: the last hop's decoder, received (B, c_out, H/4, W/4) [+ snr_db (B,)] ->
-  image (B, 3, H, W) in [0, 1], what the search service runs (serving/jscc.py, no torch);
+  image (B, 3, H, W) in [0, 1], what the search service runs (serving/runtime/jscc.py, no torch);
 - ``jscc.spec.json``: rho, c_out, image size, the power normalisation, the SNR the link was trained
   for, the hop count, each file's sha256 and inputs, and ``model_version`` (the decoder's sha256,
   first 16 hex digits), which a sender names so that symbols are never decoded by another model.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cluster.artifacts import sha256_file
+from serving.storage import sha256_file
 
 from .jscc import DecodeForward, awgn, bandwidth_ratio, symbols
 

@@ -172,7 +172,7 @@ def train_link(config: JsccConfig, hops: int, snr_db: float | None, model: str, 
 def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path, out: str | Path,
                progress: bool = True) -> dict:
     """Every link of the config's grid; writes ``OUT/<link>.pt`` and ``OUT/jscc.json``."""
-    from .data import load_dataset
+    from serving.ingest.dataset import load_dataset
     from .features import default_device
 
     device = default_device(config.device)

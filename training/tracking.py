@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .config import TrackingConfig, to_dict
-from .data import CaptionDataset
+from serving.ingest.dataset import CaptionDataset
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def track_run(config, out_dir: str | Path, dataset: CaptionDataset,
     from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from serving.registry import quiet_mlflow_logs
+    from serving.model.registry import quiet_mlflow_logs
 
     # MLflow's own INFO lines (creating the database's tables, starting and stopping the system-metrics
     # sampler) say nothing the run's one line below does not.

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 def local_cluster(tmp_path_factory):
     """A real 3-node Ray cluster on this machine, started by `terrahash cluster up` (its state under a
     TERRAHASH_HOME of its own) and stopped by `terrahash cluster down` at the end of the session."""
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     home = tmp_path_factory.mktemp("terrahash_home")
     with pytest.MonkeyPatch.context() as env:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cluster.cli import build_parser, main
+from cluster.cli.main import build_parser, main
 
 
 def test_every_subcommand_explains_itself(capsys):
@@ -27,7 +27,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
 
 
 def test_cli_metrics_and_serving_import_no_torch():
-    code = ("import sys, cluster.cli, serving, evaluation.metrics, evaluation.retrieval; "
+    code = ("import sys, cluster.cli.main, serving, evaluation.metrics, evaluation.retrieval; "
             "heavy = [m for m in ('torch', 'timm', 'transformers') if m in sys.modules]; "
             "print(','.join(heavy))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -36,7 +36,7 @@ def test_cli_metrics_and_serving_import_no_torch():
 
 def test_a_command_prints_no_model_loading_bars(trained, subset, tmp_path):
     """The text encoder's "Loading weights" bar is off unless --verbose; the command's own output stays."""
-    command = [sys.executable, "-m", "cluster.cli", "eval", "--model", str(trained / "run"), "--data", str(subset),
+    command = [sys.executable, "-m", "cluster.cli.main", "eval", "--model", str(trained / "run"), "--data", str(subset),
                "--cache-dir", str(trained / "cache")]
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli.main import main
 from cluster.jobs import describe, list_jobs, stop, wait
 from cluster.jobs import logs as job_logs
 
@@ -18,8 +18,8 @@ pytest.importorskip("ray.job_submission")
 @pytest.fixture(scope="module")
 def index_root(tmp_path_factory) -> str:
     """A small real index release (random codes, no model needed) for `index verify` jobs."""
-    from serving.codes import random_codes
-    from serving.index import build_index, publish_release
+    from serving.model.codes import random_codes
+    from serving.index.versions import build_index, publish_release
 
     root = tmp_path_factory.mktemp("jobs_index")
     manifest = build_index(random_codes(40, 16, seed=3), [f"item{i:02d}" for i in range(40)], 16, 2, root,

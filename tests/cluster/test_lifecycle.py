@@ -28,9 +28,9 @@ pytest.importorskip("mlflow")
 pytest.importorskip("onnxruntime")
 from mlflow import MlflowClient  # noqa: E402
 
-from cluster.cli import main  # noqa: E402
-from serving.audit import ZERO_SHA256, AuditLog, canonical_bytes, entry_sha256  # noqa: E402
-from serving.promotion import (GateConfig, PromotionRefused, check_gates, load_gate_config, promote,  # noqa: E402
+from cluster.cli.main import main  # noqa: E402
+from serving.governance.audit import ZERO_SHA256, AuditLog, canonical_bytes, entry_sha256  # noqa: E402
+from serving.lifecycle.promotion import (GateConfig, PromotionRefused, check_gates, load_gate_config, promote,  # noqa: E402
                                rollback, write_canary_record)
 from tests.conftest import tiny_config  # noqa: E402
 from tests.training.test_distill_job import TINY_STUDENTS  # noqa: E402
@@ -42,7 +42,7 @@ TINY_GATES = {"min_map_ratio": 0.0, "min_bit_agreement_int8": 0.9, "variants": [
 @pytest.fixture(scope="module")
 def lifecycle(mlflow_server, subset, tiny_text_encoder, local_ray, tmp_path_factory) -> dict:
     """Two registered versions of NAME (good, one_epoch), each with a verified index release."""
-    from serving.build import build_indexes
+    from serving.ingest.build import build_indexes
     from training.config import config_from_dict
     from training.distill_job import run_distillation
     from training.students import distill_config_from_dict
@@ -289,7 +289,7 @@ def test_concurrent_appends_never_share_a_number(tmp_path):
 def test_the_log_lives_on_s3_too(s3_endpoint):
     import uuid
 
-    from cluster.artifacts import open_root
+    from serving.storage import open_root
 
     root = open_root(f"s3://terrahash-test/{uuid.uuid4().hex}", endpoint_url=s3_endpoint)
     audit = AuditLog(root, "m")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli.main import main
 from cluster.local_cluster import ClusterState, client_env
 
 pytest.importorskip("ray")

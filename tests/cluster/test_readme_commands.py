@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from cluster.cli import main  # noqa: E402
+from cluster.cli.main import main  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def readme_commands(path: Path) -> list[str]:
 
 
 def _arms(command: str) -> bool:
-    """``serve --config FILE`` (traffic arms) and ``--render``: run by tests/serving/test_traffic.py and
+    """``serve --config FILE`` (traffic arms) and ``--render``: run by tests/serving/runtime/test_traffic.py and
     tests/serving/test_app.py (the shipped Serve config), not here."""
     return "--config" in command or "--render" in command
 
@@ -102,7 +102,7 @@ def localize(command: str, places: dict) -> list[str]:
             word = "3"
         out.append(word)
     if out[:2] in (["index", "build"], ["index", "add"]):
-        out.append("--no-track")  # tracking has its own test (tests/serving/test_build.py)
+        out.append("--no-track")  # tracking has its own test (tests/serving/ingest/test_build.py)
         if out[:2] == ["index", "build"] and not {"--data", "--images", "--stac"} & set(out):
             out += ["--data", places["data"]]  # the README's default is the full dataset
     if out[0] == "serve":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.cli import main
+from cluster.cli.main import main
 from tests.cluster.test_readme_training_commands import commands
 
 TINY_JSCC = {"name": "jscc-tiny", "image_size": 48, "c_out": 4, "width": 8, "hops": [1, 3], "epochs": 1,

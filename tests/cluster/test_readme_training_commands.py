@@ -19,7 +19,7 @@ import yaml
 
 pytest.importorskip("torch")
 
-from cluster.cli import main  # noqa: E402
+from cluster.cli.main import main  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cli import build_parser, main
+from cluster.cli.main import build_parser, main
 from cluster.cluster_config import DEFAULT_CONFIG, ClusterConfig, load_cluster_config
 from cluster.manifests import crd_folder, kuberay_problems, launcher_problems, serve_config_problems
 from cluster.render import render_kuberay, render_launcher
@@ -33,8 +33,8 @@ def test_rendered_files_validate_and_define_the_app_once(tmp_path, capsys):
     launcher = yaml.safe_load((tmp_path / "vm" / "cluster-launcher.yaml").read_text())
     assert launcher_problems(launcher) == []
     # The RayService serves exactly the Serve config `terrahash serve --render` writes from the same settings.
-    from serving.serve_config import serve_config
-    from serving.settings import load_settings
+    from serving.runtime.serve_config import serve_config
+    from serving.runtime.settings import load_settings
 
     service = yaml.safe_load((tmp_path / "k8s" / "rayservice.yaml").read_text())
     v2 = service["spec"]["serveConfigV2"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cli import main
+from cluster.cli.main import main
 from cluster.local_cluster import client_env
 from tests.conftest import free_port
 from tests.serving.test_app import post_json

@@ -19,8 +19,8 @@ import yaml
 pytest.importorskip("ray.job_submission")
 pytest.importorskip("mlflow")
 
-from cluster.artifacts import open_root  # noqa: E402
-from cluster.cli import main  # noqa: E402
+from serving.storage import open_root  # noqa: E402
+from cluster.cli.main import main  # noqa: E402
 from cluster.jobs import _token, describe  # noqa: E402
 from cluster.jobs import logs as job_logs  # noqa: E402
 from cluster.local_cluster import ClusterState, add_worker, kill_node, status  # noqa: E402
@@ -124,7 +124,7 @@ def test_a_queued_pipeline_lands_in_s3_and_the_registry_and_survives_losing_a_no
     manifest = json.loads(root.read_bytes(f"index/index/images/{version}/manifest.json"))
     assert "model_dir" not in manifest["extra"] and not manifest["extra"]["model_files"].startswith("/")
     assert f"index/{manifest['extra']['model_files']}/MANIFEST.json" in keys
-    from cluster.artifacts import fetch_folder
+    from serving.storage import fetch_folder
 
     copy = fetch_folder(f"{BUCKET}/index/{manifest['extra']['model_files']}", tmp_path / "fetched")
     assert copy.name == "onnx" and (copy / "image_student.onnx").is_file()  # every file checks out

@@ -10,12 +10,12 @@ import shutil
 import pytest
 from PIL import Image
 
-from cluster.cli import main
+from cluster.cli.main import main
 from evaluation.evaluate import evaluate_model
 from tests.conftest import tiny_config
 from tests.evaluation.test_transfer import image_only_set
 from training.config import config_from_dict
-from training.data import CLASS_FOLDERS, DatasetError, load_dataset
+from serving.ingest.dataset import CLASS_FOLDERS, DatasetError, load_dataset
 from training.train import fit
 
 # Real UCM classes the tiny model never saw, under new names (it was trained on agricultural,
@@ -136,7 +136,7 @@ def test_one_class_folder_is_an_error_pointing_at_its_subfolders(ucm_dir, tmp_pa
 def test_folders_without_images_are_not_classes_and_are_reported(ucm_dir, tmp_path, caplog):
     folder = class_folders(ucm_dir, tmp_path, per_class=1)
     (folder / "empty").mkdir()
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="serving.ingest.dataset"):
         dataset = load_dataset(folder)
     assert "empty" not in dataset.classes and len(dataset.classes) == 3
     assert any("without images" in r.getMessage() and "empty" in r.getMessage() for r in caplog.records)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cluster.cli import main
+from cluster.cli.main import main
 from evaluation.evaluate import evaluate_model
 from evaluation.free_text import DEFAULT_QUERIES, QueryFileError, caption_overlap, free_text_figures, load_queries
 

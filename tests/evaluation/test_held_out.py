@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from cluster.cli import main as cli
+from cluster.cli.main import main as cli
 from evaluation.held_out import HeldOutError, choose_classes, main
 from tests.conftest import write_subset
-from training.data import load_dataset
+from serving.ingest.dataset import load_dataset
 
 CLASSES = ["agricultural", "airplane", "baseballdiamond", "beach", "buildings"]
 

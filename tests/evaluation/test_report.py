@@ -41,7 +41,7 @@ def test_code_length_figures_are_terrahash_evals(written_report, trained, subset
 
 
 def _index(subset):
-    from training.data import load_dataset
+    from serving.ingest.dataset import load_dataset
     from training.train import DatasetIndex
 
     index = DatasetIndex.build(load_dataset(subset))
@@ -129,7 +129,7 @@ def test_peers_compare_every_index_on_both_code_sets(written_report):
 
 def test_students_are_measured_from_their_onnx_codes(written_report, subset):
     """The fp32 and int8 rows are the ONNX students' own figures, recomputed here from their encoders."""
-    from serving.encoders import ImageEncoder
+    from serving.model.encoders import ImageEncoder
     from training.export import ONNX_DIR
 
     out, report = written_report

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli.main import main
 from evaluation.evaluate import evaluate_model
 from tests.conftest import tiny_config
 from training.config import config_from_dict
-from training.data import DatasetError, load_dataset
+from serving.ingest.dataset import DatasetError, load_dataset
 from training.train import fit
 
 # Real UCM classes the tiny model never saw, under new names (it was trained on agricultural,

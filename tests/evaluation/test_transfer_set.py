@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.cli import main
+from cluster.cli.main import main
 from evaluation import transfer_set
 from evaluation.transfer_set import (
     DEFAULT_SIZES,
@@ -22,7 +22,7 @@ from evaluation.transfer_set import (
     corner_free_box,
     rotate,
 )
-from training.data import CLASS_FOLDERS, load_dataset
+from serving.ingest.dataset import CLASS_FOLDERS, load_dataset
 
 
 def files_of(folder):

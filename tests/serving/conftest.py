@@ -24,7 +24,7 @@ def one_faiss_thread():
 @pytest.fixture
 def local_root(tmp_path):
     """An empty artifact root in a folder."""
-    from cluster.artifacts import open_root
+    from serving.storage import open_root
 
     return open_root(tmp_path / "artifacts")
 
@@ -34,7 +34,7 @@ def s3_root(s3_endpoint):
     """An empty artifact root under a fresh prefix of the loopback S3 endpoint."""
     import uuid
 
-    from cluster.artifacts import open_root
+    from serving.storage import open_root
 
     return open_root(f"s3://terrahash-test/{uuid.uuid4().hex}", endpoint_url=s3_endpoint)
 
@@ -57,9 +57,9 @@ def ranking_model_dir(tmp_path_factory, tiny_text_encoder, ucm_many):
     pytest.importorskip("onnxruntime")
     import torch
 
-    from serving.encoders import preprocess_images
+    from serving.model.encoders import preprocess_images
     from tests.training.test_export import tiny_students
-    from training.data import load_dataset
+    from serving.ingest.dataset import load_dataset
     from training.export import export_image_student, export_text_student
     from training.students import ImageStudent, ImageStudentConfig
 
@@ -92,7 +92,7 @@ def ucm_many(ucm_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def built_index(local_ray, model_dir, ucm_many, tmp_path_factory):
     """An index root with 3-shard image and caption indexes of the real images, built with Ray tasks."""
-    from serving.build import build_indexes
+    from serving.ingest.build import build_indexes
 
     root = tmp_path_factory.mktemp("index_root")
     manifests = build_indexes(model_dir, ucm_many, SHARDS, str(root), batch_size=32)
@@ -104,9 +104,9 @@ def reference(built_index, model_dir, ucm_many):
     """One unsharded flat index over every stored image code, the encoders, and the dataset items."""
     import numpy as np
 
-    from serving.build import dataset_items, find_spec
-    from serving.encoders import load_encoder
-    from serving.index import Shard, load_index
+    from serving.ingest.build import dataset_items, find_spec
+    from serving.model.encoders import load_encoder
+    from serving.index.versions import Shard, load_index
 
     index = load_index(built_index["root"], built_index["images"]["version"])
     codes = np.concatenate([s.codes for s in index.shards])

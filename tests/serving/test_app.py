@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("ray.serve")
 
 from serving.app import ServeSettings, _groups, shards_per_replica  # noqa: E402
-from serving.ranking import asymmetric_rerank, fuse  # noqa: E402
+from serving.runtime.ranking import asymmetric_rerank, fuse  # noqa: E402
 from tests.serving.conftest import wait_http  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -316,11 +316,11 @@ def test_serving_app_imports_no_torch(built_index, ucm_many, tmp_path):
     loaded and used by both encoders, the canary's probes read; then no torch, timm or transformers."""
     code = f"""
 import sys, numpy as np
-import cluster.serving_cli, serving.build, serving.canary, serving.control, serving.router
+import cluster.cli.serving, serving.ingest.build, serving.lifecycle.canary, serving.lifecycle.control, serving.runtime.router
 from serving.app import ServeSettings, index_app, model_app, router_app
-from serving.encoders import ImageEncoder, TextEncoder
-from serving.query_encoder import load_model
-from serving.serve_config import app_specs
+from serving.model.encoders import ImageEncoder, TextEncoder
+from serving.runtime.query_encoder import load_model
+from serving.runtime.serve_config import app_specs
 settings = ServeSettings(index={str(built_index['root'])!r}, shard_replicas=1, spread_shards=False,
                          canary={{"probe_data": {str(ucm_many)!r}}})
 for spec in app_specs(settings):
@@ -329,7 +329,7 @@ model = load_model(None, settings.index, None, "fp32")
 assert TextEncoder(model["text_spec"]).encode(["a river"]).shape == (1, model["bits"])
 pixels = np.zeros((model["image_size"], model["image_size"], 3), np.uint8)
 assert ImageEncoder(model["image_spec"]).encode([pixels]).shape == (1, model["bits"])
-assert serving.canary.load_probes({str(ucm_many)!r}, 8)["queries"]
+assert serving.lifecycle.canary.load_probes({str(ucm_many)!r}, 8)["queries"]
 bad = sorted(m for m in ("torch", "timm", "transformers") if m in sys.modules)
 print("HEAVY", bad)
 sys.exit(1 if bad else 0)
@@ -373,10 +373,10 @@ def test_the_shipped_serve_config_is_rendered_from_the_shipped_settings():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.access import AccessConfig
-    from serving.serve_config import serve_config
-    from serving.settings import check_hot_settings, load_settings
-    from serving.traffic import check_traffic
+    from serving.runtime.access import AccessConfig
+    from serving.runtime.serve_config import serve_config
+    from serving.runtime.settings import check_hot_settings, load_settings
+    from serving.runtime.traffic import check_traffic
 
     shipped = Path(__file__).parents[2] / "serving"
     deployed = yaml.safe_load((shipped / "deploy.yaml").read_text())
@@ -405,8 +405,8 @@ def test_symbols_received_over_a_radio_link_are_decoded_and_searched(serve_app, 
 
     import torch
 
-    from serving.encoders import decode_and_resize
-    from serving.jscc import ReceivedDecoder
+    from serving.model.encoders import decode_and_resize
+    from serving.runtime.jscc import ReceivedDecoder
     from training.features import load_image
     from training.jscc_export import received_message, send
 

@@ -363,7 +363,7 @@ def test_values_out_of_range(data, where, why):
 
 
 def test_bits_follow_the_serving_rule():
-    from serving.codes import MAX_BITS, MIN_BITS, validate_bits
+    from serving.model.codes import MAX_BITS, MIN_BITS, validate_bits
 
     for bits in range(0, MAX_BITS + 16, 4):
         try:
@@ -411,7 +411,7 @@ def test_check_catches_values_changed_in_place():
 
 
 def test_command_line_overrides_are_checked_like_the_file(tmp_path, capsys):
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     config_file = tmp_path / "ok.yaml"
     config_file.write_text("train:\n  epochs: 1\n")
@@ -482,7 +482,7 @@ def test_distill_unknown_key_names_the_key_and_the_file(tmp_path):
 
 
 def test_distill_has_no_skip_bad_images_option(capsys):
-    from cluster.cli import build_parser
+    from cluster.cli.main import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["distill", "--teacher", "x", "--skip-bad-images"])

@@ -11,7 +11,7 @@ pytest.importorskip("mlflow")
 pytest.importorskip("onnxruntime")
 from mlflow import MlflowClient  # noqa: E402
 
-from cluster.cli import main  # noqa: E402
+from cluster.cli.main import main  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from training.config import config_from_dict  # noqa: E402
 from training.distill_job import resolve_teacher  # noqa: E402
@@ -60,7 +60,7 @@ def test_distill_registers_onnx_students_with_their_teacher_as_lineage(mlflow_se
     for name in ("image_student", "text_student", "image_student.int8", "text_student.int8"):
         assert {f"onnx/{name}.onnx", f"onnx/{name}.spec.json"} <= files, name
     # The registered version's files are what serving loads: a spec + ONNX pair that checks out.
-    from serving.encoders import load_encoder
+    from serving.model.encoders import load_encoder
 
     local = client.download_artifacts(run.info.run_id, "onnx", str(tmp_path / "download"))
     assert load_encoder(f"{local}/text_student.int8.spec.json").encode_packed(["a runway"]).shape == (1, 2)

@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from serving.encoders import ImageEncoder, TextEncoder, preprocess_images  # noqa: E402
-from serving.spec import BIT_ORDER, RESIZE_RULE, SpecError, load_spec, open_model  # noqa: E402
+from serving.model.encoders import ImageEncoder, TextEncoder, preprocess_images  # noqa: E402
+from serving.model.spec import BIT_ORDER, RESIZE_RULE, SpecError, load_spec, open_model  # noqa: E402
 from training.config import TextTowerConfig  # noqa: E402
-from training.data import load_dataset  # noqa: E402
+from serving.ingest.dataset import load_dataset  # noqa: E402
 from training.export import (OPSET, STATIC_VARIANTS, ExportError, _verify, export_image_student,  # noqa: E402
                              export_text_student, quantize_image_student, quantize_text_student)
 from training.models import HashHead, TextEncoder as TorchTextEncoder  # noqa: E402

@@ -50,7 +50,7 @@ def test_feature_noise_is_scaled_by_the_spread_of_the_train_rows_only():
 
 
 def test_training_noise_scale_ignores_val_and_test_images(subset, tiny_text_encoder, tmp_path):
-    from training.data import load_dataset
+    from serving.ingest.dataset import load_dataset
     from training.train import DatasetIndex, Trainer
 
     config = config_from_dict(tiny_config(tiny_text_encoder))

@@ -14,7 +14,7 @@ from training.config import ConfigError, config_from_dict
 from training.jobs import check_schedule, run_training
 from training.snapshots import Snapshot, SnapshotError, SnapshotStore, wait_for
 from training.train import CHECKPOINT, DatasetIndex, LoopContext, fit, load_trained
-from training.data import load_dataset
+from serving.ingest.dataset import load_dataset
 
 
 def split_config(text_folder, schedule: str, epochs: int = 4, **extra) -> dict:
@@ -183,7 +183,7 @@ def test_async_schedule_on_ray_is_tracked_as_parent_and_child_runs(local_ray, ml
 
 
 def test_cli_schedule_and_eval_split_reach_the_job(monkeypatch, subset, tmp_path):
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     seen = {}
 

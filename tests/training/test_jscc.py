@@ -241,7 +241,7 @@ def test_the_grid_evaluates_every_df_and_qf_point(trained, subset, tmp_path):
     assert "N_Q=4 b=0.75" in format_points(report)
     val = evaluate_grid(tmp_path, subset, progress=False, split="val")  # what a config's choices are made on
     assert report["split"] == "test" and val["split"] == "val" and val["database"]["splits"] == ["train"]
-    from training.data import load_dataset
+    from serving.ingest.dataset import load_dataset
 
     dataset = load_dataset(subset)
     assert (val["database"]["queries"], val["database"]["images"]) == (len(dataset.split("val")),
@@ -260,7 +260,7 @@ def test_jscc_commands_train_and_evaluate_the_grid_and_log_to_mlflow(trained, su
     import yaml
     from mlflow import MlflowClient
 
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"name": "jscc-tiny", "image_size": 48, "c_out": 4, "width": 8, "hops": [1, 3],

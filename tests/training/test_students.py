@@ -15,7 +15,7 @@ from training.models import HashHead, TextEncoder
 from training.students import (DistillLossConfig, ImageStudent, ImageStudentConfig, TextStudentConfig,
                                build_text_student, distill_config_from_dict, evenly_spaced_layers,
                                load_image_student, load_text_student)
-from training.data import load_dataset
+from serving.ingest.dataset import load_dataset
 from training.train import DatasetIndex, LoopContext, fit
 
 

@@ -14,10 +14,10 @@ pytest.importorskip("mlflow")
 pytest.importorskip("codecarbon")
 from mlflow import MlflowClient  # noqa: E402
 
-from cluster.cli import main  # noqa: E402
+from cluster.cli.main import main  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from training.config import ConfigError, TrackingConfig, config_from_dict  # noqa: E402
-from training.data import load_dataset  # noqa: E402
+from serving.ingest.dataset import load_dataset  # noqa: E402
 from training.tracking import git_commit, resolve_tracking_uri, track_run  # noqa: E402
 from training.train import fit  # noqa: E402
 

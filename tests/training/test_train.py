@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from cluster.cli import main
+from cluster.cli.main import main
 from evaluation.evaluate import evaluate_model
 from tests.conftest import tiny_config
 from training.config import config_from_dict, load_config

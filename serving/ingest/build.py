@@ -1,0 +1,489 @@
+"""Index build over a dataset: encode images (and captions) with an exported model version in Ray tasks.
+
+``build_indexes`` encodes every image of a Karpathy-style dataset with the model version's ONNX
+image student, in parallel Ray tasks over batches (a progress bar follows them), and writes an
+index version of the ``images`` collection with serving.index.versions.build_index; the captions, encoded
+with the text student, become a ``captions`` index (each caption carries its image's id) for late
+fusion and image-to-text search. ``add_images`` encodes new imagery and adds it with
+serving.index.versions.add_to_index, leaving the other shards' files as they are. Each build or add
+publishes one release naming both versions (serving.index.versions.publish_release), last.
+
+Ids: an image's id is its file path relative to the dataset root (``images/beach/beach00.jpg``;
+relative to the images' common folder when the JSON points outside its own folder), a caption's id
+is ``<image id>#<n>``. That root is recorded for the rows it wrote (``image_roots``), so the items of
+an add keep the root of their own dataset. Manifests and releases record the model's code space
+(serving.model.spec). No torch: images are decoded with serving.model.encoders.
+
+Model: a folder of exported students, or a registered version (``models:/NAME/VERSION`` or
+``models:/NAME@ALIAS``), fetched from the registry (serving.model.registry.fetch_model). A registered
+version is recorded in the manifests' ``extra.model`` and the release's ``model`` as
+``{"uri": "models:/NAME/VERSION", "name", "version"}`` (the number, even when asked by alias), and the
+version is tagged with the release (``terrahash.index_releases``). ``served_model`` tells serving which
+model a release was built with; ``index add`` fetches it from the registry the same way.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serving.model.codes import unpack_signs
+from serving.runtime.drift import index_detector
+from serving.index.versions import add_release, build_index, publish_release, resolve_release
+from serving.model.spec import CodeSpaceError, check_code_space, load_spec, spec_code_space
+
+log = logging.getLogger(__name__)
+
+SPEC_GLOB = "*.spec.json"
+VARIANTS = {"fp32": lambda q: q == "none", "int8": lambda q: "int8" in q}  # spec "quantization" per variant
+SKIPPED_LISTED = 1000  # skipped images listed in a manifest (all are counted)
+PLACE_AND_TIME = ("bbox", "datetime", "start_datetime", "end_datetime", "source")  # what captions inherit
+
+
+# --- model versions ------------------------------------------------------------------------------
+
+
+def resolve_model(version_or_dir: str | Path, models_root: str | Path = "runs") -> Path:
+    """A model version folder: ``version_or_dir`` itself if it is a folder (or an ``s3://`` folder of
+    the artifact root, fetched and checked), else the exported students of run ``<models_root>/<version>``
+    (``students/onnx``, the export's default place)."""
+    if str(version_or_dir).startswith("s3://"):
+        from serving.model.registry import fetch_model
+
+        return fetch_model(str(version_or_dir))
+    path = Path(version_or_dir)
+    candidates = [path, Path(models_root) / str(version_or_dir) / "students" / "onnx",
+                  Path(models_root) / str(version_or_dir)]
+    for candidate in candidates:
+        if candidate.is_dir() and any(candidate.glob(SPEC_GLOB)):
+            return candidate.resolve()
+    raise FileNotFoundError(f"no model version {version_or_dir!r}: none of {[str(c) for c in candidates]} "
+                            f"holds exported students (*{SPEC_GLOB[1:]})")
+
+
+def find_spec(model_dir: str | Path, kind: str, variant: str = "fp32") -> Path:
+    """The one spec file of ``kind`` ("image" or "text") and ``variant`` ("fp32" or "int8") in a model folder."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    found = []
+    for path in sorted(Path(model_dir).glob(SPEC_GLOB)):
+        spec = load_spec(path)
+        if spec.kind == kind and VARIANTS[variant](str(spec.data.get("quantization", "none"))):
+            found.append(path)
+    if len(found) != 1:
+        raise FileNotFoundError(f"{model_dir}: expected one {variant} {kind} spec, found {[p.name for p in found]}")
+    return found[0]
+
+
+def model_version_label(model_dir: Path, image_spec: Path, name: str | None = None) -> str:
+    """``<name or folder>@<image model sha256[:12]>`` (a registered version's name is ``NAME/VERSION``):
+    two models never share a label, so never an index."""
+    return f"{name or model_dir.name}@{load_spec(image_spec).data['model_sha256'][:12]}"
+
+
+MODELS = "models"  # where an index root keeps copies of the unregistered models its indexes were built with
+
+
+def publish_model(out: str, model_dir: Path, label: str) -> str:
+    """Copy a model folder into the index's artifact root (``models/<sha>/<name>``, once per model: the
+    folder keeps its name, which is part of the model version's label) and return its key there, so
+    that every node that reads the index finds its model too."""
+    from serving.storage import MANIFEST, open_root
+
+    name, _, digest = label.rpartition("@")
+    key = f"{MODELS}/{digest}/{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'model'}"
+    root = open_root(out)
+    if not root.exists(f"{key}/{MANIFEST}"):
+        root.put_dir(model_dir, key)
+    return key
+
+
+def served_model(release_or_manifests: dict, root: str | None = None) -> str:
+    """What serving loads when no model is given: ``models:/NAME/VERSION`` when the release (or its image
+    manifest) records a registered version, else the copy of the model in the index's artifact ``root``
+    (``extra.model_files``), else the model folder an older index recorded. Takes a release file,
+    resolve_release's answer, or {"images": manifest, ...}."""
+    record = release_or_manifests
+    model = record.get("model")
+    images = record.get("images") if isinstance(record.get("images"), dict) else None
+    if not model and images is not None and "extra" in images:  # a manifest, not a release's collection entry
+        model = images["extra"].get("model")
+    if model:
+        return model["uri"]
+    key = images.get("extra", {}).get("model_files") if images is not None else None
+    if key:
+        if root is None:
+            raise ValueError("the index keeps its model in its artifact root: say which root")
+        from serving.storage import open_root
+
+        return f"{open_root(root).uri}/{key}"
+    folder = images.get("extra", {}).get("model_dir") if images is not None else None
+    if not folder:
+        raise ValueError(f"release {record.get('release', '?')} records neither a registered model nor a model "
+                         f"folder; give the model to serve")
+    return folder
+
+
+def _fetch(model, tracking_uri: str | None, cache_dir) -> tuple[Path, dict | None, object]:
+    """(local folder, the manifests' ``extra.model`` record or None, the registry ModelRef or None) of a
+    folder, a run name under runs/ (``resolve_model``) or a ``models:/`` URI."""
+    from serving.model.registry import fetch_model, parse_model_uri, resolve_model as resolve_registered
+
+    if parse_model_uri(model) is None:
+        return resolve_model(model), None, None
+    ref = resolve_registered(model, tracking_uri)
+    folder = fetch_model(ref, cache_dir, tracking_uri)
+    return folder, {"uri": ref.version_uri, "name": ref.name, "version": ref.version}, ref
+
+
+def model_code_space(model_dir: Path, image_spec: Path) -> str:
+    """The code space of a model folder's image codes: the image spec's, or for an int8 spec exported
+    before code spaces were recorded, that of the fp32 image spec beside it."""
+    space = spec_code_space(load_spec(image_spec))
+    if space is None:
+        space = spec_code_space(load_spec(find_spec(model_dir, "image", "fp32")))
+    return space
+
+
+def _check_text_space(text_spec: Path, code_space: str) -> None:
+    """Refuse a text student whose spec says it was trained into another image student's codes."""
+    theirs = load_spec(text_spec).code_space
+    if theirs is not None and theirs != code_space:
+        raise CodeSpaceError(f"text student {text_spec} has code space {theirs}, the image student beside it "
+                             f"{code_space}: the caption codes would not be comparable with the image codes")
+
+
+# --- the dataset ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Items:
+    """What gets indexed: image ids and files (and classes), and the captions with their image ids."""
+
+    image_root: Path
+    image_ids: list[str]
+    image_paths: list[str]
+    caption_ids: list[str]
+    caption_image_ids: list[str]
+    captions: list[str]
+    labels: list[str] = ()  # each image's class ("" when the dataset has none)
+    metadata: list[dict] = ()  # each image's other fields (an archive's sidecar, a chip's footprint), {} when none
+    skipped: list = ()  # [path, reason] of the files left out before encoding (scenes that do not open)
+    extra: dict = field(default_factory=dict)  # recorded in the image manifest (an archive's chipping)
+
+    def without(self, positions) -> "Items":
+        """These items less the images at ``positions`` (and those images' captions)."""
+        drop = set(positions)
+        keep = [i for i in range(len(self.image_ids)) if i not in drop]
+        gone = {self.image_ids[i] for i in drop}
+        captions = [j for j, image in enumerate(self.caption_image_ids) if image not in gone]
+        labels = list(self.labels) or [""] * len(self.image_ids)
+        metadata = list(self.metadata) or [{}] * len(self.image_ids)
+        return Items(self.image_root, [self.image_ids[i] for i in keep], [self.image_paths[i] for i in keep],
+                     [self.caption_ids[j] for j in captions], [self.caption_image_ids[j] for j in captions],
+                     [self.captions[j] for j in captions], [labels[i] for i in keep], [metadata[i] for i in keep],
+                     list(self.skipped), dict(self.extra))
+
+
+def dataset_items(data: str | Path, splits: tuple[str, ...] | None = None) -> Items:
+    """Read a Karpathy-style dataset (serving.ingest.dataset's reader, which imports no torch)."""
+    from serving.ingest.dataset import load_dataset
+
+    dataset = load_dataset(data, check_images=False)
+    records = dataset.split(*splits) if splits else list(dataset.records)
+    files = [Path(r.path).resolve() for r in records]
+    root = dataset.json_path.parent.resolve()
+    if not all(root in f.parents for f in files):  # a JSON that points elsewhere (absolute filepaths)
+        root = Path(os.path.commonpath([f.parent for f in files])) if files else root
+    image_ids, paths, caption_ids, caption_image_ids, captions = [], [], [], [], []
+    for record, file in zip(records, files):
+        image_id = file.relative_to(root).as_posix()
+        image_ids.append(image_id)
+        paths.append(str(record.path))
+        for n, caption in enumerate(record.captions):
+            caption_ids.append(f"{image_id}#{n}")
+            caption_image_ids.append(image_id)
+            captions.append(caption)
+    return Items(root, image_ids, paths, caption_ids, caption_image_ids, captions, [r.label or "" for r in records])
+
+
+# --- encoding in Ray tasks ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder(spec_path: str, threads: int):
+    """One encoder per worker process and spec, reused by every task the worker runs."""
+    from serving.model.encoders import load_encoder
+
+    return load_encoder(spec_path, threads)
+
+
+def _encode_batch(spec_path: str, inputs: list, threads: int = 1) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Packed codes (B', bits // 8) of a batch of image paths or texts, and (position, reason) of each
+    input that could not be decoded (left out of the codes, which keep the others' order)."""
+    from serving.ingest.archive import read_source
+    from serving.model.encoders import InvalidImageError
+
+    encoder = _encoder(spec_path, threads)
+    fetched, bad = [], []  # (position, what the encoder takes), (position, reason)
+    for position, item in enumerate(inputs):  # an archive's s3:// images and chips are read here, in the task
+        try:
+            fetched.append((position, read_source(item)))
+        except OSError as err:
+            bad.append((position, f"cannot read it: {err}"))
+    if not bad:
+        try:
+            return encoder.encode_packed([item for _, item in fetched]), []
+        except InvalidImageError:
+            pass  # find the bad ones: one at a time, only in a batch that has one
+    codes = []
+    for position, item in fetched:
+        try:
+            codes.append(encoder.encode_packed([item])[0])
+        except InvalidImageError as err:
+            bad.append((position, str(err)))
+    bad.sort()
+    width = encoder.bits // 8
+    return (np.stack(codes) if codes else np.empty((0, width), np.uint8)), bad
+
+
+def encode_all(spec_path: Path, inputs: list, batch_size: int = 64, desc: str = "encoding",
+               num_cpus: float = 1, skip_bad: bool = False) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Encode ``inputs`` in parallel Ray tasks of ``batch_size``: (packed codes of the good inputs in
+    input order, [(position, reason)] of the inputs that could not be decoded). Bad inputs are a
+    ValueError listing them unless ``skip_bad``."""
+    import ray
+    from tqdm import tqdm
+
+    if not inputs:
+        raise ValueError(f"{desc}: nothing to encode")
+    task = ray.remote(num_cpus=num_cpus, max_retries=2)(_encode_batch)
+    if any(str(x).startswith("s3://") for x in inputs):  # an object's URI, or a chip of a scene on S3
+        from serving.ingest.archive import s3_env
+
+        task = task.options(runtime_env={"env_vars": s3_env()})  # the tasks read the objects themselves
+    starts = list(range(0, len(inputs), batch_size))
+    pending = {task.remote(str(spec_path), inputs[s:s + batch_size]): s for s in starts}
+    done: dict[int, tuple] = {}
+    with tqdm(total=len(inputs), desc=desc, unit="item") as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            start = pending.pop(ready[0])
+            done[start] = ray.get(ready[0])
+            bar.update(min(batch_size, len(inputs) - start))
+    bad = [(start + position, reason) for start in starts for position, reason in done[start][1]]
+    if bad and not skip_bad:
+        listing = "; ".join(f"{inputs[i]}: {why}" for i, why in bad[:5])
+        raise ValueError(f"{desc}: {len(bad)} input(s) cannot be encoded ({listing}{' ...' if len(bad) > 5 else ''}); "
+                         f"--skip-bad-images leaves them out")
+    if len(bad) == len(inputs):
+        raise ValueError(f"{desc}: none of the {len(inputs)} inputs could be encoded (first: {inputs[0]}: {bad[0][1]})")
+    return np.concatenate([done[s][0] for s in starts]), bad
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, configure_logging=False, log_to_driver=False)
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def _encode_items(image_spec: Path, items: Items, batch_size: int, skip_bad_images: bool) -> tuple[np.ndarray, Items, list]:
+    """Image codes of ``items``; bad images (undecodable, missing) raise, or with ``skip_bad_images`` are
+    left out with their captions, counted and logged: (codes, the items kept, [[path, reason], ...])."""
+    codes, bad = encode_all(image_spec, items.image_paths, batch_size, "images", skip_bad=skip_bad_images)
+    skipped = list(items.skipped) + [[str(items.image_paths[i]), why] for i, why in bad]
+    if skipped:
+        log.warning("left out %d image(s) that cannot be read or decoded, first: %s", len(skipped), skipped[0])
+    if bad:
+        items = items.without(i for i, _ in bad)
+    return codes, items, skipped
+
+
+def _items(data, splits, images, sidecar, skip_bad_images: bool, chips=None, stac=None,
+           stac_asset=None) -> tuple[Items, str, bool]:
+    """(the items to index, where they come from, whether bad images are skipped): a Karpathy
+    dataset's, or with ``images`` an archive's and with ``stac`` a STAC catalog's, whose unreadable
+    files are always skipped and reported."""
+    if sum(x is not None for x in (data, images, stac)) > 1:
+        raise ValueError("give only one of: a dataset (data), an archive (images), a STAC catalog (stac)")
+    if stac is not None:
+        from serving.ingest.stac import catalog_items
+
+        if sidecar is not None:
+            raise ValueError("a sidecar goes with an archive (images); a STAC catalog carries its own metadata")
+        return catalog_items(stac, chips, stac_asset), str(Path(stac).resolve()), True
+    if images is not None:
+        from serving.ingest.archive import archive_items
+
+        items = archive_items(images, sidecar, chips)
+        return items, str(items.image_root), True
+    if sidecar is not None:
+        raise ValueError("a sidecar goes with an archive (images), not a dataset")
+    if data is None:
+        raise ValueError("nothing to index: give a dataset (data), an archive (images) or a STAC catalog (stac)")
+    return dataset_items(data, splits), str(Path(data).resolve()), skip_bad_images
+
+
+def _image_metadata(items: Items) -> list[dict] | None:
+    """Each image's metadata for the index (serving.index.items): its class and its other fields; None when no
+    image has either (a plain dataset without classes)."""
+    labels = list(items.labels) or [""] * len(items.image_ids)
+    metadata = list(items.metadata) or [{}] * len(items.image_ids)
+    if not any(labels) and not any(metadata):
+        return None
+    return [{**({"class": label} if label else {}), **meta} for label, meta in zip(labels, metadata)]
+
+
+def _caption_metadata(items: Items) -> list[dict] | None:
+    """Each caption's place and time: its image's, so filters apply to caption searches alike."""
+    if not any(items.metadata):
+        return None
+    where = {image_id: {k: v for k, v in meta.items() if k in PLACE_AND_TIME}
+             for image_id, meta in zip(items.image_ids, items.metadata)}
+    return [where[image_id] for image_id in items.caption_image_ids]
+
+
+def _skipped(skipped: list) -> dict:
+    """The manifest's record of the images the run that wrote it left out (an add's replaces its base's)."""
+    return {"skipped_images": len(skipped), "skipped_listed": skipped[:SKIPPED_LISTED]}
+
+
+def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out: str, *, factory: str = "BFlat",
+                  variant: str = "fp32", captions: bool = True, batch_size: int = 64,
+                  address: str | None = None, splits: tuple[str, ...] | None = None,
+                  skip_bad_images: bool = False, tracking_uri: str | None = None,
+                  model_cache: str | Path | None = None, images: str | None = None,
+                  sidecar: str | Path | None = None, chips=None, stac: str | Path | None = None,
+                  stac_asset: str | None = None, encrypt: bool = False, key_file: str | None = None) -> dict:
+    """Encode a dataset, write index versions of ``images`` (and ``captions``) to ``out`` and publish a
+    release naming them. Returns {"release": release, "images": manifest, "captions": manifest or None}.
+
+    ``model``: a folder, a run name under runs/, or ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS``
+    (fetched into ``model_cache``, default serving.model.registry.DEFAULT_CACHE, from the registry at
+    ``tracking_uri``), which is recorded in the manifests and the release and tagged with the release.
+    ``skip_bad_images``: images that cannot be decoded are left out (with their captions), counted
+    and listed in the image manifest's extra, instead of failing the build.
+    ``images``: index an archive instead of ``data`` (a folder or ``s3://`` prefix of image files,
+    serving.ingest.archive, with an optional ``sidecar`` of classes, captions and metadata; its GeoTIFF
+    scenes are cut into chips by ``chips``, a serving.ingest.geo.ChipConfig); unreadable files are always
+    left out and reported that way. ``stac``: index a static STAC catalog instead (serving.ingest.stac: each
+    item's image asset, or ``stac_asset``, with its bbox, datetime and properties as metadata).
+    ``encrypt``: the shard files are encrypted at rest (serving.index.crypto) with the key of ``key_file`` or
+    the environment, which is never stored beside the index.
+    """
+    from serving.model.registry import DEFAULT_CACHE, add_index_release_tag
+
+    cipher = _cipher(out, key_file) if encrypt else None
+    model_dir, registered, ref = _fetch(model, tracking_uri, model_cache or DEFAULT_CACHE)
+    image_spec = find_spec(model_dir, "image", variant)
+    code_space = model_code_space(model_dir, image_spec)
+    text_spec = find_spec(model_dir, "text", variant) if captions else None
+    if text_spec is not None:
+        _check_text_space(text_spec, code_space)
+    items, source, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images, chips, stac, stac_asset)
+    label = model_version_label(model_dir, image_spec, registered and f"{registered['name']}/{registered['version']}")
+    bits = load_spec(image_spec).bits
+    _ensure_ray(address)
+    codes, items, skipped = _encode_items(image_spec, items, batch_size, skip_bad_images)
+    # where the model is for later steps (index add, serving) on any node: the registry, else a copy in the root
+    where = {"model": registered} if registered else {"model_files": publish_model(out, model_dir, label)}
+    extra = {"image_spec": image_spec.name, "dataset": source, "image_root": str(items.image_root), **where,
+             "drift": index_detector(unpack_signs(codes, bits))}  # the router's drift gauge compares queries with it
+    common = {"model_version": label, "code_space": code_space, "image_root": str(items.image_root), "cipher": cipher}
+    manifests = {"images": build_index(codes, items.image_ids, bits, n_shards, out, factory, collection="images",
+                                       extra={**extra, **items.extra, **_skipped(skipped)},
+                                       metadata=_image_metadata(items), **common),
+                 "captions": None}
+    if text_spec is not None and items.captions:
+        text_codes, _ = encode_all(text_spec, items.captions, batch_size * 4, "captions")
+        manifests["captions"] = build_index(text_codes, items.caption_ids, bits, n_shards, out, factory,
+                                            collection="captions", image_ids=items.caption_image_ids,
+                                            texts=items.captions, extra={**extra, "text_spec": text_spec.name},
+                                            metadata=_caption_metadata(items), **common)
+    release = publish_release(out, manifests)
+    if ref is not None:
+        from serving.storage import open_root
+
+        add_index_release_tag(ref, open_root(out).uri, release["release"], tracking_uri)
+    return {"release": release, **manifests}
+
+
+def _cipher(out: str, key_file: str | None):
+    """The cipher of a new encrypted index in ``out``: its key found, and not kept inside ``out``."""
+    import os
+
+    from serving.index.crypto import KEY_ENV, KEY_FILE_ENV, Cipher, IndexKeyError, check_key_outside, load_key
+
+    key = load_key(key_file)
+    if key is None:
+        raise IndexKeyError(f"an encrypted index needs a key: give a key file (`terrahash index keygen FILE` makes "
+                            f"one) or set ${KEY_ENV} / ${KEY_FILE_ENV}")
+    check_key_outside(key_file or os.environ.get(KEY_FILE_ENV), out)
+    return Cipher(key)
+
+
+def add_images(data: str | Path | None, out: str, *, base_release: str | None = None, captions: bool = True,
+               batch_size: int = 64, address: str | None = None, splits: tuple[str, ...] | None = None,
+               skip_bad_images: bool = False, tracking_uri: str | None = None,
+               model_cache: str | Path | None = None, images: str | None = None,
+               sidecar: str | Path | None = None, chips=None, stac: str | Path | None = None,
+               stac_asset: str | None = None, key_file: str | None = None) -> dict:
+    """Add a dataset's images (and captions) to the image and caption versions of release
+    ``base_release`` (default: the latest), with the model the index was built with, and publish a
+    new release (serving.index.versions.add_release: concurrent adds to the latest all land in it). Returns
+    {"release": release, "images": manifest, "captions": manifest or None}.
+
+    The new items are referenced from their own dataset's image root. The base's caption index is
+    carried over unchanged when the captions are not added (``captions`` False). The model is the
+    base's registered version (``extra.model``), fetched from the registry at ``tracking_uri`` into
+    ``model_cache``, so an add works on any machine; an index built from a folder uses that folder.
+    The new release is tagged on the registered version. ``images`` and ``sidecar`` (an archive) or
+    ``stac`` (a catalog) instead of ``data``, as for ``build_indexes``. An encrypted index needs its key
+    (``key_file`` or the environment, serving.index.crypto.load_key).
+    """
+    from serving.model.registry import DEFAULT_CACHE, add_index_release_tag
+
+    base = resolve_release(out, base_release)
+    manifest = base["images"]
+    registered = manifest["extra"].get("model")
+    ref = None
+    if registered:
+        model_dir, _, ref = _fetch(registered["uri"], tracking_uri, model_cache or DEFAULT_CACHE)
+    else:
+        from serving.model.registry import fetch_model
+
+        model_dir = fetch_model(served_model(base, out), model_cache or DEFAULT_CACHE)
+    image_spec = model_dir / manifest["extra"]["image_spec"]
+    name = registered and f"{registered['name']}/{registered['version']}"
+    if model_version_label(model_dir, image_spec, name) != manifest["model_version"]:
+        raise ValueError(f"the model in {model_dir} is no longer the one index {manifest['version']} was built with "
+                         f"({manifest['model_version']}); build a new index")
+    check_code_space(image_spec, manifest)
+    items, _, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images, chips, stac, stac_asset)
+    _ensure_ray(address)
+    codes, items, skipped = _encode_items(image_spec, items, batch_size, skip_bad_images)
+    additions = {"images": {"codes": codes, "ids": items.image_ids, "metadata": _image_metadata(items)}}
+    if captions and "captions" in base and items.captions:
+        text_spec = model_dir / base["captions"]["extra"]["text_spec"]
+        check_code_space(text_spec, base["captions"])
+        text_codes, _ = encode_all(text_spec, items.captions, batch_size * 4, "captions")
+        additions["captions"] = {"codes": text_codes, "ids": items.caption_ids, "image_ids": items.caption_image_ids,
+                                 "texts": items.captions, "metadata": _caption_metadata(items)}
+    result = add_release(out, additions, base_release=base["release"] if base_release else None,
+                         model_version=manifest["model_version"], code_space=manifest.get("code_space"),
+                         image_root=str(items.image_root), extra={**items.extra, **_skipped(skipped)},
+                         key_file=key_file)
+    if ref is not None:
+        from serving.storage import open_root
+
+        add_index_release_tag(ref, open_root(out).uri, result["release"]["release"], tracking_uri)
+    return result

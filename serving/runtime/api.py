@@ -1,0 +1,364 @@
+"""HTTP request handling for the router: errors as JSON, declared bodies, size-limited reads, image decoding.
+
+Every answer other than 200 is ``{"error": {"code", "message"}}`` (plus ``request_id`` for a 500).
+Bodies are read with a size limit before anything parses them; JSON bodies are then validated by the
+pydantic models below, which are also what ``/openapi.json`` declares (``openapi_extra`` of each route).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from concurrent.futures import Executor
+from typing import Literal
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+# Formats an upload may be in. Pillow is never asked to open anything else (EPS, for one, runs Ghostscript).
+IMAGE_FORMATS = ("JPEG", "PNG", "TIFF", "WEBP")
+
+
+class ApiError(Exception):
+    """An answer other than 200: HTTP status, a stable machine code and a message for people; ``headers``
+    to send with it (``Retry-After``, ``WWW-Authenticate``) and the audit trail's ``decision`` about it."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None,
+                 decision: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers, self.decision = headers or {}, decision
+
+
+def error_response(status: int, code: str, message: str, request_id: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    error = {"code": code, "message": message, **({"request_id": request_id} if request_id else {})}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+# --- declared bodies (the OpenAPI schema of each endpoint) -------------------------------------------
+
+_BODY = ConfigDict(extra="forbid")
+K = Field(None, ge=1, description="results wanted (1 to the deployment's max_k; default its default_k)")
+
+
+BBOX = Field(None, description="[west, south, east, north] in WGS84 degrees (or \"w,s,e,n\"): only items whose "
+                               "footprint intersects it; west > east crosses the antimeridian")
+DATETIME = Field(None, description="an RFC 3339 instant (2024-06-01T10:30:00Z), a date, or an interval A/B with "
+                                   "an open end '..': only items whose acquisition time intersects it")
+FORMAT = Field(None, description="'json' (default) or 'stac': the results as a STAC ItemCollection (GeoJSON); "
+                                 "an Accept: application/geo+json header asks for it too")
+
+
+class _Filters(BaseModel):
+    model_config = _BODY
+    bbox: list[float] | str | None = BBOX
+    datetime: str | None = DATETIME
+
+
+class _Options(_Filters):
+    k: StrictInt | None = K
+    rerank: Literal["none", "asymmetric", "fusion"] | None = None
+    fusion: Literal["average", "max"] | None = None
+    format: Literal["json", "stac"] | None = FORMAT
+
+
+class TextSearch(_Options):
+    """POST /v1/search/text"""
+
+    query: str = Field(description="the text to search for (at most max_query_chars characters)")
+
+
+class ImageSearch(_Options):
+    """POST /v1/search/image with a JSON body"""
+
+    image_base64: str = Field(description="the image file (JPEG, PNG, TIFF or WebP), base64-encoded")
+
+
+class CaptionSearch(_Filters):
+    """POST /v1/captions with a JSON body: an indexed image's id, or an image file."""
+
+    image_id: str | None = Field(None, description="id of an indexed image")
+    image_base64: str | None = Field(None, description="an image file, base64-encoded (when no image_id)")
+    k: StrictInt | None = K
+
+
+class ItemsSearch(_Filters):
+    """POST /v1/search/items: the indexed items in a box and interval, ordered by id, a page at a time."""
+
+    limit: StrictInt | None = Field(None, ge=1, description="items per page (1 to max_k; default 10x default_k, "
+                                                            "at most max_k)")
+    token: str | None = Field(None, description="the 'next' token of the previous page")
+    format: Literal["json", "stac"] | None = FORMAT
+
+
+class ReceivedSearch(BaseModel):
+    """POST /v1/search/received: an image sent over a radio link, as the last hop's DeepJSCC symbols."""
+
+    model_config = _BODY
+    symbols: str = Field(description="the received channel symbols: complex64 little-endian, base64-encoded (k "
+                                     "symbols of the deployment's link; `terrahash jscc send` writes them)")
+    snr_db: float = Field(ge=-30, le=30, description="the link's SNR in dB (a conditioned decoder is told it)")
+    model_version: str = Field(description="the decoder the sender's link was trained with (its spec's model_version)")
+    hops: StrictInt | None = Field(None, ge=1, le=8, description="hops the image travelled (reported back)")
+    source_hash: str | None = Field(None, description="the sender's hash of its image, hex (as many bits as the "
+                                                      "served codes): the answer gives the received image's bit "
+                                                      "agreement with it")
+    k: StrictInt | None = K
+
+
+class Explain(BaseModel):
+    """POST /v1/explain: a query (text, an image file, or an indexed image's id) and one result id."""
+
+    model_config = _BODY
+    result_id: str = Field(description="id of the indexed image to explain (a result of the query)")
+    query: str | None = Field(None, description="a text query: leave-one-word-out attribution, and the occlusion "
+                                                "map of the result image for it")
+    image_base64: str | None = Field(None, description="an image query (JPEG, PNG, TIFF or WebP), base64-encoded")
+    image_id: str | None = Field(None, description="an indexed image as the query")
+    grid: StrictInt = Field(4, ge=2, le=8, description="cells per side of the occlusion map")
+
+
+def _form_schema(fields: dict) -> dict:
+    return {"type": "object", "required": ["image"],
+            "properties": {"image": {"type": "string", "format": "binary"}, **fields}}
+
+
+_OPTIONS = {"k": {"type": "string", "pattern": "^[0-9]+$"},
+            "rerank": {"type": "string", "enum": ["none", "asymmetric", "fusion"]},
+            "fusion": {"type": "string", "enum": ["average", "max"]},
+            "bbox": {"type": "string", "description": "west,south,east,north (WGS84 degrees)"},
+            "datetime": {"type": "string", "description": "RFC 3339 instant or interval A/B"},
+            "format": {"type": "string", "enum": ["json", "stac"]}}
+
+
+def openapi_body(model: type[BaseModel], form_fields: dict | None = None) -> dict:
+    """``openapi_extra`` declaring a JSON body of ``model`` (and, with ``form_fields``, an image upload)."""
+    content = {"application/json": {"schema": model.model_json_schema()}}
+    if form_fields is not None:
+        content["multipart/form-data"] = {"schema": _form_schema(form_fields)}
+        content["image/*"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+TEXT_BODY = openapi_body(TextSearch)
+IMAGE_BODY = openapi_body(ImageSearch, _OPTIONS)
+CAPTION_BODY = openapi_body(CaptionSearch, {name: _OPTIONS[name] for name in ("k", "bbox", "datetime")})
+ITEMS_BODY = openapi_body(ItemsSearch)
+EXPLAIN_BODY = openapi_body(Explain)
+RECEIVED_BODY = openapi_body(ReceivedSearch)
+
+_FIELD_CODES = {"k": "k_out_of_range", "query": "invalid_query", "rerank": "invalid_rerank",
+                "fusion": "invalid_fusion", "image_base64": "invalid_image", "image_id": "invalid_image_id",
+                "bbox": "invalid_bbox", "datetime": "invalid_datetime", "format": "invalid_format",
+                "limit": "limit_out_of_range", "token": "invalid_token", "result_id": "invalid_result_id",
+                "grid": "invalid_grid", "symbols": "invalid_symbols", "snr_db": "invalid_snr",
+                "model_version": "unknown_model_version", "hops": "invalid_hops", "source_hash": "invalid_source_hash"}
+
+
+def parse_body(model: type[BaseModel], payload) -> BaseModel:
+    """A JSON value checked against ``model``; 422 naming the first bad field (or 400 if not an object)."""
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        if first["type"] == "extra_forbidden":
+            raise ApiError(422, "unknown_field", f"unknown field {field!r}; known: {sorted(model.model_fields)}") from None
+        if first["type"] == "missing":
+            code = "missing_image" if field == "image_base64" else f"missing_{field}"
+            raise ApiError(422, code, f"the body needs {field!r}") from None
+        raise ApiError(422, _FIELD_CODES.get(field, "invalid_request"), f"{field}: {first['msg']}") from None
+
+
+# --- checks on values (limits are hot settings, so they are checked here, not in the models) -----------
+
+
+def parse_k(value, config: dict) -> int:
+    """k from a JSON int or a form/query string of ASCII digits; 422 outside 1..max_k."""
+    if value is None:
+        return config["default_k"]
+    if isinstance(value, str) and value.isascii() and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(422, "k_out_of_range", f"k must be an integer from 1 to {config['max_k']}, got {value!r}")
+    if not 1 <= value <= config["max_k"]:
+        raise ApiError(422, "k_out_of_range", f"k must be from 1 to {config['max_k']}, got {value}")
+    return value
+
+
+def parse_choice(value, choices, default, name):
+    if value is None:
+        return default
+    if value not in choices:
+        raise ApiError(422, f"invalid_{name}", f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def parse_filter(params: dict):
+    """The serving.index.items.ItemFilter of a request's ``bbox`` and ``datetime`` (None without either); 422 if bad."""
+    from serving.index.items import FilterError, ItemFilter
+
+    try:
+        return ItemFilter.parse(params.get("bbox"), params.get("datetime"))
+    except FilterError as err:
+        raise ApiError(422, f"invalid_{err.field}", str(err)) from None
+
+
+def wants_stac(request: Request, params: dict) -> bool:
+    """Whether the answer should be a STAC ItemCollection: ``format`` "stac", or an Accept of GeoJSON."""
+    fmt = parse_choice(params.get("format"), ("json", "stac"), None, "format")
+    if fmt is not None:
+        return fmt == "stac"
+    return "application/geo+json" in request.headers.get("accept", "")
+
+
+def check_query(query: str, config: dict) -> str:
+    if not query.strip():
+        raise ApiError(422, "empty_query", "query is empty or only whitespace")
+    if len(query) > config["max_query_chars"]:
+        raise ApiError(422, "query_too_long", f"query has {len(query)} characters; the limit is "
+                                              f"{config['max_query_chars']}")
+    return query
+
+
+# --- reading bodies --------------------------------------------------------------------------------
+
+
+def require_content_type(request: Request, accepted: tuple[str, ...]) -> str:
+    """The accepted prefix the request's content type starts with, else 415."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    for prefix in accepted:
+        if content_type.startswith(prefix):
+            return prefix
+    raise ApiError(415, "unsupported_media_type",
+                   f"content type {content_type or 'none'!r} is not accepted here; use one of {list(accepted)}")
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (the declared length first)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "payload_too_large", f"the body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "payload_too_large", f"the body passed the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int):
+    """The JSON value of a size-limited ``application/json`` body; 400 if it does not parse."""
+    require_content_type(request, ("application/json",))
+    body = await read_limited(request, limit)
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the JSON body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from None
+
+
+def check_size(size: int, limit: int) -> None:
+    if size > limit:
+        raise ApiError(413, "payload_too_large", f"the image is {size} bytes; the limit is {limit}")
+
+
+def base64_limit(limit: int) -> int:
+    return limit * 4 // 3 + 4096  # base64 grows data by 4/3; room for the other fields
+
+
+def decode_base64(text: str | None, limit: int) -> bytes:
+    if not text:
+        raise ApiError(422, "missing_image", 'the JSON body needs "image_base64" (or "image_id" for captions)')
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ApiError(422, "invalid_image", f"image_base64 is not valid base64: {err}") from None
+    check_size(len(data), limit)
+    return data
+
+
+async def image_upload(request: Request, limit: int, model: type[BaseModel]) -> tuple[bytes | None, dict]:
+    """(image bytes, other parameters) from a multipart form, JSON (``model``, base64 image), or a raw image
+    body. JSON bodies come back as the model's fields, with bytes None when there is no ``image_base64``."""
+    kind = require_content_type(request, ("multipart/form-data", "application/json", "image/"))
+    if kind == "application/json":
+        body = parse_body(model, await read_json(request, base64_limit(limit)))
+        params = body.model_dump()
+        if params.get("image_base64") is None and params.get("image_id") is not None:
+            return None, params
+        return decode_base64(params.get("image_base64"), limit), params
+    body = await read_limited(request, limit + 64 * 1024)  # room for the form's own fields
+    if kind == "image/":
+        check_size(len(body), limit)
+        return body, dict(request.query_params)
+    request._body = body  # starlette parses the form from the body already read (and size-checked)
+    try:
+        form = await request.form()
+    except Exception as err:  # malformed multipart
+        raise ApiError(400, "invalid_form", f"cannot parse the multipart form: {err}") from None
+    try:
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(422, "missing_image", 'the form needs a file field named "image"')
+        data = await upload.read()
+        check_size(len(data), limit)
+        return data, {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
+    finally:
+        await form.close()  # large parts are spooled to temporary files
+
+
+# --- decoding images (off the event loop) ------------------------------------------------------------
+
+
+def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+    """Uploaded bytes -> RGB uint8 (size, size, 3), refusing bombs before decoding and broken data after.
+
+    Only ``IMAGE_FORMATS`` are opened. Blocking (CPU-bound): call it through ``decode_in_pool``.
+    """
+    from serving.model.encoders import decode_and_resize
+
+    if not data:
+        raise ApiError(422, "invalid_image", "the image is empty")
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:  # reads the header only
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ApiError(413, "image_too_large", f"image is {width}x{height} = {width * height} pixels; the "
+                                                       f"limit is {max_pixels} (decompression-bomb guard)")
+            return decode_and_resize(image, size)  # decodes fully: truncated data fails here
+    except ApiError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ApiError(413, "image_too_large", f"image refused as a decompression bomb: {err}") from None
+    except Exception as err:  # PIL raises many kinds for data that is not an image, or a broken one
+        raise ApiError(422, "invalid_image", f"cannot decode the image as one of {'/'.join(IMAGE_FORMATS)}: "
+                                             f"{err}") from None
+
+
+async def decode_in_pool(pool: Executor, data: bytes, size: int, max_pixels: int) -> np.ndarray:
+    """``decode_image`` in ``pool`` (bounded threads), so the event loop keeps serving other requests."""
+    import asyncio
+
+    return await asyncio.get_running_loop().run_in_executor(pool, decode_image, data, size, max_pixels)
+
+
+def check_filterable(index: dict, where) -> None:
+    """422 for a bbox filter on an index without footprints, or a datetime filter on one without times:
+    such a filter could only answer nothing, which is more likely a mistake than a question."""
+    counts = index.get("filterable") or {}
+    if where is not None and where.bbox is not None and not counts.get("bbox"):
+        raise ApiError(422, "no_footprints", "no item of this index has a footprint to filter by bbox (index "
+                                             "GeoTIFFs, or give a sidecar or STAC catalog with bbox)")
+    if where is not None and where.interval is not None and not counts.get("datetime"):
+        raise ApiError(422, "no_times", "no item of this index has an acquisition time to filter by datetime "
+                                        "(give a sidecar or STAC catalog with datetime)")

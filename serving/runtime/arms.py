@@ -1,0 +1,180 @@
+"""The router's view of its traffic arms: each arm's backends (encoder and index applications), found by
+name and described once, and the per-arm figures it reports to the canary controller.
+
+A backend is resolved in the background: the router asks the model application's ``QueryEncoder`` and
+the index application's ``IndexInfo`` to describe themselves, checks that they share a code space, and
+takes handles to the shard groups by name. Until then, or when they disagree, the arm is not ready and
+its requests are answered by the primary arm. Arms that declare the same applications share a backend.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.runtime.calls import awaited
+from serving.runtime.traffic import ArmRoute
+
+log = logging.getLogger("ray.serve")
+
+DESCRIBE_TIMEOUT_S = 5.0
+MAX_SAMPLES = 2000  # latency samples kept per arm between two reports
+
+
+class Backend:
+    """An arm's encoder and index, as handles and descriptions."""
+
+    def __init__(self, model_app: str, index_app: str):
+        self.model_app, self.index_app = model_app, index_app
+        self.ready = False
+        self.problem: str | None = "not resolved yet"
+        self.encoder = self.reports = None
+        self.text = None  # the text student, when the router encodes text
+        self.index: dict = {}  # IndexInfo.describe()
+        self.model: dict = {}  # QueryEncoder.describe()
+        self.shards: dict[str, list] = {"images": [], "captions": []}
+        self.resolved = asyncio.Event()  # made in the replica's event loop (by reconfigure)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the backend to be resolved (a request arriving just after start)."""
+        if not self.ready and timeout > 0:
+            try:
+                await asyncio.wait_for(self.resolved.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self.ready
+
+    async def resolve(self, options: dict) -> None:
+        """Describe the two applications and take handles; raises with the reason when they are not usable."""
+        from ray import serve
+
+        encoder = serve.get_deployment_handle("QueryEncoder", self.model_app)
+        info = serve.get_deployment_handle("IndexInfo", self.index_app)
+        model = await asyncio.wait_for(awaited(encoder.describe.remote()), DESCRIBE_TIMEOUT_S)
+        index = await asyncio.wait_for(awaited(info.describe.remote()), DESCRIBE_TIMEOUT_S)
+        if index.get("code_space") and model.get("code_space") and index["code_space"] != model["code_space"]:
+            raise ValueError(f"model {model['model']} (code space {model['code_space'][:19]}) does not speak the "
+                             f"code space of index {index['index']} release {index['release']} "
+                             f"({index['code_space'][:19]})")
+        if int(model["bits"]) != int(index["bits"]):
+            raise ValueError(f"model {model['model']} gives {model['bits']}-bit codes, the index holds {index['bits']}")
+        text = None
+        if options.get("router_encodes_text"):
+            text = await asyncio.to_thread(_load_text, model, options)
+        self.shards = {c: [serve.get_deployment_handle(name, self.index_app) for name in index["groups"].get(c, [])]
+                       for c in ("images", "captions")}
+        self.reports = serve.get_deployment_handle("ShardReports", self.index_app) if index.get("reports") else None
+        self.encoder, self.index, self.model, self.text = encoder, index, model, text
+        self.ready, self.problem = True, None
+        self.resolved.set()
+
+
+def _load_text(model: dict, options: dict):
+    from serving.ingest.build import find_spec
+    from serving.model.encoders import TextEncoder
+    from serving.model.registry import fetch_model
+
+    folder = fetch_model(model["model"], cache_dir=options.get("model_cache_dir", "/tmp/terrahash/models"),
+                         tracking_uri=options.get("tracking_uri"))
+    return TextEncoder(str(find_spec(folder, "text", model.get("variant", "fp32"))), int(options.get("encoder_threads", 1)))
+
+
+@dataclass
+class Arm:
+    """A route (name, weight, fault, ...) and the backend that answers for it."""
+
+    route: ArmRoute
+    backend: Backend
+
+    @property
+    def name(self) -> str:
+        return self.route.name
+
+    @property
+    def ready(self) -> bool:
+        return self.backend.ready
+
+    def versions(self) -> dict:
+        """What an answer says of the arm that served it."""
+        model, index = self.backend.model, self.backend.index
+        return {"arm": self.name, "model_version": model.get("model_version"), "model": model.get("model"),
+                "index_version": index.get("index_version"), "release": index.get("release")}
+
+
+class Backends:
+    """Resolved backends by (model app, index app), kept across reconfigures; a loop resolves new ones."""
+
+    def __init__(self, options: dict):
+        self.options = options
+        self.by_key: dict[tuple[str, str], Backend] = {}
+        self._task: asyncio.Task | None = None
+
+    def arms(self, routes: list[ArmRoute]) -> dict[str, Arm]:
+        arms = {}
+        for route in routes:
+            key = (route.model_app, route.index_app)
+            if key not in self.by_key:
+                self.by_key[key] = Backend(*key)
+            arms[route.name] = Arm(route, self.by_key[key])
+        wanted = {(r.model_app, r.index_app) for r in routes}
+        for key in [k for k in self.by_key if k not in wanted]:
+            del self.by_key[key]  # a removed arm's backend: its handles go with it
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._resolve_loop())
+        return arms
+
+    async def _resolve_loop(self) -> None:
+        delay = 0.2
+        while any(not b.ready for b in self.by_key.values()):
+            for backend in [b for b in self.by_key.values() if not b.ready]:
+                try:
+                    await backend.resolve(self.options)
+                    log.info("arm backend %s + %s ready", backend.model_app, backend.index_app)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:  # not deployed yet, or unusable: say why, try again
+                    problem = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+                    if problem != backend.problem:
+                        log.warning("arm backend %s + %s not usable: %s", backend.model_app, backend.index_app, problem)
+                    backend.problem = problem
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+
+
+class ArmStats:
+    """Per-arm outcomes since the last report, live and shadow apart: samples (ok, seconds, fallback) for
+    live arms, (ok, seconds, overlap@k, rank correlation) for shadow ones; thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._live: dict[str, list] = {}
+        self._shadow: dict[str, list] = {}
+        self.dropped = 0  # samples beyond MAX_SAMPLES per arm and report: not reported
+
+    def record(self, arm: str, ok: bool, seconds: float, shadow: bool = False, fallback: bool = False,
+               overlap: float | None = None, rank: float | None = None) -> None:
+        sample = (ok, round(seconds, 6), overlap, rank) if shadow else (ok, round(seconds, 6), fallback)
+        with self._lock:
+            samples = (self._shadow if shadow else self._live).setdefault(arm, [])
+            if len(samples) < MAX_SAMPLES:
+                samples.append(sample)
+            else:
+                self.dropped += 1
+
+    def drain(self) -> dict:
+        """{"live": {arm: samples}, "shadow": {arm: samples}}, and start afresh."""
+        with self._lock:
+            live, shadow = self._live, self._shadow
+            self._live, self._shadow = {}, {}
+        return {"live": live, "shadow": shadow}
+
+
+def garbage_code(bits: int, seed_text: str) -> np.ndarray:
+    """A random code (the ``garbage`` fault): stable per query, unrelated to it."""
+    import hashlib
+
+    seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "big")
+    return np.random.default_rng(seed).standard_normal(bits).astype(np.float32)

@@ -1,0 +1,161 @@
+"""Indexing archives as users have them: a folder tree or an S3 prefix of images, no dataset JSON."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from cluster.cli.main import main  # noqa: E402
+from serving.ingest.archive import ArchiveError, archive_items, read_sidecar  # noqa: E402
+from serving.ingest.build import add_images, build_indexes, dataset_items  # noqa: E402
+from serving.index.versions import ImageRefs, load_index, read_manifest  # noqa: E402
+
+
+def _codes_by_file(root, manifest) -> dict[str, np.ndarray]:
+    """Stored code of every item of an index version, by the item's file name."""
+    index = load_index(root, manifest["version"])
+    out = {}
+    for shard in index.shards:
+        for image_id, code in zip(shard.ids, shard.codes):
+            out[Path(str(image_id)).name] = code
+    return out
+
+
+@pytest.fixture(scope="module")
+def archive(ucm_many, tmp_path_factory) -> Path:
+    """A plain folder tree of real UCM images (class folders, one nested deeper), with what real folders
+    also hold: a corrupt JPEG, a text file, a hidden folder."""
+    folder = tmp_path_factory.mktemp("archive")
+    for item_path in dataset_items(ucm_many).image_paths[::7]:  # 30 images across the classes
+        source = Path(item_path)
+        target = folder / source.parent.name / source.name
+        if source.parent.name == "beach":
+            target = folder / "coast" / "beach" / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    (folder / ".thumbs").mkdir()
+    shutil.copyfile(source, folder / ".thumbs" / "cached.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "README.txt").write_text("scenes from the survey")
+    return folder
+
+
+def test_archive_items_walk_the_tree_in_order_with_relative_ids(archive):
+    items = archive_items(archive)
+    assert items.image_ids == sorted(items.image_ids) and len(items.image_ids) == 31  # 30 scenes + broken.jpg
+    assert "broken.jpg" in items.image_ids and not any(i.startswith(".thumbs") for i in items.image_ids)
+    assert not any(i.endswith(".txt") for i in items.image_ids)
+    assert any(i.startswith("coast/beach/") for i in items.image_ids)
+    assert items.image_paths == [str(archive / i) for i in items.image_ids] and items.captions == []
+
+
+def test_a_folder_index_has_the_json_index_codes_and_reports_the_unreadable_file(local_ray, built_index, model_dir,
+                                                                                  archive, tmp_path, capsys):
+    root = str(tmp_path / "index")
+    assert main(["index", "build", "--model", str(model_dir), "--images", str(archive), "--shards", "2",
+                 "--out", root, "--no-track"]) == 0
+    out = capsys.readouterr().out
+    assert "left out 1 image(s)" in out and "broken.jpg" in out
+    manifest = read_manifest(root, "v0001")
+    assert manifest["rows"] == 30 and manifest["extra"]["skipped_images"] == 1
+    [[path, reason]] = manifest["extra"]["skipped_listed"]
+    assert path == str(archive / "broken.jpg") and "decode" in reason
+    # The same files give the same codes as the Karpathy-JSON index of the same images.
+    folder_codes = _codes_by_file(root, manifest)
+    json_codes = _codes_by_file(built_index["root"], built_index["images"])
+    assert len(folder_codes) == 30
+    for name, code in folder_codes.items():
+        np.testing.assert_array_equal(code, json_codes[name])
+    # Each item's source: the archive root recorded for its rows, then its relative id.
+    refs = ImageRefs(manifest)
+    index = load_index(root, "v0001")
+    shard = index.shards[0]
+    assert refs(int(shard.rows[0]), str(shard.ids[0])) == str(archive / str(shard.ids[0]))
+
+
+def test_a_sidecar_gives_classes_and_captions_and_a_wrong_one_is_refused(archive, tmp_path):
+    ids = archive_items(archive).image_ids
+    sidecar = tmp_path / "meta.csv"
+    with sidecar.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "class", "caption", "acquired"])
+        writer.writerow([ids[0], "agricultural", "rows of crops | a green field", "2024-05-01"])
+        writer.writerow([ids[1], "agricultural", "", "2024-05-02"])
+    items = archive_items(archive, sidecar)
+    assert items.captions == ["rows of crops", "a green field"]
+    assert items.caption_ids == [f"{ids[0]}#0", f"{ids[0]}#1"] and items.caption_image_ids == [ids[0]] * 2
+    assert items.labels[:3] == ["agricultural", "agricultural", ""]
+    assert items.metadata[0] == {"acquired": "2024-05-01"} and items.metadata[2] == {}
+    as_json = tmp_path / "meta.json"
+    as_json.write_text(json.dumps({ids[0]: {"class": "agricultural", "captions": ["rows of crops"]}}))
+    assert read_sidecar(as_json)[ids[0]]["captions"] == ["rows of crops"]
+
+    with sidecar.open("a", newline="") as f:
+        csv.writer(f).writerow(["nowhere/missing.jpg", "beach", "", ""])
+    with pytest.raises(ArchiveError, match="1 id.*name no image file.*nowhere/missing.jpg"):
+        archive_items(archive, sidecar)
+    no_id = tmp_path / "bad.csv"
+    no_id.write_text("file,class\na.jpg,beach\n")
+    with pytest.raises(ArchiveError, match="'id' column"):
+        archive_items(archive, no_id)
+    with pytest.raises(ArchiveError, match="no such folder"):
+        archive_items(tmp_path / "absent")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(ArchiveError, match="no image files"):
+        archive_items(empty)
+
+
+def test_an_s3_prefix_is_indexed_by_tasks_that_read_the_objects(local_ray, s3_endpoint, model_dir, archive,
+                                                                 tmp_path, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    local = archive_items(archive)
+    chosen = [i for i in local.image_ids if i != "broken.jpg"][:6]
+    for image_id in chosen:
+        client.upload_file(str(archive / image_id), "terrahash-test", f"survey/2024/{image_id}")
+    client.put_object(Bucket="terrahash-test", Key="survey/2024/notes.txt", Body=b"not an image")
+    prefix = "s3://terrahash-test/survey/2024"
+    items = archive_items(prefix)
+    assert items.image_ids == sorted(chosen) and items.image_paths[0] == f"{prefix}/{items.image_ids[0]}"
+
+    root = str(tmp_path / "index")
+    result = build_indexes(model_dir, None, 2, root, images=prefix, batch_size=4)
+    manifest = result["images"]
+    assert manifest["rows"] == 6 and manifest["extra"]["dataset"] == prefix and result["captions"] is None
+    folder_root = str(tmp_path / "folder_index")
+    folder = build_indexes(model_dir, None, 2, folder_root, images=str(archive))["images"]
+    s3_codes, folder_codes = _codes_by_file(root, manifest), _codes_by_file(folder_root, folder)
+    for name, code in s3_codes.items():
+        np.testing.assert_array_equal(code, folder_codes[name])
+    refs = ImageRefs(manifest)
+    assert refs(0, "x.jpg") == f"{prefix}/x.jpg"  # results point at the objects themselves
+
+    # New imagery arriving in another prefix is added to the same index, from its own root.
+    client.upload_file(str(archive / chosen[0]), "terrahash-test", f"survey/2025/new/{Path(chosen[0]).name}")
+    added = add_images(None, root, images="s3://terrahash-test/survey/2025")["images"]
+    assert added["rows"] == 7
+    assert ImageRefs(added)(6, "new/a.jpg") == "s3://terrahash-test/survey/2025/new/a.jpg"
+
+
+def test_the_command_line_says_what_goes_with_what(model_dir, archive, tmp_path):
+    with pytest.raises(SystemExit, match="--sidecar describes an archive"):
+        main(["index", "build", "--model", str(model_dir), "--sidecar", str(tmp_path / "m.csv"), "--shards", "1",
+              "--out", str(tmp_path / "i"), "--no-track"])
+    with pytest.raises(ValueError, match="only one of"):
+        build_indexes(model_dir, archive, 1, str(tmp_path / "i"), images=str(archive))
+    with pytest.raises(SystemExit, match="not both"):
+        main(["index", "build", "--model", str(model_dir), "--images", str(archive), "--stac", "c.json",
+              "--shards", "1", "--out", str(tmp_path / "i"), "--no-track"])
+    with pytest.raises(SystemExit, match="--stac-asset names an asset"):
+        main(["index", "build", "--model", str(model_dir), "--stac-asset", "visual", "--shards", "1",
+              "--out", str(tmp_path / "i"), "--no-track"])
