@@ -33,7 +33,9 @@ import numpy as np
 BBOX_FIELDS = ("west", "south", "east", "north")
 TIME_FIELDS = ("start", "end")
 META_FIELDS = (*BBOX_FIELDS, *TIME_FIELDS, "props")
-_RESERVED = ("bbox", "datetime", "start_datetime", "end_datetime")  # kept as columns, not in props
+WINDOW_MARK = "?window="  # a chip's id: <scene id>?window=col,row,width,height (pixels)
+TIME_KEYS = ("datetime", "start_datetime", "end_datetime")  # STAC's instant, or its interval
+_RESERVED = ("bbox", *TIME_KEYS)  # kept as columns, not in props
 
 
 class FilterError(ValueError):

@@ -33,6 +33,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from serving.index.items import WINDOW_MARK
+
 SENSOR_BANDS = {"rgb": (1, 2, 3), "sentinel2": (4, 3, 2)}
 WGS84 = "EPSG:4326"
 
@@ -72,7 +74,7 @@ class ChipRef:
     high: tuple[float, ...]
 
     def __str__(self) -> str:  # how a skipped chip is listed
-        return f"{self.path}?window={','.join(map(str, self.window))}"
+        return f"{self.path}{WINDOW_MARK}{','.join(map(str, self.window))}"
 
     def read(self) -> np.ndarray:
         """The chip as RGB uint8 (height, width, 3): one windowed read, stretched, nodata black. The
@@ -230,7 +232,7 @@ def scene_chips(path: str, config: ChipConfig = ChipConfig(), only_scenes: bool 
                     left, bottom, right, top = min(xs), min(ys), max(xs), max(ys)  # any rotation of the grid
                     bbox = tuple(float(v) for v in transform_bounds(crs, WGS84, left, bottom, right, top,
                                                                   densify_pts=21))
-                chips.append(Chip(f"?window={col},{row},{width},{height}",
+                chips.append(Chip(f"{WINDOW_MARK}{col},{row},{width},{height}",
                                   ChipRef(str(path), (col, row, width, height), bands, tuple(low), tuple(high)),
                                   bbox, when))
         return ScenePlan(chips, skipped, src.width, src.height, crs.to_string() if crs else None)

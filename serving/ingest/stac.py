@@ -1,16 +1,6 @@
-"""STAC in and out: a static catalog as the input of an index build, search results as an ItemCollection.
+"""STAC in: a static catalog, collection or ItemCollection as the input of an index build.
 
-**Out.** ``item_collection(answer, base_url)`` turns a search answer into a STAC API ItemCollection
-(GeoJSON FeatureCollection, STAC 1.1.0): one Item per hit, in rank order, whose ``geometry`` is the
-footprint's polygon and ``bbox`` the footprint (both null for an item without one), whose
-``properties`` hold ``datetime`` (or ``start_datetime``/``end_datetime``), the item's own properties,
-and ``terrahash:rank``, ``terrahash:score`` and ``terrahash:distance``; assets ``image`` (the file;
-for a chip, its scene, with the pixel window in ``properties.window``) and ``thumbnail``. The
-answer's other fields (arm, versions, query) stay as foreign members. STAC requires a time: an item
-indexed without one has ``datetime`` null and does not validate; give the archive's sidecar or
-catalog a ``datetime``.
-
-**In.** ``catalog_items(path)`` reads a static catalog, collection or ItemCollection file with
+``catalog_items(path)`` reads a static catalog, collection or ItemCollection file with
 pystac and indexes each item's image asset: the one named by ``asset``, else the first whose roles
 include ``visual`` or ``data`` (in that order) with an image media type or suffix. An item's id is
 its STAC id (unique across the catalog); its bbox, datetime (or interval) and properties (with the
@@ -23,67 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from serving.index.items import TIME_KEYS
 from serving.ingest.archive import IMAGE_SUFFIXES, ArchiveError, ItemsCollector
-from serving.runtime.thumbnails import WINDOW_MARK
 
-STAC_VERSION = "1.1.0"
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/tiff")  # a media type that starts with one of these
 ROLES = ("visual", "data")
-MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
-               ".tif": "image/tiff; application=geotiff", ".tiff": "image/tiff; application=geotiff"}
-_TIME_KEYS = ("datetime", "start_datetime", "end_datetime")
-
-
-# --- out ------------------------------------------------------------------------------------------
-
-
-def _polygon(bbox):
-    west, south, east, north = bbox
-    return {"type": "Polygon", "coordinates": [[[west, south], [east, south], [east, north], [west, north],
-                                                [west, south]]]}
-
-
-def stac_item(hit: dict, base_url: str = "", rank: int | None = None) -> dict:
-    """One search hit (or listed item) as a STAC Item (see the module docstring)."""
-    own = dict(hit.get("properties") or {})
-    own.pop("source", None)
-    properties = {"datetime": hit.get("datetime"), **{k: hit[k] for k in _TIME_KEYS[1:] if k in hit}, **own}
-    for key in ("score", "distance", "asymmetric_distance", "image_score", "caption_score"):
-        if hit.get(key) is not None:
-            properties[f"terrahash:{key}"] = hit[key]
-    if rank is not None:
-        properties["terrahash:rank"] = rank
-    image = str(hit.get("image") or "")
-    href = image.split(WINDOW_MARK, 1)[0] if "window" in own else image
-    assets = {"image": {"href": href, "roles": ["data"], "title": "the indexed image (a chip: its scene)",
-                        **({"type": MEDIA_TYPES[Path(href).suffix.lower()]}
-                           if Path(href).suffix.lower() in MEDIA_TYPES else {})}}
-    if hit.get("thumbnail"):
-        assets["thumbnail"] = {"href": base_url.rstrip("/") + hit["thumbnail"], "type": "image/jpeg",
-                               "roles": ["thumbnail"]}
-    item = {"type": "Feature", "stac_version": STAC_VERSION, "stac_extensions": [], "id": hit["id"],
-            "geometry": _polygon(hit["bbox"]) if hit.get("bbox") else None, "properties": properties,
-            "links": [], "assets": assets}
-    if hit.get("bbox"):
-        item["bbox"] = list(hit["bbox"])
-    return item
-
-
-def item_collection(answer: dict, base_url: str = "", next_body: dict | None = None) -> dict:
-    """A search or listing answer as a STAC ItemCollection; ``next_body``: the POST body of the next page."""
-    hits = answer.get("results", [])
-    rest = {k: v for k, v in answer.items() if k not in ("results", "matched", "next")}
-    collection = {"type": "FeatureCollection", "features": [stac_item(h, base_url, n + 1) for n, h in enumerate(hits)],
-                  "numberReturned": len(hits), "links": [], **rest}
-    if "matched" in answer:
-        collection["numberMatched"] = answer["matched"]
-    if next_body is not None:
-        collection["links"].append({"rel": "next", "type": "application/geo+json", "method": "POST",
-                                    "href": base_url.rstrip("/") + "/v1/search/items", "body": next_body})
-    return collection
-
-
-# --- in -------------------------------------------------------------------------------------------
 
 
 def read_catalog(path: Path):
@@ -149,10 +83,10 @@ def catalog_items(source: str | Path, chips=None, asset: str | None = None):
         if href.startswith(("http://", "https://")):
             collector.skip(href, "http(s) assets are not fetched; mirror them to a folder or S3")
             continue
-        properties = {k: v for k, v in item.properties.items() if k not in _TIME_KEYS}
+        properties = {k: v for k, v in item.properties.items() if k not in TIME_KEYS}
         label = str(properties.pop("class", None) or properties.pop("label", None) or "")  # the item's class
         metadata = {"source": href, "collection": item.collection_id, **properties,
-                    **{k: item.properties[k] for k in _TIME_KEYS if item.properties.get(k)}}
+                    **{k: item.properties[k] for k in TIME_KEYS if item.properties.get(k)}}
         if item.datetime is not None and "datetime" not in metadata:
             metadata["datetime"] = item.datetime.isoformat()
         if item.bbox:

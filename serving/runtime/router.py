@@ -50,7 +50,7 @@ from serving.governance.roles import ARM_OVERRIDE
 from serving.runtime.views import OperatorViews
 from serving.runtime.settings import FUSION_RULES, RERANK_MODES, check_hot_settings
 from serving.runtime.replicas import ShardNotReady
-from serving.ingest.stac import item_collection
+from serving.runtime.stac import item_collection
 from serving.runtime.thumbnails import ThumbnailCache
 from serving.runtime.traffic import Traffic, assign, check_traffic, mirrored, overlap_at_k, rank_correlation
 

@@ -14,9 +14,10 @@ import threading
 from collections import OrderedDict
 from urllib.parse import quote
 
+from serving.index.items import WINDOW_MARK
+
 THUMBNAIL_SIDE = 128  # pixels, the longer side
 JPEG_QUALITY = 85
-WINDOW_MARK = "?window="
 
 
 def thumbnail_path(image_id: str) -> str:
