@@ -24,7 +24,7 @@ def write_archives(data: Path, tiles: int, folder: Path) -> tuple[Path, Path]:
     from PIL import Image
     from affine import Affine
 
-    from serving.ingest.build import dataset_items
+    from serving.ingest.items import dataset_items
 
     paths = dataset_items(data).image_paths[: tiles * tiles]
     if len(paths) < tiles * tiles:

@@ -271,7 +271,7 @@ def run(model_dir: Path, layouts: list[str], sequential_n: int, qps: float, seco
         serve_env: dict[str, str]) -> dict:
     import os
 
-    from serving.ingest.build import dataset_items
+    from serving.ingest.items import dataset_items
 
     data = Path(os.environ.get("TERRAHASH_DATA", REPO.parent / "shared" / "data" / "ucm_captions"))
     queries = dataset_items(data).captions[::7][:500]  # real captions as queries

@@ -350,8 +350,8 @@ def _labels(settings, data: str | None) -> dict[str, str]:
 
 
 def _dataset_labels(data: str) -> dict[str, str]:
-    """Image id (as the index build makes it, serving.ingest.build.dataset_items) -> its class."""
-    from serving.ingest.build import dataset_items
+    """Image id (as the index build makes it, serving.ingest.items.dataset_items) -> its class."""
+    from serving.ingest.items import dataset_items
 
     items = dataset_items(data)
     return dict(zip(items.image_ids, items.labels))

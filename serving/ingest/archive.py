@@ -39,6 +39,8 @@ import json
 from pathlib import Path
 from urllib.parse import urlparse
 
+from serving.ingest.items import Items
+
 TIFF_SUFFIXES = (".tif", ".tiff")  # read as scenes when they are (serving.ingest.geo)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", *TIFF_SUFFIXES)
 CAPTION_SEPARATOR = " | "
@@ -196,9 +198,7 @@ class ItemsCollector:
             self.add(item_id + chip.id_suffix, ref, {**record, "captions": []}, meta)
 
     def items(self, root):
-        """The serving.ingest.build.Items gathered, under ``root`` (a folder, or an s3:// URI)."""
-        from serving.ingest.build import Items
-
+        """The serving.ingest.items.Items gathered, under ``root`` (a folder, or an s3:// URI)."""
         out = self.out
         extra = ({"chips": {"size": self.chips.size, "overlap": self.chips.overlap,
                             "skipped_nodata": self.nodata_chips}} if self.chipped else {})
@@ -207,7 +207,7 @@ class ItemsCollector:
 
 
 def archive_items(source: str | Path, sidecar: str | Path | None = None, chips=None):
-    """The serving.ingest.build.Items of an archive (see the module docstring); ``chips`` is the
+    """The serving.ingest.items.Items of an archive (see the module docstring); ``chips`` is the
     serving.ingest.geo.ChipConfig scenes are cut by (default: 256-pixel chips, no overlap)."""
     base, keys = list_images(source)
     records = read_sidecar(sidecar) if sidecar else {}

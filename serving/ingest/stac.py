@@ -62,7 +62,7 @@ def _asset(item, name: str | None):
 
 
 def catalog_items(source: str | Path, chips=None, asset: str | None = None):
-    """The serving.ingest.build.Items of a static STAC catalog (see the module docstring)."""
+    """The serving.ingest.items.Items of a static STAC catalog (see the module docstring)."""
     path = Path(source).expanduser().resolve()
     if not path.is_file():
         raise ArchiveError(f"--stac {source}: no such file (give a catalog.json, collection.json or item collection)")

@@ -40,7 +40,7 @@ NO_DATA = "no data yet"
 def load_probes(data: str, count: int, seed: int = 0) -> dict:
     """Probe queries from the val split of a Karpathy-style dataset: ``count // 2`` captions and as many
     images (their bytes), and the class of every image of the dataset (relevance)."""
-    from serving.ingest.build import dataset_items
+    from serving.ingest.items import dataset_items
     from serving.ingest.dataset import load_dataset
 
     items = dataset_items(data)

@@ -13,7 +13,8 @@ pytest.importorskip("onnxruntime")
 
 from cluster.cli.main import main  # noqa: E402
 from serving.ingest.archive import ArchiveError, archive_items, read_sidecar  # noqa: E402
-from serving.ingest.build import add_images, build_indexes, dataset_items  # noqa: E402
+from serving.ingest.build import add_images, build_indexes  # noqa: E402
+from serving.ingest.items import dataset_items  # noqa: E402
 from serving.index.versions import ImageRefs, load_index, read_manifest  # noqa: E402
 
 

@@ -12,7 +12,8 @@ pytest.importorskip("onnxruntime")
 from affine import Affine  # noqa: E402  (rasterio's transforms)
 
 from serving.ingest.archive import archive_items  # noqa: E402
-from serving.ingest.build import build_indexes, dataset_items  # noqa: E402
+from serving.ingest.build import build_indexes  # noqa: E402
+from serving.ingest.items import dataset_items  # noqa: E402
 from serving.model.encoders import load_encoder  # noqa: E402
 from serving.ingest.geo import ChipConfig, scene_chips, stretch, tiff_datetime  # noqa: E402
 from serving.index.versions import load_index, read_manifest  # noqa: E402
