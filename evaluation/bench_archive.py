@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     import ray
 
     from serving.ingest.archive import archive_items, read_source
-    from serving.ingest.build import encode_all, find_spec
+    from serving.ingest.build import encode_all
+    from serving.model.versions import find_spec
     from serving.model.encoders import decode_and_resize
 
     spec = find_spec(args.model, "image")

@@ -43,7 +43,7 @@ BITS, ROWS, SHARDS = 64, 1_000_000, 4
 
 def find_model(bits: int = BITS) -> Path | None:
     """An exported model version with ``bits``-bit students, under runs/ or the cache."""
-    from serving.ingest.build import find_spec
+    from serving.model.versions import find_spec
     from serving.model.spec import load_spec
 
     for folder in sorted(REPO.glob("runs/*/students/onnx")) + [CACHE]:
@@ -100,7 +100,7 @@ def build_random_index(root: Path, model_dir: Path, rows: int = ROWS, shards: in
 
 def in_process(model_dir: Path, root: Path, queries: list[str], k: int) -> dict:
     """p50 of encode + one unsharded IndexBinaryFlat search, in this process."""
-    from serving.ingest.build import find_spec
+    from serving.model.versions import find_spec
     from serving.model.encoders import load_encoder
     from serving.index.versions import load_index
 

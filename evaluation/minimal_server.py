@@ -25,7 +25,7 @@ class TextQuery(BaseModel):
 def create_app(index_root: str, model_dir: str) -> FastAPI:
     import faiss
 
-    from serving.ingest.build import find_spec
+    from serving.model.versions import find_spec
     from serving.model.encoders import load_encoder
     from serving.index.versions import load_index
 

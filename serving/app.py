@@ -23,6 +23,7 @@ from ray import serve
 
 from serving.lifecycle.canary import Canary
 from serving.index.versions import ImageRefs, resolve_release
+from serving.model.versions import served_model
 from serving.runtime.query_encoder import QueryEncoder
 from serving.governance.query_log import AuditWriter
 from serving.governance.ratelimit import RateLimiter
@@ -62,7 +63,7 @@ def index_app(args: dict):
     for collection, manifest in manifests.items():
         groups[collection] = [_shard_deployment(settings, manifest, group, reports) for group in groups[collection]]
     info = {"index": settings.index, "release": served.get("release"), "model_version": images["model_version"],
-            "model": _served_model(served, settings.index), "code_space": images.get("code_space"), "bits": images["bits"],
+            "model": served_model(served, settings.index), "code_space": images.get("code_space"), "bits": images["bits"],
             "index_version": {name: m["version"] for name, m in manifests.items()},
             "shards": {name: [f"{name}/{m['version']}/{e['name']}" for e in m["shards"]]
                        for name, m in manifests.items()},
@@ -73,13 +74,6 @@ def index_app(args: dict):
             "drift": images.get("extra", {}).get("drift")}
     return IndexInfo.options(ray_actor_options=_actor_options(settings, 0.01, {})).bind(
         info, [g for gs in groups.values() for g in gs], reports)
-
-
-def _served_model(served: dict, root: str | None = None) -> str | None:
-    """What the index in ``root`` was built with: its registered model version, else its copy of the model."""
-    from serving.ingest.build import served_model
-
-    return served_model(served, root)
 
 
 def model_app(args: dict):

@@ -18,8 +18,8 @@ Model: a folder of exported students, or a registered version (``models:/NAME/VE
 ``models:/NAME@ALIAS``), fetched from the registry (serving.model.registry.fetch_model). A registered
 version is recorded in the manifests' ``extra.model`` and the release's ``model`` as
 ``{"uri": "models:/NAME/VERSION", "name", "version"}`` (the number, even when asked by alias), and the
-version is tagged with the release (``terrahash.index_releases``). ``served_model`` tells serving which
-model a release was built with; ``index add`` fetches it from the registry the same way.
+version is tagged with the release (``terrahash.index_releases``). serving.model.versions.served_model tells
+serving which model a release was built with; ``index add`` fetches it from the registry the same way.
 """
 from __future__ import annotations
 
@@ -35,127 +35,14 @@ from serving.model.codes import unpack_signs
 from serving.runtime.drift import index_detector
 from serving.ingest.items import Items, dataset_items
 from serving.index.versions import add_release, build_index, publish_release, resolve_release
-from serving.model.spec import CodeSpaceError, check_code_space, load_spec, spec_code_space
+from serving.model.spec import check_code_space, load_spec
+from serving.model.versions import (check_text_space, fetch_version, find_spec, model_code_space, model_version_label,
+                                    publish_model, served_model)
 
 log = logging.getLogger(__name__)
 
-SPEC_GLOB = "*.spec.json"
-VARIANTS = {"fp32": lambda q: q == "none", "int8": lambda q: "int8" in q}  # spec "quantization" per variant
 SKIPPED_LISTED = 1000  # skipped images listed in a manifest (all are counted)
 PLACE_AND_TIME = ("bbox", "datetime", "start_datetime", "end_datetime", "source")  # what captions inherit
-
-
-# --- model versions ------------------------------------------------------------------------------
-
-
-def resolve_model(version_or_dir: str | Path, models_root: str | Path = "runs") -> Path:
-    """A model version folder: ``version_or_dir`` itself if it is a folder (or an ``s3://`` folder of
-    the artifact root, fetched and checked), else the exported students of run ``<models_root>/<version>``
-    (``students/onnx``, the export's default place)."""
-    if str(version_or_dir).startswith("s3://"):
-        from serving.model.registry import fetch_model
-
-        return fetch_model(str(version_or_dir))
-    path = Path(version_or_dir)
-    candidates = [path, Path(models_root) / str(version_or_dir) / "students" / "onnx",
-                  Path(models_root) / str(version_or_dir)]
-    for candidate in candidates:
-        if candidate.is_dir() and any(candidate.glob(SPEC_GLOB)):
-            return candidate.resolve()
-    raise FileNotFoundError(f"no model version {version_or_dir!r}: none of {[str(c) for c in candidates]} "
-                            f"holds exported students (*{SPEC_GLOB[1:]})")
-
-
-def find_spec(model_dir: str | Path, kind: str, variant: str = "fp32") -> Path:
-    """The one spec file of ``kind`` ("image" or "text") and ``variant`` ("fp32" or "int8") in a model folder."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-    found = []
-    for path in sorted(Path(model_dir).glob(SPEC_GLOB)):
-        spec = load_spec(path)
-        if spec.kind == kind and VARIANTS[variant](str(spec.data.get("quantization", "none"))):
-            found.append(path)
-    if len(found) != 1:
-        raise FileNotFoundError(f"{model_dir}: expected one {variant} {kind} spec, found {[p.name for p in found]}")
-    return found[0]
-
-
-def model_version_label(model_dir: Path, image_spec: Path, name: str | None = None) -> str:
-    """``<name or folder>@<image model sha256[:12]>`` (a registered version's name is ``NAME/VERSION``):
-    two models never share a label, so never an index."""
-    return f"{name or model_dir.name}@{load_spec(image_spec).data['model_sha256'][:12]}"
-
-
-MODELS = "models"  # where an index root keeps copies of the unregistered models its indexes were built with
-
-
-def publish_model(out: str, model_dir: Path, label: str) -> str:
-    """Copy a model folder into the index's artifact root (``models/<sha>/<name>``, once per model: the
-    folder keeps its name, which is part of the model version's label) and return its key there, so
-    that every node that reads the index finds its model too."""
-    from serving.storage import MANIFEST, open_root
-
-    name, _, digest = label.rpartition("@")
-    key = f"{MODELS}/{digest}/{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'model'}"
-    root = open_root(out)
-    if not root.exists(f"{key}/{MANIFEST}"):
-        root.put_dir(model_dir, key)
-    return key
-
-
-def served_model(release_or_manifests: dict, root: str | None = None) -> str:
-    """What serving loads when no model is given: ``models:/NAME/VERSION`` when the release (or its image
-    manifest) records a registered version, else the copy of the model in the index's artifact ``root``
-    (``extra.model_files``), else the model folder an older index recorded. Takes a release file,
-    resolve_release's answer, or {"images": manifest, ...}."""
-    record = release_or_manifests
-    model = record.get("model")
-    images = record.get("images") if isinstance(record.get("images"), dict) else None
-    if not model and images is not None and "extra" in images:  # a manifest, not a release's collection entry
-        model = images["extra"].get("model")
-    if model:
-        return model["uri"]
-    key = images.get("extra", {}).get("model_files") if images is not None else None
-    if key:
-        if root is None:
-            raise ValueError("the index keeps its model in its artifact root: say which root")
-        from serving.storage import open_root
-
-        return f"{open_root(root).uri}/{key}"
-    folder = images.get("extra", {}).get("model_dir") if images is not None else None
-    if not folder:
-        raise ValueError(f"release {record.get('release', '?')} records neither a registered model nor a model "
-                         f"folder; give the model to serve")
-    return folder
-
-
-def _fetch(model, tracking_uri: str | None, cache_dir) -> tuple[Path, dict | None, object]:
-    """(local folder, the manifests' ``extra.model`` record or None, the registry ModelRef or None) of a
-    folder, a run name under runs/ (``resolve_model``) or a ``models:/`` URI."""
-    from serving.model.registry import fetch_model, parse_model_uri, resolve_model as resolve_registered
-
-    if parse_model_uri(model) is None:
-        return resolve_model(model), None, None
-    ref = resolve_registered(model, tracking_uri)
-    folder = fetch_model(ref, cache_dir, tracking_uri)
-    return folder, {"uri": ref.version_uri, "name": ref.name, "version": ref.version}, ref
-
-
-def model_code_space(model_dir: Path, image_spec: Path) -> str:
-    """The code space of a model folder's image codes: the image spec's, or for an int8 spec exported
-    before code spaces were recorded, that of the fp32 image spec beside it."""
-    space = spec_code_space(load_spec(image_spec))
-    if space is None:
-        space = spec_code_space(load_spec(find_spec(model_dir, "image", "fp32")))
-    return space
-
-
-def _check_text_space(text_spec: Path, code_space: str) -> None:
-    """Refuse a text student whose spec says it was trained into another image student's codes."""
-    theirs = load_spec(text_spec).code_space
-    if theirs is not None and theirs != code_space:
-        raise CodeSpaceError(f"text student {text_spec} has code space {theirs}, the image student beside it "
-                             f"{code_space}: the caption codes would not be comparable with the image codes")
 
 
 # --- encoding in Ray tasks ---------------------------------------------------------------------------
@@ -329,12 +216,12 @@ def build_indexes(model: str | Path, data: str | Path | None, n_shards: int, out
     from serving.model.registry import DEFAULT_CACHE, add_index_release_tag
 
     cipher = _cipher(out, key_file) if encrypt else None
-    model_dir, registered, ref = _fetch(model, tracking_uri, model_cache or DEFAULT_CACHE)
+    model_dir, registered, ref = fetch_version(model, tracking_uri, model_cache or DEFAULT_CACHE)
     image_spec = find_spec(model_dir, "image", variant)
     code_space = model_code_space(model_dir, image_spec)
     text_spec = find_spec(model_dir, "text", variant) if captions else None
     if text_spec is not None:
-        _check_text_space(text_spec, code_space)
+        check_text_space(text_spec, code_space)
     items, source, skip_bad_images = _items(data, splits, images, sidecar, skip_bad_images, chips, stac, stac_asset)
     label = model_version_label(model_dir, image_spec, registered and f"{registered['name']}/{registered['version']}")
     bits = load_spec(image_spec).bits
@@ -403,7 +290,7 @@ def add_images(data: str | Path | None, out: str, *, base_release: str | None = 
     registered = manifest["extra"].get("model")
     ref = None
     if registered:
-        model_dir, _, ref = _fetch(registered["uri"], tracking_uri, model_cache or DEFAULT_CACHE)
+        model_dir, _, ref = fetch_version(registered["uri"], tracking_uri, model_cache or DEFAULT_CACHE)
     else:
         from serving.model.registry import fetch_model
 

@@ -135,7 +135,7 @@ def check_gates(name: str, version, alias: str, *, root=None, tracking_uri: str 
 
 
 def _spec_gate(ref: ModelRef, release: dict | None, tracking_uri, model_cache) -> Gate:
-    from serving.ingest.build import find_spec
+    from serving.model.versions import find_spec
     from serving.model.registry import DEFAULT_CACHE
     from serving.model.spec import SpecError, check_code_space, load_spec, spec_code_space
 

@@ -73,7 +73,7 @@ class Backend:
 
 
 def _load_text(model: dict, options: dict):
-    from serving.ingest.build import find_spec
+    from serving.model.versions import find_spec
     from serving.model.encoders import TextEncoder
     from serving.model.registry import fetch_model
 

@@ -10,17 +10,16 @@ def load_model(model: str | None, index: str | None, release: str | None, varian
     """Fetch a model version onto this node and find its specs: ``model`` (models:/NAME/VERSION,
     models:/NAME@ALIAS or a folder), or with None the one the index release was built with.
     Returns {"model", "folder", "image_spec", "text_spec", "model_version", "code_space", "bits", "image_size"}."""
-    from serving.ingest.build import find_spec, model_code_space, model_version_label
+    from serving.model.versions import find_spec, model_code_space, model_version_label, served_model
     from serving.model.registry import fetch_model, parse_model_uri, resolve_model
     from serving.model.spec import load_spec
 
     if model is None:
-        from serving.app import _served_model
         from serving.index.versions import resolve_release
 
         if not index:
             raise ValueError("no model given, and no index whose release names one")
-        model = _served_model(resolve_release(index, release), index)
+        model = served_model(resolve_release(index, release), index)
         if not model:
             raise ValueError(f"release {release or 'latest'} of {index} records no model; give one")
     registered = None

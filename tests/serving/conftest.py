@@ -104,7 +104,7 @@ def reference(built_index, model_dir, ucm_many):
     """One unsharded flat index over every stored image code, the encoders, and the dataset items."""
     import numpy as np
 
-    from serving.ingest.build import find_spec
+    from serving.model.versions import find_spec
     from serving.ingest.items import dataset_items
     from serving.model.encoders import load_encoder
     from serving.index.versions import Shard, load_index

@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from cluster.cli.main import main  # noqa: E402
-from serving.ingest.build import add_images, find_spec, model_version_label  # noqa: E402
+from serving.ingest.build import add_images  # noqa: E402
+from serving.model.versions import find_spec, model_version_label  # noqa: E402
 from serving.ingest.items import dataset_items  # noqa: E402
 from serving.model.encoders import load_encoder  # noqa: E402
 from serving.index.versions import (ImageRefs, load_index, read_manifest, read_release, resolve_release,  # noqa: E402

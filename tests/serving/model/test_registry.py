@@ -168,7 +168,8 @@ def test_a_folder_is_returned_as_it_is(registered, tmp_path):
 
 def test_index_build_from_the_registry_records_the_model_and_tags_the_version(local_ray, registered, subset,
                                                                              model_dir, tmp_path):
-    from serving.ingest.build import add_images, build_indexes, served_model
+    from serving.ingest.build import add_images, build_indexes
+    from serving.model.versions import served_model
     from serving.index.versions import read_release, resolve_release
 
     root, cache = str(tmp_path / "index"), tmp_path / "cache"

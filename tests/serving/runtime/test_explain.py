@@ -16,7 +16,7 @@ GRID = 3
 @pytest.fixture(scope="module")
 def image_encoder(ranking_model_dir, ucm_many):
     """The image student whose codes rank by class (EfficientNet-Lite0 with a PCA head, 32 bits)."""
-    from serving.ingest.build import find_spec
+    from serving.model.versions import find_spec
     from serving.model.encoders import load_encoder
 
     encoder = load_encoder(find_spec(ranking_model_dir, "image"))

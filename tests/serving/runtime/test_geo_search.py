@@ -17,7 +17,8 @@ pytest.importorskip("rasterio")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ray.serve")
 
-from serving.ingest.build import add_images, build_indexes, find_spec  # noqa: E402
+from serving.ingest.build import add_images, build_indexes  # noqa: E402
+from serving.model.versions import find_spec  # noqa: E402
 from serving.ingest.items import dataset_items  # noqa: E402
 from serving.model.codes import hamming_matrix  # noqa: E402
 from serving.model.encoders import load_encoder  # noqa: E402

@@ -309,7 +309,7 @@ def test_the_drift_gauge_fires_on_a_shifted_feed_and_answers_fall_back(ab, ranki
 
     from PIL import Image
 
-    from serving.ingest.build import find_spec
+    from serving.model.versions import find_spec
     from serving.ingest.items import dataset_items
     from serving.runtime.drift import BitDrift
     from serving.model.encoders import load_encoder
