@@ -16,7 +16,7 @@ Sections of ``report.json`` (all figures are what the page shows, ``evaluation.r
 - ``fairness``: per-class AP, worst class and gap of every model and baseline; top-10 confusion;
 - ``robustness`` and ``drift``: corrupted queries of one model, the fp32 image student of the first
   run that has students, else the first run's teacher (``evaluation.robustness``), and the drift
-  detector (``serving.runtime.drift``) on clean and corrupted windows;
+  detector (``serving.index.drift``) on clean and corrupted windows;
 - ``examples``: top-5 results of a few text and image queries per model;
 - ``peers``: ``evaluation.bench_peers`` (its JSON with ``--peers``; else run here at 100k codes).
 """

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from serving.runtime.drift import BitDrift, alarm_rate, choose_threshold
+from serving.index.drift import BitDrift, alarm_rate, choose_threshold
 
 from . import metrics
 from .baselines import FUSIONS, ITQ, _normalised, fuse, lsh_codes, pq_scores

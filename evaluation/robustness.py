@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from serving.runtime.drift import BitDrift, alarm_rate, bits_set
+from serving.index.drift import BitDrift, alarm_rate, bits_set
 
 from . import metrics
 from .corruptions import KINDS, SEVERITIES, corrupt

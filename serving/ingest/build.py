@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.model.codes import unpack_signs
-from serving.runtime.drift import index_detector
+from serving.index.drift import index_detector
 from serving.ingest.items import Items, dataset_items
 from serving.index.versions import add_release, build_index, publish_release, resolve_release
 from serving.model.spec import check_code_space, load_spec

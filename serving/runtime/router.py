@@ -41,7 +41,7 @@ from serving.runtime.api import (CAPTION_BODY, EXPLAIN_BODY, IMAGE_BODY, ITEMS_B
 from serving.runtime.arms import Arm, ArmStats, Backends, garbage_code
 from serving.runtime.calls import Call, all_or_none, awaited, finite
 from serving.model.codes import pack_signs
-from serving.runtime.drift import QueryWindow
+from serving.index.drift import QueryWindow
 from serving.index.versions import stable_shard
 from serving.governance.policy import SEARCH_ENDPOINTS, coarsen
 from serving.governance.query_log import audit_entry, sha256_of
@@ -97,7 +97,7 @@ class RouterMetrics:
                                              "/ 2 of the common ids of a shadow arm's and the client's top-k",
                                              boundaries=[.1, .25, .5, .75, .9, .95, .99], tag_keys=("arm",))
         self.drift = metrics.Gauge("terrahash_query_drift", description="drift statistic D of this replica's last "
-                                   "window of image query codes against the index's reference (serving/runtime/drift.py)",
+                                   "window of image query codes against the index's reference (serving/index/drift.py)",
                                    tag_keys=("arm",))
         self.drift_alarm = metrics.Gauge("terrahash_query_drift_alarm", description="1 while D is above the "
                                          "index's threshold, else 0", tag_keys=("arm",))

@@ -35,7 +35,7 @@ class RouterConfig(BaseModel):
     deadline_s: float = Field(5.0, gt=0, le=600)  # a request's whole budget: encoder, lookup, fan-out, retries
     shard_timeout_s: float = Field(2.0, gt=0, le=600)  # one call's budget before it is retried
     shard_retries: int = Field(2, ge=0, le=20)  # retries of a lost or timed-out call
-    # When the drift detector fires (serving/runtime/drift.py): "asymmetric" re-ranks an image query asked with
+    # When the drift detector fires (serving/index/drift.py): "asymmetric" re-ranks an image query asked with
     # rerank none by its float code (the path that loses least to flipped bits) and flags the answer;
     # "flag" only flags it.
     drift_fallback: Literal["asymmetric", "flag"] = "asymmetric"

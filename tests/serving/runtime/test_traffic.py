@@ -311,7 +311,7 @@ def test_the_drift_gauge_fires_on_a_shifted_feed_and_answers_fall_back(ab, ranki
 
     from serving.model.versions import find_spec
     from serving.ingest.items import dataset_items
-    from serving.runtime.drift import BitDrift
+    from serving.index.drift import BitDrift
     from serving.model.encoders import load_encoder
     from tests.serving.test_app import call, multipart
 

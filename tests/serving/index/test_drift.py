@@ -3,7 +3,7 @@ windows, and that flipping bits (what a corruption does to codes) sets it off.""
 import numpy as np
 import pytest
 
-from serving.runtime.drift import BitDrift, QueryWindow, alarm_rate, bits_set, choose_threshold, index_detector
+from serving.index.drift import BitDrift, QueryWindow, alarm_rate, bits_set, choose_threshold, index_detector
 
 
 def _codes(rng, n: int, p: np.ndarray) -> np.ndarray:
