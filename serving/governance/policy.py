@@ -139,7 +139,7 @@ class Policy(BaseModel):
 
 def check_policy(data: dict | None, source: str = "policy") -> Policy:
     """A Policy from its mapping; ValueError naming each bad or unknown key and ``source``."""
-    from serving.runtime.settings import describe
+    from serving.validation import describe
 
     try:
         return Policy.model_validate(data or {})

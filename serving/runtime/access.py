@@ -47,7 +47,7 @@ class AccessConfig(BaseModel):
 
     @classmethod
     def check(cls, data: dict | None) -> "AccessConfig":
-        from serving.runtime.settings import describe
+        from serving.validation import describe
 
         try:
             config = cls.model_validate(data or {})

@@ -12,6 +12,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serving.validation import describe
+
 RERANK_MODES = ("none", "asymmetric", "fusion")
 FUSION_RULES = ("average", "max")
 
@@ -287,16 +289,6 @@ class ServeSettings(RouterConfig, EncoderConfig):
 
     def encoder_config(self) -> dict:
         return {name: getattr(self, name) for name in self.HOT_ENCODER}
-
-
-def describe(err: ValidationError, source: str) -> str:
-    """One line per problem: ``source: key.path: message``."""
-    lines = []
-    for problem in err.errors():
-        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        message = "unknown key" if problem["type"] == "extra_forbidden" else problem["msg"]
-        lines.append(f"{source}: {where}: {message}")
-    return "\n".join(lines)
 
 
 def check_hot_settings(config: dict) -> dict:

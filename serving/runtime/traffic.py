@@ -20,7 +20,8 @@ import hashlib
 import random
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serving.runtime.settings import Fault, describe
+from serving.runtime.settings import Fault
+from serving.validation import describe
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 ARM_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
