@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -23,8 +22,6 @@ from serving.ingest.dataset import CaptionDataset
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install terrahash[track]"
-DEFAULT_DB = "mlruns.db"  # the embedded store, in the working directory
-DEFAULT_ARTIFACTS = "mlartifacts"
 ARTIFACTS = ("checkpoint.pt", "config.yaml", "metrics.json")  # what fit writes, logged at the end
 REPO_DIR = Path(__file__).resolve().parents[1]
 
@@ -52,19 +49,6 @@ def check_tracking(tracking: TrackingConfig) -> None:
     if tracking.country_iso_code not in countries:
         raise ValueError(f"config.tracking.country_iso_code: {tracking.country_iso_code!r} has no carbon "
                          f"intensity in codecarbon; use a 3-letter ISO code such as 'FRA', 'DEU' or 'USA'")
-
-
-def resolve_tracking_uri(tracking: TrackingConfig) -> tuple[str, str | None]:
-    """The tracking URI and the artifact location for a new experiment (None: the store's own default).
-
-    ``tracking.tracking_uri`` wins, then ``$MLFLOW_TRACKING_URI``; with neither, the SQLite database
-    ``./mlruns.db`` with artifacts in ``./mlartifacts/``, in the current working directory.
-    """
-    uri = tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri:
-        return uri, None
-    cwd = Path.cwd()
-    return f"sqlite:///{cwd / DEFAULT_DB}", (cwd / DEFAULT_ARTIFACTS).as_uri()
 
 
 def git_commit(repo: Path = REPO_DIR) -> str:
@@ -270,13 +254,13 @@ def track_run(config, out_dir: str | Path, dataset: CaptionDataset,
     from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from serving.model.registry import quiet_mlflow_logs
+    from serving.model.registry import quiet_mlflow_logs, resolve_tracking_uri
 
     # MLflow's own INFO lines (creating the database's tables, starting and stopping the system-metrics
     # sampler) say nothing the run's one line below does not.
     quiet_mlflow_logs()
 
-    uri, artifact_location = resolve_tracking_uri(tracking)
+    uri, artifact_location = resolve_tracking_uri(tracking.tracking_uri)
     client = MlflowClient(uri)
     tags = run_tags(dataset) | ({MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {})
     run = client.create_run(_experiment_id(client, tracking.experiment, artifact_location),

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 SCHEME = "models:/"
 DEFAULT_CACHE = "/tmp/terrahash/models"
+DEFAULT_DB = "mlruns.db"  # the default store of training runs and model versions, in the working directory
+DEFAULT_ARTIFACTS = "mlartifacts"
 FETCH_RECORD = ".terrahash-fetch.json"  # in a fetched folder: each file's bytes and sha256, written last
 INDEX_RELEASES_TAG = "terrahash.index_releases"  # model version tag: [{"index": root URI, "release": "rNNNN"}]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
@@ -95,12 +97,22 @@ def parse_model_uri(uri) -> tuple[str, str | None, str | None] | None:
     return name, str(int(version)), None
 
 
+def resolve_tracking_uri(tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """The tracking URI and the artifact location for a new experiment (None: the store's own default).
+
+    ``tracking_uri`` wins, then ``$MLFLOW_TRACKING_URI``; with neither, the SQLite database
+    ``./mlruns.db`` with artifacts in ``./mlartifacts/``, in the current working directory.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri, None
+    cwd = Path.cwd()
+    return f"sqlite:///{cwd / DEFAULT_DB}", (cwd / DEFAULT_ARTIFACTS).as_uri()
+
+
 def tracking_uri_of(tracking_uri: str | None = None) -> str:
     """The tracking URI to use: the argument, else $MLFLOW_TRACKING_URI, else the project's default."""
-    from training.config import TrackingConfig  # plain dataclasses: no torch
-    from training.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri or ""))[0]
+    return resolve_tracking_uri(tracking_uri)[0]
 
 
 def client(tracking_uri: str | None = None):

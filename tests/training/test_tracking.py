@@ -18,7 +18,8 @@ from cluster.cli.main import main  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from training.config import ConfigError, TrackingConfig, config_from_dict  # noqa: E402
 from serving.ingest.dataset import load_dataset  # noqa: E402
-from training.tracking import git_commit, resolve_tracking_uri, track_run  # noqa: E402
+from serving.model.registry import resolve_tracking_uri  # noqa: E402
+from training.tracking import git_commit, track_run  # noqa: E402
 from training.train import fit  # noqa: E402
 
 @pytest.fixture
@@ -153,11 +154,11 @@ def test_unknown_country_stops_fit_before_any_work(subset, tiny_text_encoder, tm
 def test_tracking_uri_resolution(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri(TrackingConfig()) == (f"sqlite:///{tmp_path / 'mlruns.db'}",
-                                                      (tmp_path / "mlartifacts").as_uri())
+    assert resolve_tracking_uri(TrackingConfig().tracking_uri) == (f"sqlite:///{tmp_path / 'mlruns.db'}",
+                                                                   (tmp_path / "mlartifacts").as_uri())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
-    assert resolve_tracking_uri(TrackingConfig()) == ("http://env:5000", None)
-    assert resolve_tracking_uri(TrackingConfig(tracking_uri="http://config:5000")) == ("http://config:5000", None)
+    assert resolve_tracking_uri(TrackingConfig().tracking_uri) == ("http://env:5000", None)
+    assert resolve_tracking_uri("http://config:5000") == ("http://config:5000", None)
 
 
 def test_tracking_section_is_checked():
