@@ -146,7 +146,8 @@ def workers_env(type_name: str | None, cpus: int = 0, gpus: int = 0) -> dict[str
     and its CPUs and GPUs, which training.distributed.apply_worker_type turns into Ray Train's resources."""
     import json
 
-    from cluster.local_cluster import WORKER_RESOURCE, WORKER_TYPE_RESOURCE, WORKERS_ENV
+    from cluster.local_cluster import WORKER_RESOURCE, WORKER_TYPE_RESOURCE
+    from training.config import WORKERS_ENV
 
     if type_name is None:
         return {WORKERS_ENV: json.dumps({"resource": WORKER_RESOURCE})}

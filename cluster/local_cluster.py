@@ -37,7 +37,6 @@ NODE_RESOURCE = "terrahash-node-{}"  # custom resource of node i (0 is the head)
 WORKER_RESOURCE = "terrahash-worker"  # every worker node has 1 (cluster/jobs.py puts drivers there)
 WORKER_TYPE_RESOURCE = "terrahash-worker-{}"  # every worker node of a type has 1 (where Ray Train workers go)
 LOCAL_WORKER_TYPE = "cpu"  # the type of the local cluster's worker nodes
-WORKERS_ENV = "TERRAHASH_WORKERS"  # a submitted job's worker type (cluster_config.workers_env -> training)
 START_TIMEOUT_S = 120.0
 
 

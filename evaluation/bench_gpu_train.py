@@ -65,8 +65,8 @@ class GpuSampler:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.config import load_config
-    from training.distributed import WORKERS_ENV, apply_worker_type, fit_distributed
+    from training.config import WORKERS_ENV, load_config
+    from training.distributed import apply_worker_type, fit_distributed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="full")

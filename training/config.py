@@ -241,6 +241,11 @@ class TrainConfig:
     text_final_epochs: Count = 5
 
 
+# The worker type a submitted job's Ray Train workers run on (JSON, set by `terrahash submit` from the
+# cluster description, cluster.cluster_config.workers_env; read by training.distributed.apply_worker_type).
+WORKERS_ENV = "TERRAHASH_WORKERS"
+
+
 @dataclass
 class DistributedConfig:
     # 0: one plain process without Ray; N >= 1: a Ray Train job on N data-parallel (DDP) workers.

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.local_cluster import WORKERS_ENV  # the worker type a submitted job's Ray Train workers run on
-from .config import DistributedConfig, ExperimentConfig, config_from_dict, to_dict
+from .config import WORKERS_ENV, DistributedConfig, ExperimentConfig, config_from_dict, to_dict
 from .snapshots import RemoteSnapshots
 from .train import OUTPUTS, LoopContext, copy_outputs, fit
 
@@ -29,6 +28,7 @@ RESUME = "resume.pt"  # shared training state in a reported checkpoint
 FINAL = "final"  # the name of the last reported checkpoint: the chief's output folder as it ends
 
 log = logging.getLogger(__name__)
+
 
 
 class RayContext(LoopContext):
