@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.retrieval import evaluate_rows, format_table
+from serving.lifecycle.promotion import PARITY_TARGETS
 
-PARITY_TARGETS = {"fp32": 0.999, "int8": 0.99, "map_ratio": 0.98}
 VARIANTS = {"fp32": "", "int8": ".int8"}  # variant -> suffix of its ONNX and spec files
 
 

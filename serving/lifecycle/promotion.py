@@ -17,13 +17,12 @@ split, queries val against a train database: never from the test split):
 * ``val``: val image-to-image and text-to-image mAP@all and mR of the fp32 students are not worse
   than those of the alias's current holder by more than ``max_val_drop_map`` / ``max_val_drop_mr``.
 * ``parity``: on val, the bit agreement of the ONNX students with the torch students (fp32, int8;
-  thresholds training.parity.PARITY_TARGETS), of the fp32 ONNX students with the teacher (did the
+  thresholds PARITY_TARGETS), of the fp32 ONNX students with the teacher (did the
   distillation take?), and the students' mAP@all relative to the teacher's are at least the thresholds.
 * ``canary`` (the champion alias only): the version holds or held the challenger alias (the audit log,
   or the registry now) and carries a healthy canary record (``canary.*`` tags, written by the serving
   controller through ``write_canary_record``) with at least ``min_canary_requests`` requests.
 
-No torch: training.parity is imported for its thresholds only (numpy).
 """
 from __future__ import annotations
 
@@ -36,7 +35,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from training.parity import PARITY_TARGETS
 from serving.governance.audit import AuditLog
 from serving.model.registry import ModelRef, client, fetch_model, index_releases, resolve_model
 
@@ -46,6 +44,9 @@ GATES = ("spec", "index", "val", "parity", "canary")
 SHIPPED_CONFIG = Path(__file__).parents[1] / "promotion.yaml"
 CANARY_STATUSES = ("healthy", "failing", "no_data", "rolled_back")
 CANARY_FIELDS = ("status", "requests", "error_rate", "p99_ms", "probe_map", "updated")
+# What distillation must reach, the parity gate's default thresholds: the bit agreement of the ONNX students
+# with the torch students (fp32, int8), and their mAP@all relative to the teacher's (training.parity reports them).
+PARITY_TARGETS = {"fp32": 0.999, "int8": 0.99, "map_ratio": 0.98}
 TAG_LIMIT = 5000  # MLflow's longest model version tag value
 # The val figures a version carries (training.parity.version_figures names them, distill sets them).
 VAL_FIGURES = {"image_to_image map": "val/fp32/image_to_image/map_all",
