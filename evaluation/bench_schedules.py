@@ -21,6 +21,7 @@ FIGURES = (("i2i mAP", "test/image_to_image/map_all"), ("t2i mAP", "test/text_to
 
 def main(argv: list[str] | None = None) -> None:
     from training.config import load_config
+    from evaluation.evaluate import run_eval
     from training.jobs import SCHEDULES, run_training
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             config.distributed.num_workers = args.workers if on_ray else 0
             config.distributed.cpus_per_worker = max(1.0, (os.cpu_count() or 2) // 2)
             started = time.perf_counter()
-            metrics = run_training(config, args.data, Path(tmp) / schedule, cache_dir=args.cache_dir)
+            metrics = run_training(config, args.data, Path(tmp) / schedule, cache_dir=args.cache_dir, evaluate=run_eval)
             results[schedule] = (time.perf_counter() - started, metrics["eval"])
             print(f"{schedule}: {results[schedule][0]:.1f} s, " + ", ".join(
                 f"{name} {metrics['eval'][key]:.4f}" for name, key in FIGURES), flush=True)

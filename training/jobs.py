@@ -18,16 +18,22 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .config import SCHEDULES, ExperimentConfig, check, save_config  # noqa: F401 (SCHEDULES: re-exported)
 from serving.ingest.dataset import load_dataset
+
+from .config import SCHEDULES, ExperimentConfig, check, save_config  # noqa: F401 (SCHEDULES: re-exported)
 from .snapshots import SnapshotStore, start_store_actor
 from .tracking import ARTIFACTS, flatten, track_run
 from .train import CHECKPOINT, LoopContext, fit
 
 log = logging.getLogger(__name__)
+
+# Evaluates a trained run folder on a split and writes its report: evaluation.evaluate.run_eval's signature,
+# (out, data_dir, split, report_path, cache_dir=, device=, skip_bad_images=) -> report.
+Evaluator = Callable[..., dict]
 
 EVAL_JSON = "eval_{split}.json"
 
@@ -140,10 +146,8 @@ def _split_metrics(config: ExperimentConfig, jobs: dict, combined: dict) -> dict
 
 
 def evaluate_phase(config: ExperimentConfig, out: Path, data_dir, split: str, cache_dir, skip_bad_images: bool,
-                   dataset, parent_run_id: str | None) -> dict:
+                   dataset, parent_run_id: str | None, run_eval: Evaluator) -> dict:
     """Evaluate the trained model on ``split`` (reported, never used for selection), as child run "eval"."""
-    from evaluation.evaluate import run_eval
-
     name = EVAL_JSON.format(split=split)
     with track_run(config, out, dataset, images_processed=len(dataset.records), parent_run_id=parent_run_id,
                    run_name="eval", artifacts=(name,)) as tracker:
@@ -162,13 +166,17 @@ def eval_metrics(report: dict, split: str) -> dict[str, float]:
 
 def run_training(config: ExperimentConfig, data_dir: str | Path, out_dir: str | Path,
                  cache_dir: str | Path | None = None, skip_bad_images: bool = False,
-                 eval_split: str | None = "test") -> dict:
-    """Train with ``config.train.schedule``, evaluate on ``eval_split`` (None: skip), track it all in MLflow.
+                 eval_split: str | None = "test", evaluate: Evaluator | None = None) -> dict:
+    """Train with ``config.train.schedule``, evaluate on ``eval_split`` with ``evaluate`` (None: skip; the
+    evaluation lives above training, so its caller passes it: evaluation.evaluate.run_eval), track it all
+    in MLflow.
 
     Writes ``checkpoint.pt``, ``config.yaml``, ``metrics.json`` and ``eval_<split>.json`` to
     ``out_dir``; returns the metrics, with ``mlflow_run_id`` naming the parent run.
     """
     check_schedule(config)
+    if evaluate is None:
+        eval_split = None
     started = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +198,7 @@ def run_training(config: ExperimentConfig, data_dir: str | Path, out_dir: str | 
                        mlflow_run_id=parent.run_id)
         if eval_split:
             report = evaluate_phase(config, out, data_dir, eval_split, cache_dir, skip_bad_images, dataset,
-                                    parent.run_id)
+                                    parent.run_id, evaluate)
             metrics["eval"] = {"split": eval_split, **eval_metrics(report, eval_split)}
             parent.log_metrics(eval_metrics(report, eval_split))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

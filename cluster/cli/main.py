@@ -24,6 +24,7 @@ DEFAULT_CACHE = os.environ.get("TERRAHASH_CACHE", ".cache/terrahash/features")
 
 
 def _train(args: argparse.Namespace) -> int:
+    from evaluation.evaluate import run_eval
     from training.config import check, load_config, set_bits
     from training.jobs import run_training
 
@@ -57,7 +58,7 @@ def _train(args: argparse.Namespace) -> int:
 
     with output_folder(out) as folder:  # s3://: staged here, uploaded once the run has succeeded
         metrics = run_training(config, args.data, folder, cache_dir=cache_dir, skip_bad_images=args.skip_bad_images,
-                               eval_split=eval_split)
+                               eval_split=eval_split, evaluate=run_eval)
     print(f"trained {config.name} at {config.train.bits} bits ({config.train.schedule} schedule) in "
           f"{metrics['train_seconds']} s; best val epoch {metrics['best_epoch']}; checkpoint in {out}")
     if metrics["mlflow_run_id"]:

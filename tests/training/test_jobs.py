@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation.evaluate import run_eval
 from tests.conftest import tiny_config
 from training.config import ConfigError, config_from_dict
 from training.jobs import check_schedule, run_training
@@ -113,7 +114,7 @@ def test_text_job_uses_the_newest_snapshot_and_selects_only_against_the_final_on
 
 def test_sync_schedule_combines_the_image_and_text_jobs(subset, tiny_text_encoder, tmp_path):
     config = config_from_dict(split_config(tiny_text_encoder, "sync"))
-    metrics = run_training(config, subset, tmp_path / "run", cache_dir=tmp_path / "cache")
+    metrics = run_training(config, subset, tmp_path / "run", cache_dir=tmp_path / "cache", evaluate=run_eval)
     run = tmp_path / "run"
     image = torch.load(run / "image" / CHECKPOINT)
     text = torch.load(run / "text" / CHECKPOINT)
@@ -133,7 +134,8 @@ def test_sync_schedule_combines_the_image_and_text_jobs(subset, tiny_text_encode
 
 def test_joint_schedule_writes_the_eval_report(subset, tiny_text_encoder, tmp_path):
     config = config_from_dict(tiny_config(tiny_text_encoder, epochs=2))
-    metrics = run_training(config, subset, tmp_path / "run", cache_dir=tmp_path / "cache", eval_split="val")
+    metrics = run_training(config, subset, tmp_path / "run", cache_dir=tmp_path / "cache", eval_split="val",
+                           evaluate=run_eval)
     assert metrics["schedule"] == "joint" and metrics["eval"]["split"] == "val"
     report = json.loads((tmp_path / "run" / "eval_val.json").read_text())
     assert report["split"] == "val" and metrics["eval"]["val/mr"] == report["mr"]
@@ -149,7 +151,8 @@ def test_async_schedule_on_ray_is_tracked_as_parent_and_child_runs(local_ray, ml
     raw = split_config(tiny_text_encoder, "async", epochs=4,
                        distributed={"num_workers": 2, "cpus_per_worker": 0.5, "storage": str(tmp_path / "ray")})
     raw["tracking"] = {"tracking_uri": mlflow_server, "experiment": "schedules"}
-    metrics = run_training(config_from_dict(raw), subset, tmp_path / "run", cache_dir=tmp_path / "cache")
+    metrics = run_training(config_from_dict(raw), subset, tmp_path / "run", cache_dir=tmp_path / "cache",
+                           evaluate=run_eval)
 
     client = MlflowClient(mlflow_server)
     parent = client.get_run(metrics["mlflow_run_id"])
