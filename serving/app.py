@@ -21,16 +21,16 @@ import logging
 
 from ray import serve
 
-from serving.lifecycle.canary import Canary
-from serving.index.versions import ImageRefs, resolve_release
-from serving.model.versions import served_model
-from serving.runtime.query_encoder import QueryEncoder
 from serving.governance.query_log import AuditWriter
 from serving.governance.ratelimit import RateLimiter
+from serving.index.versions import ImageRefs, resolve_release
+from serving.lifecycle.canary import Canary
+from serving.model.versions import served_model
+from serving.runtime.query_encoder import QueryEncoder
+from serving.runtime.replicas import ShardReports, ShardServer
 from serving.runtime.router import Router
 from serving.runtime.serve_config import app_specs, router_fields
 from serving.runtime.settings import ServeSettings, load_settings  # noqa: F401  (the app's public settings API)
-from serving.runtime.replicas import ShardReports, ShardServer
 
 log = logging.getLogger(__name__)
 

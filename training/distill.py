@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from serving.ingest.dataset import load_dataset
+
 from .batches import batch_bounds
 from .config import check
-from serving.ingest.dataset import load_dataset
 from .features import FeatureCache, default_device, dihedral, image_features, load_image, normalize
 from .losses import BCEQuantizationLoss, total_loss
 from .models import HashingModel

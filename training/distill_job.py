@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.ingest.dataset import load_dataset
+
 from .export import ONNX_DIR, export_students
 from .students import DISTILL_CONFIG, DistillConfig, load_distill_config
 from .tracking import flatten, track_run

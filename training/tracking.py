@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .config import TrackingConfig, to_dict
 from serving.ingest.dataset import CaptionDataset
+
+from .config import TrackingConfig, to_dict
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from evaluation.retrieval import database_splits, evaluate_rows
+from serving.ingest.dataset import CaptionDataset, load_dataset
 
 from .batches import Batch, CachedBatches, CaptionBatches, ImageBatches
 from .captions import caption_variants
 from .config import ExperimentConfig, check, save_config, to_dict
-from serving.ingest.dataset import CaptionDataset, load_dataset
 from .features import FeatureCache, default_device, image_features, module_fingerprint, normalize, text_features
 from .models import HashingModel, ImageEncoder, TextEncoder, build_heads
 from .objective import HashingObjective

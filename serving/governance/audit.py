@@ -25,8 +25,8 @@ import re
 import socket
 from datetime import datetime, timezone
 
-from serving.storage import ArtifactRoot, open_root
 from serving.governance.chain import SEQ_DIGITS, ZERO_SHA256, canonical_bytes, chain_problems, entry_sha256, seal
+from serving.storage import ArtifactRoot, open_root
 
 __all__ = ["AuditLog", "AuditError", "ZERO_SHA256", "canonical_bytes", "entry_sha256", "default_root",
            "default_actor"]

@@ -42,9 +42,9 @@ from datetime import datetime, timezone
 import faiss
 import numpy as np
 
-from serving.storage import ArtifactRoot, open_root
-from serving.model.codes import BIT_ORDER, SIGN_RULE, check_packed, n_bytes, validate_bits
 from serving.index.items import META_FIELDS, ItemFilter, empty_columns, metadata_columns
+from serving.model.codes import BIT_ORDER, SIGN_RULE, check_packed, n_bytes, validate_bits
+from serving.storage import ArtifactRoot, open_root
 
 log = logging.getLogger(__name__)
 

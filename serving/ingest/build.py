@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.model.codes import unpack_signs
 from serving.index.drift import index_detector
-from serving.ingest.items import Items, dataset_items
 from serving.index.versions import add_release, build_index, publish_release, resolve_release
+from serving.ingest.items import Items, dataset_items
+from serving.model.codes import unpack_signs
 from serving.model.spec import check_code_space, load_spec
 from serving.model.versions import (check_text_space, fetch_version, find_spec, model_code_space, model_version_label,
                                     publish_model, served_model)

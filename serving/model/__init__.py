@@ -1,1 +1,1 @@
-"""serving/model"""
+"""Model versions and their contracts: codes, specs, ONNX query encoders, versions and the MLflow registry."""

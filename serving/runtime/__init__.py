@@ -1,1 +1,1 @@
-"""serving/runtime"""
+"""The Serve runtime: routes, request protocol, access, traffic arms, shard replicas, query encoders, answers."""

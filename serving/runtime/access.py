@@ -16,10 +16,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serving.runtime.api import ApiError
 from serving.governance.keys import Identity, KeyFile, KeyRing
 from serving.governance.policy import Policy, check_policy
 from serving.governance.roles import ANONYMOUS, ENDPOINTS, FULL, OPEN, allows
+from serving.runtime.api import ApiError
 
 log = logging.getLogger("ray.serve")
 

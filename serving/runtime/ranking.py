@@ -5,8 +5,8 @@ break ties by row (asymmetric) or by image id (fusion).
 """
 import numpy as np
 
-from serving.model.codes import unpack_signs
 from serving.index.versions import MISSING_ROW, merge_topk
+from serving.model.codes import unpack_signs
 from serving.runtime.thumbnails import thumbnail_path
 
 DESCRIBED = ("bbox", "datetime", "start_datetime", "end_datetime", "properties")  # serving.index.items.describe

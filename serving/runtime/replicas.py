@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
-from serving.storage import LocalRoot, sha256_file
-from serving.runtime.calls import awaited
-from serving.index.versions import ShardIntegrityError, load_shard, merge_topk, read_manifest
 from serving.index.items import describe
+from serving.index.versions import ShardIntegrityError, load_shard, merge_topk, read_manifest
+from serving.runtime.calls import awaited
+from serving.storage import LocalRoot, sha256_file
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to each replica's log file
 

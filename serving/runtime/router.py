@@ -38,21 +38,21 @@ from serving.runtime.api import (CAPTION_BODY, EXPLAIN_BODY, IMAGE_BODY, ITEMS_B
                          CaptionSearch, ImageSearch, ReceivedSearch, TextSearch, base64_limit, check_filterable,
                          check_query, decode_in_pool, error_response, image_upload, parse_body, parse_choice,
                          parse_filter, parse_k, read_json, wants_stac)
-from serving.runtime.arms import Arm, ArmStats, Backends, garbage_code
-from serving.runtime.calls import Call, all_or_none, awaited, finite
-from serving.model.codes import pack_signs
-from serving.index.drift import QueryWindow
-from serving.index.versions import stable_shard
 from serving.governance.policy import SEARCH_ENDPOINTS, coarsen
 from serving.governance.query_log import audit_entry, sha256_of
-from serving.runtime.ranking import asymmetric_rerank, fuse, merge_hits
 from serving.governance.roles import ARM_OVERRIDE
-from serving.runtime.views import OperatorViews
-from serving.runtime.settings import FUSION_RULES, RERANK_MODES, check_hot_settings
+from serving.index.drift import QueryWindow
+from serving.index.versions import stable_shard
+from serving.model.codes import pack_signs
+from serving.runtime.arms import Arm, ArmStats, Backends, garbage_code
+from serving.runtime.calls import Call, all_or_none, awaited, finite
+from serving.runtime.ranking import asymmetric_rerank, fuse, merge_hits
 from serving.runtime.replicas import ShardNotReady
+from serving.runtime.settings import FUSION_RULES, RERANK_MODES, check_hot_settings
 from serving.runtime.stac import item_collection
 from serving.runtime.thumbnails import ThumbnailCache
 from serving.runtime.traffic import Traffic, assign, check_traffic, mirrored, overlap_at_k, rank_correlation
+from serving.runtime.views import OperatorViews
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to each replica's log file
 

@@ -8,7 +8,7 @@ from PIL import Image
 from evaluation import metrics
 from evaluation.corruptions import corrupt
 from evaluation.robustness import robustness
-from serving.runtime.drift import BitDrift, choose_threshold
+from serving.index.drift import BitDrift, choose_threshold
 
 
 def layout_codes(images: list[np.ndarray]) -> np.ndarray:
