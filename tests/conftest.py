@@ -14,13 +14,43 @@ from pathlib import Path
 
 import pytest
 
-UCM = Path(os.environ.get("TERRAHASH_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "ucm_captions"))
+# The one variable that names the data, as for the CLI and the README.
+UCM = Path(os.environ.get("TERRAHASH_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "ucm_captions")
+# Under CI a skipped test is a failure: a missing dataset, CRD folder or package must not pass silently.
+SKIPS_FAIL = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _skip_reason(report) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI (``CI=true``) turn a skip into a failure that says what was missing."""
+    outcome = yield
+    report = outcome.get_result()
+    if SKIPS_FAIL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which allows no skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """Under CI, a module skipped at import (``pytest.importorskip``: a broken install) fails too."""
+    outcome = yield
+    report = outcome.get_result()
+    if SKIPS_FAIL and report.skipped:
+        reason = _skip_reason(report)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which allows no skip: {reason}"
 
 
 @pytest.fixture(scope="session")
 def ucm_dir() -> Path:
     if not (UCM / "dataset_ucm.json").exists():
-        pytest.skip(f"real dataset not found at {UCM} (set TERRAHASH_TEST_DATA)")
+        pytest.skip(f"real dataset not found at {UCM} (set TERRAHASH_DATA)")
     return UCM
 
 

@@ -15,19 +15,16 @@ from serving.ingest.dataset import (
     find_annotation_file,
     load_dataset,
 )
+from tests.conftest import UCM
 
 # --------------------------------------------------------------------------- helpers
 
 
-def ucm_dir() -> Path:
-    """The shared UCM-Captions folder (outside the repo: <repo>/../shared/data/ucm_captions)."""
-    return Path(__file__).resolve().parents[4] / "shared" / "data" / "ucm_captions"
-
-
 def require_ucm() -> Path:
-    path = ucm_dir()
+    """The real UCM-Captions folder (tests/conftest.py's UCM: $TERRAHASH_DATA, else ../shared beside the repo)."""
+    path = UCM
     if not (path / "dataset_ucm.json").is_file():
-        pytest.skip(f"UCM-Captions dataset not found at {path} (expected dataset_ucm.json + images/)")
+        pytest.skip(f"UCM-Captions dataset not found at {path} (expected dataset_ucm.json + images/; set TERRAHASH_DATA)")
     return path
 
 
