@@ -1,7 +1,7 @@
 """Benchmark: the serving index kinds on random codes, and sharded search + merge vs one flat index.
 
 (a) On N random codes (default 1,000,000 of 64 bits), for each factory string: build time, per-query
-    latency (p50 / p99, batch 1, through serving.index.versions.Shard, which is what serving runs) and
+    latency (p50 / p99, batch 1, through serving.index.shards.Shard, which is what serving runs) and
     recall@10 against BFlat. Recall is tie-aware: a returned item counts as correct when its true
     Hamming distance is <= the flat index's 10th distance for that query.
 (b) On M random codes (default 10,000,000) cut into S shards (default 4): per-query time of searching
@@ -53,7 +53,7 @@ def stats(seconds: np.ndarray) -> dict:
 def bench_kinds(n: int, bits: int, n_queries: int, kinds: list[str], seed: int) -> list[dict]:
     """Part (a): one row per index kind."""
     from serving.model.codes import random_codes
-    from serving.index.versions import Shard
+    from serving.index.shards import Shard
 
     db = random_codes(n, bits, seed=seed)
     queries = random_codes(n_queries, bits, seed=seed + 1)
@@ -76,7 +76,7 @@ def bench_kinds(n: int, bits: int, n_queries: int, kinds: list[str], seed: int) 
 def bench_sharded(n: int, bits: int, n_shards: int, n_queries: int, seed: int) -> dict:
     """Part (b): S flat shards searched and merged vs one flat index over the same codes."""
     from serving.model.codes import random_codes
-    from serving.index.versions import Shard, merge_topk
+    from serving.index.shards import Shard, merge_topk
 
     db = random_codes(n, bits, seed=seed)
     queries = random_codes(n_queries, bits, seed=seed + 1)

@@ -1,6 +1,6 @@
 """Benchmark: our faiss binary indexes against peer vector indexes on the same codes.
 
-Indexes: faiss binary flat (exact), IVF, HNSW and multi-index hashing (through serving.index.versions.Shard,
+Indexes: faiss binary flat (exact), IVF, HNSW and multi-index hashing (through serving.index.shards.Shard,
 what serving runs); usearch's HNSW over bit vectors (hamming metric, ``b1``); Milvus Lite, the
 embedded Milvus, which stores no binary vectors: it gets the +-1 codes as float vectors with inner
 product, which ranks exactly as Hamming distance (<a, b> = bits - 2 * hamming(a, b)). For each:
@@ -58,7 +58,7 @@ def structured(signs: np.ndarray, n: int, rate: float, seed: int) -> np.ndarray:
 def _faiss(factory: str, packed: np.ndarray, bits: int):
     import faiss
 
-    from serving.index.versions import Shard
+    from serving.index.shards import Shard
 
     shard = Shard(packed, np.arange(len(packed), dtype=np.int64), bits, factory)
     return (lambda q: shard.search(q, K)[1]), faiss.serialize_index_binary(shard.index).nbytes
@@ -110,7 +110,7 @@ def _milvus(signs: np.ndarray, folder: Path):
 
 def bench_set(name: str, signs_db: np.ndarray, signs_q: np.ndarray, peers: list[str], progress: bool = True) -> dict:
     """One code set through every index: {"size", "bits", "indexes": {name: figures}}."""
-    from serving.index.versions import Shard
+    from serving.index.shards import Shard
 
     n, bits = signs_db.shape
     packed, queries = np.packbits(signs_db > 0, axis=1), np.packbits(signs_q > 0, axis=1)

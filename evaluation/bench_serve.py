@@ -85,7 +85,8 @@ def student_bits(student) -> int:
 
 def build_random_index(root: Path, model_dir: Path, rows: int = ROWS, shards: int = SHARDS) -> dict:
     from serving.model.codes import random_codes
-    from serving.index.versions import build_index, publish_release
+    from serving.index.releases import publish_release
+    from serving.index.versions import build_index
 
     codes = random_codes(rows, BITS, seed=0)
     ids = [f"tile/{i:07d}" for i in range(rows)]
@@ -102,7 +103,7 @@ def in_process(model_dir: Path, root: Path, queries: list[str], k: int) -> dict:
     """p50 of encode + one unsharded IndexBinaryFlat search, in this process."""
     from serving.model.versions import find_spec
     from serving.model.encoders import load_encoder
-    from serving.index.versions import load_index
+    from serving.index.releases import load_index
 
     encoder = load_encoder(find_spec(model_dir, "text"), threads=1)
     index = load_index(str(root))

@@ -27,7 +27,7 @@ def create_app(index_root: str, model_dir: str) -> FastAPI:
 
     from serving.model.versions import find_spec
     from serving.model.encoders import load_encoder
-    from serving.index.versions import load_index
+    from serving.index.releases import load_index
 
     faiss.omp_set_num_threads(1)
     encoder = load_encoder(find_spec(model_dir, "text"), threads=1)

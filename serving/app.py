@@ -23,7 +23,8 @@ from ray import serve
 
 from serving.governance.query_log import AuditWriter
 from serving.governance.ratelimit import RateLimiter
-from serving.index.versions import ImageRefs, resolve_release
+from serving.index.refs import ImageRefs
+from serving.index.releases import resolve_release
 from serving.lifecycle.canary import Canary
 from serving.model.versions import served_model
 from serving.runtime.query_encoder import QueryEncoder

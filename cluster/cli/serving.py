@@ -180,7 +180,8 @@ def _add(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     """A release (default: the latest) with both collections; or, with --version, one version of each
     of --collections; or, on a root written before releases, the latest version of each."""
-    from serving.index.versions import latest_version, list_releases, list_versions, verify_index, verify_release
+    from serving.index.releases import list_releases, verify_release
+    from serving.index.versions import latest_version, list_versions, verify_index
 
     if args.version is None and (args.release or list_releases(args.index)):
         report = verify_release(args.index, args.release, args.collections, key_file=args.key_file)
@@ -206,7 +207,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _release(args: argparse.Namespace) -> int:
     """Publish a release of existing versions (default: the latest complete one of each collection)."""
-    from serving.index.versions import latest_version, list_versions, publish_release, read_manifest
+    from serving.index.releases import publish_release
+    from serving.index.versions import latest_version, list_versions, read_manifest
 
     manifests = {"images": read_manifest(args.index, args.images or latest_version(args.index, "images"), "images")}
     if args.captions != "none" and (args.captions or list_versions(args.index, "captions")):
@@ -334,7 +336,7 @@ def _post_json(url: str, payload: dict, client: _Client | None = None) -> dict:
 def _labels(settings, data: str | None) -> dict[str, str]:
     """Image id -> class, to name what a --query found: from ``data`` (--data), else from the dataset the
     served image index was built from when it is still there; {} when neither is readable."""
-    from serving.index.versions import resolve_release
+    from serving.index.releases import resolve_release
 
     if data is None:
         arm = settings.arm_list()[0]

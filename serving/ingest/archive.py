@@ -4,7 +4,7 @@
 PNG and TIFF files (hidden files and folders left out), in sorted order. An item's id is its path
 relative to ``source`` (``beach/beach00.jpg``), so the same files get the same ids wherever the
 archive is mounted; its source URI is ``<source>/<id>``, which the index records as the image root
-of the rows it writes (serving.index.versions.ImageRefs).
+of the rows it writes (serving.index.refs.ImageRefs).
 
 An optional sidecar, CSV or JSON, gives per-image classes and captions (and other fields, kept as
 metadata) by id:

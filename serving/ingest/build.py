@@ -6,7 +6,7 @@ index version of the ``images`` collection with serving.index.versions.build_ind
 with the text student, become a ``captions`` index (each caption carries its image's id) for late
 fusion and image-to-text search. ``add_images`` encodes new imagery and adds it with
 serving.index.versions.add_to_index, leaving the other shards' files as they are. Each build or add
-publishes one release naming both versions (serving.index.versions.publish_release), last.
+publishes one release naming both versions (serving.index.releases.publish_release), last.
 
 Ids: an image's id is its file path relative to the dataset root (``images/beach/beach00.jpg``;
 relative to the images' common folder when the JSON points outside its own folder), a caption's id
@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from serving.index.drift import index_detector
-from serving.index.versions import add_release, build_index, publish_release, resolve_release
+from serving.index.releases import add_release, publish_release, resolve_release
+from serving.index.versions import build_index
 from serving.ingest.items import Items, dataset_items
 from serving.model.codes import unpack_signs
 from serving.model.spec import check_code_space, load_spec
@@ -272,7 +273,7 @@ def add_images(data: str | Path | None, out: str, *, base_release: str | None = 
                stac_asset: str | None = None, key_file: str | None = None) -> dict:
     """Add a dataset's images (and captions) to the image and caption versions of release
     ``base_release`` (default: the latest), with the model the index was built with, and publish a
-    new release (serving.index.versions.add_release: concurrent adds to the latest all land in it). Returns
+    new release (serving.index.releases.add_release: concurrent adds to the latest all land in it). Returns
     {"release": release, "images": manifest, "captions": manifest or None}.
 
     The new items are referenced from their own dataset's image root. The base's caption index is

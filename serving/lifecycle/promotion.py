@@ -13,7 +13,7 @@ split, queries val against a train database: never from the test split):
 * ``spec``: the version's image and text specs (fp32 and int8) load, and agree on bits, bit order and
   code space; and match the bits and code space of the index release the ``index`` gate found.
 * ``index``: an index release built with this version exists (its ``terrahash.index_releases`` tag)
-  and ``serving.index.versions.verify_release`` passes on it (every manifest and shard checksum).
+  and ``serving.index.releases.verify_release`` passes on it (every manifest and shard checksum).
 * ``val``: val image-to-image and text-to-image mAP@all and mR of the fp32 students are not worse
   than those of the alias's current holder by more than ``max_val_drop_map`` / ``max_val_drop_mr``.
 * ``parity``: on val, the bit agreement of the ONNX students with the torch students (fp32, int8;
@@ -168,7 +168,7 @@ def _spec_gate(ref: ModelRef, release: dict | None, tracking_uri, model_cache) -
 
 def _index_gate(ref: ModelRef, tracking_uri) -> tuple[Gate, dict | None]:
     """The gate, and the release it verified (the newest recorded one that verifies)."""
-    from serving.index.versions import read_release, verify_release
+    from serving.index.releases import read_release, verify_release
 
     recorded = index_releases(ref, tracking_uri)
     if not recorded:

@@ -15,7 +15,7 @@ def load_model(model: str | None, index: str | None, release: str | None, varian
     from serving.model.spec import load_spec
 
     if model is None:
-        from serving.index.versions import resolve_release
+        from serving.index.releases import resolve_release
 
         if not index:
             raise ValueError("no model given, and no index whose release names one")

@@ -1,11 +1,11 @@
 """Merging per-shard answers into the global top-k, and re-ranking it (plain functions, tested without Ray).
 
-Order everywhere: Hamming distance, then global row (``serving.index.versions.merge_topk``); re-ranked lists
+Order everywhere: Hamming distance, then global row (``serving.index.shards.merge_topk``); re-ranked lists
 break ties by row (asymmetric) or by image id (fusion).
 """
 import numpy as np
 
-from serving.index.versions import MISSING_ROW, merge_topk
+from serving.index.shards import MISSING_ROW, merge_topk
 from serving.model.codes import unpack_signs
 from serving.runtime.thumbnails import thumbnail_path
 
@@ -14,14 +14,14 @@ DESCRIBED = ("bbox", "datetime", "start_datetime", "end_datetime", "properties")
 
 def item_image(item: dict, refs) -> str:
     """Where an item's image is: its properties' ``source`` (a STAC asset, a chip of a scene elsewhere), else
-    ``refs(row, image_id)`` (serving.index.versions.ImageRefs)."""
+    ``refs(row, image_id)`` (serving.index.refs.ImageRefs)."""
     return (item.get("properties") or {}).get("source") or refs(int(item["row"]), str(item["image_id"]))
 
 
 def merge_hits(answers: list[dict], k: int, bits: int, refs, with_codes: bool = False) -> list[dict]:
     """Per-shard answers of one query -> the global top-k as result dicts, ordered by (distance, row).
 
-    ``refs(row, image_id)`` is the image reference of a hit (serving.index.versions.ImageRefs), unless the
+    ``refs(row, image_id)`` is the image reference of a hit (serving.index.refs.ImageRefs), unless the
     item's properties name its ``source``. Hits of an index with metadata carry ``bbox`` (when the
     item has a footprint), ``datetime`` (or ``start_datetime``/``end_datetime``) and ``properties``.
     """

@@ -28,7 +28,9 @@ import numpy as np
 from ray import serve
 
 from serving.index.items import describe
-from serving.index.versions import ShardIntegrityError, load_shard, merge_topk, read_manifest
+from serving.index.files import ShardIntegrityError
+from serving.index.shards import merge_topk
+from serving.index.versions import load_shard, read_manifest
 from serving.runtime.calls import awaited
 from serving.storage import LocalRoot, sha256_file
 
@@ -122,7 +124,7 @@ class ShardReports:
 class ShardServer:
     """A group of shards of one index version (one shard by default), searched exactly (ties by row).
 
-    Each shard is a serving.index.versions.Shard; a group searches its shards side by side in threads (faiss
+    Each shard is a serving.index.shards.Shard; a group searches its shards side by side in threads (faiss
     releases the GIL) and answers its own top-k, merged as the router merges groups, so one call
     serves several shards. Grouping trades spreading for fewer calls per query: on one node, one
     group of every shard saves a Serve round trip per extra shard.

@@ -42,7 +42,7 @@ from serving.governance.policy import SEARCH_ENDPOINTS, coarsen
 from serving.governance.query_log import audit_entry, sha256_of
 from serving.governance.roles import ARM_OVERRIDE
 from serving.index.drift import QueryWindow
-from serving.index.versions import stable_shard
+from serving.index.shards import stable_shard
 from serving.model.codes import pack_signs
 from serving.runtime.arms import Arm, ArmStats, Backends, garbage_code
 from serving.runtime.calls import Call, all_or_none, awaited, finite

@@ -19,7 +19,8 @@ pytest.importorskip("ray.job_submission")
 def index_root(tmp_path_factory) -> str:
     """A small real index release (random codes, no model needed) for `index verify` jobs."""
     from serving.model.codes import random_codes
-    from serving.index.versions import build_index, publish_release
+    from serving.index.releases import publish_release
+    from serving.index.versions import build_index
 
     root = tmp_path_factory.mktemp("jobs_index")
     manifest = build_index(random_codes(40, 16, seed=3), [f"item{i:02d}" for i in range(40)], 16, 2, root,

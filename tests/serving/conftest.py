@@ -107,7 +107,8 @@ def reference(built_index, model_dir, ucm_many):
     from serving.model.versions import find_spec
     from serving.ingest.items import dataset_items
     from serving.model.encoders import load_encoder
-    from serving.index.versions import Shard, load_index
+    from serving.index.releases import load_index
+    from serving.index.shards import Shard
 
     index = load_index(built_index["root"], built_index["images"]["version"])
     codes = np.concatenate([s.codes for s in index.shards])

@@ -10,8 +10,9 @@ import pytest
 
 from serving.model.codes import random_codes
 from serving.index.crypto import KEY_ENV, KEY_FILE_ENV, Cipher, IndexKeyError, load_key, new_key, write_key_file
-from serving.index.versions import (ShardIntegrityError, add_to_index, build_index, load_index, load_shard, read_manifest,
-                           verify_index)
+from serving.index.files import ShardIntegrityError
+from serving.index.releases import load_index
+from serving.index.versions import add_to_index, build_index, load_shard, read_manifest, verify_index
 
 BITS = 64
 

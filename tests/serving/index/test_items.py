@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from serving.model.codes import random_codes
-from serving.index.versions import add_to_index, build_index, load_index, read_manifest
+from serving.index.releases import load_index
+from serving.index.versions import add_to_index, build_index, read_manifest
 from serving.index.items import FilterError, ItemFilter, describe, metadata_columns, parse_bbox, parse_datetime
 from tests.serving.index.test_versions import reference_topk
 
@@ -106,7 +107,7 @@ def test_filtered_search_is_the_exact_top_k_among_the_items_that_pass(tmp_path, 
 
 
 def test_metadata_travels_through_the_manifest_and_bad_metadata_is_refused(tmp_path):
-    from serving.index.versions import IndexVersionError
+    from serving.index.files import IndexVersionError
 
     codes = random_codes(3, 16, seed=1)
     with pytest.raises(IndexVersionError, match="item 1"):

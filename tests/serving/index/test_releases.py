@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from serving.model.codes import random_codes
-from serving.index.versions import (CLAIM_NAME, ImageRefs, IndexVersionError, ReleaseConflictError, add_release, build_index,
-                           default_version, latest_release, list_releases, list_versions, load_index,
-                           publish_release, read_manifest, read_release, resolve_release, verify_release)
+from serving.index.files import CLAIM_NAME, IndexVersionError
+from serving.index.refs import ImageRefs
+from serving.index.releases import (ReleaseConflictError, add_release, default_version, latest_release,
+                                    list_releases, load_index, publish_release, read_release, resolve_release,
+                                    verify_release)
+from serving.index.versions import build_index, list_versions, read_manifest
 
 REPO = Path(__file__).resolve().parents[3]
 BITS = 32
@@ -129,11 +132,11 @@ def test_version_numbers_and_release_names_are_claimed_exclusively(root_name, re
 @pytest.mark.parametrize("root_name", ["local_root", "s3_root"])
 def test_an_add_that_loses_the_race_is_redone_on_the_newer_release(root_name, request, monkeypatch):
     """Another add publishes the release number this add was going to take: this one is redone on it."""
-    import serving.index.versions as index_module
+    import serving.index.releases as releases_module
 
     root = request.getfixturevalue(root_name)
     build_pair(root)
-    real_publish, calls = index_module.publish_release, []
+    real_publish, calls = releases_module.publish_release, []
 
     def publish_after_a_rival(*args, **kwargs):
         if not calls:  # the rival's add runs between this add's base and its publish
@@ -142,7 +145,7 @@ def test_an_add_that_loses_the_race_is_redone_on_the_newer_release(root_name, re
         calls.append(kwargs.get("release"))
         return real_publish(*args, **kwargs)
 
-    monkeypatch.setattr(index_module, "publish_release", publish_after_a_rival)
+    monkeypatch.setattr(releases_module, "publish_release", publish_after_a_rival)
     mine = add_release(root, {"images": {"codes": random_codes(2, BITS, seed=6), "ids": ["mine_a", "mine_b"]}},
                        image_root="/data/b")
     assert calls == ["rival", "r0002", "r0002", "r0003"]  # the rival's, mine refused, mine again
@@ -192,6 +195,7 @@ def test_two_adds_at_once_publish_two_releases_that_both_verify(local_root):
 CRASHING_BUILD = r"""
 import sys, time
 import serving.index.versions as index
+from serving.index.releases import publish_release
 from serving.model.codes import random_codes
 
 root, n = sys.argv[1], 400
@@ -208,7 +212,7 @@ images = index.build_index(random_codes(n, 32, seed=3), ids, 32, 16, root, model
 print("images manifest written", flush=True)
 captions = index.build_index(random_codes(n, 32, seed=4), ids, 32, 16, root, collection="captions",
                              image_ids=ids, model_version="m1", code_space="sha256:space-1")
-index.publish_release(root, {"images": images, "captions": captions})
+publish_release(root, {"images": images, "captions": captions})
 print("released", flush=True)
 """
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from serving.model.codes import BitLengthError, hamming_matrix, random_codes
-from serving.index.versions import (MISSING_DISTANCE, MISSING_ROW, IndexVersionError, Shard, ShardedIndex,
-                           ShardIntegrityError, add_to_index, build_faiss_index, build_index, list_versions,
-                           load_index, load_shard, merge_topk, parse_factory, read_manifest, stable_shard,
-                           verify_index)
+from serving.index.files import IndexVersionError, ShardIntegrityError
+from serving.index.kinds import build_faiss_index, parse_factory
+from serving.index.releases import load_index
+from serving.index.shards import MISSING_DISTANCE, MISSING_ROW, Shard, ShardedIndex, merge_topk, stable_shard
+from serving.index.versions import add_to_index, build_index, list_versions, load_shard, read_manifest, verify_index
 
 REPO = Path(__file__).resolve().parents[3]
 

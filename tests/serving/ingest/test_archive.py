@@ -15,7 +15,9 @@ from cluster.cli.main import main  # noqa: E402
 from serving.ingest.archive import ArchiveError, archive_items, read_sidecar  # noqa: E402
 from serving.ingest.build import add_images, build_indexes  # noqa: E402
 from serving.ingest.items import dataset_items  # noqa: E402
-from serving.index.versions import ImageRefs, load_index, read_manifest  # noqa: E402
+from serving.index.refs import ImageRefs  # noqa: E402
+from serving.index.releases import load_index  # noqa: E402
+from serving.index.versions import read_manifest  # noqa: E402
 
 
 def _codes_by_file(root, manifest) -> dict[str, np.ndarray]:

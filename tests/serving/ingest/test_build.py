@@ -15,8 +15,10 @@ from serving.ingest.build import add_images  # noqa: E402
 from serving.model.versions import find_spec, model_version_label  # noqa: E402
 from serving.ingest.items import dataset_items  # noqa: E402
 from serving.model.encoders import load_encoder  # noqa: E402
-from serving.index.versions import (ImageRefs, load_index, read_manifest, read_release, resolve_release,  # noqa: E402
-                           stable_shard, verify_release)
+from serving.index.refs import ImageRefs
+from serving.index.releases import load_index, read_release, resolve_release, verify_release
+from serving.index.shards import stable_shard
+from serving.index.versions import read_manifest
 from serving.model.spec import code_space_id, load_spec  # noqa: E402
 from tests.serving.conftest import SHARDS  # noqa: E402
 

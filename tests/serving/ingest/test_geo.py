@@ -16,7 +16,8 @@ from serving.ingest.build import build_indexes  # noqa: E402
 from serving.ingest.items import dataset_items  # noqa: E402
 from serving.model.encoders import load_encoder  # noqa: E402
 from serving.ingest.geo import ChipConfig, scene_chips, stretch, tiff_datetime  # noqa: E402
-from serving.index.versions import load_index, read_manifest  # noqa: E402
+from serving.index.releases import load_index  # noqa: E402
+from serving.index.versions import read_manifest  # noqa: E402
 
 PIXEL = 1e-4  # degrees per pixel of the EPSG:4326 scene
 

@@ -170,7 +170,7 @@ def test_index_build_from_the_registry_records_the_model_and_tags_the_version(lo
                                                                              model_dir, tmp_path):
     from serving.ingest.build import add_images, build_indexes
     from serving.model.versions import served_model
-    from serving.index.versions import read_release, resolve_release
+    from serving.index.releases import read_release, resolve_release
 
     root, cache = str(tmp_path / "index"), tmp_path / "cache"
     version = registered["version"]

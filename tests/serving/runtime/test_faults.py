@@ -31,7 +31,8 @@ SHARDS, BITS, ROWS = 2, 16, 400
 def drills(model_dir, tmp_path_factory) -> dict:
     """The reports of both drills, run once in a subprocess over a random 2-shard index."""
     pytest.importorskip("ray.serve")
-    from serving.index.versions import build_index, publish_release
+    from serving.index.releases import publish_release
+    from serving.index.versions import build_index
 
     root = tmp_path_factory.mktemp("drill_index")
     codes = np.random.default_rng(0).integers(0, 256, size=(ROWS, BITS // 8), dtype=np.uint8)
@@ -83,7 +84,8 @@ def test_a_replica_with_a_corrupt_local_copy_is_replaced_and_no_query_fails(dril
 
 def _expected(index_root: str) -> dict[str, list]:
     """(distance, id) top-10 of every id's similar query, from one unsharded flat index (itself left out)."""
-    from serving.index.versions import Shard, load_index
+    from serving.index.releases import load_index
+    from serving.index.shards import Shard
 
     index = load_index(index_root)
     codes = np.concatenate([s.codes for s in index.shards])

@@ -22,7 +22,7 @@ from serving.model.versions import find_spec  # noqa: E402
 from serving.ingest.items import dataset_items  # noqa: E402
 from serving.model.codes import hamming_matrix  # noqa: E402
 from serving.model.encoders import load_encoder  # noqa: E402
-from serving.index.versions import load_index  # noqa: E402
+from serving.index.releases import load_index  # noqa: E402
 from serving.index.items import ItemFilter  # noqa: E402
 from serving.ingest.stac import catalog_items  # noqa: E402
 from tests.serving.conftest import running_app  # noqa: E402

@@ -19,7 +19,7 @@ from ray import serve  # noqa: E402
 
 from serving.app import IndexInfo  # noqa: E402
 from serving.lifecycle.canary import Canary  # noqa: E402
-from serving.index.versions import ImageRefs  # noqa: E402
+from serving.index.refs import ImageRefs  # noqa: E402
 from serving.runtime.router import Router  # noqa: E402
 from serving.runtime.replicas import ShardNotReady  # noqa: E402
 from tests.serving.test_app import call, multipart, post_json  # noqa: E402
