@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,9 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from serving.governance.keys import Identity, KeyFile, KeyRing
 from serving.governance.policy import Policy, check_policy
 from serving.governance.roles import ANONYMOUS, ENDPOINTS, FULL, OPEN, allows
-from serving.runtime.api import ApiError
+from serving.runtime.api import ApiError, error_response
+from serving.runtime.calls import Call, awaited
 
 log = logging.getLogger("ray.serve")
+
+LIMITER_TIMEOUT_S = 1.0  # a rate limiter slower than this lets the request through
+AUDIT_TIMEOUT_S = 2.0  # an audit writer slower than this fails the request closed (or lets it through: open)
 
 
 class RateConfig(BaseModel):
@@ -141,6 +146,42 @@ class Gate:
         if not self.config.enabled or not self.config.rate.enabled or who.role in (OPEN, ANONYMOUS):
             return None
         return (who.rate or self.config.rate.rate, who.burst or self.config.rate.burst)
+
+
+    async def take_token(self, limiter, call: Call) -> None:
+        """429 with Retry-After when the caller's key is over its rate (a bucket shared by every router
+        replica, serving.governance.ratelimit.RateLimiter ``limiter``). A limiter that does not answer lets
+        the request through."""
+        limits = self.rate(call.who)
+        if limits is None or limiter is None:
+            return
+        try:
+            wait = await asyncio.wait_for(awaited(limiter.take.remote(call.who.name, *limits)),
+                                          min(LIMITER_TIMEOUT_S, max(call.remaining(), 0.001)))
+        except Exception as err:  # noqa: BLE001 - rate limits are not worth refusing service over
+            log.warning("the rate limiter did not answer (request let through): %s", type(err).__name__)
+            return
+        if wait > 0:
+            raise ApiError(429, "rate_limited", f"key {call.who.name!r} is over its rate of {limits[0]:g} requests/s "
+                                                f"(burst {limits[1]:g}); retry in {wait:.2f} s",
+                           headers={"Retry-After": str(max(1, math.ceil(wait)))}, decision="rate_limited")
+
+    async def audited(self, audit, entry: dict, call: Call, response, failures):
+        """``response`` once ``entry`` is in the hands of ``audit`` (serving.governance.query_log.AuditWriter);
+        when the writer cannot take it, a 503 instead (``on_failure: closed``, the default) or the answer
+        anyway (``open``). ``failures``: the counter of entries the writer did not take."""
+        try:
+            await asyncio.wait_for(awaited(audit.append.remote(entry)), AUDIT_TIMEOUT_S)
+            return response
+        except Exception as err:  # noqa: BLE001 - whatever keeps the entry from the writer
+            failures.inc(1)
+            log.warning("the audit writer did not take the entry of request %s: %s", entry["request_id"],
+                        type(err).__name__)
+            if self.config.on_failure == "open" or response is None:
+                return response
+            call.status = 503
+            return error_response(503, "audit_unavailable", "the audit trail cannot record this request, so it is "
+                                                            "refused (audit.on_failure: closed)")
 
 
 def _unauthenticated(code: str, message: str) -> ApiError:

@@ -1,7 +1,7 @@
 """The router's views that are not searches: readiness, traffic status, keys, model cards, explanations,
 item listings and thumbnails. A mixin of serving.runtime.router.Router, which routes the HTTP paths to them and
-owns what they use (``arms``, ``traffic``, ``gate``, ``config``, ``decoder``, ``thumbnails``, ``_call``,
-``_dispatch`` and the encoders' helpers)."""
+owns what they use (``arms``, ``traffic``, ``gate``, ``config``, ``decoder``, ``thumbnails``, ``_dispatch``
+and ``pipeline``, the serving.runtime.search.SearchPipeline that calls the other deployments)."""
 
 import asyncio
 import json
@@ -10,11 +10,11 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from serving.runtime.api import (ApiError, Explain, ItemsSearch, base64_limit, check_filterable, check_query, decode_base64,
-                         parse_body, parse_filter, read_json)
 from serving.governance.query_log import sha256_of
 from serving.governance.roles import READY_DETAILS, allows
 from serving.model.codes import unpack_signs
+from serving.runtime.api import (ApiError, Explain, ItemsSearch, base64_limit, check_filterable, check_query,
+                                 decode_base64, parse_body, parse_filter, read_json)
 from serving.runtime.arms import Arm
 from serving.runtime.calls import Call, all_or_none
 from serving.runtime.ranking import item_image
@@ -43,13 +43,13 @@ class OperatorViews:
         async def run(arm: Arm, call: Call) -> dict:
             encode = self._image_encoder(arm, call)
             if text is not None:
-                query_code = await self._text_code(arm, text, call)
+                query_code = await self.pipeline.text_code(arm, text, call)
             elif data is not None:
-                query_code = await self._encode_image(arm, data, call)
+                query_code = await self.pipeline.encode_image(arm, data, call)
             else:  # an indexed image: its stored binary code, as +-1
-                packed = await self._indexed_code(arm, params["image_id"], call)
+                packed = await self.pipeline.indexed_code(arm, params["image_id"], call)
                 query_code = unpack_signs(packed[None], arm.backend.index["bits"])[0].astype(np.float32)
-            item = await self._ask_holder(arm, "item", params["result_id"], call)
+            item = await self.pipeline.ask_holder(arm, "item", params["result_id"], call)
             pixels = await self._item_pixels(arm, item, params["result_id"])
             with call.timer("explain"):
                 codes = await encode([pixels, *masked_copies(pixels, params["grid"])])
@@ -60,7 +60,7 @@ class OperatorViews:
                       "overlay_png_base64": base64.b64encode(png).decode()}
             if text is not None:
                 words, variants = leave_one_out(text)
-                codes = np.stack([await self._text_code(arm, t, call) for t in [text, *variants]])
+                codes = np.stack([await self.pipeline.text_code(arm, t, call) for t in [text, *variants]])
                 answer["words"] = attribution(words, codes)
             return answer
         return await self._dispatch(request, call, run)
@@ -68,7 +68,7 @@ class OperatorViews:
     def _image_encoder(self, arm: Arm, call: Call):
         """Decoded images -> codes through the arm's encoder deployment (batched there), for explain."""
         async def encode(images: list) -> np.ndarray:
-            return np.stack(await all_or_none([self._call(arm.backend.encoder, "encode_image", call, p)
+            return np.stack(await all_or_none([self.pipeline.remote(arm.backend.encoder, "encode_image", call, p)
                                                 for p in images]))
         return encode
 
@@ -94,7 +94,7 @@ class OperatorViews:
             model = arm.backend.model
             names = {arm.name, model.get("model_version"), str(model.get("model") or "").removeprefix("models:/")}
             if arm.ready and wanted in names:
-                card = await self._call(arm.backend.encoder, "card", call)
+                card = await self.pipeline.remote(arm.backend.encoder, "card", call)
                 if card is None:
                     raise ApiError(404, "no_model_card", f"model version {version!r} has no model card "
                                                          f"(`terrahash card NAME VERSION` writes one)")
@@ -124,7 +124,7 @@ class OperatorViews:
         async def run(arm: Arm, call: Call) -> dict:
             check_filterable(arm.backend.index, where)
             with call.timer("list"):
-                pages = await all_or_none([self._call(h, "list_items", call, where, token, limit + 1)
+                pages = await all_or_none([self.pipeline.remote(h, "list_items", call, where, token, limit + 1)
                                             for h in arm.backend.shards["images"]])
             found = sorted((item for page in pages for item in page["items"]), key=lambda item: item["id"])
             refs = arm.backend.index["refs"]["images"]
@@ -150,7 +150,7 @@ class OperatorViews:
         key = (index.get("release"), item_id)
         data = self.thumbnails.get(key)
         if data is None:
-            item = await self._ask_holder(arm, "item", item_id, call)
+            item = await self.pipeline.ask_holder(arm, "item", item_id, call)
             source = item_image(item, index["refs"]["images"])
             try:
                 data = await asyncio.get_running_loop().run_in_executor(self.decoder, make_thumbnail, source,
@@ -198,7 +198,7 @@ class OperatorViews:
         if arm.backend.reports is None:
             return {"ready": False, "problem": "the index application has no readiness reports"}
         try:
-            snapshot = await self._call(arm.backend.reports, "snapshot", call)
+            snapshot = await self.pipeline.remote(arm.backend.reports, "snapshot", call)
         except ApiError as err:
             return {"ready": False, "problem": f"no readiness reports: {err.message}"}
         labels = arm.backend.index["shards"]
@@ -224,7 +224,7 @@ class OperatorViews:
     async def _traffic_status(self, call: Call) -> JSONResponse:
         """The canary controller's figures per arm, with this router's view of each arm."""
         try:
-            status = await self._call(self.canary, "status", call)
+            status = await self.pipeline.remote(self.canary, "status", call)
         except ApiError as err:
             status = {"problem": f"the canary controller did not answer: {err.message}", "arms": {}}
         for name, arm in self.arms.items():
