@@ -9,7 +9,7 @@ One replica (``Canary``, in the router's application). Its inputs:
   never the test split), scored by class relevance as mAP@k and recall@k.
 
 Every ``interval_s`` each arm other than the primary that takes traffic (or mirrors it) is judged over
-the last ``window_s``: error rate above ``max_error_rate``, p99 above ``max_p99_ms`` (of client requests,
+the last ``window_s`` (the plain functions of serving/lifecycle/judging.py): error rate above ``max_error_rate``, p99 above ``max_p99_ms`` (of client requests,
 or of probes while client requests are too few to judge) or probe mAP@k below the primary's by more than ``max_probe_map_drop`` rolls it back (``auto_rollback``): its weight
 goes to the primary (applied through the Serve config, serving/lifecycle/control.py), its registry alias moves
 back to the version it held before (serving/lifecycle/promotion.py, with an entry in the audit log), and a metric
@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
+from serving.lifecycle.judging import NO_DATA, Series, probe_scores, reason_tag, verdicts, window_figures
 from serving.runtime.settings import CanaryConfig
 from serving.runtime.traffic import Traffic, check_traffic
 
 log = logging.getLogger("ray.serve")
-
-NO_DATA = "no data yet"
 
 
 def load_probes(data: str, count: int, seed: int = 0) -> dict:
@@ -61,32 +60,6 @@ def load_probes(data: str, count: int, seed: int = 0) -> dict:
             "class_sizes": collections.Counter(labels.values())}
 
 
-def probe_scores(ids: list[str], label: str, labels: dict, class_size: int, k: int) -> tuple[float, float]:
-    """(AP@k, recall@k) of one answer by class relevance. AP@k divides by the relevant items retrieved
-    (the deep hashing convention); recall@k by min(k, relevant items in the database)."""
-    relevant = np.array([labels.get(i) == label for i in ids[:k]], dtype=bool)
-    hits = int(relevant.sum())
-    if hits == 0:
-        return 0.0, 0.0
-    precision = np.cumsum(relevant) / np.arange(1, len(relevant) + 1)
-    return float((precision * relevant).sum() / hits), hits / max(1, min(k, class_size))
-
-
-class _Series:
-    """Timestamped samples of one arm: (time, ok, seconds, ...), pruned to the last hour."""
-
-    def __init__(self):
-        self.samples: collections.deque = collections.deque()
-
-    def add(self, t: float, *values) -> None:
-        self.samples.append((t, *values))
-
-    def since(self, cutoff: float) -> list[tuple]:
-        while self.samples and self.samples[0][0] < cutoff - 3600:
-            self.samples.popleft()  # keep an hour at most
-        return [s for s in self.samples if s[0] >= cutoff]
-
-
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000)
 class Canary:
     """Per-arm figures, probes, verdicts and automatic rollback (see the module's docstring)."""
@@ -98,9 +71,9 @@ class Canary:
         self.router = serve.get_deployment_handle("Router", app_name)
         self.config: CanaryConfig | None = None
         self.traffic: Traffic | None = None
-        self.live: dict[str, _Series] = collections.defaultdict(_Series)  # (t, ok, seconds, fallback)
-        self.shadow: dict[str, _Series] = collections.defaultdict(_Series)  # (t, ok, seconds, overlap, rank)
-        self.probes: dict[str, _Series] = collections.defaultdict(_Series)  # (t, ok, ap, recall, seconds)
+        self.live: dict[str, Series] = collections.defaultdict(Series)  # (t, ok, seconds, fallback)
+        self.shadow: dict[str, Series] = collections.defaultdict(Series)  # (t, ok, seconds, overlap, rank)
+        self.probes: dict[str, Series] = collections.defaultdict(Series)  # (t, ok, ap, recall, seconds)
         self.verdicts: dict[str, dict] = {}
         self.rollbacks: dict[str, dict] = {}
         self.models: dict[str, dict] = {}  # arm -> QueryEncoder.describe()
@@ -227,76 +200,19 @@ class Canary:
 
     def _figures(self, now: float) -> dict:
         cutoff = now - (self.config.window_s if self.config else 60.0)
-        out, total = {}, 0
-        for arm in (self.traffic.arms if self.traffic else []):
-            series = (self.shadow if arm.shadow else self.live)[arm.name].since(cutoff)
-            latencies = np.array([s[2] for s in series], dtype=float) * 1000
-            errors = sum(1 for s in series if not s[1])
-            probes = self.probes[arm.name].since(cutoff)
-            answered = [p for p in probes if p[1]]
-            probe_ms = np.array([p[4] for p in answered], dtype=float) * 1000
-            f = {"requests": len(series), "errors": errors,
-                 "error_rate": errors / len(series) if series else None,
-                 "p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
-                 "p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None,
-                 "probe": {"count": len(probes), "errors": len(probes) - len(answered),
-                           "map_at_k": float(np.mean([p[2] for p in answered])) if answered else None,
-                           "recall_at_k": float(np.mean([p[3] for p in answered])) if answered else None,
-                           "p99_ms": float(np.percentile(probe_ms, 99)) if probe_ms.size else None}}
-            if arm.shadow:
-                overlaps = [s[3] for s in series if s[3] is not None]
-                ranks = [s[4] for s in series if s[4] is not None]
-                f["mirror"] = {"overlap_at_k": float(np.mean(overlaps)) if overlaps else None,
-                               "rank_correlation": float(np.mean(ranks)) if ranks else None}
-            else:
-                f["fallbacks"] = sum(1 for s in series if s[3])
-                total += len(series)
-            out[arm.name] = f
-        for arm in (self.traffic.arms if self.traffic else []):
-            if not arm.shadow:
-                out[arm.name]["share"] = out[arm.name]["requests"] / total if total else None
-        return out
+        return window_figures(self.traffic.arms if self.traffic else [], self.live, self.shadow, self.probes, cutoff)
 
     async def _judge(self) -> None:
-        c, now = self.config, time.time()
-        figures = self._figures(now)
-        primary = figures.get(self.traffic.primary, {})
-        primary_map = primary.get("probe", {}).get("map_at_k")
+        """The verdict on every arm over the window (serving.lifecycle.judging); a failing one is rolled back."""
+        figures = self._figures(time.time())
         for arm in self.traffic.arms:
-            f = figures[arm.name]
-            if f["probe"]["map_at_k"] is not None:
-                self.probe_gauge.set(f["probe"]["map_at_k"], tags={"arm": arm.name})
-            if arm.name == self.traffic.primary:
-                self.verdicts[arm.name] = {"verdict": "primary", "reasons": []}
-                continue
-            if arm.name in self.rollbacks:
-                self.verdicts[arm.name] = {"verdict": "rolled back", "reasons": self.rollbacks[arm.name]["reasons"]}
-                continue
-            if arm.weight <= 0:
-                self.verdicts[arm.name] = {"verdict": "no traffic", "reasons": []}
-                continue
-            reasons, judged = [], False
-            probes = f["probe"]
-            if f["requests"] >= c.min_requests:
-                judged = True
-                if f["error_rate"] > c.max_error_rate:
-                    reasons.append(f"error rate {f['error_rate']:.3f} > {c.max_error_rate}")
-                if f["p99_ms"] is not None and f["p99_ms"] > c.max_p99_ms:
-                    reasons.append(f"p99 {f['p99_ms']:.0f} ms > {c.max_p99_ms:.0f} ms")
-            if probes["count"] >= c.min_probes:
-                judged = True
-                if f["requests"] < c.min_requests and probes["p99_ms"] is not None and probes["p99_ms"] > c.max_p99_ms:
-                    reasons.append(f"probe p99 {probes['p99_ms']:.0f} ms > {c.max_p99_ms:.0f} ms")  # little live traffic
-                if probes["errors"] / probes["count"] > c.max_error_rate:
-                    reasons.append(f"probe error rate {probes['errors'] / probes['count']:.3f} > {c.max_error_rate}")
-                elif probes["map_at_k"] is not None and primary_map is not None \
-                        and probes["map_at_k"] < primary_map - c.max_probe_map_drop:
-                    reasons.append(f"probe mAP@{c.probe_k} {probes['map_at_k']:.3f} < primary's {primary_map:.3f} "
-                                   f"- {c.max_probe_map_drop}")
-            verdict = "failing" if reasons else ("healthy" if judged else NO_DATA)
-            self.verdicts[arm.name] = {"verdict": verdict, "reasons": reasons}
-            if reasons and c.auto_rollback:
-                await self._roll_back(arm, reasons, f)
+            if figures[arm.name]["probe"]["map_at_k"] is not None:
+                self.probe_gauge.set(figures[arm.name]["probe"]["map_at_k"], tags={"arm": arm.name})
+        self.verdicts = verdicts(self.traffic, figures, self.rollbacks, self.config)
+        for arm in self.traffic.arms:
+            verdict = self.verdicts[arm.name]
+            if verdict["verdict"] == "failing" and self.config.auto_rollback:
+                await self._roll_back(arm, verdict["reasons"], figures[arm.name])
 
     async def _roll_back(self, arm, reasons: list[str], figures: dict) -> None:
         """Weight to the primary (Serve config), alias back (registry and audit log), a metric, a log line."""
@@ -306,7 +222,7 @@ class Canary:
         record = {"time": _now(), "reasons": reasons, "figures": figures, "weights": None, "alias": None,
                   "done": False}
         self.rollbacks[arm.name] = record
-        self.rollback_counter.inc(1, tags={"arm": arm.name, "reason": _reason_tag(reasons)})
+        self.rollback_counter.inc(1, tags={"arm": arm.name, "reason": reason_tag(reasons)})
         primary = self.traffic.primary
 
         def change(traffic: dict) -> dict:
@@ -381,11 +297,6 @@ def read_gates(name: str, version: str, tracking_uri: str | None = None) -> dict
 
     tags = client(tracking_uri).get_model_version(name, str(version)).tags
     return {key[len("gate."):]: value for key, value in sorted(tags.items()) if key.startswith("gate.")}
-
-
-def _reason_tag(reasons: list[str]) -> str:
-    text = " ".join(reasons)
-    return "errors" if "error rate" in text else "latency" if "p99" in text else "quality"
 
 
 def _plain(value):
