@@ -258,19 +258,21 @@ def test_a_rate_limit_holds_across_both_router_replicas(guarded):
     answers = []
     while len(answers) < 80:
         answers.append(request(f"{url}/v1/search/text", key, {"query": "a harbour", "k": 3}))
-        if len(answers) > LIMITED_BURST and len(_replicas_seen(log, "limited")) >= 2:
+        if len(answers) > LIMITED_BURST and len(_replicas_seen(log, "limited", len(answers))) >= 2:
             break
     statuses = [a[0] for a in answers]
     assert statuses[:LIMITED_BURST] == [200] * LIMITED_BURST and set(statuses[LIMITED_BURST:]) == {429}, statuses
-    assert len(_replicas_seen(log, "limited")) == 2  # both replicas answered, and took from one bucket
+    assert len(_replicas_seen(log, "limited", len(answers))) == 2  # both replicas answered, and took from one bucket
     status, headers, body = answers[-1]
     assert body["error"]["code"] == "rate_limited" and int(headers.get("retry-after", headers.get("Retry-After"))) >= 1
     assert request(f"{url}/v1/search/text", guarded["keys"]["reader"], {"query": "a harbour"})[0] == 200  # its own bucket
 
 
-def _replicas_seen(log: QueryLog, key: str) -> set[str]:
-    time.sleep(1.2)  # the writer flushes every second
-    return {e["replica"] for e in log.query(key=key)}
+def _replicas_seen(log: QueryLog, key: str, sent: int) -> set[str]:
+    """The router replicas that answered ``key``, once the writer has flushed the entries of all ``sent``."""
+    entries = wait_until(lambda: (lambda found: len(found) >= sent and found)(log.query(key=key)), 30,
+                         f"the audit entries of {sent} requests of {key}")
+    return {e["replica"] for e in entries}
 
 
 def test_the_audit_chain_holds_every_request_of_1000_mixed_ones(guarded, tmp_path):
@@ -293,7 +295,8 @@ def test_the_audit_chain_holds_every_request_of_1000_mixed_ones(guarded, tmp_pat
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         sent = list(pool.map(send, range(1000)))
     assert {s for s, _ in sent} == {200, 401, 403, 422}
-    time.sleep(1.5)  # flushed at least every second
+    wanted = {rid for _, rid in sent}
+    wait_until(lambda: wanted <= {e["request_id"] for e in guarded["log"].query()}, 30, "every request's entry flushed")
     problems, count = guarded["log"].verify()
     assert problems == [] and count >= 1000
     by_request = {e["request_id"]: e for e in guarded["log"].query()}
@@ -352,12 +355,16 @@ def test_losing_the_audit_writer_fails_closed_and_the_chain_survives(guarded):
 
 
 def _recorded(url: str, key: str, log: QueryLog) -> bool:
-    """Whether a request is answered and, within two flushes, its entry is in the log."""
+    """Whether a request is answered and, within two flushes (polled), its entry is in the log."""
     before = log.tail()[0]
     if request(f"{url}/v1/search/text", key, {"query": "a road"})[0] != 200:
         return False
-    time.sleep(2.5)
-    return log.tail()[0] > before
+    deadline = time.monotonic() + 2.5
+    while log.tail()[0] <= before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def test_fuzzing_with_auth_on_with_and_without_a_key(guarded, reference):

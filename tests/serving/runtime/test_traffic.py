@@ -287,12 +287,11 @@ def test_shadow_copies_never_change_or_slow_a_client_answer(ab, ray_metrics_url)
     assert _shadow_figures(url)["overlap_at_k"] == pytest.approx(1.0)  # the same model: the same top-k
     for fault in ({"error_rate": 1.0}, {"delay_s": 3.0}):
         set_traffic(faults={"challenger": fault})
-        start = time.perf_counter()
         answers = [text(url, query=f"a harbour with boats {i}") for i in range(20)]
-        seconds = time.perf_counter() - start
         assert all(status == 200 and body["arm"] == "champion" for status, body, _ in answers)
         assert [body["results"] for _, body, _ in answers] == baseline
-        assert seconds < 20 * 0.5, f"20 answers took {seconds:.1f} s with a shadow that {fault}"
+        # The router's own measure of each request: none of them waited out the shadow's 3 s delay.
+        assert max(body["latency_ms"] for _, body, _ in answers) < 3000, (fault, [b["latency_ms"] for _, b, _ in answers])
     metrics = wait_until(lambda: (lambda t: "terrahash_shadow_overlap" in t and t)(
         urllib.request.urlopen(ray_metrics_url, timeout=10).read().decode()), 30, "shadow metrics exported")
     assert 'arm="challenger"' in metrics and "ray_terrahash_arm_requests_total" in metrics
