@@ -7,8 +7,6 @@ id), a replica that holds no verified shard (retried on the group's other replic
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import io
 import time
 
 import numpy as np
@@ -22,7 +20,7 @@ from serving.lifecycle.canary import Canary  # noqa: E402
 from serving.index.refs import ImageRefs  # noqa: E402
 from serving.runtime.router import Router  # noqa: E402
 from serving.runtime.replicas import ShardNotReady  # noqa: E402
-from tests.serving.test_app import call, multipart, post_json  # noqa: E402
+from tests.serving.test_app import call, post_json  # noqa: E402
 
 BITS, ROWS = 16, 40
 SLOW_S = 0.4
@@ -135,11 +133,12 @@ def test_one_deadline_covers_every_call_of_a_request(fake_apps):
     # A deadline shorter than the two calls but longer than each: the request runs out, not a call.
     _router("slow", _shards("slow", num_replicas=1).bind(slow=True), deadline_s=0.6)
     _wait_answers(url)
+    # Each call fits the 0.6 s deadline, both do not: only a budget shared by every call runs out. (That
+    # the answer comes at the deadline, not after the call in flight, is test_search.py's
+    # test_a_call_that_never_answers_ends_at_the_request_deadline, on a call that never answers.)
     for path, payload in (("/v1/search/similar/img3?k=5", None), ("/v1/search/text", {"query": "slow"})):
-        start = time.monotonic()
         status, body = post_json(f"{url}{path}", payload) if payload else call(f"{url}{path}")
         assert status == 504 and body["error"]["code"] == "deadline_exceeded", body
-        assert time.monotonic() - start < 0.6 + SLOW_S  # answered at the deadline, not after every call
 
 
 def test_encoder_failures_are_json_500s_with_a_request_id(fake_apps):
@@ -155,24 +154,6 @@ def test_a_replica_without_a_verified_shard_is_routed_around(fake_apps):
     answers = [post_json(f"{fake_apps['halfbad']}/v1/search/text", {"query": "fine", "k": 5}) for _ in range(200)]
     assert [status for status, _ in answers] == [200] * 200
     assert len({str(body["results"]) for _, body in answers}) == 1
-
-
-def test_uploads_are_decoded_off_the_event_loop(fake_apps):
-    """A slow decode (a 36 MP PNG) must not hold up a text query sent while it runs."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (6000, 6000), (40, 90, 160)).save(buffer, format="PNG")
-    body, kind = multipart({}, buffer.getvalue(), "big.png")
-    url = fake_apps["plain"]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        upload = pool.submit(lambda: (call(f"{url}/v1/search/image", body, kind), time.monotonic()))
-        time.sleep(0.15)  # the upload is read and decoding
-        text_status = post_json(f"{url}/v1/search/text", {"query": "fine"})[0]
-        text_done = time.monotonic()
-        (status, answer), upload_done = upload.result()
-    assert status == 200 and text_status == 200, answer
-    assert text_done < upload_done  # answered while the image was still decoding
 
 
 def test_only_accepted_image_formats_are_opened(monkeypatch):
