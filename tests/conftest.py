@@ -219,3 +219,54 @@ def ray_metrics_url(local_ray) -> str:
     """The local Ray node's metrics endpoint, as a Prometheus job would scrape it."""
     node = local_ray._private.worker._global_node
     return f"http://127.0.0.1:{node.metrics_export_port}/metrics"
+
+
+# --- what every package's tests share, built once per run: tiny exported students, a real-image index ---
+
+SHARDS = 3
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny_text_encoder, subset):
+    """A model version folder: the tiny random students exported by training/export.py (ONNX + specs)."""
+    pytest.importorskip("onnxruntime")
+    from tests.training.test_export import exported_students
+
+    return exported_students(tmp_path_factory, tiny_text_encoder, subset)["image"].parent
+
+
+@pytest.fixture(scope="session")
+def ucm_many(ucm_dir, tmp_path_factory):
+    """210 real UCM images: all 21 classes x (6 train, 2 val, 2 test), referenced in place."""
+    return write_subset(ucm_dir, tmp_path_factory.mktemp("ucm_many"), classes=21,
+                        per_split={"train": 6, "val": 2, "test": 2})
+
+
+@pytest.fixture(scope="session")
+def built_index(local_ray, model_dir, ucm_many, tmp_path_factory):
+    """An index root with 3-shard image and caption indexes of the real images, built with Ray tasks."""
+    from serving.ingest.build import build_indexes
+
+    root = tmp_path_factory.mktemp("index_root")
+    manifests = build_indexes(model_dir, ucm_many, SHARDS, str(root), batch_size=32)
+    return {"root": root, **manifests}
+
+
+@pytest.fixture(scope="session")
+def reference(built_index, model_dir, ucm_many):
+    """One unsharded flat index over every stored image code, the encoders, and the dataset items."""
+    import numpy as np
+
+    from serving.model.versions import find_spec
+    from serving.ingest.items import dataset_items
+    from serving.model.encoders import load_encoder
+    from serving.index.releases import load_index
+    from serving.index.shards import Shard
+
+    index = load_index(built_index["root"], built_index["images"]["version"])
+    codes = np.concatenate([s.codes for s in index.shards])
+    rows = np.concatenate([s.rows for s in index.shards])
+    order = np.argsort(rows)
+    flat = Shard(codes[order], rows[order], index.manifest["bits"], ids=index.ids(rows[order]))
+    return {"flat": flat, "index": index, "items": dataset_items(ucm_many),
+            "text": load_encoder(find_spec(model_dir, "text")), "image": load_encoder(find_spec(model_dir, "image"))}

@@ -1,10 +1,7 @@
-"""Fixtures the cluster tests share with the serving tests: the tiny exported students."""
-from tests.serving.conftest import model_dir  # noqa: F401  (a fixture, found by pytest through this import)
+"""Fixtures of the cluster tests: a real multi-node Ray cluster on this machine."""
+import json
 
-
-import json  # noqa: E402
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
@@ -22,5 +19,3 @@ def local_cluster(tmp_path_factory):
         finally:
             main(["cluster", "down"])
 
-
-from tests.serving.conftest import built_index, ucm_many  # noqa: E402,F401  (fixtures)

@@ -1,14 +1,12 @@
-"""Fixtures for the Serve app tests: tiny exported students, a real-image index, a running app."""
+"""Fixtures for the Serve app tests: artifact roots, a model whose codes rank by class, a running app.
+The tiny exported students and the real-image index are the whole run's (tests/conftest.py)."""
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from tests.conftest import free_port, write_subset
-
-SHARDS = 3
-
+from tests.conftest import free_port
 
 @pytest.fixture(scope="module")
 def one_faiss_thread():
@@ -37,15 +35,6 @@ def s3_root(s3_endpoint):
     from serving.storage import open_root
 
     return open_root(f"s3://terrahash-test/{uuid.uuid4().hex}", endpoint_url=s3_endpoint)
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory, tiny_text_encoder, subset):
-    """A model version folder: the tiny random students exported by training/export.py (ONNX + specs)."""
-    pytest.importorskip("onnxruntime")
-    from tests.training.test_export import exported_students
-
-    return exported_students(tmp_path_factory, tiny_text_encoder, subset)["image"].parent
 
 
 @pytest.fixture(scope="session")
@@ -80,43 +69,6 @@ def ranking_model_dir(tmp_path_factory, tiny_text_encoder, ucm_many):
     export_image_student(image, out, pixels[:4].numpy())
     export_text_student(text, tokenizer, out)
     return out
-
-
-@pytest.fixture(scope="session")
-def ucm_many(ucm_dir, tmp_path_factory):
-    """210 real UCM images: all 21 classes x (6 train, 2 val, 2 test), referenced in place."""
-    return write_subset(ucm_dir, tmp_path_factory.mktemp("ucm_many"), classes=21,
-                        per_split={"train": 6, "val": 2, "test": 2})
-
-
-@pytest.fixture(scope="session")
-def built_index(local_ray, model_dir, ucm_many, tmp_path_factory):
-    """An index root with 3-shard image and caption indexes of the real images, built with Ray tasks."""
-    from serving.ingest.build import build_indexes
-
-    root = tmp_path_factory.mktemp("index_root")
-    manifests = build_indexes(model_dir, ucm_many, SHARDS, str(root), batch_size=32)
-    return {"root": root, **manifests}
-
-
-@pytest.fixture(scope="session")
-def reference(built_index, model_dir, ucm_many):
-    """One unsharded flat index over every stored image code, the encoders, and the dataset items."""
-    import numpy as np
-
-    from serving.model.versions import find_spec
-    from serving.ingest.items import dataset_items
-    from serving.model.encoders import load_encoder
-    from serving.index.releases import load_index
-    from serving.index.shards import Shard
-
-    index = load_index(built_index["root"], built_index["images"]["version"])
-    codes = np.concatenate([s.codes for s in index.shards])
-    rows = np.concatenate([s.rows for s in index.shards])
-    order = np.argsort(rows)
-    flat = Shard(codes[order], rows[order], index.manifest["bits"], ids=index.ids(rows[order]))
-    return {"flat": flat, "index": index, "items": dataset_items(ucm_many),
-            "text": load_encoder(find_spec(model_dir, "text")), "image": load_encoder(find_spec(model_dir, "image"))}
 
 
 def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:

@@ -88,7 +88,7 @@ def guarded(local_ray, model_dir, ucm_many, reference, tmp_path_factory):
     from serving.runtime.serve_config import serve_config
     from serving.runtime.settings import ServeSettings
     from tests.conftest import free_port
-    from tests.serving.conftest import SHARDS
+    from tests.conftest import SHARDS
     from serving.ingest.dataset import load_dataset
 
     folder = tmp_path_factory.mktemp("governance")

@@ -20,7 +20,7 @@ from serving.index.releases import load_index, read_release, resolve_release, ve
 from serving.index.shards import stable_shard
 from serving.index.versions import read_manifest
 from serving.model.spec import code_space_id, load_spec  # noqa: E402
-from tests.serving.conftest import SHARDS  # noqa: E402
+from tests.conftest import SHARDS  # noqa: E402
 
 
 def test_build_writes_image_and_caption_indexes_of_real_codes(built_index, model_dir, ucm_many):
