@@ -5,7 +5,7 @@ Train job), exported to ONNX fp32 and int8 with their specs (``export.export_stu
 against the torch students and the teacher on val (database: train) and on the test split, from one
 encoding pass (``training.parity.parity_reports``), then logged to MLflow with the teacher's run as
 lineage and registered as a new version of ``config.registered_model``. The val figures are also set
-as tags on the model version: they are what the promotion gates compare (serving/lifecycle/promotion.py); the
+as tags on the model version: they are what the promotion gates compare (serving/lifecycle/gates.py); the
 test figures are reported only.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Used by ``terrahash distill`` (its report, logged to MLflow and set on the registered model version)
 and by ``evaluation/bench_students.py``. ``parity_reports`` checks several query splits from one
 encoding pass: val (database: train, the protocol's checkpoint-selection ranking), whose figures the
-promotion gates read (serving/lifecycle/promotion.py), and test, reported only: the students are chosen on val.
+promotion gates read (serving/lifecycle/gates.py), and test, reported only: the students are chosen on val.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.retrieval import evaluate_rows, format_table
-from serving.lifecycle.promotion import PARITY_TARGETS
+from serving.lifecycle.gates import PARITY_TARGETS
 
 VARIANTS = {"fp32": "", "int8": ".int8"}  # variant -> suffix of its ONNX and spec files
 
@@ -97,7 +97,7 @@ def parity_reports(teacher_dir, students_dir, data_dir, cache_dir=None, splits=(
 
 
 # Val figures a registered model version carries (run metrics and model version tags), read by the
-# promotion gates (serving/lifecycle/promotion.py): the binary retrieval figures of these models, and parity.
+# promotion gates (serving/lifecycle/gates.py): the binary retrieval figures of these models, and parity.
 VERSION_MODELS = ("teacher", "fp32", "int8")
 VERSION_FIGURES = (("image_to_image", "map_all"), ("text_to_image", "map_all"), ("mr",))
 

@@ -18,7 +18,8 @@ def _common(args: argparse.Namespace) -> dict:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from serving.lifecycle.promotion import PromotionRefused, load_gate_config, promote
+    from serving.lifecycle.gates import load_gate_config
+    from serving.lifecycle.promotion import PromotionRefused, promote
 
     where = _common(args)
     config = load_gate_config(args.gates)

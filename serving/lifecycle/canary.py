@@ -281,7 +281,7 @@ class Canary:
             record = {"status": status, "requests": f.get("requests", 0), "error_rate": f.get("error_rate"),
                       "p99_ms": f.get("p99_ms"), "probe_map": f.get("probe", {}).get("map_at_k"), "updated": _now()}
             try:
-                from serving.lifecycle.promotion import write_canary_record
+                from serving.lifecycle.gates import write_canary_record
 
                 await asyncio.to_thread(write_canary_record, (registered["name"], registered["version"]), record,
                                         self.tracking_uri)

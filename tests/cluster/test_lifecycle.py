@@ -30,8 +30,8 @@ from mlflow import MlflowClient  # noqa: E402
 
 from cluster.cli.main import main  # noqa: E402
 from serving.governance.audit import ZERO_SHA256, AuditLog, canonical_bytes, entry_sha256  # noqa: E402
-from serving.lifecycle.promotion import (GateConfig, PromotionRefused, check_gates, load_gate_config, promote,  # noqa: E402
-                               rollback, write_canary_record)
+from serving.lifecycle.gates import GateConfig, check_gates, load_gate_config, write_canary_record  # noqa: E402
+from serving.lifecycle.promotion import PromotionRefused, promote, rollback  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.training.test_distill_job import TINY_STUDENTS  # noqa: E402
 
