@@ -120,9 +120,9 @@ def fake_apps(serve_app):
     for name in apps:
         _wait_answers(f"{serve_app}/{name}")
     yield {name: f"{serve_app}/{name}" for name in apps}
-    for name in apps:
+    for name in apps:  # not waited for: the module's Serve shuts down right after (serve_app)
         for app in (name, f"{name}-model", f"{name}-index"):
-            serve.delete(app)
+            serve.delete(app, _blocking=False)
 
 
 def test_one_deadline_covers_every_call_of_a_request(fake_apps):
