@@ -3,35 +3,44 @@
 Steps (figures, not timed tests):
 
 1. model: ``--model DIR`` (exported students), else the first ``runs/*/students/onnx`` with 64-bit
-   specs, else one made here from the teacher ``runs/fast-64``: its text student cut as the
+   specs, else one made here from the teacher ``runs/fast-64`` (or, without it, the ``fast_split``
+   config's encoders with untrained heads: the same sizes and speeds): its text student cut as the
    distillation config's default (2 of MiniLM's 6 layers, undistilled: the same size and speed as a
    distilled one) and exported with training/export.py, beside a tiny random 64-bit image student
    (the app needs one; this benchmark never calls it). The prepared folder is cached.
 2. index: 1,000,000 random 64-bit codes, 4 shards (BFlat), on a temporary artifact root.
 3. in process: encode (onnxruntime) + one unsharded search, p50 over the queries.
-4. HTTP, for each serving layout (``grouped``: the 4 shards in one deployment and text encoded in
-   the router, the default on one node; ``per-shard``: a deployment per shard and a call to the
-   encoder deployment): sequential p50/p99 over ``--sequential`` queries; then an open loop of
-   ``--qps`` queries/s for ``--seconds`` s (p50/p99, errors); the breakdown comes from the
-   server-side timings each answer carries (encode, shard search, merge; the rest is HTTP and
-   Serve overhead).
-5. the same two runs against ``minimal``: a single-process FastAPI + faiss server over the same
-   index (evaluation/minimal_server.py, under uvicorn), what a user could write instead of the app.
+4. HTTP (evaluation/load.py: an asyncio client on keep-alive connections), for each serving layout
+   (``colocated``, the default: the text student and every shard in the router replica; ``grouped``:
+   the 4 shards in one shard deployment, text encoded in the router; ``per-shard``: a deployment per
+   shard and a call to the encoder deployment): ``--sequential`` queries one after another, an idle
+   window, then an open loop at each ``--qps`` rate for ``--seconds`` s (rate achieved, p50/p99,
+   errors). For each run, CPU milliseconds per request by process kind (proxy, router, shard group,
+   encoder, controller, canary, other) and the server-side breakdown each answer carries (encode,
+   shard search, merge; the rest is HTTP and Serve overhead). The ingress is HAProxy where installed
+   (``--ingress``). ``--config serving/serve.yaml`` serves with a settings file's features on (auth,
+   audit, two arms at 90/10, probes) and checks the audit log afterwards; ``--address`` joins a running
+   cluster (``terrahash cluster up``) instead of starting Ray.
+5. the same runs against ``minimal``: a single-process FastAPI + faiss server over the same index
+   (evaluation/minimal_server.py, under uvicorn), what a user could write instead of the app; the
+   report ends with each layout's ratios to it (the figures the README quotes).
 
 Run: ``nice -n 10 python -m evaluation.bench_serve [--model DIR] [--json out.json]``; a shorter run:
-``--sequential 100 --seconds 20 --layout grouped --layout minimal``.
+``--sequential 100 --seconds 10 --qps 50 --layout colocated --layout minimal``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from evaluation.load import CpuMeter, open_loop, sequential, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "terrahash" / "bench_model"
@@ -61,9 +70,14 @@ def prepare_model(teacher: Path = REPO / "runs" / "fast-64", out: Path = CACHE) 
 
     from training.export import export_image_student, export_text_student
     from training.students import ImageStudent, ImageStudentConfig, TextStudentConfig, build_text_student
-    from training.train import load_trained
+    from training.config import load_config, set_bits
+    from training.train import build_model, load_trained
 
-    model, _, _ = load_trained(teacher, torch.device("cpu"))
+    if teacher.exists():
+        model, _, _ = load_trained(teacher, torch.device("cpu"))
+    else:  # latency does not depend on trained weights: the default config's encoders with fresh heads
+        torch.manual_seed(0)
+        model, _ = build_model(set_bits(load_config("fast_split"), BITS), num_classes=21)
     student = build_text_student(TextStudentConfig(), model.text_encoder, model.text_head).eval()
     export_text_student(student, model.text_encoder.tokenizer, out)
     torch.manual_seed(0)
@@ -130,111 +144,127 @@ def in_process(model_dir: Path, root: Path, queries: list[str], k: int) -> dict:
 # --- 4. over HTTP --------------------------------------------------------------------------------------
 
 
-def post(url: str, query: str, k: int) -> tuple[float, dict | None, str | None]:
-    """(client seconds, body or None, error or None) of one text query."""
-    request = urllib.request.Request(url, json.dumps({"query": query, "k": k}).encode(),
-                                     {"Content-Type": "application/json"})
-    start = time.perf_counter()
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            body = json.loads(answer.read())
-        return time.perf_counter() - start, body, None
-    except Exception as err:  # counted as an error of the run
-        return time.perf_counter() - start, None, f"{type(err).__name__}: {err}"
-
-
-def sequential(url: str, queries: list[str], k: int, n: int) -> list:
-    return [post(url, queries[i % len(queries)], k) for i in range(n)]
-
-
-def open_loop(url: str, queries: list[str], k: int, qps: float, seconds: float) -> list:
-    """Send at a fixed rate whatever the answers' speed (one thread per request in flight)."""
-    results, threads = [], []
-    lock = threading.Lock()
-
-    def one(i):
-        outcome = post(url, queries[i % len(queries)], k)
-        with lock:
-            results.append(outcome)
-
-    start = time.perf_counter()
-    for i in range(int(qps * seconds)):
-        delay = start + i / qps - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        thread = threading.Thread(target=one, args=(i,))
-        thread.start()
-        threads.append(thread)
-    for thread in threads:
-        thread.join()
-    return results
-
-
-def summarize(results: list) -> dict:
-    """Client latency percentiles, errors, and the server-side breakdown (medians, ms)."""
-    ok = [(t, b) for t, b, e in results if e is None]
-    errors = [e for _, _, e in results if e is not None]
-    client = np.array([t for t, _ in ok]) * 1000
-    server = np.array([b["latency_ms"] for _, b in ok])
-    parts = {name: float(np.median([b["timings_ms"].get(name, 0.0) for _, b in ok])) for name in ("encode", "search", "merge")}
-    return {"n": len(results), "errors": len(errors), "first_errors": errors[:3],
-            "p50_ms": _r(np.percentile(client, 50)), "p99_ms": _r(np.percentile(client, 99)),
-            "server_p50_ms": _r(np.median(server)),
-            "breakdown_p50_ms": {**{k: _r(v) for k, v in parts.items()},
-                                 "router_other": _r(np.median(server) - sum(parts.values())),
-                                 "http_and_serve_overhead": _r(np.median(client - server))}}
-
-
-def _ms(seconds: float) -> float:
-    return _r(seconds * 1000)
-
-
-def _r(value: float) -> float:
-    return round(float(value), 3)
-
-
-# --- main ------------------------------------------------------------------------------------------
-
-
 LAYOUTS = {
-    # Every shard in one deployment (the default on one node: ceil(4 shards / 1 node)), text encoded in the router.
-    "grouped": {"shards_per_replica": 0, "router_encodes_text": True},
+    # The default: the text student and every shard inside the router replica, no hop per request.
+    "colocated": {"layout": "colocated"},
+    # Every shard in one shard deployment (ceil(4 shards / 1 node)), text encoded in the router: one hop.
+    "grouped": {"layout": "split", "shards_per_replica": 0, "router_encodes_text": True},
     # One deployment per shard and the text encoded by the encoder deployment: a call for each.
-    "per-shard": {"shards_per_replica": 1, "router_encodes_text": False},
+    "per-shard": {"layout": "split", "shards_per_replica": 1, "router_encodes_text": False},
 }
+IDLE_S = 10.0  # the idle window over which background work (probes, reports, key reloads) is measured
 
 
-def serve_layout(root: Path, queries: list[str], k: int, layout: str, sequential_n: int, qps: float, seconds: float,
-                 serve_env: dict[str, str]) -> dict:
-    """Start Ray and Serve with one layout, measure sequential and open-loop queries, shut down."""
+def measure(url: str, queries: list[str], k: int, sequential_n: int, rates: list[float], seconds: float,
+            meter: CpuMeter, headers: dict | None = None) -> dict:
+    """Sequential queries, an idle window, then an open loop at each rate; CPU per process kind for each."""
+    sequential(url, queries, k, 30, headers)  # warm-up
+    meter.start()
+    seq = summarize(sequential(url, queries, k, sequential_n, headers))
+    seq["cpu"] = meter.stop(sequential_n)
+    meter.start()
+    time.sleep(IDLE_S)
+    idle = meter.stop(1)
+    idle = {"cores_by_kind": {kind: round(ms / 1000 / idle["wall_s"], 4) for kind, ms in idle["cpu_ms_per_request"].items()
+                              if kind != "client"}, "server_cores": idle["server_cores"]}
+    runs = []
+    for qps in rates:
+        meter.start()
+        results = open_loop(url, queries, k, qps, seconds, headers)
+        runs.append({"qps": qps, "seconds": seconds, **summarize(results, seconds), "cpu": meter.stop(len(results))})
+    return {"sequential": seq, "idle": idle, "open_loop": runs}
+
+
+def bench_settings(layout: str, root: Path, model_dir: Path, tmp: Path, config: str | None):
+    """The ServeSettings of a layout over the benchmark's index and model, and the headers requests need.
+
+    With ``config`` (a serve settings file such as serving/serve.yaml) its settings, every feature on,
+    with the paths made local: the arms serve the benchmark's model (two arms at 100/0 become 90/10),
+    the key file gets a key of its own, the audit log and the canary's root are temporary, the probes
+    come from the dataset's val split."""
+    import yaml
+
+    from serving.app import ServeSettings
+    from serving.governance.keys import KeyFile
+
+    if config is None:
+        return ServeSettings(index=str(root), shard_replicas=1, spread_shards=False, rerank="none",
+                             shard_num_cpus=0.5, encoder_num_cpus=0.5, router_num_cpus=0.5, **LAYOUTS[layout]), {}
+    data = yaml.safe_load(Path(config).read_text()) or {}
+    arms = [{**arm, "model": str(model_dir), "index": None} for arm in data.get("arms", [])]
+    if [a.get("weight", 0) for a in arms] == [100, 0]:
+        arms[0]["weight"], arms[1]["weight"] = 90, 10
+    headers = {}
+    if data.get("auth", {}).get("enabled"):
+        keys = KeyFile(tmp / "keys.json")
+        headers = {"Authorization": "Bearer " + keys.create("bench", "reader", rate=100_000, burst=100_000)}
+        data["auth"] = {**data["auth"], "keys": str(tmp / "keys.json"), "policy": None}
+    if data.get("audit", {}).get("log"):
+        data["audit"] = {**data["audit"], "log": str(tmp / "queries.jsonl")}
+    data["canary"] = {**data.get("canary", {}), "root": str(tmp / "root"), "probe_data": str(dataset())}
+    data.update(index=str(root), tracking_uri=None, arms=arms, spread_shards=False, tls=None, **LAYOUTS[layout])
+    return ServeSettings.from_dict(data, config), headers
+
+
+def dataset() -> Path:
+    import os
+
+    return Path(os.environ.get("TERRAHASH_DATA", REPO.parent / "shared" / "data" / "ucm_captions"))
+
+
+def serve_layout(root: Path, model_dir: Path, queries: list[str], k: int, layout: str, sequential_n: int,
+                 rates: list[float], seconds: float, serve_env: dict[str, str], config: str | None,
+                 address: str | None) -> dict:
+    """Start Ray (or join ``address``) and Serve with one layout, measure, shut down."""
     import os
 
     import ray
     from ray import serve
 
-    from serving.app import ServeSettings, run_apps
+    from serving.app import run_apps
+    from serving.governance.query_log import QueryLog
     from tests.conftest import free_port
 
-    os.environ.update(serve_env)  # read by Serve's processes at start (controller and proxy inherit it)
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": serve_env})
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = ServeSettings(index=str(root), shard_replicas=1, spread_shards=False, rerank="none",
-                                 shard_num_cpus=0.5, encoder_num_cpus=0.5, router_num_cpus=0.5, **LAYOUTS[layout])
-        run_apps(settings, name="bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}/v1/search/text"
-        sequential(url, queries, k, 30)  # warm-up
-        seq = summarize(sequential(url, queries, k, sequential_n))
-        sustained = summarize(open_loop(url, queries, k, qps, seconds))
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-    return {"settings": LAYOUTS[layout], "sequential": seq, "sustained": {"qps": qps, "seconds": seconds, **sustained}}
+    with tempfile.TemporaryDirectory(prefix="bench_serve_app_") as tmp:
+        settings, headers = bench_settings(layout, root, model_dir, Path(tmp), config)
+        if address:
+            ray.init(address=address, configure_logging=False, log_to_driver=False)
+        else:
+            os.environ.update(serve_env)  # read by Serve's processes at start (controller and proxy inherit it)
+            ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
+                     runtime_env={"env_vars": serve_env})
+        try:
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            run_apps(settings, name="bench", route_prefix="/")
+            wait_ready(f"http://127.0.0.1:{port}/v1/readyz", headers)
+            figures = measure(f"http://127.0.0.1:{port}/v1/search/text", queries, k, sequential_n, rates, seconds,
+                              CpuMeter(), headers)
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+        if settings.audit.log:
+            time.sleep(2 * settings.audit.flush_s)
+            problems, entries = QueryLog(settings.audit.log).verify()
+            answered = figures["sequential"]["n"] + 30 + sum(r["n"] - r["errors"] for r in figures["open_loop"])
+            figures["audit"] = {"problems": problems[:3], "entries": entries, "answered_at_least": answered}
+    return {"settings": {**LAYOUTS[layout], "config": config, "ingress": "haproxy" if serve_env else "python proxy"},
+            **figures}
 
 
-def minimal_layout(root: Path, model_dir: Path, queries: list[str], k: int, sequential_n: int, qps: float,
+def wait_ready(url: str, headers: dict | None = None, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} was not ready within {timeout} s") from None
+            time.sleep(0.5)
+
+
+def minimal_layout(root: Path, model_dir: Path, queries: list[str], k: int, sequential_n: int, rates: list[float],
                    seconds: float) -> dict:
     """The same runs against evaluation/minimal_server.py in a uvicorn subprocess."""
     import os
@@ -248,77 +278,110 @@ def minimal_layout(root: Path, model_dir: Path, queries: list[str], k: int, sequ
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "evaluation.minimal_server:app", "--port", str(port),
                                "--log-level", "warning"], cwd=REPO, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/healthz", timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the minimal server did not start") from None
-                time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}/v1/search/text"
-        sequential(url, queries, k, 30)  # warm-up
-        seq = summarize(sequential(url, queries, k, sequential_n))
-        sustained = summarize(open_loop(url, queries, k, qps, seconds))
+        wait_ready(f"http://127.0.0.1:{port}/v1/healthz", timeout=120)
+        figures = measure(f"http://127.0.0.1:{port}/v1/search/text", queries, k, sequential_n, rates, seconds,
+                          CpuMeter([server.pid]))
     finally:
         server.terminate()
         server.wait(timeout=30)
-    return {"settings": {"server": "FastAPI + uvicorn, one process, IndexBinaryFlat"}, "sequential": seq,
-            "sustained": {"qps": qps, "seconds": seconds, **sustained}}
+    return {"settings": {"server": "FastAPI + uvicorn, one process, IndexBinaryFlat"}, **figures}
 
 
-def run(model_dir: Path, layouts: list[str], sequential_n: int, qps: float, seconds: float, k: int,
-        serve_env: dict[str, str]) -> dict:
-    import os
+def _ms(seconds: float) -> float:
+    return _r(seconds * 1000)
 
+
+def _r(value: float) -> float:
+    return round(float(value), 3)
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+
+def run(model_dir: Path, layouts: list[str], sequential_n: int, rates: list[float], seconds: float, k: int,
+        serve_env: dict[str, str], config: str | None = None, address: str | None = None) -> dict:
     from serving.ingest.items import dataset_items
 
-    data = Path(os.environ.get("TERRAHASH_DATA", REPO.parent / "shared" / "data" / "ucm_captions"))
-    queries = dataset_items(data).captions[::7][:500]  # real captions as queries
+    queries = dataset_items(dataset()).captions[::7][:500]  # real captions as queries
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
         build_random_index(root, model_dir)
         build_s = time.perf_counter() - t0
         local = in_process(model_dir, root, queries[:200], k)
-        measured = {layout: minimal_layout(root, model_dir, queries, k, sequential_n, qps, seconds)
-                    if layout == "minimal" else serve_layout(root, queries, k, layout, sequential_n, qps, seconds, serve_env)
+        measured = {layout: minimal_layout(root, model_dir, queries, k, sequential_n, rates, seconds)
+                    if layout == "minimal" else serve_layout(root, model_dir, queries, k, layout, sequential_n, rates,
+                                                             seconds, serve_env, config, address)
                     for layout in layouts}
-    for figures in measured.values():
-        figures["ratio_e2e_p50_to_in_process"] = _r(figures["sequential"]["p50_ms"] / local["encode_search_p50_ms"])
-    report = {"model": str(model_dir), "rows": ROWS, "shards": SHARDS, "bits": BITS, "k": k,
-              "serve_env": serve_env, "index_build_s": _r(build_s), "in_process": local,
-              "layouts": measured}
-    for name in layouts[1:]:
-        for mode in ("sequential", "sustained"):
-            a, b = measured[layouts[0]][mode]["p50_ms"], measured[name][mode]["p50_ms"]
-            report[f"{mode}_p50_{layouts[0]}_over_{name}"] = _r(a / b)
+    report = {"model": str(model_dir), "rows": ROWS, "shards": SHARDS, "bits": BITS, "k": k, "serve_env": serve_env,
+              "index_build_s": _r(build_s), "in_process": local, "layouts": measured}
+    if "minimal" in measured:
+        report["ratios_to_minimal"] = {name: ratios(figures, measured["minimal"])
+                                       for name, figures in measured.items() if name != "minimal"}
     return report
 
 
+def ratios(serve: dict, minimal: dict) -> dict:
+    """The bar's ratios: sequential p50, p99 at each rate, and the highest rate answered with p99 <= 100 ms
+    and no errors, each the Serve layout's over the minimal server's."""
+    def best(figures):
+        good = [r["qps"] for r in figures["open_loop"] if not r["errors"] and r.get("p99_ms", 1e9) <= 100]
+        return max(good, default=0.0)
+    out = {"sequential_p50": _r(serve["sequential"]["p50_ms"] / minimal["sequential"]["p50_ms"]),
+           "best_rate": _r(best(serve) / best(minimal)) if best(minimal) else None}
+    for mine, theirs in zip(serve["open_loop"], minimal["open_loop"]):
+        if "p99_ms" in mine and "p99_ms" in theirs:
+            out[f"p99_at_{mine['qps']:g}"] = _r(mine["p99_ms"] / theirs["p99_ms"])
+    return out
+
+
+def table(report: dict) -> str:
+    """One line per layout and rate: offered, achieved, p50, p99, errors, server CPU-ms per request."""
+    lines = [f"{'layout':<12} {'offered':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'CPU-ms/req':>11}"]
+    for name, figures in report["layouts"].items():
+        seq = figures["sequential"]
+        lines.append(f"{name:<12} {'seq':>8} {'':>9} {seq['p50_ms']:>8.2f} {seq['p99_ms']:>8.2f} {seq['errors']:>7} "
+                     f"{seq['cpu']['server_cpu_ms_per_request']:>11.2f}")
+        for r in figures["open_loop"]:
+            lines.append(f"{name:<12} {r['qps']:>8g} {r.get('achieved_qps', 0):>9.1f} {r.get('p50_ms', float('nan')):>8.2f} "
+                         f"{r.get('p99_ms', float('nan')):>8.2f} {r['errors']:>7} {r['cpu']['server_cpu_ms_per_request']:>11.2f}")
+    for name, r in report.get("ratios_to_minimal", {}).items():
+        lines.append(f"{name} / minimal: " + ", ".join(f"{k} {v}" for k, v in r.items()))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
+    from serving.runtime.ingress import ingress_env
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="exported model version folder (64-bit students)")
     parser.add_argument("--sequential", type=int, default=300, help="sequential queries (default: %(default)s)")
-    parser.add_argument("--qps", type=float, default=50, help="open-loop rate (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=60, help="open-loop duration (default: %(default)s)")
+    parser.add_argument("--qps", type=float, action="append",
+                        help="open-loop rate(s), queries/s (repeatable; default: 25, 50, 100, 200)")
+    parser.add_argument("--seconds", type=float, default=30, help="open-loop duration per rate (default: %(default)s)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS) + ["minimal"],
-                        help="serving layout(s) to measure, in order, each against the first (default: grouped, "
-                             "per-shard, then minimal: a single-process FastAPI + faiss server)")
+                        help="serving layout(s) to measure, in order (default: colocated, then minimal: a "
+                             "single-process FastAPI + faiss server)")
+    parser.add_argument("--config", help="serve settings file (e.g. serving/serve.yaml: auth, audit, two arms), "
+                                         "its paths made local; default: the plain settings")
+    parser.add_argument("--address", help="an existing Ray cluster to serve on (e.g. `terrahash cluster up`'s)")
+    parser.add_argument("--ingress", choices=("auto", "haproxy", "proxy"), default="auto",
+                        help="Serve's HTTP ingress for a Ray started here (default: HAProxy where installed)")
     parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="environment variable for Ray Serve's processes, e.g. "
-                             "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (repeatable)")
+                        help="more environment for Ray Serve's processes (repeatable)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     model = Path(args.model) if args.model else (find_model() or prepare_model())
-    report = run(model, args.layout or ["grouped", "per-shard", "minimal"], args.sequential, args.qps, args.seconds, args.k,
-                 dict(item.split("=", 1) for item in args.serve_env))
-    text = json.dumps(report, indent=2)
-    print(text)
+    env, why = ingress_env(args.ingress)
+    if why:
+        print(why, file=sys.stderr)
+    report = run(model, args.layout or ["colocated", "minimal"], args.sequential, args.qps or [25, 50, 100, 200],
+                 args.seconds, args.k, {**env, **dict(item.split("=", 1) for item in args.serve_env)}, args.config,
+                 args.address)
     if args.json:
-        Path(args.json).write_text(text)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(table(report))
 
 
 if __name__ == "__main__":

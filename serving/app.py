@@ -18,6 +18,7 @@ must speak the index's code space (``serving.model.spec.check_code_space``), che
 application starts. Nothing here imports torch.
 """
 import logging
+import os
 
 from ray import serve
 
@@ -27,6 +28,7 @@ from serving.index.refs import ImageRefs
 from serving.index.releases import resolve_release
 from serving.lifecycle.canary import Canary
 from serving.model.versions import served_model
+from serving.runtime.ingress import ingress_env
 from serving.runtime.query_encoder import QueryEncoder
 from serving.runtime.replicas import ShardReports, ShardServer
 from serving.runtime.router import Router
@@ -61,15 +63,20 @@ def index_app(args: dict):
     for collection, manifest in manifests.items():
         groups[collection] = _groups([e["name"] for e in manifest["shards"]], per_replica[collection])
         names[collection] = [_group_name(manifest, group) for group in groups[collection]]
-    for collection, manifest in manifests.items():
-        groups[collection] = [_shard_deployment(settings, manifest, group, reports) for group in groups[collection]]
+    shard_names = {c: [list(group) for group in gs] for c, gs in groups.items()}
+    local = {c: local_groups(settings, len(gs)) for c, gs in groups.items()}
+    for collection, manifest in manifests.items():  # the routers hold the first local[collection] groups
+        groups[collection] = [_shard_deployment(settings, manifest, group, reports)
+                              for group in groups[collection][local[collection]:]]
     info = {"index": settings.index, "release": served.get("release"), "model_version": images["model_version"],
             "model": served_model(served, settings.index), "code_space": images.get("code_space"), "bits": images["bits"],
             "index_version": {name: m["version"] for name, m in manifests.items()},
             "shards": {name: [f"{name}/{m['version']}/{e['name']}" for e in m["shards"]]
                        for name, m in manifests.items()},
             "shard_count": {name: len(m["shards"]) for name, m in manifests.items()},
-            "shards_per_replica": per_replica, "groups": names,
+            "shards_per_replica": per_replica, "groups": names, "group_shards": shard_names, "local_groups": local,
+            "local": {"threads": settings.shard_threads, "cache_dir": settings.shard_cache_dir,
+                      "period_s": settings.shard_health_period_s, "key_file": settings.index_key_file},
             "refs": {name: ImageRefs(m, settings.image_base) for name, m in manifests.items()}, "reports": True,
             "filterable": images.get("filterable") or {"bbox": 0, "datetime": 0},
             "drift": images.get("extra", {}).get("drift")}
@@ -102,7 +109,9 @@ def _router_app(args: dict, router_config: dict | None = None, canary_config: di
         num_replicas=1, ray_actor_options=_actor_options(settings, 0.05, {}),
         **({"user_config": canary_config} if canary_config is not None else {}),
     ).bind(settings.app_name, settings.tracking_uri)
-    limiter = RateLimiter.options(ray_actor_options=_actor_options(settings, 0.01, {})).bind()
+    limiter = None  # started only where keys with rate limits exist
+    if settings.auth.enabled and settings.rate_limit.enabled:
+        limiter = RateLimiter.options(ray_actor_options=_actor_options(settings, 0.01, {})).bind()
     audit = None
     if settings.audit.log:
         audit = AuditWriter.options(ray_actor_options=_actor_options(settings, 0.01, settings.audit.resources)).bind(
@@ -114,7 +123,9 @@ def _router_app(args: dict, router_config: dict | None = None, canary_config: di
     ).bind(canary, {"encoder_threads": settings.encoder_threads, "decode_threads": settings.decode_threads,
                     "router_encodes_text": settings.router_encodes_text, "tracking_uri": settings.tracking_uri,
                     "model_cache_dir": settings.model_cache_dir, "app_name": settings.app_name,
-                    "jscc_model": settings.jscc_model}, limiter, audit)
+                    "jscc_model": settings.jscc_model, "layout": settings.layout,
+                    "encoder_variant": settings.encoder_variant, "router_threads": settings.router_threads},
+           limiter, audit)
 
 
 BUILDERS = {"index": index_app, "model": model_app, "router": router_app}
@@ -128,6 +139,22 @@ def shards_per_replica(settings: ServeSettings, shards: int) -> int:
 
     nodes = len([n for n in ray.nodes() if n["Alive"]]) if ray.is_initialized() else shards
     return max(1, -(-shards // max(nodes, 1)))
+
+
+def local_groups(settings: ServeSettings, groups: int) -> int:
+    """Shard groups of a collection held in the router replicas: none when split; the setting; with None,
+    none when the shards are pinned to other nodes than the routers (``shard_resources``), else every group
+    on a one-node cluster (or without Ray) and one on a larger one."""
+    if settings.layout != "colocated":
+        return 0
+    if settings.local_groups is not None:
+        return min(settings.local_groups, groups)
+    if settings.shard_resources and settings.shard_resources != settings.router_resources:
+        return 0  # the shards are pinned to nodes of their own
+    import ray
+
+    nodes = len([n for n in ray.nodes() if n["Alive"]]) if ray.is_initialized() else 1
+    return groups if nodes <= 1 else min(1, groups)
 
 
 def _groups(names: list[str], size: int) -> list[list[str]]:
@@ -218,8 +245,14 @@ def deploy_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8
     from serving.runtime.serve_config import serve_config
 
     if not ray.is_initialized():
+        joining = _ray_address_set()
+        if not joining:  # a Ray of our own: its Serve takes the ingress from this environment
+            env, why = ingress_env(settings.ingress, tls=settings.tls is not None)
+            os.environ.update(env)
+            if why:
+                log.warning("%s", why)
         # the replicas' and Serve's own lines stay in their log files (/tmp/ray/session_latest/logs/serve)
-        ray.init(address="auto" if _ray_address_set() else None, configure_logging=False, log_to_driver=False)
+        ray.init(address="auto" if joining else None, configure_logging=False, log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if settings.spread_shards and len(nodes) < settings.shard_replicas:
@@ -233,7 +266,5 @@ def deploy_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8
 
 
 def _ray_address_set() -> bool:
-    import os
-
     return bool(os.environ.get("RAY_ADDRESS"))
 

@@ -241,7 +241,7 @@ def _serve(args: argparse.Namespace) -> int:
         Path(args.render).write_text(_RENDER_HEADER + text)
         print(f"wrote the Serve config of {len(arms)} arm(s) to {args.render}: `serve deploy {args.render}`")
         return 0
-    from ray import serve
+    import ray
 
     from serving.app import check_arms, deploy_local
 
@@ -252,7 +252,14 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.auth.enabled:
         print("auth is off: anyone who reaches this port can search (settings auth: {enabled: true, keys: FILE}; "
               "README: Security and governance)", file=sys.stderr, flush=True)
-    deploy_local(settings, host=args.host, port=args.port)
+    _stop_on_sigterm()
+    started_ray = not ray.is_initialized()
+    try:
+        deploy_local(settings, host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        _shut_down(started_ray)
+        return 0
+    _stop_on_sigterm()  # again: starting Ray may have put its own handler in place
     url = f"{scheme}://{args.host}:{args.port}{settings.route_prefix.rstrip('/')}"
     client = _Client(settings)
     try:
@@ -271,7 +278,34 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        _shut_down(started_ray)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (what systemd and Kubernetes send) stops serving as Ctrl-C does."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _shut_down(started_ray: bool) -> None:
+    """Serve's replicas finish their requests in flight and stop; the Ray this command started stops with
+    every process it ran (dashboard and agents included). A second signal meanwhile is ignored."""
+    import signal
+
+    import ray
+    from ray import serve
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("stopping: answering the requests in flight, then shutting Serve and Ray down", file=sys.stderr, flush=True)
+    if ray.is_initialized():
         serve.shutdown()
+        if started_ray:
+            ray.shutdown()
 
 
 _RENDER_HEADER = """# Serve config written by `terrahash serve --render` from the serve settings (serving/runtime/settings.py).

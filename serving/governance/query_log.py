@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -185,6 +186,13 @@ class AuditWriter:
         self.pending.append(entry)
         return self.seq
 
+    async def append_many(self, bodies: list[dict]) -> int:
+        """Chain ``bodies`` in order (a router replica's buffer, serving.governance.query_log.AuditBuffer);
+        the last seq."""
+        for body in bodies:
+            seq = await self.append(body)
+        return seq if bodies else self.seq
+
     async def flush(self) -> int:
         """Write what is pending now; the last seq written."""
         batch, self.pending = self.pending, []
@@ -215,3 +223,80 @@ class AuditWriter:
                 self.log.write(self.pending)
             except OSError:
                 pass
+
+
+AUDIT_BACKLOG = 1000  # entries a router replica holds for the writer before it refuses requests
+HANDOFF_S = 0.05  # how often a router replica hands its entries to the writer
+FRESH_S = 2 * HANDOFF_S  # a writer heard from this recently is trusted to take the next entry
+HANDOFF_TIMEOUT_S = 2.0
+
+
+class AuditBuffer:
+    """A router replica's audit entries on their way to the ``AuditWriter`` (its handle ``writer``): handed
+    over in batches every ``HANDOFF_S``, in order, off the request path.
+
+    ``add`` says whether the trail took the entry. While the writer took the last batch less than
+    ``FRESH_S`` ago (a replica under load), the entry joins the next batch and the request is answered
+    at once; otherwise (a quiet replica, or a writer that failed) the entry is handed over before the
+    answer, so a lost writer is noticed by the very next request. The trail does not take it while the
+    writer fails or once ``bound`` entries wait: the router then refuses the request (``on_failure:
+    closed``). Entries kept while the writer is away go to its successor, which continues the chain; past
+    ``bound`` they are counted in ``dropped`` and logged, never silently lost.
+    """
+
+    def __init__(self, writer, bound: int = AUDIT_BACKLOG, period_s: float = HANDOFF_S, clock=time.monotonic):
+        self.writer, self.bound, self.period_s, self.clock = writer, bound, period_s, clock
+        self.pending: list[dict] = []
+        self.failing: str | None = None
+        self.dropped = 0
+        self.heard = float("-inf")  # when the writer last took a batch
+        self._task: asyncio.Task | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def add(self, entry: dict) -> bool:
+        if len(self.pending) >= self.bound:
+            self.dropped += 1
+            log.error("audit backlog full (%d entries): the entry of request %s is not recorded", self.bound,
+                      entry.get("request_id"))
+            return False
+        self.pending.append(entry)
+        if self.failing is None and self.clock() - self.heard < FRESH_S:
+            if self._task is None or self._task.done():
+                self._task = asyncio.get_running_loop().create_task(self._hand_over_loop())
+            return True
+        await self.hand_over()
+        return self.failing is None
+
+    async def hand_over(self) -> None:
+        """Hand what waits to the writer now (``failing`` says why when it cannot take it); one hand-over at
+        a time, so that entries go in order and once."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            await self._hand_over()
+
+    async def _hand_over(self) -> None:
+        batch = self.pending[:self.bound]
+        if not batch:
+            return
+        try:
+            await asyncio.wait_for(_awaited(self.writer.append_many.remote(batch)), HANDOFF_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - whatever keeps the entries from the writer
+            if self.failing is None:
+                log.warning("the audit writer cannot take entries (%d waiting): %s", len(self.pending),
+                            type(err).__name__)
+            self.failing = f"{type(err).__name__}: {err}"[:300]
+            return
+        del self.pending[:len(batch)]
+        if self.failing is not None:
+            log.warning("the audit writer takes entries again")
+        self.failing, self.heard = None, self.clock()
+
+    async def _hand_over_loop(self) -> None:
+        while self.pending:
+            await asyncio.sleep(self.period_s if self.failing is None else 10 * self.period_s)
+            await self.hand_over()
+
+
+async def _awaited(response):
+    return await response

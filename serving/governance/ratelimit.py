@@ -1,10 +1,16 @@
 """Per-key rate limits: a token bucket per API key, held by one small deployment that every router replica
-asks, so that a key's budget is one budget however many replicas its requests reach.
+draws from, so that a key's budget is one budget however many replicas its requests reach.
 
 A bucket holds at most ``burst`` tokens and refills at ``rate`` tokens a second; a request takes one.
 An empty bucket answers how long until the next token, which the router returns as a 429 with
 ``Retry-After`` (whole seconds, rounded up). The rate and burst are the deployment's (``rate_limit``
 in the serve settings), or a key's own (``terrahash keys create --rate --burst``).
+
+A router replica does not ask for every request: it leases ``lease_size(rate, burst)`` tokens at once
+(a tenth of a second of the key's rate) and spends them locally (``Leases``), asking again before they
+run out. Tokens leased and not spent within ``LEASE_S`` expire, never return: every replica together
+admits at most what the shared bucket grants (``burst + rate * t``), and at most one lease per replica
+and key goes unused. A key slow enough to lease one token at a time is asked for each request, exactly.
 """
 from __future__ import annotations
 
@@ -13,6 +19,12 @@ import time
 from ray import serve
 
 MAX_BUCKETS = 100_000  # idle full buckets are forgotten past this many keys (they refill to full anyway)
+LEASE_S = 0.1  # a lease is this long a stretch of the key's rate, and expires unspent after it
+
+
+def lease_size(rate: float, burst: float) -> int:
+    """Tokens a router replica leases at once: a tenth of a second of the rate, within 1 and the burst."""
+    return max(1, min(int(burst), int(rate * LEASE_S)))
 
 
 class TokenBucket:
@@ -30,6 +42,16 @@ class TokenBucket:
             return 0.0
         return (1.0 - self.tokens) / self.rate
 
+    def take_many(self, now: float, wanted: int) -> tuple[int, float]:
+        """(tokens taken, up to ``wanted``; 0.0 when all were, else the seconds until ``wanted`` are there
+        again: the lessee asks no sooner, so that a key over its rate costs a call a lease, not a request)."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        wanted = int(min(wanted, self.burst))
+        taken = min(wanted, int(self.tokens))
+        self.tokens -= taken
+        return taken, 0.0 if taken == wanted else (wanted - self.tokens) / self.rate
+
     def full(self, now: float) -> bool:
         return self.tokens + (now - self.stamp) * self.rate >= self.burst
 
@@ -43,12 +65,63 @@ class Buckets:
 
     def take(self, key: str, rate: float, burst: float) -> float:
         now = self.clock()
+        return self._bucket(key, rate, burst, now).take(now)
+
+    def lease(self, key: str, rate: float, burst: float, wanted: int) -> tuple[int, float]:
+        now = self.clock()
+        return self._bucket(key, rate, burst, now).take_many(now, wanted)
+
+    def _bucket(self, key: str, rate: float, burst: float, now: float) -> TokenBucket:
         bucket = self.buckets.get(key)
         if bucket is None or (bucket.rate, bucket.burst) != (float(rate), float(burst)):
             if len(self.buckets) >= MAX_BUCKETS:
                 self.buckets = {k: b for k, b in self.buckets.items() if not b.full(now)}
             bucket = self.buckets[key] = TokenBucket(rate, burst, now)
-        return bucket.take(now)
+        return bucket
+
+
+class Leases:
+    """A router replica's leased tokens per key: (tokens, expiry); spent locally, never returned."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.held: dict[str, list[float]] = {}
+        self.empty: dict[str, float] = {}  # key -> when the shared bucket said its next token is due
+
+    def wait(self, key: str) -> float:
+        """Seconds until the shared bucket has a token for ``key``, as it last said (0: ask it)."""
+        due = self.empty.get(key)
+        if due is None:
+            return 0.0
+        left = due - self.clock()
+        if left <= 0:
+            del self.empty[key]
+            return 0.0
+        return left
+
+    def refused(self, key: str, wait: float) -> None:
+        """The shared bucket has no token for ``key`` for ``wait`` seconds: refuse locally until then."""
+        self.empty[key] = self.clock() + wait
+        if len(self.empty) > MAX_BUCKETS:
+            now = self.clock()
+            self.empty = {k: due for k, due in self.empty.items() if due > now}
+
+    def spend(self, key: str) -> float | None:
+        """Tokens left after spending one of ``key``'s, or None when it holds none (or they expired)."""
+        held = self.held.get(key)
+        if held is None or held[0] < 1 or held[1] <= self.clock():
+            return None
+        held[0] -= 1
+        return held[0]
+
+    def add(self, key: str, tokens: int) -> None:
+        """``tokens`` more for ``key``, all expiring ``LEASE_S`` from now (what was left is kept with them)."""
+        now = self.clock()
+        held = self.held.get(key)
+        left = held[0] if held is not None and held[1] > now else 0
+        self.held[key] = [left + tokens, now + LEASE_S]
+        if len(self.held) > MAX_BUCKETS:
+            self.held = {k: h for k, h in self.held.items() if h[1] > now and h[0] >= 1}
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000)
@@ -60,3 +133,7 @@ class RateLimiter:
 
     async def take(self, key: str, rate: float, burst: float) -> float:
         return self.buckets.take(key, rate, burst)
+
+    async def lease(self, key: str, rate: float, burst: float, wanted: int) -> tuple[int, float]:
+        """Up to ``wanted`` tokens at once: (taken, seconds until one is there when none was)."""
+        return self.buckets.lease(key, rate, burst, wanted)

@@ -76,7 +76,7 @@ class Canary:
         self.probes: dict[str, Series] = collections.defaultdict(Series)  # (t, ok, ap, recall, seconds)
         self.verdicts: dict[str, dict] = {}
         self.rollbacks: dict[str, dict] = {}
-        self.models: dict[str, dict] = {}  # arm -> QueryEncoder.describe()
+        self.models: dict[str, dict] = {}  # arm -> what its encoder serves (Router.arm_model)
         self.gates: dict[str, dict] = {}
         self.probe_set: dict | None = None
         self.routers: dict[str, tuple[float, int]] = {}  # router replica -> (last report, revision of its split)
@@ -259,10 +259,12 @@ class Canary:
     async def _model(self, arm) -> dict:
         if arm.name not in self.models:
             try:
-                handle = serve.get_deployment_handle("QueryEncoder", arm.model_app)
-                self.models[arm.name] = await asyncio.wait_for(handle.describe.remote(), timeout=5.0)
+                model = await asyncio.wait_for(self.router.arm_model.remote(arm.name), timeout=5.0)
             except Exception:  # noqa: BLE001 - not up yet: asked again next time
                 return {}
+            if not model:
+                return {}
+            self.models[arm.name] = model
         return self.models[arm.name]
 
     async def _record(self) -> None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving.governance.keys import Identity, KeyFile, KeyRing
 from serving.governance.policy import Policy, check_policy
+from serving.governance.ratelimit import Leases, lease_size
 from serving.governance.roles import ANONYMOUS, ENDPOINTS, FULL, OPEN, allows
 from serving.runtime.api import ApiError, error_response
 from serving.runtime.calls import Call, awaited
@@ -26,7 +27,6 @@ from serving.runtime.calls import Call, awaited
 log = logging.getLogger("ray.serve")
 
 LIMITER_TIMEOUT_S = 1.0  # a rate limiter slower than this lets the request through
-AUDIT_TIMEOUT_S = 2.0  # an audit writer slower than this fails the request closed (or lets it through: open)
 
 
 class RateConfig(BaseModel):
@@ -73,6 +73,8 @@ class Gate:
         self.ring: KeyRing | None = None
         self.problem: str | None = None  # why the key file could not be read last time
         self._reloader: asyncio.Task | None = None
+        self.leases = Leases()  # rate-limit tokens leased from the shared limiter, spent here
+        self._leasing: dict[str, asyncio.Task] = {}  # keys whose next lease is being asked for
 
     async def configure(self, data: dict | None) -> None:
         config = AccessConfig.check(data)
@@ -150,38 +152,61 @@ class Gate:
 
     async def take_token(self, limiter, call: Call) -> None:
         """429 with Retry-After when the caller's key is over its rate (a bucket shared by every router
-        replica, serving.governance.ratelimit.RateLimiter ``limiter``). A limiter that does not answer lets
-        the request through."""
+        replica, serving.governance.ratelimit.RateLimiter ``limiter``, drawn from in leases: a remote
+        call every ``lease_size`` requests, the next lease asked for before this one runs out). A limiter
+        that does not answer lets the request through."""
         limits = self.rate(call.who)
         if limits is None or limiter is None:
             return
-        try:
-            wait = await asyncio.wait_for(awaited(limiter.take.remote(call.who.name, *limits)),
-                                          min(LIMITER_TIMEOUT_S, max(call.remaining(), 0.001)))
-        except Exception as err:  # noqa: BLE001 - rate limits are not worth refusing service over
-            log.warning("the rate limiter did not answer (request let through): %s", type(err).__name__)
+        key, size = call.who.name, lease_size(*limits)
+        left = self.leases.spend(key)
+        if left is not None:
+            if left < size / 2 and key not in self._leasing and not self.leases.wait(key):
+                self._leasing[key] = asyncio.get_running_loop().create_task(self._lease(limiter, key, limits, size))
             return
+        wait = self.leases.wait(key)  # refused a moment ago: refused here until the bucket's next token
+        if not wait:
+            taken, wait = await self._lease(limiter, key, limits, size, call)
+            if taken:
+                self.leases.spend(key)
+                return
         if wait > 0:
             raise ApiError(429, "rate_limited", f"key {call.who.name!r} is over its rate of {limits[0]:g} requests/s "
                                                 f"(burst {limits[1]:g}); retry in {wait:.2f} s",
                            headers={"Retry-After": str(max(1, math.ceil(wait)))}, decision="rate_limited")
 
-    async def audited(self, audit, entry: dict, call: Call, response, failures):
-        """``response`` once ``entry`` is in the hands of ``audit`` (serving.governance.query_log.AuditWriter);
-        when the writer cannot take it, a 503 instead (``on_failure: closed``, the default) or the answer
-        anyway (``open``). ``failures``: the counter of entries the writer did not take."""
+    async def _lease(self, limiter, key: str, limits: tuple[float, float], size: int,
+                     call: Call | None = None) -> tuple[int, float]:
+        """Lease up to ``size`` tokens of ``key`` into ``self.leases``: (taken, wait). A limiter that does not
+        answer (within ``LIMITER_TIMEOUT_S`` and the request's budget) counts as one token taken."""
+        timeout = LIMITER_TIMEOUT_S if call is None else min(LIMITER_TIMEOUT_S, max(call.remaining(), 0.001))
         try:
-            await asyncio.wait_for(awaited(audit.append.remote(entry)), AUDIT_TIMEOUT_S)
+            taken, wait = await asyncio.wait_for(awaited(limiter.lease.remote(key, *limits, size)), timeout)
+        except Exception as err:  # noqa: BLE001 - rate limits are not worth refusing service over
+            log.warning("the rate limiter did not answer (request let through): %s", type(err).__name__)
+            taken, wait = (1, 0.0) if call is not None else (0, 0.0)
+        finally:
+            if call is None:
+                self._leasing.pop(key, None)
+        if taken:
+            self.leases.add(key, taken)
+        if wait > 0 and size > 1:  # not a full lease: ask again once there is one (a slow key asks each time)
+            self.leases.refused(key, wait)
+        return taken, wait
+
+    async def audited(self, buffer, entry: dict, call: Call, response, failures):
+        """``response`` once ``entry`` is in the replica's audit buffer (serving.governance.query_log.AuditBuffer);
+        when the trail cannot take it (the writer fails, or the backlog is at its bound), a 503 instead
+        (``on_failure: closed``, the default) or the answer anyway (``open``). ``failures``: the counter of
+        entries the trail could not take."""
+        if await buffer.add(entry):
             return response
-        except Exception as err:  # noqa: BLE001 - whatever keeps the entry from the writer
-            failures.inc(1)
-            log.warning("the audit writer did not take the entry of request %s: %s", entry["request_id"],
-                        type(err).__name__)
-            if self.config.on_failure == "open" or response is None:
-                return response
-            call.status = 503
-            return error_response(503, "audit_unavailable", "the audit trail cannot record this request, so it is "
-                                                            "refused (audit.on_failure: closed)")
+        failures.inc(1)
+        if self.config.on_failure == "open" or response is None:
+            return response
+        call.status = 503
+        return error_response(503, "audit_unavailable", "the audit trail cannot record this request, so it is "
+                                                        "refused (audit.on_failure: closed)")
 
 
 def _unauthenticated(code: str, message: str) -> ApiError:

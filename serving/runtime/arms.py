@@ -1,21 +1,27 @@
-"""The router's view of its traffic arms: each arm's backends (encoder and index applications), found by
-name and described once, and the per-arm figures it reports to the canary controller.
+"""The router's view of its traffic arms: each arm's backends (encoder and index), found by name and
+described once, and the per-arm figures it reports to the canary controller.
 
-A backend is resolved in the background: the router asks the model application's ``QueryEncoder`` and
-the index application's ``IndexInfo`` to describe themselves, checks that they share a code space, and
-takes handles to the shard groups by name. Until then, or when they disagree, the arm is not ready and
-its requests are answered by the primary arm. Arms that declare the same applications share a backend.
+A backend is resolved in the background: the router asks the index application's ``IndexInfo`` to
+describe the index and, split, the model application's ``QueryEncoder`` to describe the model, or,
+co-located (serving/runtime/local.py), loads the model and the index's local shard groups itself; it
+checks that they share a code space and takes handles to the shard groups it does not hold. Until then,
+or when they disagree, the arm is not ready and its requests are answered by the primary arm. Arms that
+declare the same applications share a backend. Local shard groups report their readiness as shard
+replicas do, every health period.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
 from serving.runtime.calls import awaited
+from serving.runtime.local import LocalEncoder, LocalHandle, LocalShards, described
+from serving.runtime.query_encoder import DEFAULT_MODEL_CACHE, load_model
 from serving.runtime.traffic import ArmRoute
 
 log = logging.getLogger("ray.serve")
@@ -25,17 +31,19 @@ MAX_SAMPLES = 2000  # latency samples kept per arm between two reports
 
 
 class Backend:
-    """An arm's encoder and index, as handles and descriptions."""
+    """An arm's encoder and index: deployment handles, or (co-located) objects in this replica behind
+    serving.runtime.local.LocalHandle, and their descriptions."""
 
-    def __init__(self, model_app: str, index_app: str):
-        self.model_app, self.index_app = model_app, index_app
+    def __init__(self, model_app: str, index_app: str, model: str | None = None):
+        self.model_app, self.index_app, self.model_uri = model_app, index_app, model
         self.ready = False
         self.problem: str | None = "not resolved yet"
         self.encoder = self.reports = None
-        self.text = None  # the text student, when the router encodes text
+        self.text = None  # the text student's LocalHandle, when the router encodes text (split layout)
         self.index: dict = {}  # IndexInfo.describe()
         self.model: dict = {}  # QueryEncoder.describe()
         self.shards: dict[str, list] = {"images": [], "captions": []}
+        self.local: list = []  # the shard groups held here (LocalShards)
         self.resolved = asyncio.Event()  # made in the replica's event loop (by reconfigure)
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -47,39 +55,81 @@ class Backend:
                 pass
         return self.ready
 
-    async def resolve(self, options: dict) -> None:
-        """Describe the two applications and take handles; raises with the reason when they are not usable."""
+    async def resolve(self, options: dict, pool: Executor) -> None:
+        """Describe the two applications and take handles (or load them here, co-located); raises with the
+        reason when they are not usable."""
         from ray import serve
 
-        encoder = serve.get_deployment_handle("QueryEncoder", self.model_app)
         info = serve.get_deployment_handle("IndexInfo", self.index_app)
-        model = await asyncio.wait_for(awaited(encoder.describe.remote()), DESCRIBE_TIMEOUT_S)
         index = await asyncio.wait_for(awaited(info.describe.remote()), DESCRIBE_TIMEOUT_S)
+        colocated = options.get("layout") == "colocated"
+        if colocated:
+            loaded = await asyncio.to_thread(load_model, self.model_uri, index["index"], index.get("release"),
+                                             options.get("encoder_variant", "fp32"), options.get("tracking_uri"),
+                                             options.get("model_cache_dir", DEFAULT_MODEL_CACHE))
+            model = described(loaded)
+        else:
+            encoder = serve.get_deployment_handle("QueryEncoder", self.model_app)
+            model = await asyncio.wait_for(awaited(encoder.describe.remote()), DESCRIBE_TIMEOUT_S)
         if index.get("code_space") and model.get("code_space") and index["code_space"] != model["code_space"]:
             raise ValueError(f"model {model['model']} (code space {model['code_space'][:19]}) does not speak the "
                              f"code space of index {index['index']} release {index['release']} "
                              f"({index['code_space'][:19]})")
         if int(model["bits"]) != int(index["bits"]):
             raise ValueError(f"model {model['model']} gives {model['bits']}-bit codes, the index holds {index['bits']}")
+        threads = int(options.get("encoder_threads", 1))
         text = None
-        if options.get("router_encodes_text"):
-            text = await asyncio.to_thread(_load_text, model, options)
-        self.shards = {c: [serve.get_deployment_handle(name, self.index_app) for name in index["groups"].get(c, [])]
+        if colocated:
+            encoder = LocalHandle(await asyncio.to_thread(LocalEncoder, loaded, threads, pool), pool, "QueryEncoder")
+        elif options.get("router_encodes_text"):
+            text = LocalHandle(await asyncio.to_thread(_load_text, model, options, pool), pool, "QueryEncoder")
+        reports = serve.get_deployment_handle("ShardReports", self.index_app) if index.get("reports") else None
+        local = await self._local_groups(index, reports, pool) if colocated else {}
+        self.shards = {c: local.get(c, []) + [serve.get_deployment_handle(name, self.index_app)
+                                              for name in index["groups"].get(c, [])[len(local.get(c, [])):]]
                        for c in ("images", "captions")}
-        self.reports = serve.get_deployment_handle("ShardReports", self.index_app) if index.get("reports") else None
-        self.encoder, self.index, self.model, self.text = encoder, index, model, text
+        self.local = [handle.target.group for handles in local.values() for handle in handles]
+        self.reports, self.encoder, self.index, self.model, self.text = reports, encoder, index, model, text
         self.ready, self.problem = True, None
         self.resolved.set()
 
+    async def _local_groups(self, index: dict, reports, pool: Executor) -> dict[str, list]:
+        """The index's first ``local_groups`` shard groups of each collection, loaded and verified here
+        (in a thread: the event loop keeps serving the other arms meanwhile), reporting to ``reports``."""
+        held = {}
+        for collection, groups in index.get("group_shards", {}).items():
+            held[collection] = []
+            for names, label in zip(groups[:index["local_groups"][collection]], index["groups"][collection]):
+                args = (index["index"], collection, index["index_version"][collection], names, None,
+                        index["local"]["threads"], index["local"]["cache_dir"], index["local"]["period_s"],
+                        index["local"]["key_file"])
+                group = await asyncio.to_thread(_load_group, args)
+                # reported as a replica of that group, one per router replica
+                group.reports, group.deployment, group.replica = reports, label, f"{group.replica}/{label}"
+                await group._report()
+                held[collection].append(LocalHandle(LocalShards(group, pool), pool, label))
+        return held
 
-def _load_text(model: dict, options: dict):
+
+def _load_group(args: tuple):
+    """A serving.runtime.replicas.ShardServer's state built in this thread (its ``__init__`` is a coroutine)."""
+    from serving.runtime.replicas import ShardServer
+
+    cls = ShardServer.func_or_class
+    group = cls.__new__(cls)
+    asyncio.run(group.__init__(*args))
+    return group
+
+
+def _load_text(model: dict, options: dict, pool: Executor) -> LocalEncoder:
     from serving.model.versions import find_spec
-    from serving.model.encoders import TextEncoder
     from serving.model.registry import fetch_model
 
-    folder = fetch_model(model["model"], cache_dir=options.get("model_cache_dir", "/tmp/terrahash/models"),
+    folder = fetch_model(model["model"], cache_dir=options.get("model_cache_dir", DEFAULT_MODEL_CACHE),
                          tracking_uri=options.get("tracking_uri"))
-    return TextEncoder(str(find_spec(folder, "text", model.get("variant", "fp32"))), int(options.get("encoder_threads", 1)))
+    spec = str(find_spec(folder, "text", model.get("variant", "fp32")))
+    return LocalEncoder({"text_spec": spec, "image_spec": None, "folder": str(folder)},
+                        int(options.get("encoder_threads", 1)), pool, load_image=False)
 
 
 @dataclass
@@ -100,38 +150,55 @@ class Arm:
     def versions(self) -> dict:
         """What an answer says of the arm that served it."""
         model, index = self.backend.model, self.backend.index
-        return {"arm": self.name, "model_version": model.get("model_version"), "model": model.get("model"),
+        registered = model.get("registered")  # the registry's name for it, else its label: never a server folder
+        name = f"models:/{registered['name']}/{registered['version']}" if registered else model.get("model_version")
+        return {"arm": self.name, "model_version": model.get("model_version"), "model": name,
                 "index_version": index.get("index_version"), "release": index.get("release")}
 
 
 class Backends:
     """Resolved backends by (model app, index app), kept across reconfigures; a loop resolves new ones."""
 
-    def __init__(self, options: dict):
-        self.options = options
+    def __init__(self, options: dict, pool: Executor):
+        self.options, self.pool = options, pool
         self.by_key: dict[tuple[str, str], Backend] = {}
         self._task: asyncio.Task | None = None
+        self._reporter: asyncio.Task | None = None
 
     def arms(self, routes: list[ArmRoute]) -> dict[str, Arm]:
         arms = {}
         for route in routes:
             key = (route.model_app, route.index_app)
             if key not in self.by_key:
-                self.by_key[key] = Backend(*key)
+                self.by_key[key] = Backend(*key, model=route.model)
             arms[route.name] = Arm(route, self.by_key[key])
         wanted = {(r.model_app, r.index_app) for r in routes}
         for key in [k for k in self.by_key if k not in wanted]:
             del self.by_key[key]  # a removed arm's backend: its handles go with it
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._resolve_loop())
+        if self._reporter is None or self._reporter.done():
+            self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
         return arms
+
+    def local_groups(self) -> list:
+        """Every shard group held in this replica (serving.runtime.replicas.ShardServer's state)."""
+        return [group for backend in self.by_key.values() for group in backend.local]
+
+    async def _report_loop(self) -> None:
+        """The local shard groups' readiness to their index's ShardReports, every health period."""
+        while True:
+            groups = self.local_groups()
+            await asyncio.sleep(min((g.period_s for g in groups), default=2.0))
+            for group in groups:
+                await group._report()
 
     async def _resolve_loop(self) -> None:
         delay = 0.2
         while any(not b.ready for b in self.by_key.values()):
             for backend in [b for b in self.by_key.values() if not b.ready]:
                 try:
-                    await backend.resolve(self.options)
+                    await backend.resolve(self.options, self.pool)
                     log.info("arm backend %s + %s ready", backend.model_app, backend.index_app)
                 except asyncio.CancelledError:
                     raise

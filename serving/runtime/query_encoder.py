@@ -1,12 +1,17 @@
 """The query encoder deployment: a model version's ONNX image and text students, batched across requests."""
-import json
+import asyncio
 
 import numpy as np
 from ray import serve
 
+from serving.runtime.local import described, model_card
+
+
+DEFAULT_MODEL_CACHE = "/tmp/terrahash/models"
+
 
 def load_model(model: str | None, index: str | None, release: str | None, variant: str,
-               tracking_uri: str | None = None, cache_dir: str = "/tmp/terrahash/models") -> dict:
+               tracking_uri: str | None = None, cache_dir: str = DEFAULT_MODEL_CACHE) -> dict:
     """Fetch a model version onto this node and find its specs: ``model`` (models:/NAME/VERSION,
     models:/NAME@ALIAS or a folder), or with None the one the index release was built with.
     Returns {"model", "folder", "image_spec", "text_spec", "model_version", "code_space", "bits", "image_size"}."""
@@ -63,27 +68,20 @@ class QueryEncoder:
 
     async def describe(self) -> dict:
         """What this encoder serves (model, its version label, code space, bits, image size)."""
-        return {k: v for k, v in self.loaded.items() if k not in ("folder", "image_spec", "text_spec")}
+        return described(self.loaded)
 
     async def card(self) -> dict | None:
         """The model version's card (evaluation/model_card.py): {"json", "markdown"}, None without one."""
-        from pathlib import Path
-
-        folder = Path(self.loaded["folder"])
-        if not (folder / "model_card.json").exists():
-            return None
-        markdown = folder / "model_card.md"
-        return {"json": json.loads((folder / "model_card.json").read_text()),
-                "markdown": markdown.read_text() if markdown.exists() else None}
+        return model_card(self.loaded["folder"])
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def encode_text(self, texts: list[str]) -> list[np.ndarray]:
         """Texts -> continuous codes, one (bits,) float32 array per text (validated by the router)."""
         if self.text is None:
             raise RuntimeError("this encoder was started without its text student (the router encodes text)")
-        return list(self.text.encode(texts))
+        return list(await asyncio.to_thread(self.text.encode, texts))  # off the event loop
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def encode_image(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
         """Decoded RGB uint8 (S, S, 3) images -> continuous codes (bits,) each."""
-        return list(self.image.encode(pixels))
+        return list(await asyncio.to_thread(self.image.encode, pixels))

@@ -18,6 +18,26 @@ def item_image(item: dict, refs) -> str:
     return (item.get("properties") or {}).get("source") or refs(int(item["row"]), str(item["image_id"]))
 
 
+def public_image(reference: str, image_id: str) -> str:
+    """What an answer says of where an image is: a URI a client can read as it is (``s3://``, ``https://``),
+    a file of the server as the image's id (its path under the archive root that was indexed), so that
+    no answer carries the server's folders."""
+    return reference if _is_uri(reference) else image_id
+
+
+def public_hit(hit: dict) -> dict:
+    """``hit`` as answered: its image by ``public_image``, a ``source`` property only when it is a URI."""
+    hit["image"] = public_image(hit["image"], hit["image_id"])
+    source = (hit.get("properties") or {}).get("source")
+    if source is not None and not _is_uri(str(source)):
+        hit["properties"] = {k: v for k, v in hit["properties"].items() if k != "source"}
+    return hit
+
+
+def _is_uri(reference: str) -> bool:
+    return "://" in reference and not reference.startswith("file://")
+
+
 def merge_hits(answers: list[dict], k: int, bits: int, refs, with_codes: bool = False) -> list[dict]:
     """Per-shard answers of one query -> the global top-k as result dicts, ordered by (distance, row).
 

@@ -29,7 +29,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from serving.governance.policy import SEARCH_ENDPOINTS, coarsen
-from serving.governance.query_log import audit_entry, sha256_of
+from serving.governance.query_log import AuditBuffer, audit_entry, sha256_of
 from serving.governance.roles import ARM_OVERRIDE
 from serving.model.codes import pack_signs
 from serving.runtime.access import Gate
@@ -103,9 +103,12 @@ class Router(OperatorViews):
         serving.governance.query_log.AuditWriter (None: no audit trail). The split, the limits and the access
         settings come with ``reconfigure``."""
         self.canary, self.options = canary, dict(options)
-        self.limiter, self.audit = limiter, audit
+        self.limiter = limiter
+        self.audit = None if audit is None else AuditBuffer(audit)  # entries handed to the writer in batches
         self.gate = Gate()
-        self.backends = Backends(self.options)
+        # in-process encoding and searching (co-located, or the router's text student), off the event loop
+        self.pool = ThreadPoolExecutor(max_workers=int(options.get("router_threads", 4)), thread_name_prefix="local")
+        self.backends = Backends(self.options, self.pool)
         self.decoder = ThreadPoolExecutor(max_workers=int(options.get("decode_threads", 2)),
                                           thread_name_prefix="decode")
         self.config = None
@@ -140,6 +143,23 @@ class Router(OperatorViews):
 
         # tells the canary at once which revision of the split this replica has
         self.dispatcher.start_reports(self.canary, get_replica_context().replica_tag)
+
+    async def __del__(self):
+        """Serve's graceful shutdown: the audit entries still waiting go to the writer."""
+        if getattr(self, "audit", None) is not None:
+            await self.audit.hand_over()
+
+    async def check_health(self) -> None:
+        """Serve's health check: fails while a shard group held here has a bad node-local copy (Serve then
+        replaces this replica, and the new one fetches the copy again)."""
+        bad = [g for g in self.backends.local_groups() if not g.healthy]
+        if bad:
+            raise RuntimeError("; ".join(p for g in bad for p in g.problems.values()))
+
+    async def arm_model(self, arm: str) -> dict:
+        """What the arm's encoder serves (serving.runtime.local.described), {} while it is not resolved."""
+        found = self.arms.get(arm)
+        return dict(found.backend.model) if found is not None and found.ready else {}
 
     # --- endpoints ---
 

@@ -25,7 +25,7 @@ from serving.model.codes import pack_signs
 from serving.runtime.api import ApiError, check_filterable, decode_in_pool
 from serving.runtime.arms import Arm, garbage_code
 from serving.runtime.calls import Call, all_or_none, awaited, finite
-from serving.runtime.ranking import asymmetric_rerank, fuse, merge_hits
+from serving.runtime.ranking import asymmetric_rerank, fuse, merge_hits, public_hit
 from serving.runtime.replicas import ShardNotReady
 
 log = logging.getLogger("ray.serve")  # Serve writes this logger to each replica's log file
@@ -50,9 +50,8 @@ class SearchPipeline:
         self.config = config
 
     async def text_code(self, arm: Arm, text: str, call: Call) -> np.ndarray:
-        if arm.backend.text is not None:
-            return finite(arm.backend.text.encode([text])[0])
-        return finite(await self.remote(arm.backend.encoder, "encode_text", call, text))
+        """The query's code: by the router's own text student (in its pool) or the arm's encoder."""
+        return finite(await self.remote(arm.backend.text or arm.backend.encoder, "encode_text", call, text))
 
     def text_run(self, query: str, k: int, rerank: str, fusion: str, where):
         async def run(arm: Arm, call: Call) -> dict:
@@ -148,7 +147,8 @@ class SearchPipeline:
         answers = await all_or_none([self.remote(h, "search", call, *args) for h in arm.backend.shards[collection]])
         call.timings["search"] = call.timings.get("search", 0.0) + (time.perf_counter() - start) * 1000
         with call.timer("merge"):
-            return merge_hits(answers, k, arm.backend.index["bits"], arm.backend.index["refs"][collection], with_codes)
+            hits = merge_hits(answers, k, arm.backend.index["bits"], arm.backend.index["refs"][collection], with_codes)
+        return [public_hit(hit) for hit in hits]
 
     async def remote(self, handle, method: str, call: Call, *args):
         """One call to another deployment within the request's budget: a lost replica or a timeout is

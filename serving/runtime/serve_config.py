@@ -15,13 +15,14 @@ from serving.runtime.settings import ArmSettings, ServeSettings
 
 INDEX_FIELDS = ("index", "release", "image_version", "caption_version", "image_base", "shard_replicas",
                 "shards_per_replica", "spread_shards", "shard_num_cpus", "shard_threads", "shard_cache_dir",
-                "shard_health_period_s", "shard_access_log", "runtime_env", "shard_resources", "index_key_file")
+                "shard_health_period_s", "shard_access_log", "runtime_env", "shard_resources", "index_key_file",
+                "layout", "local_groups")
 MODEL_FIELDS = ("model", "index", "release", "encoder_variant", "encoder_replicas", "encoder_num_cpus",
                 "encoder_threads", "encoder_resources", "router_encodes_text", "runtime_env", "tracking_uri",
                 "model_cache_dir")
 ROUTER_FIELDS = ("router_replicas", "router_num_cpus", "router_resources", "decode_threads", "encoder_threads",
                  "router_encodes_text", "runtime_env", "tracking_uri", "model_cache_dir", "app_name", "audit",
-                 "jscc_model")
+                 "jscc_model", "layout", "encoder_variant", "router_threads", "rate_limit", "auth")
 
 
 def _key(*parts) -> str:
@@ -80,12 +81,15 @@ def traffic(settings: ServeSettings) -> dict:
 
 def app_specs(settings: ServeSettings) -> list[dict]:
     """Every application: {"kind", "name", "route_prefix", "import_path", "args", "deployments"} (the
-    router's last), indexes and models shared by the arms that declare the same ones."""
+    router's last), indexes and models shared by the arms that declare the same ones; no model applications
+    in the co-located layout, whose routers load the models."""
     specs: dict[str, dict] = {}
     for arm in settings.arm_list():
         specs.setdefault(index_app_name(settings, arm), {
             "kind": "index", "name": index_app_name(settings, arm), "route_prefix": None,
             "import_path": "serving.app:index_app", "args": index_fields(settings, arm), "deployments": []})
+        if settings.layout == "colocated":
+            continue  # the routers load the arm's model themselves: no encoder application
         specs.setdefault(model_app_name(settings, arm), {
             "kind": "model", "name": model_app_name(settings, arm), "route_prefix": None,
             "import_path": "serving.app:model_app", "args": model_fields(settings, arm),

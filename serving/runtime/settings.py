@@ -182,7 +182,15 @@ class ServeSettings(RouterConfig, EncoderConfig):
     caption_version: str | None = None  # override the release's caption index version
     encoder_variant: Literal["fp32", "int8"] = "fp32"  # which exported students to serve
     image_base: str | None = None  # prefix of image references; default: the image_root the index records
-    # Placement.
+    # Placement. "colocated": every router replica runs the query encoders and the shard groups in process
+    # (no hop per request), shard groups beyond ``local_groups`` stay shard deployments called through
+    # handles, so an index larger than a node stays spread; "split": encoders and every shard group are
+    # deployments of their own, one call each (the layout before the co-located one, kept for comparison).
+    layout: Literal["colocated", "split"] = "colocated"
+    # Colocated: shard groups of each collection held in every router replica. None: chosen from where the
+    # shards live: every group on a one-node cluster, else one (the router's node holds one, the rest spread).
+    local_groups: int | None = Field(None, ge=0)
+    router_threads: int = Field(4, ge=1, le=256)  # the router's pool for in-process encoding and searching
     shard_replicas: int = Field(2, ge=1)  # replicas per shard deployment
     # Shards held by one shard deployment (searched side by side, answered in one call). 0: as
     # many as spread the shards over the cluster's nodes, ceil(shards / nodes); on one node that
@@ -224,6 +232,10 @@ class ServeSettings(RouterConfig, EncoderConfig):
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     tls: TlsSettings | None = None
+    # HTTP ingress (serving/runtime/ingress.py): "auto" is HAProxy where the binary is present and TLS is not
+    # asked for, else Serve's Python proxy; read when `terrahash serve` starts Ray (a cluster's own
+    # environment decides for a cluster: the rendered manifests set it).
+    ingress: Literal["auto", "haproxy", "proxy"] = "auto"
 
     HOT_ROUTER: ClassVar[tuple[str, ...]] = tuple(RouterConfig.model_fields)
     HOT_ENCODER: ClassVar[tuple[str, ...]] = tuple(EncoderConfig.model_fields)

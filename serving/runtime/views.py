@@ -17,7 +17,7 @@ from serving.runtime.api import (ApiError, Explain, ItemsSearch, base64_limit, c
                                  decode_base64, parse_body, parse_filter, read_json)
 from serving.runtime.arms import Arm
 from serving.runtime.calls import Call, all_or_none
-from serving.runtime.ranking import item_image
+from serving.runtime.ranking import item_image, public_hit
 from serving.runtime.thumbnails import make_thumbnail, thumbnail_path
 
 COLLECTIONS = ("images", "captions")
@@ -128,7 +128,7 @@ class OperatorViews:
                                             for h in arm.backend.shards["images"]])
             found = sorted((item for page in pages for item in page["items"]), key=lambda item: item["id"])
             refs = arm.backend.index["refs"]["images"]
-            results = [{**item, "image": item_image(item, refs), "thumbnail": thumbnail_path(item["image_id"])}
+            results = [public_hit({**item, "image": item_image(item, refs), "thumbnail": thumbnail_path(item["image_id"])})
                        for item in found[:limit]]
             more = len(found) > limit  # each group was asked for limit + 1: more exist exactly when this holds
             return {"query": {"bbox": params["bbox"], "datetime": params["datetime"]}, "limit": limit,

@@ -97,8 +97,40 @@ def test_results_carry_what_clients_need(serve_app, built_index):
     assert body["latency_ms"] > 0 and {"encode", "search", "merge"} <= set(body["timings_ms"])
     hit = body["results"][0]
     assert {"id", "distance", "score", "image"} <= set(hit)
-    assert hit["image"].endswith(hit["id"]) and Path(hit["image"]).is_file()
+    # the image by its path under the archive root indexed: no server folder in an answer
+    [root] = {span["root"] for span in built_index["images"]["image_roots"]}
+    assert hit["image"] == hit["image_id"] and (Path(root) / hit["image"]).is_file()
+    assert body["model"] == body["model_version"]  # a folder's model by its label, not its path
     assert hit["score"] == pytest.approx(1 - hit["distance"] / 16)
+
+
+def test_no_answer_carries_a_server_folder(serve_app, built_index, model_dir, ucm_many):
+    """Every endpoint's answer, with every option that names images, is free of the archive's, the index's
+    and the model's folders on the server."""
+    from serving.ingest.items import dataset_items
+
+    items = dataset_items(ucm_many)
+    image = Path(items.image_paths[0]).read_bytes()
+    folders = {str(built_index["root"]), str(model_dir), str(ucm_many),
+               *(span["root"] for span in built_index["images"]["image_roots"])}
+    folders |= {str(Path(f).resolve()) for f in folders}
+    first = items.image_ids[0]
+    answers = [
+        post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 3}),
+        post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 3, "format": "stac"}),
+        post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 3, "rerank": "fusion"}),
+        post_json(f"{serve_app}/v1/search/image", {"image_base64": base64.b64encode(image).decode(), "k": 3}),
+        call(f"{serve_app}/v1/search/similar/{first}?k=3"),
+        post_json(f"{serve_app}/v1/captions", {"image_id": first, "k": 3}),
+        post_json(f"{serve_app}/v1/search/items", {"limit": 3}),
+        post_json(f"{serve_app}/v1/search/items", {"limit": 3, "format": "stac"}),
+        call(f"{serve_app}/v1/readyz"), call(f"{serve_app}/v1/traffic"), call(f"{serve_app}/v1/healthz"),
+        call(f"{serve_app}/v1/models/default/card"), call(f"{serve_app}/v1/search/similar/nothing-here"),
+    ]
+    assert [status for status, _ in answers[:8]] == [200] * 8, answers
+    for status, body in answers:
+        text = json.dumps(body)
+        assert not [f for f in folders if f in text], (status, text[:500])
 
 
 def test_rerank_modes_and_captions(serve_app, reference):
@@ -248,8 +280,9 @@ def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index, js
     status, in_router = post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 5})
     assert status == 200
     try:
-        # Also: text encoded by the encoder deployment instead of the router, one deployment per shard.
-        run_apps(ServeSettings(**settings, max_k=5, default_k=5, router_encodes_text=False, shards_per_replica=1))
+        # Also the split layout: text encoded by the encoder deployment, one shard deployment per shard.
+        run_apps(ServeSettings(**settings, max_k=5, default_k=5, layout="split", router_encodes_text=False,
+                               shards_per_replica=1))
         status, body = post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 6})
         assert status == 422 and "1 to 5" in body["error"]["message"]
         status, body = post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 5})
@@ -287,7 +320,8 @@ def test_a_corrupted_shard_is_refused_and_readiness_says_why(serve_app, built_in
         status, body = post_json(f"{serve_app}/corrupt/v1/search/text", {"query": "a river"})
         assert status == 503 and body["error"]["code"] == "shard_not_ready"
         logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
-        lines = [line for f in logs.glob("replica_corrupt-index-*.log") for line in f.read_text().splitlines()
+        # the router's replica holds the shards, co-located
+        lines = [line for f in logs.glob("replica_corrupt*.log") for line in f.read_text().splitlines()
                  if "refusing shard images/v0001/shard-00002" in line]
         assert lines and "checksum mismatch" in lines[0]
     finally:
@@ -384,8 +418,9 @@ def test_the_shipped_serve_config_is_rendered_from_the_shipped_settings():
         "serving/deploy.yaml is stale: run terrahash serve --config serving/serve.yaml --render serving/deploy.yaml --host 0.0.0.0"
     config = ServeDeploySchema.model_validate(deployed)
     kinds = {app.import_path.rsplit(":", 1)[1]: app for app in config.applications}
-    assert set(kinds) == {"index_app", "model_app", "router_app"}
-    assert len([a for a in config.applications if a.import_path.endswith("model_app")]) == 2  # two arms
+    # co-located: no encoder applications, the routers load the arms' models; one index app for both arms
+    assert set(kinds) == {"index_app", "router_app"} and len(config.applications) == 2
+    assert kinds["router_app"].args["layout"] == "colocated"
     for app in config.applications:
         ServeSettings.from_dict(app.args)
     router = {d.name: d.user_config for d in kinds["router_app"].deployments}

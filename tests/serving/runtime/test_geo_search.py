@@ -242,9 +242,25 @@ def test_thumbnails_are_served_small_and_cached(geo_app, geo_index):
                 data = answer.read()
             thumb = Image.open(io.BytesIO(data))
             assert thumb.format == "JPEG" and max(thumb.size) == 128
-        assert data == make_thumbnail(hit["image"], hit["properties"])
+        assert data == make_thumbnail(*_source(geo_index, item_id))
     status, body = call(f"{geo_app}/v1/items/nothing-here/thumbnail")
     assert status == 404 and body["error"]["code"] == "unknown_id"
+
+
+def _source(geo_index, item_id: str) -> tuple[str, dict]:
+    """Where the server reads an item's image from (answers name it by id only), and its properties."""
+    from serving.index.items import describe
+    from serving.index.refs import ImageRefs
+    from serving.runtime.ranking import item_image
+
+    index = load_index(geo_index["root"], geo_index["images"]["version"])
+    for shard in index.shards:
+        found = np.nonzero(shard.ids == item_id)[0]
+        if len(found):
+            p = int(found[0])
+            item = {"row": int(shard.rows[p]), "image_id": str(shard.image_ids[p]), **describe(shard.meta, p)}
+            return item_image(item, ImageRefs(index.manifest)), item["properties"]
+    raise KeyError(item_id)
 
 
 def test_bad_filters_get_a_clear_422(geo_app):
