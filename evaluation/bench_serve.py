@@ -274,7 +274,10 @@ def minimal_layout(root: Path, model_dir: Path, queries: list[str], k: int, sequ
     from tests.conftest import free_port
 
     port = free_port()
-    env = {**os.environ, "TERRAHASH_MINIMAL_INDEX": str(root), "TERRAHASH_MINIMAL_MODEL": str(model_dir)}
+    # OMP_NUM_THREADS=1: faiss's omp_set_num_threads only holds for the thread that calls it, and FastAPI runs
+    # the endpoint in worker threads whose idle OpenMP teams would spin (the app's searches set it per thread)
+    env = {**os.environ, "TERRAHASH_MINIMAL_INDEX": str(root), "TERRAHASH_MINIMAL_MODEL": str(model_dir),
+           "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "evaluation.minimal_server:app", "--port", str(port),
                                "--log-level", "warning"], cwd=REPO, env=env)
     try:
@@ -299,21 +302,24 @@ def _r(value: float) -> float:
 
 
 def run(model_dir: Path, layouts: list[str], sequential_n: int, rates: list[float], seconds: float, k: int,
-        serve_env: dict[str, str], config: str | None = None, address: str | None = None) -> dict:
+        serve_env: dict[str, str], config: str | None = None, address: str | None = None,
+        index: str | None = None) -> dict:
     from serving.ingest.items import dataset_items
 
     queries = dataset_items(dataset()).captions[::7][:500]  # real captions as queries
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
-        root = Path(tmp)
+        root = Path(index or tmp)
         t0 = time.perf_counter()
-        build_random_index(root, model_dir)
+        if index is None:
+            build_random_index(root, model_dir)
         build_s = time.perf_counter() - t0
         local = in_process(model_dir, root, queries[:200], k)
         measured = {layout: minimal_layout(root, model_dir, queries, k, sequential_n, rates, seconds)
                     if layout == "minimal" else serve_layout(root, model_dir, queries, k, layout, sequential_n, rates,
                                                              seconds, serve_env, config, address)
                     for layout in layouts}
-    report = {"model": str(model_dir), "rows": ROWS, "shards": SHARDS, "bits": BITS, "k": k, "serve_env": serve_env,
+    report = {"model": str(model_dir), "index": index or f"{ROWS} random codes in {SHARDS} shards", "bits": BITS, "k": k,
+              "serve_env": serve_env,
               "index_build_s": _r(build_s), "in_process": local, "layouts": measured}
     if "minimal" in measured:
         report["ratios_to_minimal"] = {name: ratios(figures, measured["minimal"])
@@ -365,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                              "single-process FastAPI + faiss server)")
     parser.add_argument("--config", help="serve settings file (e.g. serving/serve.yaml: auth, audit, two arms), "
                                          "its paths made local; default: the plain settings")
+    parser.add_argument("--index", help="serve this artifact root's latest release instead of 1M random codes "
+                                        "(with --model: the model it was built with, for the minimal server)")
     parser.add_argument("--address", help="an existing Ray cluster to serve on (e.g. `terrahash cluster up`'s)")
     parser.add_argument("--ingress", choices=("auto", "haproxy", "proxy"), default="auto",
                         help="Serve's HTTP ingress for a Ray started here (default: HAProxy where installed)")
@@ -378,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         print(why, file=sys.stderr)
     report = run(model, args.layout or ["colocated", "minimal"], args.sequential, args.qps or [25, 50, 100, 200],
                  args.seconds, args.k, {**env, **dict(item.split("=", 1) for item in args.serve_env)}, args.config,
-                 args.address)
+                 args.address, args.index)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(table(report))

@@ -117,7 +117,7 @@ def _router_app(args: dict, router_config: dict | None = None, canary_config: di
         audit = AuditWriter.options(ray_actor_options=_actor_options(settings, 0.01, settings.audit.resources)).bind(
             settings.audit.log, settings.audit.flush_s)
     return Router.options(
-        num_replicas=settings.router_replicas,
+        num_replicas=settings.router_replicas, logging_config={"enable_access_log": settings.router_access_log},
         ray_actor_options=_actor_options(settings, settings.router_num_cpus, settings.router_resources),
         **({"user_config": router_config} if router_config is not None else {}),
     ).bind(canary, {"encoder_threads": settings.encoder_threads, "decode_threads": settings.decode_threads,

@@ -24,6 +24,23 @@ MISSING_ROW = -1
 SHARDING_RULE = "int.from_bytes(sha256(id.encode('utf-8'))[:8], 'big') % n_shards"
 
 
+_SEARCH_THREADS = [1]
+_THREAD_STATE = threading.local()
+
+
+def set_search_threads(threads: int) -> None:
+    """OpenMP threads per search in this process (1 by default: one query gains nothing from more, and
+    idle OpenMP threads spin, stealing the cores other requests need)."""
+    _SEARCH_THREADS[0] = max(1, int(threads))
+
+
+def _own_threads() -> None:
+    """faiss's thread count is a setting of the calling thread (searches run in pools): set it once per thread."""
+    if getattr(_THREAD_STATE, "threads", None) != _SEARCH_THREADS[0]:
+        faiss.omp_set_num_threads(_SEARCH_THREADS[0])
+        _THREAD_STATE.threads = _SEARCH_THREADS[0]
+
+
 def _check_n_shards(n_shards) -> int:
     if isinstance(n_shards, bool) or not isinstance(n_shards, (int, np.integer)) or n_shards < 1:
         raise ValueError(f"n_shards must be a positive integer, got {n_shards!r}")
@@ -76,6 +93,7 @@ class Shard:
         kind (see ``_search_where``).
         """
         queries = check_packed(queries_packed, self.bits)
+        _own_threads()
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         k = int(k)

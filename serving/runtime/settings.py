@@ -221,6 +221,9 @@ class ServeSettings(RouterConfig, EncoderConfig):
     # A log line per shard call in every shard replica: off by default, as the router's access log
     # already has every request and the lines cost CPU that the searches need under load.
     shard_access_log: bool = False
+    # A log line per request in every router replica: off by default, as Serve's metrics count requests by
+    # route and status, the audit trail (when on) records each one, and the lines cost CPU the searches need.
+    router_access_log: bool = False
     # Ray runtime_env of every replica, e.g. {"env_vars": {"AWS_ENDPOINT_URL": ...}} for an S3-compatible
     # store (with `serve deploy`, the application's own runtime_env does the same).
     runtime_env: dict = Field(default_factory=dict)

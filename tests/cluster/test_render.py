@@ -55,6 +55,11 @@ def test_the_resources_follow_the_description():
     assert env["MLFLOW_TRACKING_URI"]["value"] == config.tracking_uri
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "terrahash-s3",
                                                                          "key": "secret_access_key"}
+    from serving.runtime.ingress import HAPROXY_ENV
+
+    for group in [cluster["headGroupSpec"], *groups.values()]:  # Serve's HAProxy ingress on every node
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert {k: env.get(k) for k in HAPROXY_ENV} == HAPROXY_ENV
     vm = render_launcher(config)["cluster-launcher.yaml"]
     assert vm["available_node_types"]["gpu"]["resources"]["GPU"] == 1
     assert vm["available_node_types"]["head"]["resources"]["CPU"] == 0
