@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.load import CpuMeter, open_loop, sequential, summarize
+from evaluation.load import CpuMeter, answers_digest, open_loop, sequential, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "terrahash" / "bench_model"
@@ -160,8 +160,8 @@ def measure(url: str, queries: list[str], k: int, sequential_n: int, rates: list
     """Sequential queries, an idle window, then an open loop at each rate; CPU per process kind for each."""
     sequential(url, queries, k, 30, headers)  # warm-up
     meter.start()
-    seq = summarize(sequential(url, queries, k, sequential_n, headers))
-    seq["cpu"] = meter.stop(sequential_n)
+    answers = sequential(url, queries, k, sequential_n, headers)
+    seq = {**summarize(answers), "cpu": meter.stop(sequential_n), "answers_sha256": answers_digest(answers)}
     meter.start()
     time.sleep(IDLE_S)
     idle = meter.stop(1)
@@ -227,7 +227,8 @@ def serve_layout(root: Path, model_dir: Path, queries: list[str], k: int, layout
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_app_") as tmp:
         settings, headers = bench_settings(layout, root, model_dir, Path(tmp), config)
-        if address:
+        if address:  # a cluster of `terrahash cluster up` (token authentication, as Ray 2.60 expects)
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
             ray.init(address=address, configure_logging=False, log_to_driver=False)
         else:
             os.environ.update(serve_env)  # read by Serve's processes at start (controller and proxy inherit it)
@@ -235,7 +236,9 @@ def serve_layout(root: Path, model_dir: Path, queries: list[str], k: int, layout
                      runtime_env={"env_vars": serve_env})
         try:
             port = free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            # one proxy, on this node: the local cluster's nodes share this machine's loopback ports
+            serve.start(http_options={"host": "127.0.0.1", "port": port},
+                        **({"proxy_location": "HeadOnly"} if address else {}))
             run_apps(settings, name="bench", route_prefix="/")
             wait_ready(f"http://127.0.0.1:{port}/v1/readyz", headers)
             figures = measure(f"http://127.0.0.1:{port}/v1/search/text", queries, k, sequential_n, rates, seconds,
@@ -321,6 +324,8 @@ def run(model_dir: Path, layouts: list[str], sequential_n: int, rates: list[floa
     report = {"model": str(model_dir), "index": index or f"{ROWS} random codes in {SHARDS} shards", "bits": BITS, "k": k,
               "serve_env": serve_env,
               "index_build_s": _r(build_s), "in_process": local, "layouts": measured}
+    digests = {name: figures["sequential"]["answers_sha256"] for name, figures in measured.items()}
+    report["same_answers"] = len(set(digests.values())) == 1 and None not in digests.values()
     if "minimal" in measured:
         report["ratios_to_minimal"] = {name: ratios(figures, measured["minimal"])
                                        for name, figures in measured.items() if name != "minimal"}
@@ -351,6 +356,8 @@ def table(report: dict) -> str:
         for r in figures["open_loop"]:
             lines.append(f"{name:<12} {r['qps']:>8g} {r.get('achieved_qps', 0):>9.1f} {r.get('p50_ms', float('nan')):>8.2f} "
                          f"{r.get('p99_ms', float('nan')):>8.2f} {r['errors']:>7} {r['cpu']['server_cpu_ms_per_request']:>11.2f}")
+    lines.append(f"same answers to the {report['layouts'][next(iter(report['layouts']))]['sequential']['n']} "
+                 f"sequential queries in every layout: {report['same_answers']}")
     for name, r in report.get("ratios_to_minimal", {}).items():
         lines.append(f"{name} / minimal: " + ", ".join(f"{k} {v}" for k, v in r.items()))
     return "\n".join(lines)

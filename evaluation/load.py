@@ -148,5 +148,15 @@ def summarize(results: list, seconds: float | None = None) -> dict:
                                  "http_and_serve_overhead": _r(np.median(client - server))}}
 
 
+def answers_digest(results: list) -> str | None:
+    """sha256 of every answer's (id, distance) list, in order: equal digests, equal answers (None after an error)."""
+    import hashlib
+
+    if any(e is not None for _, _, e in results):
+        return None
+    pairs = [[(h["id"], h["distance"]) for h in body["results"]] for _, body, _ in results]
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
 def _r(value: float) -> float:
     return round(float(value), 3)

@@ -252,12 +252,12 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.auth.enabled:
         print("auth is off: anyone who reaches this port can search (settings auth: {enabled: true, keys: FILE}; "
               "README: Security and governance)", file=sys.stderr, flush=True)
-    _stop_on_sigterm()
+    previous = _stop_on_sigterm()
     started_ray = not ray.is_initialized()
     try:
         deploy_local(settings, host=args.host, port=args.port)
     except KeyboardInterrupt:
-        _shut_down(started_ray)
+        _shut_down(started_ray, previous)
         return 0
     _stop_on_sigterm()  # again: starting Ray may have put its own handler in place
     url = f"{scheme}://{args.host}:{args.port}{settings.route_prefix.rstrip('/')}"
@@ -278,34 +278,40 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        _shut_down(started_ray)
+        _shut_down(started_ray, previous)
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (what systemd and Kubernetes send) stops serving as Ctrl-C does."""
+def _stop_on_sigterm():
+    """SIGTERM (what systemd and Kubernetes send) stops serving as Ctrl-C does; the handler it replaces."""
     import signal
 
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    return signal.signal(signal.SIGTERM, stop)
 
 
-def _shut_down(started_ray: bool) -> None:
+def _shut_down(started_ray: bool, sigterm_handler) -> None:
     """Serve's replicas finish their requests in flight and stop; the Ray this command started stops with
-    every process it ran (dashboard and agents included). A second signal meanwhile is ignored."""
+    every process it ran (dashboard and agents included). Signals meanwhile are ignored; then the SIGTERM
+    handler before the command is back."""
     import signal
 
     import ray
     from ray import serve
 
+    sigint_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print("stopping: answering the requests in flight, then shutting Serve and Ray down", file=sys.stderr, flush=True)
-    if ray.is_initialized():
-        serve.shutdown()
-        if started_ray:
-            ray.shutdown()
+    try:
+        print("stopping: answering the requests in flight, then shutting Serve and Ray down", file=sys.stderr,
+              flush=True)
+        if ray.is_initialized():
+            serve.shutdown()
+            if started_ray:
+                ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, sigint_handler)
+        signal.signal(signal.SIGTERM, sigterm_handler)
 
 
 _RENDER_HEADER = """# Serve config written by `terrahash serve --render` from the serve settings (serving/runtime/settings.py).

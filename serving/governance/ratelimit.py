@@ -6,9 +6,9 @@ An empty bucket answers how long until the next token, which the router returns 
 ``Retry-After`` (whole seconds, rounded up). The rate and burst are the deployment's (``rate_limit``
 in the serve settings), or a key's own (``terrahash keys create --rate --burst``).
 
-A router replica does not ask for every request: it leases ``lease_size(rate, burst)`` tokens at once
-(a tenth of a second of the key's rate) and spends them locally (``Leases``), asking again before they
-run out. Tokens leased and not spent within ``LEASE_S`` expire, never return: every replica together
+A router replica does not ask for every request: it leases tokens at once, as many as it spent in the
+last lease's time (``Leases``), at most ``lease_size(rate, burst)`` (a tenth of a second of the key's
+rate), spends them locally and asks again before they run out. Tokens leased and not spent within ``LEASE_S`` expire, never return: every replica together
 admits at most what the shared bucket grants (``burst + rate * t``), and at most one lease per replica
 and key goes unused. A key slow enough to lease one token at a time is asked for each request, exactly.
 """
@@ -81,12 +81,21 @@ class Buckets:
 
 
 class Leases:
-    """A router replica's leased tokens per key: (tokens, expiry); spent locally, never returned."""
+    """A router replica's leased tokens per key: (tokens, expiry); spent locally, never returned.
+
+    The size of the next lease follows the replica's own demand: it doubles when a lease was spent before
+    it expired and halves when one expired unspent, within 1 and ``lease_size`` of the key's limits, so
+    that a replica leases about what it spends in ``LEASE_S`` and the bucket loses little to expiry."""
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.held: dict[str, list[float]] = {}
+        self.sizes: dict[str, int] = {}
         self.empty: dict[str, float] = {}  # key -> when the shared bucket said its next token is due
+
+    def size(self, key: str, largest: int) -> int:
+        """Tokens to lease next for ``key``: the demand seen so far, at most ``largest``."""
+        return max(1, min(self.sizes.get(key, 1), largest))
 
     def wait(self, key: str) -> float:
         """Seconds until the shared bucket has a token for ``key``, as it last said (0: ask it)."""
@@ -100,7 +109,7 @@ class Leases:
         return left
 
     def refused(self, key: str, wait: float) -> None:
-        """The shared bucket has no token for ``key`` for ``wait`` seconds: refuse locally until then."""
+        """The shared bucket has no lease for ``key`` for ``wait`` seconds: refuse locally until then."""
         self.empty[key] = self.clock() + wait
         if len(self.empty) > MAX_BUCKETS:
             now = self.clock()
@@ -109,7 +118,14 @@ class Leases:
     def spend(self, key: str) -> float | None:
         """Tokens left after spending one of ``key``'s, or None when it holds none (or they expired)."""
         held = self.held.get(key)
-        if held is None or held[0] < 1 or held[1] <= self.clock():
+        if held is None:
+            return None
+        if held[1] <= self.clock():
+            if held[0] >= 1:  # leased more than was spent in time: lease less
+                self.sizes[key] = max(1, self.sizes.get(key, 1) // 2)
+            del self.held[key]
+            return None
+        if held[0] < 1:
             return None
         held[0] -= 1
         return held[0]
@@ -119,21 +135,8 @@ class Leases:
         now = self.clock()
         held = self.held.get(key)
         left = held[0] if held is not None and held[1] > now else 0
+        if held is not None and held[1] > now and held[0] < self.sizes.get(key, 1) / 2:
+            self.sizes[key] = 2 * self.sizes.get(key, 1)  # spent (most of) a lease in time: lease more
         self.held[key] = [left + tokens, now + LEASE_S]
         if len(self.held) > MAX_BUCKETS:
             self.held = {k: h for k, h in self.held.items() if h[1] > now and h[0] >= 1}
-
-
-@serve.deployment(num_replicas=1, max_ongoing_requests=1000)
-class RateLimiter:
-    """The router application's token buckets (one replica: every router replica shares them)."""
-
-    def __init__(self):
-        self.buckets = Buckets()
-
-    async def take(self, key: str, rate: float, burst: float) -> float:
-        return self.buckets.take(key, rate, burst)
-
-    async def lease(self, key: str, rate: float, burst: float, wanted: int) -> tuple[int, float]:
-        """Up to ``wanted`` tokens at once: (taken, seconds until one is there when none was)."""
-        return self.buckets.lease(key, rate, burst, wanted)

@@ -158,7 +158,8 @@ class Gate:
         limits = self.rate(call.who)
         if limits is None or limiter is None:
             return
-        key, size = call.who.name, lease_size(*limits)
+        key = call.who.name
+        size = self.leases.size(key, lease_size(*limits))
         left = self.leases.spend(key)
         if left is not None:
             if left < size / 2 and key not in self._leasing and not self.leases.wait(key):
@@ -190,7 +191,7 @@ class Gate:
                 self._leasing.pop(key, None)
         if taken:
             self.leases.add(key, taken)
-        if wait > 0 and size > 1:  # not a full lease: ask again once there is one (a slow key asks each time)
+        if wait > 0 and lease_size(*limits) > 1:  # not a full lease: ask again once there is one (a slow key: each time)
             self.leases.refused(key, wait)
         return taken, wait
 

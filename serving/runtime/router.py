@@ -92,7 +92,8 @@ async def _http_error(request: Request, err: HTTPException):
     return error_response(err.status_code, codes.get(err.status_code, "http_error"), str(err.detail))
 
 
-@serve.deployment(max_ongoing_requests=100)
+# Serve lets more in than max_inflight (a hot setting), so that an overloaded replica answers a JSON 503 at once
+@serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(api)
 class Router(OperatorViews):
     """HTTP ingress: validate, pick the arm, encode, scatter to every shard group, merge the top-k, answer."""
@@ -117,6 +118,7 @@ class Router(OperatorViews):
         self.dispatcher = ArmDispatcher(self.metrics)
         self.thumbnails = ThumbnailCache()
         self.received = None  # serving.runtime.jscc.ReceivedDecoder of options["jscc_model"], loaded at first use
+        self.inflight = 0  # requests this replica is answering now
 
     @property
     def arms(self) -> dict[str, Arm]:
@@ -259,14 +261,21 @@ class Router(OperatorViews):
         in the audit trail, count it by status."""
         start = time.perf_counter()
         call = Call(self.config["deadline_s"])
+        self.inflight += 1
         try:
-            response = await self._answer(endpoint, request, handler, call, wrap, start)
+            if self.inflight > self.config["max_inflight"] and endpoint not in ("healthz", "readyz"):
+                call.status, call.decision = 503, "overloaded"  # at once, not after queueing for seconds
+                response = error_response(503, "overloaded", f"this replica has {self.config['max_inflight']} "
+                                          "requests in flight; retry shortly", headers={"Retry-After": "1"})
+            else:
+                response = await self._answer(endpoint, request, handler, call, wrap, start)
             response = await self._audited(endpoint, request, call, response)
         except asyncio.CancelledError:
             call.status, call.decision = 499, "cancelled"  # the client went away (nginx's code): not a server error
             self.dispatcher.in_background(self._audited(endpoint, request, call, None))
             raise
         finally:
+            self.inflight -= 1
             self.metrics.count(endpoint, call.status, time.perf_counter() - start)
         return response
 

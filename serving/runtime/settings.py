@@ -37,6 +37,9 @@ class RouterConfig(BaseModel):
     deadline_s: float = Field(5.0, gt=0, le=600)  # a request's whole budget: encoder, lookup, fan-out, retries
     shard_timeout_s: float = Field(2.0, gt=0, le=600)  # one call's budget before it is retried
     shard_retries: int = Field(2, ge=0, le=20)  # retries of a lost or timed-out call
+    # Requests a router replica answers at once; past it a request gets a JSON 503 "overloaded" at once (with
+    # Retry-After) instead of queueing: at about 5 ms a query, 64 waiting is a third of a second.
+    max_inflight: int = Field(64, ge=1, le=100_000)
     # When the drift detector fires (serving/index/drift.py): "asymmetric" re-ranks an image query asked with
     # rerank none by its float code (the path that loses least to flipped bits) and flags the answer;
     # "flag" only flags it.

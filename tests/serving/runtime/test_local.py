@@ -129,6 +129,31 @@ def test_router_replicas_leasing_tokens_hold_the_shared_rate():
     assert len(calls) < admitted / 5  # leases, not a call per request
 
 
+def test_leases_follow_demand_so_a_generous_key_is_never_refused():
+    """A key far above the traffic (100,000/s) at 200 q/s over two replicas for 30 s: leases as large as
+    the rate allows would expire mostly unspent and drain the bucket; leases sized to the demand do not."""
+    now = [0.0]
+    buckets, calls = Buckets(clock=lambda: now[0]), []
+    limiter = Remote(type("Limiter", (), {"lease": staticmethod(buckets.lease)})(), calls)
+
+    async def run():
+        gates = [Gate(), Gate()]
+        for gate in gates:
+            gate.config = AccessConfig(enabled=True, keys="keys.json", rate={"rate": 100_000, "burst": 100_000})
+            gate.leases = Leases(clock=lambda: now[0])
+        for i in range(6000):
+            now[0] = i / 200
+            call = Call(5.0)
+            call.who = Identity("svc", "reader")
+            await gates[i % 2].take_token(limiter, call)  # a 429 would raise
+            for _ in range(3):
+                await asyncio.sleep(0)
+        return [gate.leases.sizes["svc"] for gate in gates]
+
+    sizes = asyncio.run(run())
+    assert all(1 <= size <= 64 for size in sizes) and len(calls) < 6000 / 4, (sizes, len(calls))
+
+
 def test_a_slow_key_is_asked_for_each_request_exactly():
     now = [0.0]
     buckets = Buckets(clock=lambda: now[0])

@@ -141,6 +141,20 @@ def test_one_deadline_covers_every_call_of_a_request(fake_apps):
         assert status == 504 and body["error"]["code"] == "deadline_exceeded", body
 
 
+def test_an_overloaded_replica_answers_a_json_503_at_once(fake_apps):
+    """Past max_inflight a request is refused at once with a JSON 503 and Retry-After, not queued."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = fake_apps["slow"]
+    _router("slow", _shards("slow", num_replicas=1).bind(slow=True), deadline_s=1.0, max_inflight=1)
+    _wait_answers(url)
+    with ThreadPoolExecutor(4) as pool:  # each takes SLOW_S in the shard: the first holds the only place
+        answers = list(pool.map(lambda _: post_json(f"{url}/v1/search/text", {"query": "slow"}), range(4)))
+    statuses = sorted(status for status, _ in answers)
+    assert statuses[0] == 200 and statuses[-1] == 503, statuses
+    assert {b["error"]["code"] for s, b in answers if s == 503} == {"overloaded"}
+
+
 def test_encoder_failures_are_json_500s_with_a_request_id(fake_apps):
     for query, needle in (("boom", None), ("nan", None)):
         status, body = post_json(f"{fake_apps['plain']}/v1/search/text", {"query": query})
