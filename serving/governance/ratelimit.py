@@ -140,3 +140,18 @@ class Leases:
         self.held[key] = [left + tokens, now + LEASE_S]
         if len(self.held) > MAX_BUCKETS:
             self.held = {k: h for k, h in self.held.items() if h[1] > now and h[0] >= 1}
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=1000)
+class RateLimiter:
+    """The router application's token buckets (one replica: every router replica shares them)."""
+
+    def __init__(self):
+        self.buckets = Buckets()
+
+    async def take(self, key: str, rate: float, burst: float) -> float:
+        return self.buckets.take(key, rate, burst)
+
+    async def lease(self, key: str, rate: float, burst: float, wanted: int) -> tuple[int, float]:
+        """Up to ``wanted`` tokens at once: (taken, 0.0 when all were, else seconds until ``wanted`` are)."""
+        return self.buckets.lease(key, rate, burst, wanted)
