@@ -232,7 +232,7 @@ def serve_layout(root: Path, model_dir: Path, queries: list[str], k: int, layout
             ray.init(address=address, configure_logging=False, log_to_driver=False)
         else:
             os.environ.update(serve_env)  # read by Serve's processes at start (controller and proxy inherit it)
-            ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
+            ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
                      runtime_env={"env_vars": serve_env})
         try:
             port = free_port()

@@ -252,7 +252,8 @@ def deploy_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8
             if why:
                 log.warning("%s", why)
         # the replicas' and Serve's own lines stay in their log files (/tmp/ray/session_latest/logs/serve)
-        ray.init(address="auto" if joining else None, configure_logging=False, log_to_driver=False)
+        # "local": a Ray of its own even where `ray start` left a cluster on this machine (join: $RAY_ADDRESS)
+        ray.init(address="auto" if joining else "local", configure_logging=False, log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if settings.spread_shards and len(nodes) < settings.shard_replicas:

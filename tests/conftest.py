@@ -208,7 +208,8 @@ def local_ray():
     """
     ray = pytest.importorskip("ray")
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    # "local": a Ray of the session's own, never a cluster that `ray start` left on the machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
              _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
