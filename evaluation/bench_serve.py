@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.load import CpuMeter, answers_digest, open_loop, sequential, summarize
+from evaluation.load import CpuMeter, answers_digest, open_loop, rounded, sequential, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "terrahash" / "bench_model"
@@ -294,11 +294,7 @@ def minimal_layout(root: Path, model_dir: Path, queries: list[str], k: int, sequ
 
 
 def _ms(seconds: float) -> float:
-    return _r(seconds * 1000)
-
-
-def _r(value: float) -> float:
-    return round(float(value), 3)
+    return rounded(seconds * 1000)
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -323,7 +319,7 @@ def run(model_dir: Path, layouts: list[str], sequential_n: int, rates: list[floa
                     for layout in layouts}
     report = {"model": str(model_dir), "index": index or f"{ROWS} random codes in {SHARDS} shards", "bits": BITS, "k": k,
               "serve_env": serve_env,
-              "index_build_s": _r(build_s), "in_process": local, "layouts": measured}
+              "index_build_s": rounded(build_s), "in_process": local, "layouts": measured}
     digests = {name: figures["sequential"]["answers_sha256"] for name, figures in measured.items()}
     report["same_answers"] = len(set(digests.values())) == 1 and None not in digests.values()
     if "minimal" in measured:
@@ -338,11 +334,11 @@ def ratios(serve: dict, minimal: dict) -> dict:
     def best(figures):
         good = [r["qps"] for r in figures["open_loop"] if not r["errors"] and r.get("p99_ms", 1e9) <= 100]
         return max(good, default=0.0)
-    out = {"sequential_p50": _r(serve["sequential"]["p50_ms"] / minimal["sequential"]["p50_ms"]),
-           "best_rate": _r(best(serve) / best(minimal)) if best(minimal) else None}
+    out = {"sequential_p50": rounded(serve["sequential"]["p50_ms"] / minimal["sequential"]["p50_ms"]),
+           "best_rate": rounded(best(serve) / best(minimal)) if best(minimal) else None}
     for mine, theirs in zip(serve["open_loop"], minimal["open_loop"]):
         if "p99_ms" in mine and "p99_ms" in theirs:
-            out[f"p99_at_{mine['qps']:g}"] = _r(mine["p99_ms"] / theirs["p99_ms"])
+            out[f"p99_at_{mine['qps']:g}"] = rounded(mine["p99_ms"] / theirs["p99_ms"])
     return out
 
 

@@ -134,18 +134,18 @@ def summarize(results: list, seconds: float | None = None) -> dict:
     errors = [e for _, _, e in results if e is not None]
     out = {"n": len(results), "errors": len(errors), "first_errors": errors[:3]}
     if seconds:
-        out["achieved_qps"] = _r(len(ok) / seconds)
+        out["achieved_qps"] = rounded(len(ok) / seconds)
     if not ok:
         return out
     client = np.array([t for t, _ in ok]) * 1000
     server = np.array([b.get("latency_ms", 0.0) for _, b in ok])
     parts = {name: float(np.median([b.get("timings_ms", {}).get(name, 0.0) for _, b in ok]))
              for name in ("encode", "search", "merge")}
-    return {**out, "p50_ms": _r(np.percentile(client, 50)), "p99_ms": _r(np.percentile(client, 99)),
-            "server_p50_ms": _r(np.median(server)),
-            "breakdown_p50_ms": {**{k: _r(v) for k, v in parts.items()},
-                                 "server_other": _r(np.median(server) - sum(parts.values())),
-                                 "http_and_serve_overhead": _r(np.median(client - server))}}
+    return {**out, "p50_ms": rounded(np.percentile(client, 50)), "p99_ms": rounded(np.percentile(client, 99)),
+            "server_p50_ms": rounded(np.median(server)),
+            "breakdown_p50_ms": {**{k: rounded(v) for k, v in parts.items()},
+                                 "server_other": rounded(np.median(server) - sum(parts.values())),
+                                 "http_and_serve_overhead": rounded(np.median(client - server))}}
 
 
 def answers_digest(results: list) -> str | None:
@@ -158,5 +158,6 @@ def answers_digest(results: list) -> str | None:
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
 
-def _r(value: float) -> float:
+def rounded(value: float) -> float:
+    """A figure as the reports print it: three decimals."""
     return round(float(value), 3)

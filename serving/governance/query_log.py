@@ -280,7 +280,7 @@ class AuditBuffer:
         if not batch:
             return
         try:
-            await asyncio.wait_for(_awaited(self.writer.append_many.remote(batch)), HANDOFF_TIMEOUT_S)
+            await asyncio.wait_for(self.writer.append_many.remote(batch), HANDOFF_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - whatever keeps the entries from the writer
             if self.failing is None:
                 log.warning("the audit writer cannot take entries (%d waiting): %s", len(self.pending),
@@ -296,7 +296,3 @@ class AuditBuffer:
         while self.pending:
             await asyncio.sleep(self.period_s if self.failing is None else 10 * self.period_s)
             await self.hand_over()
-
-
-async def _awaited(response):
-    return await response

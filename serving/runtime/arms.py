@@ -43,7 +43,7 @@ class Backend:
         self.index: dict = {}  # IndexInfo.describe()
         self.model: dict = {}  # QueryEncoder.describe()
         self.shards: dict[str, list] = {"images": [], "captions": []}
-        self.local: list = []  # the shard groups held here (LocalShards)
+        self.local: list = []  # the shard groups held here (serving.runtime.replicas.ShardServer's state)
         self.resolved = asyncio.Event()  # made in the replica's event loop (by reconfigure)
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -82,7 +82,7 @@ class Backend:
         if colocated:
             encoder = LocalHandle(await asyncio.to_thread(LocalEncoder, loaded, threads, pool), pool, "QueryEncoder")
         elif options.get("router_encodes_text"):
-            text = LocalHandle(await asyncio.to_thread(_load_text, model, options, pool), pool, "QueryEncoder")
+            text = LocalHandle(await asyncio.to_thread(_load_text, model, options, threads, pool), pool, "QueryEncoder")
         reports = serve.get_deployment_handle("ShardReports", self.index_app) if index.get("reports") else None
         local = await self._local_groups(index, reports, pool) if colocated else {}
         self.shards = {c: local.get(c, []) + [serve.get_deployment_handle(name, self.index_app)
@@ -121,15 +121,15 @@ def _load_group(args: tuple):
     return group
 
 
-def _load_text(model: dict, options: dict, pool: Executor) -> LocalEncoder:
+def _load_text(model: dict, options: dict, threads: int, pool: Executor) -> LocalEncoder:
     from serving.model.versions import find_spec
     from serving.model.registry import fetch_model
 
     folder = fetch_model(model["model"], cache_dir=options.get("model_cache_dir", DEFAULT_MODEL_CACHE),
                          tracking_uri=options.get("tracking_uri"))
     spec = str(find_spec(folder, "text", model.get("variant", "fp32")))
-    return LocalEncoder({"text_spec": spec, "image_spec": None, "folder": str(folder)},
-                        int(options.get("encoder_threads", 1)), pool, load_image=False)
+    return LocalEncoder({"text_spec": spec, "image_spec": None, "folder": str(folder)}, threads, pool,
+                        load_image=False)
 
 
 @dataclass
