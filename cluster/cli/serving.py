@@ -17,6 +17,8 @@ from pathlib import Path
 
 from training.config import TrackingConfig  # plain dataclasses (yaml only): no torch
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class IndexJob:
@@ -61,14 +63,15 @@ def _tracked(job: IndexJob, work) -> dict:
     if not job.tracking.enabled:
         return work()
     dataset = _tracked_source(job, load_dataset)
-    images = len(dataset.records)
+    images = len(dataset.records)  # for energy per 1,000 images: files listed (a GeoTIFF scene counts once)
     with tempfile.TemporaryDirectory(prefix="terrahash-index-") as tmp:
         with track_run(job, tmp, dataset, images_processed=images, run_name=job.name,
                        artifacts=("manifests.json",)) as tracker:
             start = time.perf_counter()
             result = work()
             collections = _collections(result)
-            tracker.log_metrics({"index_seconds": time.perf_counter() - start, "images_encoded": images,
+            tracker.log_metrics({"index_seconds": time.perf_counter() - start,
+                                 "images_encoded": result["images"]["rows"],
                                  **{f"{c}_rows": m["rows"] for c, m in collections.items()}})
             tags = {"index.root": job.out, "model_version": result["images"]["model_version"],
                     "index.release": result["release"]["release"],
@@ -94,21 +97,33 @@ class _Listing:
 
 
 def _tracked_source(job: IndexJob, load_dataset):
-    """The dataset the job reads (a local archive is a class-folder set), or for an S3 prefix or a STAC
-    catalog a _Listing of its items."""
+    """What the run's dataset tags name: a dataset (--data), or a local archive that is a class-folder set, by
+    its content fingerprint; any other archive (a flat folder of photos or scenes, an S3 prefix) and a STAC
+    catalog by a _Listing of its items. Indexing needs no labels, so neither does the run that records it."""
     import hashlib
 
+    from serving.ingest.dataset import DatasetError
+
     source = job.data
-    if job.source_kind != "stac" and not source.startswith("s3://"):
-        return load_dataset(source, check_images=False)
-    if source.startswith("s3://"):
+    if job.source_kind == "stac":
+        from serving.ingest.stac import read_catalog
+
+        keys = sorted(item.id for item in read_catalog(Path(source)))
+    elif source.startswith("s3://"):
         from serving.ingest.archive import list_images
 
         keys = list_images(source)[1]
     else:
-        from serving.ingest.stac import read_catalog
+        try:
+            return load_dataset(source, check_images=False)
+        except DatasetError:
+            if job.source_kind != "archive":
+                raise
+        from serving.ingest.archive import list_images
 
-        keys = sorted(item.id for item in read_catalog(Path(source)))
+        keys = list_images(source)[1]
+        log.info("%s is no class-folder set: the MLflow run names it by its list of %d image file(s), without "
+                 "classes", source, len(keys))
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
     return _Listing(source.rstrip("/").rsplit("/", 1)[-1], keys, digest)
 

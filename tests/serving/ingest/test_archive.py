@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from serving.ingest.archive import ArchiveError, archive_items, read_sidecar  # 
 from serving.ingest.build import add_images, build_indexes  # noqa: E402
 from serving.ingest.items import dataset_items  # noqa: E402
 from serving.index.refs import ImageRefs  # noqa: E402
+from serving.index.items import ItemFilter  # noqa: E402
 from serving.index.releases import load_index  # noqa: E402
 from serving.index.versions import read_manifest  # noqa: E402
 
@@ -162,3 +164,72 @@ def test_the_command_line_says_what_goes_with_what(model_dir, archive, tmp_path)
     with pytest.raises(SystemExit, match="--stac-asset names an asset"):
         main(["index", "build", "--model", str(model_dir), "--stac-asset", "visual", "--shards", "1",
               "--out", str(tmp_path / "i"), "--no-track"])
+
+
+def readme_build(images: Path, model_dir: Path, out: Path) -> int:
+    """The README's archive example as a newcomer types it: tracking on (the default, into $MLFLOW_TRACKING_URI)."""
+    return main(["index", "build", "--images", str(images), "--model", str(model_dir), "--shards", "2",
+                 "--out", str(out)])
+
+
+def tracked_build(tracking_uri: str, out: Path):
+    """The finished MLflow run of the index build that wrote ``out``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("terrahash")
+    [run] = client.search_runs([experiment.experiment_id], f"tags.`index.root` = '{out}'")
+    assert run.info.run_name == "index-build" and run.info.status == "FINISHED"
+    return run
+
+
+def test_the_readme_archive_command_tracks_a_flat_folder_of_photos(local_ray, mlflow_server, model_dir, ucm_many,
+                                                                    tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    folder = tmp_path / "photos"  # photos straight off a drive: no class folders, no dataset JSON
+    folder.mkdir()
+    for path in dataset_items(ucm_many).image_paths[::7]:
+        shutil.copyfile(path, folder / Path(path).name)
+    out = tmp_path / "index"
+    with caplog.at_level(logging.INFO, logger="cluster.cli.serving"):
+        assert readme_build(folder, model_dir, out) == 0
+    [note] = [r.getMessage() for r in caplog.records if "no class-folder set" in r.getMessage()]
+    assert "30 image file(s)" in note and "\n" not in note
+    manifest = read_manifest(str(out), "v0001")
+    assert manifest["rows"] == 30
+    run = tracked_build(mlflow_server, out)
+    assert run.data.tags["dataset"] == "photos" and len(run.data.tags["dataset.fingerprint"]) == 16
+    assert run.data.metrics["images_encoded"] == run.data.metrics["images_rows"] == 30
+    assert run.data.tags["index.release"] == "r0001" and run.data.tags["model_version"] == manifest["model_version"]
+    assert run.data.metrics["energy_kwh"] > 0 and run.data.params["source_kind"] == "archive"
+
+
+def test_the_readme_archive_command_tracks_a_flat_folder_of_scenes_and_a_box_finds_their_chips(
+        local_ray, mlflow_server, model_dir, ucm_many, tmp_path, monkeypatch):
+    from tests.serving.ingest.test_geo import PIXEL, _mosaic, from_origin, write_geotiff  # needs rasterio
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    mosaic = _mosaic(ucm_many, 2, 3)[:, :500, :600]  # 6 chips of 256 pixels each
+    write_geotiff(folder / "lonlat.tif", mosaic, "EPSG:4326", from_origin(-117.0, 34.0, PIXEL, PIXEL))
+    # UTM zone 11, about 90 km east of the first scene
+    write_geotiff(folder / "utm.tif", mosaic, "EPSG:32611", from_origin(600000.0, 3760000.0, 0.3, 0.3))
+    out = tmp_path / "index"
+    assert readme_build(folder, model_dir, out) == 0
+    run = tracked_build(mlflow_server, out)
+    assert run.data.tags["dataset"] == "scenes"
+    assert run.data.metrics["images_encoded"] == run.data.metrics["images_rows"] == 12  # chips, not files
+
+    # A box around the first scene answers its chips only, in (distance, row) order, at their true distances.
+    index = load_index(str(out), "v0001")
+    ids = np.concatenate([s.ids for s in index.shards]).astype(str)
+    codes = np.concatenate([s.codes for s in index.shards])
+    query = codes[[i.startswith("utm.tif") for i in ids].index(True)][None, :]
+    distances, rows = index.search(query, 20, where=ItemFilter.parse(bbox=[-117.01, 33.9, -116.9, 34.01]))
+    found = [str(i) for i in index.ids(rows[0]) if i]
+    assert sorted(found) == sorted(i for i in ids if i.startswith("lonlat.tif?window=")) and len(found) == 6
+    kept = distances[0][:len(found)]
+    assert list(kept) == sorted(kept)
+    want = {i: int(np.unpackbits(np.bitwise_xor(query[0], c)).sum()) for i, c in zip(ids, codes)}
+    assert [int(d) for d in kept] == [want[i] for i in found]
