@@ -23,7 +23,7 @@ Steps (figures, not timed tests):
    cluster (``terrahash cluster up``) instead of starting Ray.
 5. the same runs against ``minimal``: a single-process FastAPI + faiss server over the same index
    (evaluation/minimal_server.py, under uvicorn), what a user could write instead of the app; the
-   report ends with each layout's ratios to it (the figures the README quotes).
+   report ends with each layout's ratios to it (the figures docs/results.md quotes).
 
 Run: ``nice -n 10 python -m evaluation.bench_serve [--model DIR] [--json out.json]``; a shorter run:
 ``--sequential 100 --seconds 10 --qps 50 --layout colocated --layout minimal``.

@@ -1,7 +1,7 @@
 """Where the free-text ceiling is: how well the text encoder alone tells the scene classes apart in
 sentences worded unlike the training captions, frozen or with its top layers fine-tuned.
 
-A probe, reported only (``README.md``, "One code for classes and instances"). The hash codes of a
+A probe, reported only (``docs/results.md``, "How `fast_split` was chosen"). The hash codes of a
 free-text query land near the images of one class or another, so free-text mAP@all tracks how often
 the text tower names a query's class. This probe measures that directly, without hash heads:
 

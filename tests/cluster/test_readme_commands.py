@@ -1,5 +1,5 @@
-"""The `terrahash index ...` and `terrahash serve ...` commands as README.md and serving/README.md write them,
-run on tiny data (only paths, a free port and --exit for serve, --no-track for index jobs are changed)."""
+"""The `terrahash index ...` and `terrahash serve ...` commands as README.md, docs/serving.md and serving/README.md
+write them, run on tiny data (only paths, a free port and --exit for serve, --no-track for index jobs are changed)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ from cluster.cli.main import main  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+SOURCES = [REPO / "README.md", REPO / "docs" / "serving.md", REPO / "serving" / "README.md"]
 
 
 def readme_commands(path: Path) -> list[str]:
@@ -120,7 +121,7 @@ def places(model_dir, subset, tmp_path):
 
 
 def test_readmes_show_the_index_and_serve_commands():
-    commands = readme_commands(REPO / "README.md") + readme_commands(REPO / "serving" / "README.md")
+    commands = [c for path in SOURCES for c in readme_commands(path)]
     for needed in ("terrahash index build", "terrahash index add", "terrahash index verify", "terrahash index release",
                    "terrahash serve --index"):
         assert any(c.startswith(needed) for c in commands), (needed, commands)
@@ -131,7 +132,7 @@ def test_readmes_show_the_index_and_serve_commands():
 
 
 def test_every_readme_index_and_serve_command_runs(local_ray, places, capsys):
-    commands = readme_commands(REPO / "README.md") + readme_commands(REPO / "serving" / "README.md")
+    commands = [c for path in SOURCES for c in readme_commands(path)]
     order = ["index keygen", "index build", "index add", "index release", "index verify", "serve"]
     commands = sorted(commands, key=lambda c: next(i for i, o in enumerate(order) if o in c))
     runs = list(dict.fromkeys(tuple(localize(c, places)) for c in commands))  # the same once localized: once

@@ -1,4 +1,4 @@
-"""The `terrahash report` and `terrahash jscc ...` commands as README.md and training/README.md write
+"""The `terrahash report` and `terrahash jscc ...` commands as the READMEs and docs/results.md write
 them, run on tiny data: every runs/NAME they name is a copy of one tiny trained run, the jscc config a
 tiny one, and the peer benchmark small (--peer-codes); nothing else of the command is changed."""
 from __future__ import annotations

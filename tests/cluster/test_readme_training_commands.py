@@ -1,4 +1,4 @@
-"""The `terrahash train|distill|eval|summarize` commands as the READMEs write them, run on tiny data, and
+"""The `terrahash train|distill|eval|summarize` commands as the READMEs and docs/results.md write them, run on tiny data, and
 every `python -m evaluation.*` benchmark they show, asked for its --help (the benchmarks themselves are long).
 
 Only what makes them small changes: the shipped config names become tiny random-tower configs, `runs/`
@@ -23,7 +23,8 @@ from cluster.cli.main import main  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-READMES = [REPO / "README.md", REPO / "training" / "README.md", REPO / "evaluation" / "README.md"]
+READMES = [REPO / "README.md", REPO / "training" / "README.md", REPO / "evaluation" / "README.md",
+           REPO / "docs" / "results.md"]
 TRAINING = r"terrahash (?:train|distill|eval|summarize)\b"
 TINY_STUDENTS = {
     "name": "tiny-students",

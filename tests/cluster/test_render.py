@@ -143,7 +143,7 @@ def test_a_bad_description_is_refused_with_the_key(tmp_path):
 def _readme_lines(prefixes: tuple[str, ...]) -> list[list[str]]:
     import re
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "cluster" / "README.md").read_text()
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -155,7 +155,7 @@ def _readme_lines(prefixes: tuple[str, ...]) -> list[list[str]]:
 
 
 def test_the_readme_cluster_commands_run_or_parse(tmp_path, capsys):
-    """`cluster render` as the README writes it (only --out moved); the other cluster, submit and jobs
+    """`cluster render` as cluster/README.md writes it (only --out moved); the other cluster, submit and jobs
     commands parse as written (tests/cluster/test_local_cluster.py and test_jobs.py run them)."""
     renders = _readme_lines(("terrahash cluster render",))
     assert {argv[argv.index("--target") + 1] for argv in renders} == {"kuberay", "launcher"}

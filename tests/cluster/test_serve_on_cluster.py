@@ -1,5 +1,5 @@
 """`serve deploy` of the Serve config `terrahash serve --render` writes, onto the 3-node cluster `terrahash cluster up`
-started: the app answers queries over HTTP, its shards spread over the nodes (the README's recipe, run)."""
+started: the app answers queries over HTTP, its shards spread over the nodes (cluster/README.md's recipe, run)."""
 from __future__ import annotations
 
 import subprocess

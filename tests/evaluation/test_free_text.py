@@ -113,7 +113,7 @@ def test_eval_with_queries_on_a_tiny_model(trained, trained_other, subset):
 def test_cli_eval_prints_the_free_text_figures_beside_the_captions(trained, subset, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(trained / "run"), "--data", str(subset), "--cache-dir",
-                 str(trained / "cache"), "--queries", "ucm_free_text", "--json", str(out)]) == 0  # as README.md
+                 str(trained / "cache"), "--queries", "ucm_free_text", "--json", str(out)]) == 0  # as docs/results.md
     printed = capsys.readouterr().out
     for line in ("free_text.map_all", "captions t2i.map_all", "worst first", "R@K ceiling", "asymmetric"):
         assert line in printed, line
