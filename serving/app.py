@@ -229,11 +229,15 @@ def run_apps(settings: ServeSettings, name: str | None = None, route_prefix: str
 
 
 def delete_apps(name: str = "terrahash") -> None:
-    """Delete the router application ``name`` and its index and model applications."""
-    ours = [app for app in serve.status().applications
-            if app == name or app.startswith((f"{name}-index-", f"{name}-model-"))]
-    for app in sorted(ours, key=lambda a: a != name):  # the router first: nothing calls the others then
-        serve.delete(app)
+    """Delete the router application ``name`` and its index and model applications (holding the config
+    lock: a change of the split read before the delete would otherwise deploy them again)."""
+    from serving.lifecycle.control import changing
+
+    with changing():
+        ours = [app for app in serve.status().applications
+                if app == name or app.startswith((f"{name}-index-", f"{name}-model-"))]
+        for app in sorted(ours, key=lambda a: a != name):  # the router first: nothing calls the others then
+            serve.delete(app)
 
 
 def deploy_local(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> dict:

@@ -55,9 +55,7 @@ def format_status(traffic: dict, status: dict) -> str:
                      f"{_fmt(probe.get('map_at_k'), '.3f'):>14}{_fmt(probe.get('recall_at_k'), '.2f'):>7}"
                      f"{_fmt(shadow.get('overlap_at_k'), '.2f'):>8}  {verdict.get('verdict', 'no data yet')}"
                      + (f": {'; '.join(verdict['reasons'])}" if verdict.get("reasons") else ""))
-        if s.get("model"):
-            lines.append(f"{'':<12}model {s['model']['name']} v{s['model']['version']}"
-                         + (f", alias {arm['alias']}" if arm.get("alias") else ""))
+        lines += _serving_lines(arm, s)
         if s.get("gates"):
             lines.append(f"{'':<12}gates: " + ", ".join(f"{g} {v.split(':', 1)[0]}" for g, v in s["gates"].items()
                                                         if g != "checked"))
@@ -65,6 +63,27 @@ def format_status(traffic: dict, status: dict) -> str:
             lines.append(f"{'':<12}rolled back at {s['rollback']['time']}: alias {s['rollback'].get('alias')}")
     lines.append("(weight: percent of live traffic; 's': a shadow arm, percent of requests mirrored)")
     return "\n".join(lines)
+
+
+def _serving_lines(arm: dict, status: dict) -> list[str]:
+    """Which version the arm serves and since when, its alias, and its latest roll-out."""
+    pad, lines = f"{'':<12}", []
+    serving = status.get("serving") or {}
+    model = serving.get("model") or (f"models:/{status['model']['name']}/{status['model']['version']}"
+                                     if status.get("model") else None)
+    if model:
+        lines.append(f"{pad}serves {model}" + (f" since {serving['since']}" if serving.get("since") else "")
+                     + (f", following alias {arm['alias']}" if arm.get("alias") and "@" in (arm.get("model") or "")
+                        else f", alias {arm['alias']}" if arm.get("alias") else ""))
+    if len(serving.get("replicas") or {}) > 1:
+        lines.append(f"{pad}routers: " + ", ".join(f"{n} on {m}" for m, n in sorted(serving["replicas"].items())))
+    rollout = status.get("rollout")
+    if rollout and rollout.get("state") != "done":
+        lines.append(f"{pad}roll-out {rollout['from']} -> {rollout['to']}: {rollout['state']} since {rollout['started']}"
+                     + (f" ({rollout['problem']})" if rollout.get("problem") else ""))
+    if serving.get("alias_problem"):
+        lines.append(f"{pad}alias not read: {serving['alias_problem']}")
+    return lines
 
 
 def _fmt(value, spec: str) -> str:
@@ -138,8 +157,10 @@ def add_traffic_commands(subparsers) -> None:
     common.add_argument("--app", default="terrahash", help="the router's Serve application (default: %(default)s)")
 
     status = commands.add_parser("status", parents=[common], help="per arm: share, requests, errors, p50/p99, "
-                                 "probe mAP@k, shadow overlap@k, verdict, last gates",
-                                 description="The canary controller's figures over its sliding window, per arm.")
+                                 "probe mAP@k, shadow overlap@k, verdict, last gates, the version it serves",
+                                 description="The canary controller's figures over its sliding window, per arm, "
+                                             "and which model version each arm serves and since when (an arm "
+                                             "given by alias follows it: a roll-out in progress is shown).")
     status.add_argument("--json", action="store_true", help="print the split and the figures as JSON")
     status.set_defaults(handler=_status)
 

@@ -13,8 +13,11 @@ its own hash, deleting one breaks the next one's link and leaves a gap in ``seq`
 ``ArtifactRoot.create_bytes`` (exclusive), so two writers can never both append entry N: the loser
 reads the log again and appends on top of the winner's entry.
 
-Actions: ``promote`` (every gate passed), ``force-promote`` (gates failed, moved anyway with a reason),
-``rollback`` (by a person) and ``auto-rollback`` (by the serving controller).
+Actions that move the alias: ``promote`` (every gate passed), ``force-promote`` (gates failed, moved anyway
+with a reason), ``rollback`` (by a person) and ``auto-rollback`` (by the serving controller). Actions that
+record what serving did after a move (serving/lifecycle/follow.py): ``rollout`` (an arm that follows the
+alias switched from ``from_version`` to ``to_version``) and ``rollout-failed`` (it could not; ``reason``
+says why).
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ __all__ = ["AuditLog", "AuditError", "ZERO_SHA256", "canonical_bytes", "entry_sh
            "default_actor"]
 
 AUDIT_PREFIX = "audit"
-ACTIONS = ("promote", "force-promote", "rollback", "auto-rollback")
+MOVES = ("promote", "force-promote", "rollback", "auto-rollback")
+ACTIONS = (*MOVES, "rollout", "rollout-failed")
 MAX_APPEND_TRIES = 100  # other writers that may win the same number before an append gives up
 DEFAULT_ROOT = "./terrahash-root"
 FIELDS = ("seq", "time", "actor", "action", "alias", "from_version", "to_version", "gates", "figures", "reason",
@@ -156,8 +160,12 @@ class AuditLog:
 
     def latest(self, alias: str) -> dict | None:
         """The latest entry that moved ``alias`` (None if it never moved)."""
-        moves = [e for e in self.entries() if e.get("alias") == alias]
+        moves = self.moves(alias)
         return moves[-1] if moves else None
+
+    def moves(self, alias: str | None = None) -> list[dict]:
+        """The entries that moved an alias (``alias``, or any), oldest first: not the roll-outs that followed."""
+        return [e for e in self.entries() if e.get("action") in MOVES and alias in (None, e.get("alias"))]
 
     def previous_version(self, alias: str) -> str | None:
         """The version ``alias`` held before its latest move, from the log (None: it was unset, or never moved)."""
@@ -166,4 +174,4 @@ class AuditLog:
 
     def held(self, alias: str, version) -> bool:
         """Whether ``version`` was ever moved to ``alias``, by the log."""
-        return any(e.get("alias") == alias and e.get("to_version") == str(version) for e in self.entries())
+        return any(e.get("to_version") == str(version) for e in self.moves(alias))

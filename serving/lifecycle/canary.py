@@ -16,6 +16,10 @@ back to the version it held before (serving/lifecycle/promotion.py, with an entr
 and a log line say why. Too few requests and too few probes is "no data yet": neither healthy nor
 failing, and nothing is rolled back on it. Registered arms get their record written to their MLflow
 model version (``canary.*`` tags) every ``record_every_s``, which the promotion to champion reads.
+
+Arms given by alias follow it (serving/lifecycle/follow.py): when the alias moves, by a promotion, a person's
+rollback or this controller's own, the arm rolls the version it now names out; the status says which
+version each arm serves, since when, and how its latest roll-out went.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
+from serving.lifecycle.follow import LIVE_REPORT_S, AliasFollower
 from serving.lifecycle.judging import NO_DATA, Series, probe_scores, reason_tag, verdicts, window_figures
 from serving.runtime.settings import CanaryConfig
 from serving.runtime.traffic import Traffic, check_traffic
@@ -80,6 +85,8 @@ class Canary:
         self.gates: dict[str, dict] = {}
         self.probe_set: dict | None = None
         self.routers: dict[str, tuple[float, int]] = {}  # router replica -> (last report, revision of its split)
+        self.serving: dict[str, dict] = {}  # router replica -> what it serves per arm (arms.Arm.serving)
+        self.follower = AliasFollower(app_name, tracking_uri, self._live_serving, on_switched=self._switched)
         self.probe_problem: str | None = None
         self._probe_source: str | None = None
         self._probe_next = 0
@@ -102,6 +109,8 @@ class Canary:
             if old is not None and old.weight <= 0 < arm.weight or old is not None and old.fault != arm.fault \
                     or old is not None and (old.model_app, old.index_app) != (arm.model_app, arm.index_app):
                 self._forget(arm.name)  # traffic again, or another backend: a new canary, judged afresh
+            elif old is not None and old.serving and old.serving != arm.serving:
+                self._forget(arm.name, keep_rollback_to=arm.serving)  # another version rolled out on it
         for name in [n for n in self.rollbacks if n not in {a.name for a in self.traffic.arms}]:
             self._forget(name)
         if self.config.probe_data != self._probe_source:
@@ -116,17 +125,32 @@ class Canary:
         if self._loop is None or self._loop.done():
             self._loop = asyncio.get_running_loop().create_task(self._run())
 
-    def _forget(self, arm: str) -> None:
+    def _forget(self, arm: str, keep_rollback_to: str | None = None) -> None:
+        """Judge ``arm`` afresh; its rollback record stays when the arm now follows its alias back to the
+        version the rollback moved it to (``keep_rollback_to``)."""
         for series in (self.live, self.shadow, self.probes):
             series.pop(arm, None)
-        self.rollbacks.pop(arm, None)
+        rollback = self.rollbacks.pop(arm, None)
+        moved = (rollback or {}).get("alias")
+        if keep_rollback_to and isinstance(moved, dict) and keep_rollback_to.endswith(f"/{moved.get('to')}"):
+            self.rollbacks[arm] = rollback
         self.verdicts.pop(arm, None)
         self.models.pop(arm, None)
+
+    def _live_serving(self) -> dict:
+        """What each router replica heard from lately serves, per arm."""
+        now = time.time()
+        return {replica: self.serving.get(replica, {}) for replica, (seen, _) in self.routers.items()
+                if now - seen < LIVE_REPORT_S}
+
+    def _switched(self, arm: str) -> None:
+        self.models.pop(arm, None)  # its registered version is asked again
 
     async def report(self, replica: str, report: dict) -> None:
         """A router replica's per-arm samples since its last report (serving.runtime.arms.ArmStats)."""
         now = time.time()
         self.routers[replica] = (now, int(report.get("revision", 0)))
+        self.serving[replica] = report.get("serving", {})
         for kind, series in (("live", self.live), ("shadow", self.shadow)):
             for arm, samples in report.get(kind, {}).items():
                 for sample in samples:
@@ -135,7 +159,7 @@ class Canary:
     async def revisions(self) -> dict[str, int]:
         """The revision of the split each router replica heard from in the last 5 s has."""
         now = time.time()
-        return {replica: revision for replica, (seen, revision) in self.routers.items() if now - seen < 5.0}
+        return {replica: revision for replica, (seen, revision) in self.routers.items() if now - seen < LIVE_REPORT_S}
 
     async def status(self) -> dict:
         """Per arm: weight, share, requests, errors, p50/p99, probes, shadow figures, verdict, rollback, gates."""
@@ -146,7 +170,11 @@ class Canary:
             arms[arm.name] = {**f, "weight": arm.weight, "shadow": arm.shadow, "alias": arm.alias,
                               "verdict": self.verdicts.get(arm.name, {"verdict": NO_DATA, "reasons": []}),
                               "rollback": self.rollbacks.get(arm.name), "gates": self.gates.get(arm.name),
-                              "model": self.models.get(arm.name, {}).get("registered")}
+                              "model": self.models.get(arm.name, {}).get("registered"),
+                              "serving": {"model": arm.serving, "since": arm.since,
+                                          "replicas": self.follower.served(arm.name),
+                                          "alias_problem": self.follower.problems.get(arm.name)},
+                              "rollout": self.follower.rollouts.get(arm.name)}
         return {"window_s": self.config.window_s if self.config else None, "arms": arms,
                 "probes": {"source": self._probe_source, "count": len(self.probe_set["queries"]) if self.probe_set
                            else 0, "problem": self.probe_problem, "k": self.config.probe_k if self.config else None}}
@@ -157,6 +185,7 @@ class Canary:
         while True:
             started = time.monotonic()
             try:
+                self.follower.tick(self.traffic, self.config)
                 if self.config.enabled:
                     self._send_probes()
                     await self._judge()

@@ -134,7 +134,7 @@ def alias_problems(name: str, *, root=None, tracking_uri: str | None = None) -> 
     mlflow_client = client(tracking_uri)
     aliases = dict(getattr(mlflow_client.get_registered_model(name), "aliases", {}) or {})
     logged = {}
-    for entry in audit.entries():
+    for entry in audit.moves():
         logged[entry.get("alias")] = entry.get("to_version")
     problems = []
     for alias in sorted(set(aliases) | set(logged)):

@@ -6,8 +6,13 @@ describe the index and, split, the model application's ``QueryEncoder`` to descr
 co-located (serving/runtime/local.py), loads the model and the index's local shard groups itself; it
 checks that they share a code space and takes handles to the shard groups it does not hold. Until then,
 or when they disagree, the arm is not ready and its requests are answered by the primary arm. Arms that
-declare the same applications share a backend. Local shard groups report their readiness as shard
-replicas do, every health period.
+declare the same applications and model share a backend. Local shard groups report their readiness as
+shard replicas do, every health period.
+
+An arm whose model changes (the canary controller rolls out the version its alias now names: ``serving``
+of its route) keeps answering with the backend it has while the new one is resolved beside it (its
+``staged`` backend), and switches once that one is ready; the old one is then dropped. A new backend
+that cannot be resolved stays staged, saying why, and the arm goes on answering with the old one.
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ class Backend:
 
     def __init__(self, model_app: str, index_app: str, model: str | None = None):
         self.model_app, self.index_app, self.model_uri = model_app, index_app, model
-        self.ready = False
+        self.key = (model_app, index_app, model)
+        self.ready = self.unusable = False
         self.problem: str | None = "not resolved yet"
         self.encoder = self.reports = None
         self.text = None  # the text student's LocalHandle, when the router encodes text (split layout)
@@ -64,7 +70,7 @@ class Backend:
         index = await asyncio.wait_for(awaited(info.describe.remote()), DESCRIBE_TIMEOUT_S)
         colocated = options.get("layout") == "colocated"
         if colocated:
-            loaded = await asyncio.to_thread(load_model, self.model_uri, index["index"], index.get("release"),
+            loaded = await asyncio.to_thread(_usable, load_model, self.model_uri, index["index"], index.get("release"),
                                              options.get("encoder_variant", "fp32"), options.get("tracking_uri"),
                                              options.get("model_cache_dir", DEFAULT_MODEL_CACHE))
             model = described(loaded)
@@ -72,11 +78,11 @@ class Backend:
             encoder = serve.get_deployment_handle("QueryEncoder", self.model_app)
             model = await asyncio.wait_for(awaited(encoder.describe.remote()), DESCRIBE_TIMEOUT_S)
         if index.get("code_space") and model.get("code_space") and index["code_space"] != model["code_space"]:
-            raise ValueError(f"model {model['model']} (code space {model['code_space'][:19]}) does not speak the "
+            raise Unusable(f"model {model['model']} (code space {model['code_space'][:19]}) does not speak the "
                              f"code space of index {index['index']} release {index['release']} "
                              f"({index['code_space'][:19]})")
         if int(model["bits"]) != int(index["bits"]):
-            raise ValueError(f"model {model['model']} gives {model['bits']}-bit codes, the index holds {index['bits']}")
+            raise Unusable(f"model {model['model']} gives {model['bits']}-bit codes, the index holds {index['bits']}")
         threads = int(options.get("encoder_threads", 1))
         text = None
         if colocated:
@@ -111,6 +117,21 @@ class Backend:
         return held
 
 
+class Unusable(ValueError):
+    """A backend that no retry will make usable: a model of another code space than the index, or a model
+    version that is not there."""
+
+
+def _usable(load, *args):
+    """``load(*args)``, its missing model or files raised as Unusable."""
+    from serving.model.registry import ModelNotFoundError
+
+    try:
+        return load(*args)
+    except (ModelNotFoundError, FileNotFoundError) as err:
+        raise Unusable(str(err)) from err
+
+
 def _load_group(args: tuple):
     """A serving.runtime.replicas.ShardServer's state built in this thread (its ``__init__`` is a coroutine)."""
     from serving.runtime.replicas import ShardServer
@@ -134,10 +155,12 @@ def _load_text(model: dict, options: dict, threads: int, pool: Executor) -> Loca
 
 @dataclass
 class Arm:
-    """A route (name, weight, fault, ...) and the backend that answers for it."""
+    """A route (name, weight, fault, ...), the backend that answers for it and, while another model version
+    is rolled out on it, the backend that will."""
 
     route: ArmRoute
     backend: Backend
+    staged: Backend | None = None
 
     @property
     def name(self) -> str:
@@ -155,35 +178,75 @@ class Arm:
         return {"arm": self.name, "model_version": model.get("model_version"), "model": name,
                 "index_version": index.get("index_version"), "release": index.get("release")}
 
+    def serving(self) -> dict:
+        """What this replica serves on the arm (its report to the canary controller): the model
+        (``models:/NAME/VERSION`` of a registered one) and the one being rolled out, with its problem."""
+        out = {"model": self.versions()["model"] if self.ready else None}
+        if self.staged is not None:
+            out.update(staged=self.staged.model_uri, problem=self.staged.problem, unusable=self.staged.unusable)
+        return out
+
 
 class Backends:
-    """Resolved backends by (model app, index app), kept across reconfigures; a loop resolves new ones."""
+    """Resolved backends by (model app, index app, model), kept across reconfigures; a loop resolves new
+    ones and switches an arm to its staged backend once that is ready."""
 
     def __init__(self, options: dict, pool: Executor):
         self.options, self.pool = options, pool
-        self.by_key: dict[tuple[str, str], Backend] = {}
+        self.by_key: dict[tuple, Backend] = {}  # (model app, index app, model) -> backend
+        self.current: dict[str, Arm] = {}
         self._task: asyncio.Task | None = None
         self._reporter: asyncio.Task | None = None
 
     def arms(self, routes: list[ArmRoute]) -> dict[str, Arm]:
+        """The arms of a new split. An arm whose model changed keeps its ready backend until the new one is
+        ready (``staged``); a route pinned to the version its backend already serves keeps that backend."""
         arms = {}
         for route in routes:
-            key = (route.model_app, route.index_app)
-            if key not in self.by_key:
-                self.by_key[key] = Backend(*key, model=route.model)
-            arms[route.name] = Arm(route, self.by_key[key])
-        wanted = {(r.model_app, r.index_app) for r in routes}
-        for key in [k for k in self.by_key if k not in wanted]:
-            del self.by_key[key]  # a removed arm's backend: its handles go with it
+            key = (route.model_app, route.index_app, route.serving or route.model)
+            before = self.current.get(route.name)
+            backend = self.by_key.get(key)
+            if backend is None and before is not None and before.ready and route.serving \
+                    and before.backend.key[:2] == key[:2] and before.versions()["model"] == route.serving:
+                backend = self.by_key[key] = before.backend  # pinned to what it serves already: nothing to load
+            if backend is None:
+                backend = self.by_key[key] = Backend(*key)
+            if before is not None and before.backend is not backend and before.ready and not backend.ready:
+                arms[route.name] = Arm(route, before.backend, staged=backend)  # answers on the old meanwhile
+            else:
+                arms[route.name] = Arm(route, backend)
+        self.current = arms
+        self._drop_unused()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._resolve_loop())
         if self._reporter is None or self._reporter.done():
             self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
         return arms
 
+    def _drop_unused(self) -> None:
+        """Forget the backends no arm uses or stages (a removed arm's, or one rolled out from): their
+        handles, models and local shard groups go with them."""
+        used = {id(b) for arm in self.current.values() for b in (arm.backend, arm.staged) if b is not None}
+        for key in [k for k, b in self.by_key.items() if id(b) not in used]:
+            del self.by_key[key]
+
+    def _switch_staged(self) -> None:
+        """Arms whose staged backend is ready now answer with it."""
+        switched = False
+        for arm in self.current.values():
+            if arm.staged is not None and arm.staged.ready:
+                log.info("arm %s: now serving %s (was %s)", arm.name, arm.staged.model_uri, arm.backend.model_uri)
+                arm.backend, arm.staged, switched = arm.staged, None, True
+        if switched:
+            self._drop_unused()
+
     def local_groups(self) -> list:
         """Every shard group held in this replica (serving.runtime.replicas.ShardServer's state)."""
-        return [group for backend in self.by_key.values() for group in backend.local]
+        return [group for backend in self._backends() for group in backend.local]
+
+    def _backends(self) -> list[Backend]:
+        """Each backend once (one re-pinned to the version it serves is known under two keys)."""
+        return list({id(b): b for b in self.by_key.values()}.values())
 
     async def _report_loop(self) -> None:
         """The local shard groups' readiness to their index's ShardReports, every health period."""
@@ -196,17 +259,18 @@ class Backends:
     async def _resolve_loop(self) -> None:
         delay = 0.2
         while any(not b.ready for b in self.by_key.values()):
-            for backend in [b for b in self.by_key.values() if not b.ready]:
+            for backend in [b for b in self._backends() if not b.ready]:
                 try:
                     await backend.resolve(self.options, self.pool)
-                    log.info("arm backend %s + %s ready", backend.model_app, backend.index_app)
+                    log.info("arm backend %s + %s ready", backend.model_uri or backend.model_app, backend.index_app)
+                    self._switch_staged()
                 except asyncio.CancelledError:
                     raise
                 except Exception as err:  # not deployed yet, or unusable: say why, try again
                     problem = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
                     if problem != backend.problem:
                         log.warning("arm backend %s + %s not usable: %s", backend.model_app, backend.index_app, problem)
-                    backend.problem = problem
+                    backend.problem, backend.unusable = problem, isinstance(err, Unusable)
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 2.0)
 

@@ -135,15 +135,16 @@ class ArmDispatcher:
         self._wake.set()
 
     async def report_loop(self, canary, replica: str) -> None:
-        """Every second (and at once after a reconfigure), this replica's per-arm figures and the revision of
-        the split it has, to the canary controller (a lost report is only lost)."""
+        """Every second (and at once after a reconfigure), this replica's per-arm figures, the revision of the
+        split it has and the model each arm serves, to the canary controller (a lost report is only lost)."""
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), REPORT_PERIOD_S)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            report = {**self.stats.drain(), "revision": self.traffic.revision}
+            report = {**self.stats.drain(), "revision": self.traffic.revision,
+                      "serving": {name: arm.serving() for name, arm in self.arms.items()}}
             try:
                 await asyncio.wait_for(awaited(canary.report.remote(replica, report)), 5.0)
             except Exception as err:  # noqa: BLE001

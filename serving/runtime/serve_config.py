@@ -53,9 +53,19 @@ def index_app_name(settings: ServeSettings, arm: ArmSettings) -> str:
 
 def model_app_name(settings: ServeSettings, arm: ArmSettings) -> str:
     fields = model_fields(settings, arm)
-    # a model given by alias is its own application: the alias may move, the app keeps what it loaded
-    source = (fields.get("model"),) if fields.get("model") else ("release", fields.get("index"), fields.get("release"))
-    return f"{settings.app_name}-model-{_key(*source, fields['encoder_variant'])}"
+    # a model given by alias is its own application (until a roll-out pins the arm to a version's own)
+    if fields.get("model"):
+        return pinned_model_app_name(settings.app_name, fields["model"], fields["encoder_variant"])
+    return f"{settings.app_name}-model-{_key('release', fields.get('index'), fields.get('release'), fields['encoder_variant'])}"
+
+
+def pinned_model_app_name(app_name: str, model: str, variant: str) -> str:
+    """The model application of ``model`` (``models:/NAME/VERSION``) that a roll-out starts: the name an arm
+    declared with that model would have."""
+    return f"{app_name}-model-{_key(model, variant)}"
+
+
+MODEL_APP_IMPORT = "serving.app:model_app"
 
 
 def alias_of(arm: ArmSettings) -> str | None:
@@ -92,7 +102,7 @@ def app_specs(settings: ServeSettings) -> list[dict]:
             continue  # the routers load the arm's model themselves: no encoder application
         specs.setdefault(model_app_name(settings, arm), {
             "kind": "model", "name": model_app_name(settings, arm), "route_prefix": None,
-            "import_path": "serving.app:model_app", "args": model_fields(settings, arm),
+            "import_path": MODEL_APP_IMPORT, "args": model_fields(settings, arm),
             "deployments": [{"name": "QueryEncoder", "user_config": settings.encoder_config()}]})
     split = traffic(settings)
     router = {"kind": "router", "name": settings.app_name, "route_prefix": settings.route_prefix,

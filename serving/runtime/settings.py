@@ -107,6 +107,9 @@ class CanaryConfig(BaseModel):
     auto_rollback: bool = True
     root: str | None = None  # artifact root of the audit log; default $TERRAHASH_ROOT or ./terrahash-root
     record_every_s: float = Field(30.0, gt=0)  # how often each registered arm's record goes to MLflow
+    follow_aliases: bool = True  # an arm given as models:/NAME@ALIAS rolls out the version the alias moves to
+    alias_poll_s: float = Field(5.0, gt=0, le=3600)  # how often the registry is asked where the aliases point
+    rollout_timeout_s: float = Field(600.0, gt=0)  # a version not served by every router by then: roll-out failed
 
 
 class AuthSettings(BaseModel):

@@ -40,6 +40,10 @@ class ArmRoute(BaseModel):
     index_app: str  # the Serve application of the arm's shards (shared by arms of one code space and index)
     model: str | None = None  # what the arm serves: models:/NAME/VERSION, models:/NAME@ALIAS or a folder
     alias: str | None = None  # the registry alias the arm stands for (rolled back with it)
+    serving: str | None = None  # models:/NAME/VERSION: the version of a model given by alias that the arm
+    #                             serves, set by the canary controller's roll-outs (None: the alias as resolved
+    #                             when the arm's backend was loaded)
+    since: str | None = None  # when the arm started serving ``serving`` (ISO 8601)
     fault: Fault | None = None
 
 

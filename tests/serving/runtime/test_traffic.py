@@ -80,9 +80,10 @@ def wait_until(predicate, timeout: float, what: str):
 class Load:
     """A bounded concurrent load loop: ``threads`` clients sending text queries until stopped."""
 
-    def __init__(self, url: str, threads: int = 4, client_ids: bool = True):
-        self.url, self.stop_flag = url, threading.Event()
+    def __init__(self, url: str, threads: int = 4, client_ids: bool = True, arm: str | None = None):
+        self.url, self.arm, self.stop_flag = url, arm, threading.Event()
         self.answers: list[tuple[int, str | None, float]] = []  # (status, arm, seconds)
+        self.models: list[str | None] = []  # the model version of each answer, in order
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._loop, args=(f"load-{i}" if client_ids else None,), daemon=True)
                         for i in range(threads)]
@@ -91,9 +92,10 @@ class Load:
         n = 0
         while not self.stop_flag.is_set():
             start = time.perf_counter()
-            status, body, _ = text(self.url, client=f"{client}-{n % 7}" if client else None)
+            status, body, _ = text(self.url, client=f"{client}-{n % 7}" if client else None, arm=self.arm)
             with self.lock:
                 self.answers.append((status, body.get("arm"), time.perf_counter() - start))
+                self.models.append(body.get("model"))
             n += 1
 
     def __enter__(self):
@@ -156,7 +158,8 @@ def ab(serve_app, ranking_index, ucm_many, lifecycle, tmp_path_factory):
         # no automatic rollback until the rollback drills turn it on
         "canary": {"auto_rollback": False, "interval_s": 0.5, "window_s": 8.0, "min_requests": 10, "min_probes": 8,
                    "max_error_rate": 0.2, "max_p99_ms": 500.0, "max_probe_map_drop": 0.1, "probe_data": str(ucm_many), "probe_rate": 4.0,
-                   "probe_count": 40, "probe_k": 10, "root": lifecycle["root"], "record_every_s": 2.0}})
+                   "probe_count": 40, "probe_k": 10, "root": lifecycle["root"], "record_every_s": 2.0,
+                   "alias_poll_s": 1.0}})
     check_arms(settings)
     port = int(serve_app.rsplit(":", 1)[1])
     apply_config(serve_config(settings, port=port))
@@ -165,6 +168,51 @@ def ab(serve_app, ranking_index, ucm_many, lifecycle, tmp_path_factory):
     wait_until(lambda: text(url, arm="challenger")[0] == 200, 60, "the challenger arm answers")
     yield {"url": url, "settings": settings, **lifecycle}
     delete_apps(APP)
+
+
+def test_an_arm_follows_its_alias_live_promoted_then_rolled_back_under_load(ab, capsys):
+    """The challenger arm is models:/NAME@challenger. Under load on that arm, a promotion to its alias rolls
+    the other version out and `terrahash rollback` rolls the first one back in: 0 failed requests, the
+    answers' model switching each way and never back, traffic status naming the version and since when,
+    the audit log recording both roll-outs after the moves they follow."""
+    from mlflow import MlflowClient
+
+    from cluster.cli.main import main
+    from serving.governance.audit import AuditLog
+    from serving.lifecycle.promotion import promote
+
+    url, uri, root = ab["url"], ab["tracking_uri"], ab["root"]
+    first = MlflowClient(uri).get_model_version_by_alias(NAME, "challenger").version
+    other = next(str(v) for v in ab["versions"] if str(v) != first)
+    model = {v: f"models:/{NAME}/{v}" for v in (first, other)}
+    wait_until(lambda: _traffic(url)["arms"]["challenger"]["serving"]["model"] == model[first], 30,
+               "the arm pinned to the version its alias names")
+    entries = len(AuditLog(root, NAME).entries())
+    with Load(url, threads=3, arm="challenger") as load:
+        load.more(20)
+        promote(NAME, other, "challenger", root=root, force=True, reason="alias drill", tracking_uri=uri)
+        wait_until(lambda: load.models[-1] == model[other], 120, f"answers from {model[other]}")
+        load.more(20)
+        status = wait_until(lambda: (lambda s: (s.get("rollout") or {}).get("state") == "done" and s)(
+            _traffic(url)["arms"]["challenger"]), 30, "the roll-out settled")
+        assert status["serving"]["model"] == model[other] and status["serving"]["replicas"] == {model[other]: 1}
+        capsys.readouterr()
+        assert main(["traffic", "status", "--app", APP]) == 0
+        table = capsys.readouterr().out
+        assert re.search(rf"serves {re.escape(model[other])} since \S+, following alias challenger", table), table
+        assert main(["rollback", NAME, "--alias", "challenger", "--reason", "alias drill over", "--root", root,
+                     "--tracking-uri", uri]) == 0
+        wait_until(lambda: load.models[-1] == model[first], 120, f"answers from {model[first]} again")
+        load.more(20)
+    assert load.failed() == [], load.failed()[:5]
+    switches = [m for n, m in enumerate(load.models) if n == 0 or m != load.models[n - 1]]
+    assert switches == [model[first], model[other], model[first]], switches  # one switch each way, no flapping
+    log = AuditLog(root, NAME)
+    assert log.verify() == []
+    new = [(e["action"], e["from_version"], e["to_version"]) for e in log.entries()[entries:]]
+    assert new == [("force-promote", first, other), ("rollout", first, other), ("rollback", other, first),
+                   ("rollout", other, first)], new
+    assert log.latest("challenger")["action"] == "rollback"  # a roll-out is not a move of the alias
 
 
 def _answers(url: str) -> bool:
