@@ -41,6 +41,7 @@ from serving.runtime.arms import Arm, Backends
 from serving.runtime.calls import Call, finite
 from serving.runtime.dispatch import ArmDispatcher
 from serving.runtime.metrics import metrics
+from serving.runtime.openapi_docs import install as install_openapi_docs
 from serving.runtime.search import SearchPipeline
 from serving.runtime.settings import FUSION_RULES, RERANK_MODES, check_hot_settings
 from serving.runtime.stac import item_collection
@@ -69,6 +70,7 @@ def _resized(pixels: np.ndarray, size: int) -> np.ndarray:
 api = FastAPI(title="TerraHash search", version="1",
               description="Text to image, image to image and image to text search over binary hash codes. "
                           'Errors are JSON: {"error": {"code", "message"}}; a 500 also carries "request_id".')
+install_openapi_docs(api)  # permissions, examples, errors and headers of every route (serving/runtime/openapi_docs.py)
 
 
 @api.exception_handler(ApiError)

@@ -270,6 +270,21 @@ def test_health_readiness_metrics_and_docs(serve_app, ray_metrics_url):
     assert call(f"{serve_app}/metrics")[0] == 404  # no per-replica registry that a scrape would see at random
 
 
+def test_the_api_reference_is_the_live_openapi_document(serve_app):
+    """docs/api.md is what the running app's /openapi.json renders to: every route with its permission, example
+    answer, errors and headers (serving/runtime/openapi_docs.py)."""
+    from serving.runtime.openapi_docs import REGENERATE, undocumented
+    from serving.runtime.reference import render
+
+    status, document = call(f"{serve_app}/openapi.json")
+    assert status == 200
+    missing = undocumented(document)
+    assert not missing, (f"routes without docs: {missing}; add each route's endpoint to serving.governance.roles."
+                         f"ENDPOINTS and its entry to DOCS in serving/runtime/openapi_docs.py, then run `{REGENERATE}`")
+    assert render(document) == (REPO / "docs" / "api.md").read_text(), \
+        f"docs/api.md is not the live /openapi.json rendered: run `{REGENERATE}` and commit docs/api.md"
+
+
 def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index, jscc_link):
     from serving.app import run_apps
 
