@@ -97,7 +97,7 @@ def commands_in(text: str) -> list[tuple[str, bool]]:
     prose = FENCE.sub("", text)
     spans = [s for s in re.findall(r"`([^`]+)`", prose) if "|" not in s and "<" not in s]
     for line, in_block in [(line, True) for line in shell_lines(text)] + [(s, False) for s in spans]:
-        for part in re.split(r"&&|\|\||;|\s\|\s", line):
+        for part in _parts(line):
             match = COMMAND.search(part)
             if match:
                 command = part[match.start():].strip()
@@ -105,6 +105,24 @@ def commands_in(text: str) -> list[tuple[str, bool]]:
                     command = command.removesuffix(")")
                 found.append((" ".join(command.split()), in_block))
     return found
+
+
+def _parts(line: str) -> list[str]:
+    """``line`` cut at the shell's separators (&&, ||, ;, a pipe) outside quotes."""
+    parts, current, quote, i = [], "", None, 0
+    while i < len(line):
+        char = line[i]
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif line.startswith(("&&", "||"), i) or char in ";|":
+            parts.append(current)
+            current, i = "", i + (2 if line.startswith(("&&", "||"), i) else 1)
+            continue
+        current += char
+        i += 1
+    return [*parts, current]
 
 
 def _subparser(parser: argparse.ArgumentParser, words: list[str]) -> argparse.ArgumentParser:
@@ -167,6 +185,7 @@ def test_the_command_check_finds_mistakes():
     assert check_command("terrahash submit --no-follow -- train --bitz 64", True)  # the job's command is checked
     assert commands_in("```bash\nID=$(terrahash jobs list)\npip install terrahash[serve]\n```\n`terrahash a|b`") == [
         ("terrahash jobs list", True)]
+    assert _parts("terrahash x --reason 'a; b' && terrahash y | head") == ["terrahash x --reason 'a; b' ", " terrahash y ", " head"]
 
 
 # --- the top README ---
