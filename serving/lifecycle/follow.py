@@ -141,21 +141,22 @@ class AliasFollower:
         except Exception as err:  # noqa: BLE001 - the Serve config could not change: nothing switched
             record["problem"] = f"{type(err).__name__}: {err}"
         record["finished"], seconds = _now(), round(time.monotonic() - start, 1)
-        if record["problem"] is None:
-            record["state"] = "done"
-            await asyncio.to_thread(settle_roll_out, self.app_name, arm.name, record["finished"])
-            self.on_switched(arm.name)
+        done = record["problem"] is None
+        if done:
             log.info("arm %s: now serves %s (%.1f s)", arm.name, version, seconds)
+            self.on_switched(arm.name)
         else:
-            record["state"] = "failed"
             self.failed[arm.name] = version
             log.error("arm %s: roll-out of %s failed, still serving %s: %s", arm.name, version, served,
                       record["problem"])
-            try:
-                await asyncio.to_thread(restore_arm, self.app_name, before)
-            except Exception as err:  # noqa: BLE001
-                log.error("arm %s: could not put its route back: %s", arm.name, err)
-        await asyncio.to_thread(self._audit, arm.name, name, alias, record, seconds, config.root)
+        try:  # since when it serves it, and what no arm uses any more stopped; or the route put back
+            await asyncio.to_thread(*((settle_roll_out, self.app_name, arm.name, record["finished"]) if done
+                                      else (restore_arm, self.app_name, before)))
+        except Exception as err:  # noqa: BLE001 - the routers serve what they serve; say what was not recorded
+            log.error("arm %s: the split could not be updated after the roll-out: %s", arm.name, err)
+            record["split"] = f"not updated: {err}"
+        await asyncio.to_thread(self._audit, arm.name, name, alias, record, seconds, config.root, done)
+        record["state"] = "done" if done else "failed"  # last: the audit entry is written by then
 
     async def _wait_switched(self, arm: str, version: str, deadline: float) -> str | None:
         """None once every running router replica serves ``version`` on ``arm``; else why not (a version
@@ -175,7 +176,8 @@ class AliasFollower:
                         + ("; ".join(problems) or "no reason given"))
             await asyncio.sleep(0.5)
 
-    def _audit(self, arm: str, name: str, alias: str, record: dict, seconds: float, root: str | None) -> None:
+    def _audit(self, arm: str, name: str, alias: str, record: dict, seconds: float, root: str | None,
+               done: bool) -> None:
         """A ``rollout`` (or ``rollout-failed``) entry, after the alias move it follows."""
         from serving.governance.audit import AuditLog
 
@@ -185,7 +187,7 @@ class AliasFollower:
         try:
             audit = AuditLog(root, name)
             move = audit.latest(alias)
-            audit.append(action="rollout" if record["state"] == "done" else "rollout-failed", alias=alias,
+            audit.append(action="rollout" if done else "rollout-failed", alias=alias,
                          from_version=number(record["from"]), to_version=number(record["to"]),
                          reason=record["problem"] or f"arm {arm} of {self.app_name} follows {name}@{alias}",
                          figures={"arm": arm, "app": self.app_name, "seconds": seconds, "started": record["started"],

@@ -204,6 +204,8 @@ def test_an_arm_follows_its_alias_live_promoted_then_rolled_back_under_load(ab, 
                      "--tracking-uri", uri]) == 0
         wait_until(lambda: load.models[-1] == model[first], 120, f"answers from {model[first]} again")
         load.more(20)
+        wait_until(lambda: (lambda r: r.get("to") == model[first] and r.get("state") == "done")(
+            _traffic(url)["arms"]["challenger"].get("rollout") or {}), 30, "the roll-back's roll-out settled")
     assert load.failed() == [], load.failed()[:5]
     switches = [m for n, m in enumerate(load.models) if n == 0 or m != load.models[n - 1]]
     assert switches == [model[first], model[other], model[first]], switches  # one switch each way, no flapping
