@@ -32,6 +32,9 @@ ENDPOINTS: dict[str, str | None] = {
     "healthz": None, "readyz": None, "traffic": TRAFFIC, "keys": KEYS,
     "text": SEARCH, "image": SEARCH, "similar": SEARCH, "captions": SEARCH, "items": SEARCH, "received": SEARCH,
     "thumbnail": FULL, "explain": EXPLAIN, "card": CARDS,
+    # STAC API: the catalogue as item listing (search); items themselves are refused to coarsened roles
+    "stac_landing": SEARCH, "stac_conformance": SEARCH, "stac_collections": SEARCH, "stac_items": SEARCH,
+    "stac_item": SEARCH, "stac_search": SEARCH,
 }
 
 

@@ -207,6 +207,25 @@ def rfc3339(seconds: float) -> str:
     return text.replace("+00:00", "Z")
 
 
+def extent(columns: dict[str, np.ndarray] | None) -> dict:
+    """The footprints' box and the times' interval of a shard's items (None where no item has one):
+    ``{"bbox": [west, south, east, north] | None, "interval": [start, end] (POSIX seconds) | None}``.
+    A footprint across the antimeridian (west > east) widens the box to every longitude."""
+    out = {"bbox": None, "interval": None}
+    if columns is None:
+        return out
+    known = np.isfinite(columns["west"])
+    if known.any():
+        west, east = columns["west"][known], columns["east"][known]
+        across = bool((west > east).any())
+        out["bbox"] = [-180.0 if across else float(west.min()), float(columns["south"][known].min()),
+                       180.0 if across else float(east.max()), float(columns["north"][known].max())]
+    timed = np.isfinite(columns["start"])
+    if timed.any():
+        out["interval"] = [float(columns["start"][timed].min()), float(columns["end"][timed].max())]
+    return out
+
+
 def describe(columns: dict[str, np.ndarray], position: int) -> dict:
     """What a hit carries about its item: ``bbox`` (when it has one), ``datetime`` (an instant) or
     ``start_datetime``/``end_datetime`` (an interval), and ``properties``."""

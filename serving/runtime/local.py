@@ -155,6 +155,9 @@ class LocalShards:
     def item(self, item_id: str):
         return self.group.item(item_id)
 
+    def extent(self):
+        return self.group.extent()
+
     def code_of(self, item_id: str):
         return self.group.code_of(item_id)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
-from serving.index.items import describe
+from serving.index.items import describe, extent
 from serving.index.files import ShardIntegrityError
 from serving.index.shards import merge_topk
 from serving.index.versions import load_shard, read_manifest
@@ -254,6 +254,10 @@ class ShardServer:
             found += [(shard.ids[p], s, p) for p in by_id[start:start + limit].tolist()]
         found.sort()
         return {"matched": matched, "items": [self._item(shards[s], p) for _, s, p in found[:limit]]}
+
+    def extent(self) -> list[dict]:
+        """Each shard's serving.index.items.extent (footprints' box, times' interval)."""
+        return [extent(shard.meta) for shard in self._loaded()]
 
     def item(self, item_id: str) -> dict | None:
         """An indexed item's row, id, image_id and metadata, or None if this group does not hold it."""

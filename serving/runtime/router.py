@@ -45,6 +45,8 @@ from serving.runtime.openapi_docs import install as install_openapi_docs
 from serving.runtime.search import SearchPipeline
 from serving.runtime.settings import FUSION_RULES, RERANK_MODES, check_hot_settings
 from serving.runtime.stac import item_collection
+from serving.runtime.stac_api import ITEMS_FIELDS, SEARCH_FIELDS, openapi_body, openapi_query
+from serving.runtime.stac_views import StacViews
 from serving.runtime.thumbnails import ThumbnailCache
 from serving.runtime.traffic import Traffic, check_traffic
 from serving.runtime.views import OperatorViews
@@ -97,7 +99,7 @@ async def _http_error(request: Request, err: HTTPException):
 # Serve lets more in than max_inflight (a hot setting), so that an overloaded replica answers a JSON 503 at once
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(api)
-class Router(OperatorViews):
+class Router(OperatorViews, StacViews):
     """HTTP ingress: validate, pick the arm, encode, scatter to every shard group, merge the top-k, answer."""
 
     def __init__(self, canary, options: dict, limiter=None, audit=None):
@@ -119,6 +121,7 @@ class Router(OperatorViews):
         self.pipeline = SearchPipeline(self.metrics, self.decoder)
         self.dispatcher = ArmDispatcher(self.metrics)
         self.thumbnails = ThumbnailCache()
+        self.stac_extents: dict[tuple, dict] = {}  # (arm, index version) -> its items' extent (STAC collections)
         self.received = None  # serving.runtime.jscc.ReceivedDecoder of options["jscc_model"], loaded at first use
         self.inflight = 0  # requests this replica is answering now
 
@@ -243,6 +246,51 @@ class Router(OperatorViews):
         return await self._timed("card", request, lambda request, call: self._card(version, request, call),
                                  wrap=False)
 
+    # --- STAC API (serving/runtime/stac_views.py, stac_api.py) ---
+
+    @api.get("/v1")
+    async def stac_landing(self, request: Request):
+        """STAC API landing page: a Catalog with conformsTo and links to conformance, collections and search."""
+        return await self._timed("stac_landing", request, self._stac_landing)
+
+    @api.get("/v1/conformance")
+    async def stac_conformance(self, request: Request):
+        """The STAC API and OGC API Features conformance classes served."""
+        return await self._timed("stac_conformance", request, self._stac_conformance)
+
+    @api.get("/v1/collections")
+    async def stac_collections(self, request: Request):
+        """The STAC collections: one, the served image index, with its items' extent."""
+        return await self._timed("stac_collections", request, self._stac_collections)
+
+    @api.get("/v1/collections/{collection_id}")
+    async def stac_collection(self, collection_id: str, request: Request):
+        """One STAC collection."""
+        return await self._timed("stac_collections", request,
+                                 lambda request, call: self._stac_collections(request, call, collection_id))
+
+    @api.get("/v1/collections/{collection_id}/items", openapi_extra=openapi_query(ITEMS_FIELDS))
+    async def stac_items(self, collection_id: str, request: Request):
+        """The collection's items in a box and interval, by id, a page at a time (a STAC ItemCollection)."""
+        return await self._timed("stac_items", request,
+                                 lambda request, call: self._stac_items(collection_id, request, call))
+
+    @api.get("/v1/collections/{collection_id}/items/{item_id:path}")
+    async def stac_item(self, collection_id: str, item_id: str, request: Request):
+        """One item as a STAC Item."""
+        return await self._timed("stac_item", request,
+                                 lambda request, call: self._stac_item(collection_id, item_id, request, call))
+
+    @api.get("/v1/search", openapi_extra=openapi_query(SEARCH_FIELDS))
+    async def stac_search_get(self, request: Request):
+        """STAC item search: bbox, datetime, ids, collections, limit, token; q ranks by text (free-text)."""
+        return await self._timed("stac_search", request, self._stac_search)
+
+    @api.post("/v1/search", openapi_extra=openapi_body(SEARCH_FIELDS))
+    async def stac_search_post(self, request: Request):
+        """STAC item search with a JSON body (the GET parameters, arrays as JSON arrays)."""
+        return await self._timed("stac_search", request, self._stac_search)
+
     async def probe(self, arm: str, kind: str, payload, k: int) -> list[str]:
         """One probe query of the canary controller on ``arm`` (no fallback): the top-k ids. ``kind`` "text"
         (payload: the query) or "image" (payload: the image file's bytes)."""
@@ -338,27 +386,31 @@ class Router(OperatorViews):
         self.gate.check_query(call.who, endpoint, text, k)
         return min(k, self.gate.policy.coarsening.max_k) if self.gate.coarsened(call.who) else k
 
-    async def _dispatch(self, request: Request, call: Call, run) -> dict:
-        """``run`` on the request's arm (serving.runtime.dispatch): sticky per ``X-Client-Id``, or the one
-        ``X-TerraHash-Arm`` names, which needs permission ``arm_override``."""
+    async def _dispatch(self, request: Request, call: Call, run, sticky: str | None = None) -> dict:
+        """``run`` on the request's arm (serving.runtime.dispatch): sticky per ``X-Client-Id`` (else per
+        ``sticky``, so that every page of one search meets the same arm), or the one ``X-TerraHash-Arm``
+        names, which needs permission ``arm_override``."""
         forced = request.headers.get("x-terrahash-arm") if request is not None else None
         if forced is not None:
             self.gate.require(call.who, ARM_OVERRIDE, "choose the arm (X-TerraHash-Arm)")
         client = request.headers.get("x-client-id") if request is not None else None
-        return await self.dispatcher.dispatch(call, run, forced, client)
+        return await self.dispatcher.dispatch(call, run, forced, client or sticky)
 
     # --- the endpoints' work, per arm ---
 
     async def _search_text(self, request: Request, call: Call) -> dict:
         body = parse_body(TextSearch, await read_json(request, self.config["max_query_chars"] * 4 + 4096))
-        query = check_query(body.query, self.config)
         params = body.model_dump()
+        return self._formatted(request, params, await self._ranked_text(request, call, params), call=call)
+
+    async def _ranked_text(self, request: Request, call: Call, params: dict, sticky: str | None = None) -> dict:
+        """The answer of /v1/search/text to ``params`` (TextSearch's fields) on the request's arm."""
+        query = check_query(params["query"], self.config)
         k, rerank, fusion = self._options(params)
         call.query_sha256 = sha256_of(query)
         k = self._admit(call, "text", k, query)
-        answer = await self._dispatch(request, call, self.pipeline.text_run(query, k, rerank, fusion, parse_filter(params)))
-        return self._formatted(request, params, answer, call=call)
-
+        run = self.pipeline.text_run(query, k, rerank, fusion, parse_filter(params))
+        return await self._dispatch(request, call, run, sticky)
 
     async def _search_image(self, request: Request, call: Call) -> dict:
         data, params = await image_upload(request, self.config["max_upload_bytes"], ImageSearch)

@@ -53,11 +53,13 @@ def stac_item(hit: dict, base_url: str = "", rank: int | None = None) -> dict:
     return item
 
 
-def item_collection(answer: dict, base_url: str = "", next_body: dict | None = None) -> dict:
-    """A search or listing answer as a STAC ItemCollection; ``next_body``: the POST body of the next page."""
+def item_collection(answer: dict, base_url: str = "", next_body: dict | None = None, first_rank: int = 1) -> dict:
+    """A search or listing answer as a STAC ItemCollection; ``next_body``: the POST body of the next page;
+    ``first_rank``: the rank of the answer's first hit (a later page's)."""
     hits = answer.get("results", [])
     rest = {k: v for k, v in answer.items() if k not in ("results", "matched", "next")}
-    collection = {"type": "FeatureCollection", "features": [stac_item(h, base_url, n + 1) for n, h in enumerate(hits)],
+    collection = {"type": "FeatureCollection",
+                  "features": [stac_item(h, base_url, first_rank + n) for n, h in enumerate(hits)],
                   "numberReturned": len(hits), "links": [], **rest}
     if "matched" in answer:
         collection["numberMatched"] = answer["matched"]

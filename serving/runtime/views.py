@@ -23,6 +23,11 @@ from serving.runtime.thumbnails import make_thumbnail, thumbnail_path
 COLLECTIONS = ("images", "captions")
 
 
+def public_item(item: dict, refs) -> dict:
+    """A shard group's item (row, id, image_id, metadata) as answers show it: its image and thumbnail."""
+    return public_hit({**item, "image": item_image(item, refs), "thumbnail": thumbnail_path(item["image_id"])})
+
+
 class OperatorViews:
     """Readiness, traffic, keys, cards, explain, item listings and thumbnails, for serving.runtime.router.Router."""
 
@@ -113,6 +118,14 @@ class OperatorViews:
 
     async def _search_items(self, request: Request, call: Call) -> dict:
         params = parse_body(ItemsSearch, await read_json(request, 64 * 1024)).model_dump()
+        answer = await self._listed_items(request, call, params)
+        next_body = None
+        if answer.get("next"):
+            next_body = {k: v for k, v in params.items() if v is not None and k != "token"} | {"token": answer["next"]}
+        return self._formatted(request, params, answer, next_body, call)
+
+    async def _listed_items(self, request: Request, call: Call, params: dict, sticky: str | None = None) -> dict:
+        """The answer of /v1/search/items to ``params`` (bbox, datetime, limit, token) on the request's arm."""
         where = parse_filter(params)
         limit = params["limit"] or min(10 * self.config["default_k"], self.config["max_k"])
         if limit > self.config["max_k"]:
@@ -127,19 +140,12 @@ class OperatorViews:
                 pages = await all_or_none([self.pipeline.remote(h, "list_items", call, where, token, limit + 1)
                                             for h in arm.backend.shards["images"]])
             found = sorted((item for page in pages for item in page["items"]), key=lambda item: item["id"])
-            refs = arm.backend.index["refs"]["images"]
-            results = [public_hit({**item, "image": item_image(item, refs), "thumbnail": thumbnail_path(item["image_id"])})
-                       for item in found[:limit]]
+            results = [public_item(item, arm.backend.index["refs"]["images"]) for item in found[:limit]]
             more = len(found) > limit  # each group was asked for limit + 1: more exist exactly when this holds
             return {"query": {"bbox": params["bbox"], "datetime": params["datetime"]}, "limit": limit,
                     "matched": sum(page["matched"] for page in pages), "results": results,
                     "next": results[-1]["id"] if more else None}
-
-        answer = await self._dispatch(request, call, run)
-        next_body = None
-        if answer.get("next"):
-            next_body = {k: v for k, v in params.items() if v is not None and k != "token"} | {"token": answer["next"]}
-        return self._formatted(request, params, answer, next_body, call)
+        return await self._dispatch(request, call, run, sticky)
 
     async def _thumbnail(self, item_id: str, call: Call) -> Response:
         """The thumbnail of an indexed image, from the primary arm's index (cached per index release)."""

@@ -145,22 +145,27 @@ def _endpoints(guarded) -> dict:
         "arm": ("/v1/search/text", {"query": "a farm", "k": 5}, {"headers": {"X-TerraHash-Arm": "default"}}),
         "explain": ("/v1/explain", {"query": "a farm", "result_id": image_id, "grid": 2}, {}),
         "card": ("/v1/models/default/card", None, {}),
+        "stac_landing": ("/v1", None, {}),
+        "stac_collections": ("/v1/collections/images", None, {}),
+        "stac_search": ("/v1/search", {"q": "a farm with green fields", "limit": 3}, {}),
     }
 
 
-# Expected status per caller and endpoint (restricted: items is denied by the shipped policy's rule).
+# Expected status per caller and endpoint (restricted: items is denied by the shipped policy's rule; the
+# STAC API's catalogue is open to it, its items, which link the images, are not).
 UNAUTHENTICATED = dict(text=401, image=401, similar=401, captions=401, items=401, thumbnail=401, traffic=401, keys=401,
-                       arm=401, explain=401, card=401)
+                       arm=401, explain=401, card=401, stac_landing=401, stac_collections=401, stac_search=401)
+STAC_OK = dict(stac_landing=200, stac_collections=200, stac_search=200)
 TABLE = {
     None: UNAUTHENTICATED, "bogus": UNAUTHENTICATED, "revoked": UNAUTHENTICATED,
     "restricted": dict(text=200, image=200, similar=200, captions=200, items=403, thumbnail=403, traffic=403, keys=403, arm=403,
-                       explain=403, card=200),
+                       explain=403, card=200, stac_landing=200, stac_collections=200, stac_search=403),
     "reader":     dict(text=200, image=200, similar=200, captions=200, items=200, thumbnail=200, traffic=403, keys=403, arm=403,
-                       explain=200, card=200),
+                       explain=200, card=200, **STAC_OK),
     "operator":   dict(text=200, image=200, similar=200, captions=200, items=200, thumbnail=200, traffic=200, keys=403, arm=200,
-                       explain=200, card=200),
+                       explain=200, card=200, **STAC_OK),
     "admin":      dict(text=200, image=200, similar=200, captions=200, items=200, thumbnail=200, traffic=200, keys=200, arm=200,
-                       explain=200, card=200),
+                       explain=200, card=200, **STAC_OK),
 }
 
 
@@ -177,6 +182,10 @@ def test_each_role_against_each_endpoint(guarded, caller):
             assert set(body["error"]) >= {"code", "message"}, body  # every refusal is the JSON error shape
             if status == 401:
                 assert headers.get("www-authenticate", headers.get("WWW-Authenticate", "")).startswith("Bearer")
+            continue
+        if name.startswith("stac_"):  # behind the route prefix, every link keeps it
+            assert all(link["href"].startswith(guarded["url"] + "/") for link in body["links"]), body["links"]
+            assert name != "stac_search" or len(body["features"]) == 3
             continue
         if name in ("thumbnail", "traffic", "keys", "explain", "card"):
             if name == "keys":

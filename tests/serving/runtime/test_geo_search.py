@@ -1,5 +1,6 @@
 """Search by place and time over HTTP: a STAC catalog of real UCM images and a GeoTIFF scene, indexed and
-served; filtered answers against brute force, item listing, STAC output validated by pystac, thumbnails."""
+served; filtered answers against brute force, item listing, STAC output validated by pystac, thumbnails, and
+the STAC API driven by pystac-client (the documents and parameters alone: test_stac_api.py)."""
 from __future__ import annotations
 
 import base64
@@ -276,3 +277,111 @@ def test_bad_filters_get_a_clear_422(geo_app):
     status, body = post_json(f"{geo_app}/v1/search/image", {"image_base64": base64.b64encode(b"x").decode(),
                                                             "datetime": 5})
     assert status == 422 and body["error"]["code"] == "invalid_datetime"
+
+
+# --- the STAC API (serving/runtime/stac_api.py), driven by pystac-client as users' tools drive it ---
+
+QUERY = "many buildings and green trees"
+EVERYWHERE = {"bbox": [-117.3, 33.8, -116.9, 34.1], "datetime": "2024-06-01T00:00:00Z/.."}  # every item passes
+
+
+def stac_client(url: str, q: str | None = None):
+    """pystac-client on the app; ``q`` added to its POST searches (0.9.1's Client.search takes no ``q``:
+    only its collection search does), through the request modifier it offers for such additions."""
+    pystac_client = pytest.importorskip("pystac_client")
+
+    def with_q(request):
+        if q is not None and request.method == "POST" and request.url.endswith("/v1/search"):
+            request.json = {**request.json, "q": q}
+        return request
+    return pystac_client.Client.open(f"{url}/v1", request_modifier=with_q)
+
+
+JUNE_3_TO_6 = {"datetime": "2024-06-03T00:00:00Z/2024-06-06T23:59:59Z"}  # STAC API: date-times only
+
+
+@pytest.mark.parametrize("filters, k, limit", [(EVERYWHERE, 20, 6), (JUNE_3_TO_6, 5, 2), ({}, 12, 12)])
+def test_a_stac_client_free_text_search_ranks_as_search_text(geo_app, filters, k, limit):
+    status, body = post_json(f"{geo_app}/v1/search/text", {"query": QUERY, "k": k, **filters})
+    assert status == 200 and len(body["results"]) == k
+    search = stac_client(geo_app, QUERY).search(max_items=k, limit=limit, **filters)
+    items = list(search.items())  # pages of `limit`, the client following each next link
+    assert [item.id for item in items] == [hit["id"] for hit in body["results"]]
+    assert [item.properties["terrahash:rank"] for item in items] == list(range(1, k + 1))
+    assert all(item.collection_id == "images" for item in items)
+    query = urllib.parse.urlencode({"q": QUERY, "limit": limit, **{k: ",".join(map(str, v)) if isinstance(v, list)
+                                                                    else v for k, v in filters.items()}})
+    seen, url = [], f"{geo_app}/v1/search?{query}"
+    while url and len(seen) < k:  # GET: next links carry the token in the query string
+        status, page = call(url)
+        assert status == 200 and page["type"] == "FeatureCollection"
+        seen += [f["id"] for f in page["features"]]
+        url = next((link["href"] for link in page["links"] if link["rel"] == "next"), None)
+    assert seen[:k] == [hit["id"] for hit in body["results"]]
+
+
+def test_a_stac_client_opens_the_catalogue_collections_and_items(geo_app, everything):
+    validation = pytest.importorskip("pystac.validation")
+    client = stac_client(geo_app)
+    assert client.conforms_to("ITEM_SEARCH") and client.conforms_to("COLLECTIONS") and client.conforms_to("FEATURES")
+    validation.validate_dict(client.to_dict())
+    assert [c.id for c in client.get_collections()] == ["images"] and client.get_collection("nothing") is None
+    collection = client.get_collection("images")
+    validation.validate_dict(collection.to_dict())
+    columns = everything["columns"]
+    want = [columns["west"].min(), columns["south"].min(), columns["east"].max(), columns["north"].max()]
+    assert collection.extent.spatial.bboxes[0] == pytest.approx(want)
+    start, end = collection.extent.temporal.intervals[0]
+    assert (start.timestamp(), end.timestamp()) == (columns["start"].min(), columns["end"].max())
+    item = collection.get_item("photo-13")
+    validation.validate_dict(item.to_dict())
+    assert item.id == "photo-13" and item.bbox == pytest.approx(photo_bbox(13)) and item.assets["image"].href
+    chip_id = "scene.tif?window=0,0,256,256"
+    # a chip's id holds commas, which GET's comma-separated ids cannot carry: POST's array can
+    status, page = post_json(f"{geo_app}/v1/search", {"ids": [chip_id, "photo-13", "nothing"]})
+    assert status == 200 and [f["id"] for f in page["features"]] == ["photo-13", chip_id]  # by id
+    status, chip = call(page["features"][1]["links"][0]["href"])  # the item's own link, its id escaped
+    assert status == 200 and chip["id"] == chip_id and chip["collection"] == "images"
+
+
+def test_stac_listings_page_through_every_matching_item_once(geo_app, everything):
+    params = {"bbox": [-117.3, 33.8, -117.175, 34.1], "datetime": "2024-06-01T00:00:00Z/2024-06-08T23:59:59Z"}
+    passing = sorted(everything["ids"][ItemFilter.parse(**params).mask(everything["columns"], len(everything["ids"]))])
+    client = stac_client(geo_app)
+    for method in ("POST", "GET"):
+        search = client.search(method=method, limit=3, **params)
+        assert [item.id for item in search.items()] == passing and search.matched() == len(passing)
+    everyone = sorted(everything["ids"])
+    assert [item.id for item in client.get_collection("images").get_items()] == everyone
+    status, page = call(f"{geo_app}/v1/collections/images/items?limit=10")
+    seen = [f["id"] for f in page["features"]]
+    while any(link["rel"] == "next" for link in page["links"]):
+        status, page = call(next(link["href"] for link in page["links"] if link["rel"] == "next"))
+        seen += [f["id"] for f in page["features"]]
+    assert seen == everyone and page["numberMatched"] == len(everyone)
+    named = [passing[0], passing[-1], "photo-00", "nothing"]  # photo-00 is no catalog item: its id is photos/...
+    assert [item.id for item in client.search(ids=named, **params).items()] == [passing[0], passing[-1]]
+    assert list(client.search(collections=["other"], **params).items()) == []
+
+
+def test_stac_errors_are_json_with_the_right_status(geo_app):
+    for path, status, code in [
+        ("/v1/search?bbox=1,2,3", 400, "invalid_bbox"), ("/v1/search?datetime=June", 400, "invalid_datetime"),
+        ("/v1/search?limit=0", 400, "invalid_limit"), ("/v1/search?limit=ten", 400, "invalid_limit"),
+        ("/v1/search?intersects=x", 400, "unknown_parameter"), ("/v1/search?q=a%20beach&token=x", 400, "invalid_token"),
+        ("/v1/collections/images/items?q=beach", 400, "unknown_parameter"),
+        ("/v1/collections/other", 404, "unknown_collection"), ("/v1/collections/other/items", 404, "unknown_collection"),
+        ("/v1/collections/images/items/nothing-here", 404, "unknown_id"),
+    ]:
+        got_status, body = call(geo_app + path)
+        assert (got_status, body["error"]["code"]) == (status, code), (path, body)
+    got_status, body = post_json(f"{geo_app}/v1/search", {"q": 5})
+    assert (got_status, body["error"]["code"]) == (400, "invalid_q")
+    request = urllib.request.Request(f"{geo_app}/v1/conformance")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.headers["content-type"] == "application/json"
+    with urllib.request.urlopen(f"{geo_app}/v1/search?limit=1", timeout=30) as answer:
+        assert answer.headers["content-type"] == "application/geo+json"
+    pystac_client = pytest.importorskip("pystac_client")
+    with pytest.raises(pystac_client.exceptions.APIError):
+        list(stac_client(geo_app).search(bbox=[0, 50, 1, 40]).items())  # south above north
