@@ -17,9 +17,12 @@ Filters:
 - ``datetime``: an RFC 3339 instant (``2024-06-01T10:30:00Z``), a date (``2024-06-01``, that whole UTC
   day), or an interval ``A/B`` whose open end is ``..`` or empty: an item passes when its time (instant
   or interval) intersects it, ends included.
+- ``intersects``: a GeoJSON geometry (serving.index.geometry; instead of ``bbox``): an item passes when
+  its footprint shares a point with the geometry. Its bounding box filters first, as ``bbox`` would; the
+  exact test then runs on what passed that.
 
-An item with no footprint never passes a bbox filter, nor one with no time a datetime filter. Every
-check is vectorised over a shard's columns (``ItemFilter.mask``).
+An item with no footprint never passes a bbox (or intersects) filter, nor one with no time a datetime
+filter. Every check is vectorised over a shard's columns (``ItemFilter.mask``).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
+
+from serving.index.geometry import Geometry, GeometryError, parse_geometry
 
 BBOX_FIELDS = ("west", "south", "east", "north")
 TIME_FIELDS = ("start", "end")
@@ -116,15 +121,26 @@ def parse_datetime(value) -> tuple[float, float] | None:
 
 @dataclass(frozen=True)
 class ItemFilter:
-    """A place and time filter (either may be None); ``mask`` applies it to a shard's columns."""
+    """A place and time filter (either may be None); ``mask`` applies it to a shard's columns. With a
+    ``geometry``, ``bbox`` is the geometry's bounding box and the items passing it are tested exactly."""
 
     bbox: tuple[float, float, float, float] | None = None
     interval: tuple[float, float] | None = None
+    geometry: Geometry | None = None
 
     @classmethod
-    def parse(cls, bbox=None, datetime=None) -> "ItemFilter | None":
-        """The filter of a request's ``bbox`` and ``datetime``, None when it has neither (FilterError if bad)."""
-        found = cls(parse_bbox(bbox), parse_datetime(datetime))
+    def parse(cls, bbox=None, datetime=None, intersects=None) -> "ItemFilter | None":
+        """The filter of a request's ``bbox`` or ``intersects`` (a GeoJSON geometry, or its JSON text) and
+        ``datetime``, None when it has none (FilterError if bad, or given both bbox and intersects)."""
+        box = parse_bbox(bbox)
+        try:
+            geometry = parse_geometry(intersects)
+        except GeometryError as err:
+            raise FilterError("intersects", str(err)) from None
+        if geometry is not None and box is not None:
+            raise FilterError("intersects", "bbox and intersects exclude each other (STAC API item search): "
+                                            "give one of them")
+        found = cls(geometry.bbox if geometry else box, parse_datetime(datetime), geometry)
         return found if found.bbox or found.interval else None
 
     def mask(self, columns: dict[str, np.ndarray] | None, n: int) -> np.ndarray:
@@ -143,6 +159,9 @@ class ItemFilter:
         if self.interval is not None:
             start, stop = self.interval
             keep &= (columns["end"] >= start) & (columns["start"] <= stop)
+        if self.geometry is not None:  # the exact test, on what passed its bounding box (and the interval)
+            near = np.flatnonzero(keep)
+            keep[near] = self.geometry.meets(*(columns[name][near] for name in BBOX_FIELDS))
         return keep
 
 

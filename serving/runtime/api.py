@@ -202,11 +202,12 @@ def parse_choice(value, choices, default, name):
 
 
 def parse_filter(params: dict):
-    """The serving.index.items.ItemFilter of a request's ``bbox`` and ``datetime`` (None without either); 422 if bad."""
+    """The serving.index.items.ItemFilter of a request's ``bbox`` and ``datetime`` (None without either); 422 if bad.
+    ``intersects`` (a GeoJSON geometry) comes only from the STAC API's item search, which has checked it."""
     from serving.index.items import FilterError, ItemFilter
 
     try:
-        return ItemFilter.parse(params.get("bbox"), params.get("datetime"))
+        return ItemFilter.parse(params.get("bbox"), params.get("datetime"), params.get("intersects"))
     except FilterError as err:
         raise ApiError(422, f"invalid_{err.field}", str(err)) from None
 

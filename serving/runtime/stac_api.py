@@ -6,12 +6,16 @@ collection name); its extent is that of its items' footprints and times, else th
 interval. Without ``q`` a search lists the matching items in id order (serving.runtime.views'
 ``/v1/search/items``); with ``q`` it is TerraHash's ranked text search (``/v1/search/text``), rank order, at
 most ``max_k`` results, ``q``'s terms (GET: the string; POST: a string, or an array joined with ", ") read
-as one text. A page's ``next`` link carries a ``token``: the last id listed, or with ``q`` the rank reached.
+as one text. ``intersects`` (a GeoJSON geometry; GET: its JSON text) filters by place instead of ``bbox``:
+its bounding box is the bbox filter and the items passing that are tested exactly against the geometry
+inside the filter itself (serving.index.items.ItemFilter), before any page is cut. A page's ``next`` link
+carries a ``token``: the last id listed, or with ``q`` the rank reached.
 ``limit`` above ``max_k`` is capped (as OGC API Features asks); every bad value is a 400. Plain functions
 over dicts: the handlers are serving.runtime.stac_views.StacViews.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
@@ -30,13 +34,16 @@ CONFORMANCE = (f"{STAC_API}/core", f"{STAC_API}/collections", f"{STAC_API}/ogcap
 JSON, GEOJSON = "application/json", "application/geo+json"
 OPENAPI_JSON = JSON  # what FastAPI's /openapi.json answers (a validator checks the link's type against it)
 WORLD = [-180.0, -90.0, 180.0, 90.0]
-SEARCH_FIELDS = ("bbox", "datetime", "ids", "collections", "limit", "q", "token")
+SEARCH_FIELDS = ("bbox", "intersects", "datetime", "ids", "collections", "limit", "q", "token")
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 ITEMS_FIELDS = ("bbox", "datetime", "collections", "limit", "token")  # /collections/{id}/items (pystac-client
 # sends its collection id there too)
 
 
 _DESCRIBED = {"bbox": ("string", "west,south,east,north in WGS84 degrees (POST: an array)"),
+              "intersects": ("string", "a GeoJSON geometry in WGS84 (Point, MultiPoint, LineString, MultiLineString, "
+                                       "Polygon, MultiPolygon, GeometryCollection): the items whose footprint it "
+                                       "meets; not with bbox (GET: the geometry's JSON text; POST: an object)"),
               "datetime": ("string", "an RFC 3339 instant, a date, or an interval A/B with '..' for an open end"),
               "ids": ("string", "item ids, comma-separated (POST: an array)"),
               "collections": ("string", f"collection ids, comma-separated (POST: an array); served: {COLLECTION}"),
@@ -56,6 +63,7 @@ def openapi_body(fields: tuple[str, ...]) -> dict:
     """``openapi_extra`` declaring a POST body of ``fields``."""
     array = {"type": "array", "items": {"type": "string"}}
     types = {"bbox": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 6},
+             "intersects": {"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}},
              "ids": array, "collections": array, "limit": {"type": "integer", "minimum": 1}}
     properties = {f: {**types.get(f, {"type": "string"}), "description": _DESCRIBED[f][1]} for f in fields}
     schema = {"type": "object", "additionalProperties": False, "properties": properties}
@@ -135,9 +143,10 @@ class StacSearch:
     given: tuple = ()
 
     def filters(self) -> dict:
-        """bbox and datetime as the service's own endpoints take them."""
+        """bbox, intersects and datetime as the service's own endpoints take them (serving.runtime.api's
+        parse_filter)."""
         given = dict(self.given)
-        return {"bbox": given.get("bbox"), "datetime": given.get("datetime")}
+        return {"bbox": given.get("bbox"), "intersects": given.get("intersects"), "datetime": given.get("datetime")}
 
     def offset(self, max_k: int) -> int:
         """With ``q``: the rank the page starts after (its token), 0 without one."""
@@ -180,6 +189,21 @@ def _bbox(value):
     return value
 
 
+def _geometry(value, get: bool) -> dict:
+    """``intersects`` as a JSON object: a GET parameter's JSON text read, a POST body's object as it is (the
+    geometry itself is checked by ItemFilter.parse)."""
+    if get and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise _bad("intersects", f"intersects must be a GeoJSON geometry as JSON text, "
+                                     f"got {value[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise _bad("intersects", "intersects must be a GeoJSON geometry object"
+                                 + ("" if get else " (a POST body's is an object, not JSON text)"))
+    return value
+
+
 def _text(value, config: dict) -> str:
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         value = ", ".join(value)  # the extension's POST form: an array of terms
@@ -209,21 +233,21 @@ def parse_search(values, config: dict, fields: tuple[str, ...] = SEARCH_FIELDS, 
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        hint = "; intersects is not supported: use bbox" if "intersects" in unknown else ""
-        raise ApiError(400, "unknown_parameter",
-                       f"unknown parameter(s) {unknown}; this endpoint takes {list(fields)}{hint}")
+        raise ApiError(400, "unknown_parameter", f"unknown parameter(s) {unknown}; this endpoint takes {list(fields)}")
     given = {k: v for k, v in values.items() if v is not None and v != ""}
     if not get and isinstance(given.get("bbox"), str):
         raise _bad("bbox", "a POST body's bbox is an array of numbers")
     if "bbox" in given:
         given["bbox"] = _bbox(given["bbox"])
+    if "intersects" in given:
+        given["intersects"] = _geometry(given["intersects"], get)
     if "datetime" in given:
         _instants(given["datetime"])
     try:
-        where = ItemFilter.parse(given.get("bbox"), given.get("datetime"))
+        where = ItemFilter.parse(given.get("bbox"), given.get("datetime"), given.get("intersects"))
     except FilterError as err:
         raise _bad(err.field, str(err)) from None
-    if where is not None and where.bbox is not None:
+    if "bbox" in given and where is not None and where.bbox is not None:
         given["bbox"] = list(where.bbox)
     q = _text(given["q"], config) if "q" in given else None
     listing = min(10 * config["default_k"], config["max_k"])
@@ -260,7 +284,9 @@ def one_item(hit: dict, base: str) -> dict:
 
 
 def _query_string(params: dict) -> str:
-    return urlencode({k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in params.items()})
+    """A GET query string of checked parameters: arrays comma-separated, a geometry as its JSON text."""
+    return urlencode({k: json.dumps(v, separators=(",", ":")) if isinstance(v, dict) else
+                      ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in params.items()})
 
 
 def page(answer: dict, base: str, path: str, search: StacSearch, method: str, token: str | None,

@@ -76,6 +76,11 @@ class StacViews:
 
     async def _stac_answer(self, request: Request, call: Call, search: StacSearch, path: str) -> JSONResponse:
         self._stac_items_allowed(call)
+        # intersects travels in search.filters() (and search.where) into the very ItemFilter the shards mask
+        # their items with: its bounding box as the bbox filter, then the exact geometry test on what passed
+        # it, inside the mask. So the listing's limit + 1, its next token and matched count, the ranked
+        # search's top k and the ids' check all see exactly the matching items: no page is cut before the
+        # refinement (a page never comes back short while more match), and no refill round trips are needed.
         sticky = "stac:" + sha256_of(json.dumps([search.q, search.given], default=str))
         first, matched = 1, None
         if search.collections is not None and COLLECTION not in search.collections:

@@ -364,11 +364,45 @@ def test_stac_listings_page_through_every_matching_item_once(geo_app, everything
     assert list(client.search(collections=["other"], **params).items()) == []
 
 
+# A triangle over the photos' grid: its legs run along the grid's west and south sides, its hypotenuse is the
+# line x + y = -83.245 (-117.14 + 33.895), so its own box holds every photo but it meets only some of them.
+TRIANGLE = {"type": "Polygon", "coordinates": [[[-117.205, 33.895], [-117.14, 33.895], [-117.205, 33.96],
+                                                [-117.205, 33.895]]]}
+
+
+def test_a_stac_client_searches_by_a_geometry_and_pages_through_exactly_what_it_meets(geo_app, everything):
+    columns, ids = everything["columns"], everything["ids"]
+    # by hand: a footprint meets the triangle when it meets the triangle's box and its south-west corner lies
+    # on the near side of the hypotenuse (grid corners are 0.01 degrees apart: none lies on it)
+    in_box = ((columns["west"] <= -117.14) & (columns["east"] >= -117.205) & (columns["south"] <= 33.96)
+              & (columns["north"] >= 33.895))
+    meeting = sorted(ids[in_box & (columns["west"] + columns["south"] <= -83.245)])
+    assert 4 < len(meeting) < in_box.sum()  # the geometry's box alone would answer more
+    client = stac_client(geo_app)
+    for method in ("POST", "GET"):  # GET: pystac-client sends the geometry as JSON text
+        search = client.search(method=method, intersects=TRIANGLE, limit=4)  # pages of 4: none short
+        assert [item.id for item in search.items()] == meeting and search.matched() == len(meeting), method
+    june = {"datetime": "2024-06-01T00:00:00Z/2024-06-05T23:59:59Z"}
+    timed = [item.id for item in client.search(intersects=TRIANGLE, limit=3, **june).items()]
+    by_june_5 = set(ids[columns["end"] <= 1717631999.0].tolist())  # every photo was taken from June 1 on
+    assert timed == [i for i in meeting if i in by_june_5] and 0 < len(timed) < len(meeting)
+    # ranked by free text: /v1/search/text's ranking over the geometry's box, less what the geometry misses
+    status, body = post_json(f"{geo_app}/v1/search/text", {"query": QUERY, "k": int(in_box.sum()),
+                                                           "bbox": [-117.205, 33.895, -117.14, 33.96]})
+    assert status == 200 and len(body["results"]) == in_box.sum()
+    ranked = [hit["id"] for hit in body["results"] if hit["id"] in set(meeting)]
+    items = list(stac_client(geo_app, QUERY).search(intersects=TRIANGLE, limit=5, max_items=len(meeting)).items())
+    assert [item.id for item in items] == ranked
+    assert [item.properties["terrahash:rank"] for item in items] == list(range(1, len(meeting) + 1))
+
+
 def test_stac_errors_are_json_with_the_right_status(geo_app):
     for path, status, code in [
         ("/v1/search?bbox=1,2,3", 400, "invalid_bbox"), ("/v1/search?datetime=June", 400, "invalid_datetime"),
         ("/v1/search?limit=0", 400, "invalid_limit"), ("/v1/search?limit=ten", 400, "invalid_limit"),
-        ("/v1/search?intersects=x", 400, "unknown_parameter"), ("/v1/search?q=a%20beach&token=x", 400, "invalid_token"),
+        ("/v1/search?intersects=x", 400, "invalid_intersects"), ("/v1/search?sortby=id", 400, "unknown_parameter"),
+        ("/v1/search?bbox=0,0,1,1&intersects=" + urllib.parse.quote(json.dumps(TRIANGLE)), 400, "invalid_intersects"),
+        ("/v1/search?q=a%20beach&token=x", 400, "invalid_token"),
         ("/v1/collections/images/items?q=beach", 400, "unknown_parameter"),
         ("/v1/collections/other", 404, "unknown_collection"), ("/v1/collections/other/items", 404, "unknown_collection"),
         ("/v1/collections/images/items/nothing-here", 404, "unknown_id"),
@@ -377,6 +411,10 @@ def test_stac_errors_are_json_with_the_right_status(geo_app):
         assert (got_status, body["error"]["code"]) == (status, code), (path, body)
     got_status, body = post_json(f"{geo_app}/v1/search", {"q": 5})
     assert (got_status, body["error"]["code"]) == (400, "invalid_q")
+    unclosed = {"type": "Polygon", "coordinates": [TRIANGLE["coordinates"][0][:-1] + [[-117.1, 33.9]]]}
+    for geometry in (unclosed, {"type": "Point", "coordinates": [-200, 0]}, {"type": "Curve"}, "POINT (1 2)"):
+        got_status, body = post_json(f"{geo_app}/v1/search", {"intersects": geometry})
+        assert (got_status, body["error"]["code"]) == (400, "invalid_intersects"), geometry
     request = urllib.request.Request(f"{geo_app}/v1/conformance")
     with urllib.request.urlopen(request, timeout=30) as answer:
         assert answer.headers["content-type"] == "application/json"

@@ -2,6 +2,7 @@
 API, driven by pystac-client, is tested with the geo index in tests/serving/runtime/test_geo_search.py."""
 from __future__ import annotations
 
+import json
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -47,7 +48,12 @@ def test_get_and_post_parameters_read_alike_with_defaults_and_a_capped_limit():
     ({"limit": "0"}, "invalid_limit"), ({"limit": "ten"}, "invalid_limit"), ({"limit": True}, "invalid_limit"),
     ({"ids": [1, 2]}, "invalid_ids"), ({"ids": [str(i) for i in range(51)]}, "invalid_ids"),
     ({"collections": ""}, None), ({"q": "  "}, "invalid_q"), ({"q": "x" * 201}, "invalid_q"), ({"q": 5}, "invalid_q"),
-    ({"token": 3}, "invalid_token"), ({"intersects": {"type": "Point"}}, "unknown_parameter"),
+    ({"token": 3}, "invalid_token"), ({"sortby": "id"}, "unknown_parameter"),
+    ({"intersects": {"type": "Point"}}, "invalid_intersects"), ({"intersects": "POINT (1 2)"}, "invalid_intersects"),
+    ({"intersects": '{"type": "Point", "coordinates": [1, 95]}'}, "invalid_intersects"),
+    ({"intersects": '{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1]]]}'}, "invalid_intersects"),
+    ({"intersects": '{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}'}, "invalid_intersects"),
+    ({"intersects": '{"type": "Point", "coordinates": [1, 2]}', "bbox": "0,0,3,3"}, "invalid_intersects"),
     ({"datetime": 5}, "invalid_datetime"),
     ([1, 2], "invalid_json"),
 ])
@@ -56,6 +62,27 @@ def test_bad_parameters_are_a_400_naming_the_field(values, code):
         assert parse_search(values, CONFIG).collections is None
         return
     assert _error(values) == (400, code)
+
+
+POLYGON = {"type": "Polygon", "coordinates": [[[-117.2, 33.9], [-117.1, 33.9], [-117.2, 34.0], [-117.2, 33.9]]]}
+
+
+def test_intersects_reads_a_geometry_from_get_json_text_or_a_post_object():
+    get = parse_search({"intersects": json.dumps(POLYGON), "datetime": "2024-06-01T00:00:00Z/..", "limit": "5"}, CONFIG)
+    post = parse_search({"intersects": POLYGON, "datetime": "2024-06-01T00:00:00Z/..", "limit": 5}, CONFIG, get=False)
+    assert get == post and get.where.geometry is not None and get.where.bbox == (-117.2, 33.9, -117.1, 34.0)
+    assert get.filters() == {"bbox": None, "intersects": POLYGON, "datetime": "2024-06-01T00:00:00Z/.."}
+    assert _error_post({"intersects": json.dumps(POLYGON)}) == (400, "invalid_intersects")  # POST: an object
+    assert _error({"intersects": json.dumps(POLYGON)}, ITEMS_FIELDS) == (400, "unknown_parameter")
+    answer = {"results": [_hit("a.jpg")], "arm": "default"}
+    following = next(link for link in page(answer, BASE, "/v1/search", get, "GET", "a.jpg")["links"]
+                     if link["rel"] == "next")
+    again = {k: v[0] for k, v in parse_qs(urlsplit(following["href"]).query).items()}
+    assert json.loads(again["intersects"]) == POLYGON and parse_search(again, CONFIG).where == get.where
+    following = next(link for link in page(answer, BASE, "/v1/search", post, "POST", "a.jpg")["links"]
+                     if link["rel"] == "next")
+    assert following["body"]["intersects"] == POLYGON
+    assert parse_search(following["body"], CONFIG, get=False).where == post.where
 
 
 def test_collection_items_take_only_their_parameters_and_ranked_tokens_are_checked():
