@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         jpegs, scenes = write_archives(Path(args.data), args.tiles, Path(tmp))
         figures = {}
         if not ray.is_initialized():
-            ray.init(configure_logging=False, log_to_driver=False)
+            ray.init(address="local", configure_logging=False, log_to_driver=False)
         warm = archive_items(jpegs).image_paths
         encode_all(spec, warm * 2, max(1, len(warm) // 4), "warm-up")  # workers started, models loaded, for both
         for name, folder in (("jpeg", jpegs), ("geotiff chips", scenes)):

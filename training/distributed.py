@@ -177,12 +177,13 @@ def ray_storage(storage_path: str | Path | None):
 
 
 def init_ray(config) -> None:
-    """Join ``distributed.address`` (or ``$RAY_ADDRESS``), else start a local Ray; no-op when connected."""
+    """Join ``distributed.address`` (or ``$RAY_ADDRESS``), else start a local Ray of our own (a bare ray.init()
+    would join any cluster ``ray start`` left on the machine); no-op when connected."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=config.distributed.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
+        address = config.distributed.address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
 def run_name(name: str) -> str:

@@ -121,10 +121,15 @@ def encode_all(spec_path: Path, inputs: list, batch_size: int = 64, desc: str = 
 
 
 def _ensure_ray(address: str | None) -> None:
+    """Join ``address`` (or ``$RAY_ADDRESS``), else start a Ray of our own: a bare ray.init() joins whatever
+    cluster ``ray start`` left on the machine, and fails with it when that one stops."""
+    import os
+
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, configure_logging=False, log_to_driver=False)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", configure_logging=False,
+                 log_to_driver=False)
 
 
 # --- commands ------------------------------------------------------------------------------------
