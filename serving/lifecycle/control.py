@@ -87,6 +87,26 @@ def apply_config(config: dict) -> None:
     _client().deploy_apps(ServeDeploySchema.model_validate(config))
 
 
+def _applied(config: dict, timeout: float = 30.0) -> None:
+    """Apply ``config`` and return once Serve reports it back (``current_config``), so that the next change,
+    made under the lock as soon as this one releases it, reads this one and cannot undo it."""
+    apply_config(config)
+
+    def user_configs(cfg: dict) -> dict:
+        return {(a["name"], d["name"]): d["user_config"] for a in cfg["applications"]
+                for d in a.get("deployments") or [] if "user_config" in d}
+
+    wanted = user_configs(config)
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = user_configs(current_config())
+        if all(seen.get(key) == value for key, value in wanted.items()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve did not report the applied config within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 def current_config() -> dict:
     """The Serve config of every application deployed from a config, as applied."""
     details = _client().get_serve_details()
@@ -162,7 +182,7 @@ def update_traffic(app_name: str, change: Callable[[dict], dict], wait: bool = T
                 deployments[name]["user_config"] = {**deployments[name].get("user_config", {}), "traffic": new}
         if change_apps is not None:
             change_apps(config, new)
-        apply_config(config)
+        _applied(config)
     if wait:
         wait_applied(app_name, new["revision"])
     return new
@@ -249,7 +269,7 @@ def update_canary(app_name: str, changes: dict) -> dict:
         traffic = current.pop("traffic")
         checked = CanaryConfig.model_validate({**current, **changes}).model_dump(mode="json")
         deployment["user_config"] = {**checked, "traffic": traffic}
-        apply_config(config)
+        _applied(config)
     return checked
 
 
@@ -267,7 +287,7 @@ def apply_new_config(config: dict, app_name: str = "terrahash", wait: bool = Tru
         for deployment in app.get("deployments", []):
             if deployment["name"] in SPLIT_DEPLOYMENTS:
                 deployment["user_config"]["traffic"]["revision"] = revision
-        apply_config(config)
+        _applied(config)
     if wait and revision:
         wait_applied(app_name, revision, timeout=600)  # new arms' applications may take minutes to build
 
@@ -307,5 +327,5 @@ def update_access(app_name: str, change: Callable[[dict], dict]) -> dict:
         current = dict(deployment["user_config"])
         access = AccessConfig.check(change(copy.deepcopy(current.get("access") or {}))).model_dump(mode="json")
         deployment["user_config"] = {**current, "access": access}
-        apply_config(config)
+        _applied(config)
     return access

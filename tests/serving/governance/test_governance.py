@@ -204,8 +204,13 @@ def test_each_role_against_each_endpoint(guarded, caller):
     assert wrong == [], wrong
     # Health and the readiness status are open; readiness details are for operators.
     assert request(guarded["url"] + "/v1/healthz", key)[0] == 200
-    status, _, body = request(guarded["url"] + "/v1/readyz", key)
-    assert status == 200 and body["ready"]
+    deadline = time.monotonic() + 15  # a shard report held up by a busy machine: readiness comes back
+    while True:
+        status, _, body = request(guarded["url"] + "/v1/readyz", key)
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status == 200 and body["ready"], body
     assert ("shards" in body) == (caller in ("operator", "admin")), body
 
 

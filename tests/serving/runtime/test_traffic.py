@@ -435,8 +435,19 @@ def test_a_failing_challenger_is_rolled_back_with_no_failed_request(ab, fault, r
         assert log.verify() == []
         last = log.moves("challenger")[-1]  # the arm's roll-out back to `first` may already follow it in the log
         assert last["action"] == "auto-rollback" and last["from_version"] == str(second) and reason in last["reason"]
-    finally:  # the next drill starts from a healthy split whatever this one found
+    finally:  # the next drill starts from a healthy split whatever this one found, the arm settled on its alias
         set_traffic({"champion": 100, "challenger": 0}, faults={"challenger": None})
+        wait_until(lambda: _settled(ab, "challenger"), 60, "the challenger serving the version its alias names")
+
+
+def _settled(ab: dict, arm: str) -> bool:
+    """The arm serves the version its alias names, on every router, with no roll-out under way."""
+    from mlflow import MlflowClient
+
+    version = MlflowClient(ab["tracking_uri"]).get_model_version_by_alias(NAME, arm).version
+    status = _traffic(ab["url"])["arms"][arm]
+    return (status.get("rollout") or {}).get("state") in (None, "done", "failed") \
+        and status["serving"]["replicas"] == {f"models:/{NAME}/{version}": 1}
 
 
 class _Seen(str):
