@@ -41,7 +41,6 @@ class Backend:
 
     def __init__(self, model_app: str, index_app: str, model: str | None = None):
         self.model_app, self.index_app, self.model_uri = model_app, index_app, model
-        self.key = (model_app, index_app, model)
         self.ready = self.unusable = False
         self.problem: str | None = "not resolved yet"
         self.encoder = self.reports = None
@@ -51,6 +50,11 @@ class Backend:
         self.shards: dict[str, list] = {"images": [], "captions": []}
         self.local: list = []  # the shard groups held here (serving.runtime.replicas.ShardServer's state)
         self.resolved = asyncio.Event()  # made in the replica's event loop (by reconfigure)
+
+    @property
+    def key(self) -> tuple:
+        """(model app, index app, model): what Backends finds it by."""
+        return self.model_app, self.index_app, self.model_uri
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the backend to be resolved (a request arriving just after start)."""
