@@ -316,7 +316,8 @@ def link_map(link: CodeLink, codes: Tensor, labels: np.ndarray, db_codes: Tensor
 
 
 def train_codec(config: CodeLinkConfig, uses: int, train: tuple[np.ndarray, np.ndarray],
-                val: tuple[np.ndarray, np.ndarray], steps: int | None = None, log_every: int = 0) -> tuple[CodeLink, dict]:
+                val: tuple[np.ndarray, np.ndarray], steps: int | None = None,
+                progress: bool = False) -> tuple[CodeLink, dict]:
     """One codec trained on ``train`` (codes, labels); the checkpoint with the best val score is returned
     (eval mode) with its history. The val score: mean mAP@all ratio of val queries against the train
     codes over ``snr_eval_db`` at the largest of ``hops_train``."""
@@ -361,7 +362,7 @@ def train_codec(config: CodeLinkConfig, uses: int, train: tuple[np.ndarray, np.n
             running = {}
             if score > best:
                 best, best_state = score, {k: v.clone() for k, v in link.state_dict().items()}
-            if log_every:
+            if progress:
                 log.info("n=%d step %d: loss %.4f, val mAP ratio %.3f", uses, step, history["loss"][-1], score)
     link.load_state_dict(best_state)
     history["best_val_score"] = best
@@ -440,7 +441,7 @@ def train_code_links(config: CodeLinkConfig, students: str | Path, data_dir: str
     codecs = []
     for uses in config.uses:
         started = time.perf_counter()
-        link, history = train_codec(config, uses, train, val, log_every=1)
+        link, history = train_codec(config, uses, train, val, progress=True)
         seconds = round(time.perf_counter() - started, 1)
         torch.save({"state_dict": link.state_dict(), "uses": uses, "bits": link.encoder.bits,
                     "config": asdict(config)}, out / f"n{uses}.pt")
@@ -451,6 +452,11 @@ def train_code_links(config: CodeLinkConfig, students: str | Path, data_dir: str
                 "train_codes": int(len(train[0])), "val_codes": int(len(val[0])), "codecs": codecs}
     (out / "code_link.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+__all__ = ["BitBCELoss", "CodeDecoder", "CodeEncoder", "CodeLink", "CodeLinkConfig", "CodeLinkLoss",
+           "DatabaseContrastiveLoss", "build_link", "export_codec", "load_code_link_config", "soft_code",
+           "split_codes", "student_codes", "train_code_links", "train_codec"]
 
 
 def main(argv=None) -> int:
@@ -477,7 +483,3 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-__all__ = ["BitBCELoss", "CodeDecoder", "CodeEncoder", "CodeLink", "CodeLinkConfig", "CodeLinkLoss",
-           "DatabaseContrastiveLoss", "build_link", "export_codec", "load_code_link_config", "soft_code",
-           "split_codes", "student_codes", "train_code_links", "train_codec"]
