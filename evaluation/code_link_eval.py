@@ -17,12 +17,18 @@ the received hard code against the clean database codes, ties by distance then d
 - ``bit_agreement``: the share of received bits equal to the clean code's, beside ``bit_agreement_theory``
   (1 minus code_link.bit_error_rate).
 
+With ``--learned DIR`` the learned codecs of training/code_link.py (each ``DIR/n<uses>/``, run with
+onnxruntime and numpy by serving/model/learned_link.py: what a field unit, its relays and the service
+would run) are measured at the same hops and SNRs, as scheme ``learned`` at their own ``n``, beside
+repetition at the same ``n``; they have no theoretical bit agreement.
+
 An ``n`` whose uses do not hold a whole number of copies of the code (BPSK needs 64 uses for a 64-bit
 code: below that the code does not fit and nothing is sent) is listed as not carried, without figures.
 The noise of each point comes from ``np.random.default_rng((seed, scheme, hops, SNR, n))``, so a rerun
 gives the same table.
 
     python -m evaluation.code_link_eval --model runs/fast_split-64/students/onnx [--data DIR] [--json FILE]
+        [--learned runs/code-link]
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ HOPS = (1, 2, 3, 4)
 SNRS_DB = (-5.0, -10.0, -15.0)
 USES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 SCHEMES = ("bpsk", "qpsk")
+LEARNED = "learned"  # the scheme name of a learned codec's points (seeded after the repetition schemes)
 BATCH = 32  # images per ONNX call
 
 
@@ -66,13 +73,14 @@ def encode_images(spec: Path, paths: Sequence[str | Path]) -> np.ndarray:
 
 def _seed(seed: int, scheme: str, hops: int, snr_db: float, n: int) -> tuple[int, ...]:
     """One point's noise entropy (numpy's SeedSequence takes non-negative integers, so the SNR is offset)."""
-    return seed, SCHEMES.index(scheme), hops, int(round(snr_db * 100)) + 100_000, n
+    return seed, (*SCHEMES, LEARNED).index(scheme), hops, int(round(snr_db * 100)) + 100_000, n
 
 
 def link_points(q_codes: np.ndarray, q_labels: np.ndarray, db_codes: np.ndarray, db_labels: np.ndarray,
                 hops: Sequence[int] = HOPS, snrs_db: Sequence[float] = SNRS_DB, uses: Sequence[int] = USES,
-                schemes: Sequence[str] = SCHEMES, seed: int = 0) -> dict:
-    """The grid's points for query codes (Q, bits) against database codes (N, bits), both continuous or +-1."""
+                schemes: Sequence[str] = SCHEMES, seed: int = 0, learned: Sequence = ()) -> dict:
+    """The grid's points for query codes (Q, bits) against database codes (N, bits), both continuous or +-1;
+    ``learned``: serving.model.learned_link.LearnedLink codecs, sent the queries' pre-sign codes."""
     from serving.model.code_link import Repetition, bit_error_rate, carries, send_over_hops
 
     from .metrics import asymmetric_scores, mean_average_precision, relevance_from_labels
@@ -101,13 +109,28 @@ def link_points(q_codes: np.ndarray, q_labels: np.ndarray, db_codes: np.ndarray,
                                    "map_all": got, "map_ratio": got / clean if clean else None,
                                    "map_all_soft": soft, "bit_agreement": float((received.signs == sent).mean()),
                                    "bit_agreement_theory": 1.0 - bit_error_rate(snr, n, bits, scheme, hop_count)})
+    for codec in learned:
+        if codec.bits != bits:
+            raise ValueError(f"{codec.folder}: a codec for {codec.bits}-bit codes, the student's have {bits}")
+        for hop_count in hops:
+            for snr in snrs_db:
+                rng = np.random.default_rng(_seed(seed, LEARNED, hop_count, snr, codec.uses))
+                received = codec.send_over_hops(q_codes, int(hop_count), snr, rng)
+                got = hamming_map(received.signs, q_labels, database, db_labels)
+                soft = mean_average_precision(asymmetric_scores(received.soft, database), relevance, descending=True)
+                points.append({"scheme": LEARNED, "hops": int(hop_count), "snr_db": float(snr),
+                               "uses": int(codec.uses), "carried": True, "repeats": None, "map_all": got,
+                               "map_ratio": got / clean if clean else None, "map_all_soft": soft,
+                               "bit_agreement": float((received.signs == sent).mean()),
+                               "bit_agreement_theory": None, "codec": str(codec.folder)})
     return {"bits": int(bits), "map_all_clean": clean, "points": points}
 
 
 def evaluate_code_link(model_dir: str | Path, data_dir: str | Path, variant: str = "auto", seed: int = 0,
                        hops: Sequence[int] = HOPS, snrs_db: Sequence[float] = SNRS_DB, uses: Sequence[int] = USES,
-                       schemes: Sequence[str] = SCHEMES) -> dict:
-    """The table: the test split's images as queries (``retrieval.choose_rows``), train + val as the database."""
+                       schemes: Sequence[str] = SCHEMES, learned: str | Path | None = None) -> dict:
+    """The table: the test split's images as queries (``retrieval.choose_rows``), train + val as the database;
+    ``learned``: a folder of learned codecs (``n<uses>/code_link.spec.json``) to measure beside repetition."""
     from serving.ingest.dataset import load_dataset
     from serving.model.spec import load_spec
 
@@ -123,16 +146,27 @@ def evaluate_code_link(model_dir: str | Path, data_dir: str | Path, variant: str
     q_rows, db_rows, database = choose_rows(rows("test"), rows(*database_splits("test")), len(records), "test")
     if database["rule"] != "splits":
         raise ValueError(f"{data_dir}: needs a test split and a train + val database ({database['why']})")
+    codecs = learned_codecs(learned) if learned is not None else []
     spec = student_spec(model_dir, variant)
     started = time.perf_counter()
     codes = encode_images(spec, [str(records[r].path) for r in np.concatenate([q_rows, db_rows])])  # (Q + N, bits)
     encoded_s = time.perf_counter() - started
     report = link_points(codes[:len(q_rows)], labels[q_rows], codes[len(q_rows):], labels[db_rows],
-                         hops, snrs_db, uses, schemes, seed)
+                         hops, snrs_db, uses, schemes, seed, codecs)
     quantization = str(load_spec(spec).data.get("quantization", "none"))
     return {"student": {"spec": str(spec), "quantization": quantization}, "data": str(data_dir),
             "queries": int(len(q_rows)), "database": database, "seed": seed, "encode_s": round(encoded_s, 1),
             **report}
+
+
+def learned_codecs(folder: str | Path) -> list:
+    """The learned codecs under ``folder`` (each a subfolder with ``code_link.spec.json``), by ``n``."""
+    from serving.model.learned_link import SPEC_FILE, LearnedLink
+
+    specs = sorted(Path(folder).glob(f"*/{SPEC_FILE}"))
+    if not specs:
+        raise FileNotFoundError(f"{folder}: no learned codec (*/{SPEC_FILE})")
+    return sorted((LearnedLink(spec.parent) for spec in specs), key=lambda codec: codec.uses)
 
 
 def format_points(report: dict) -> str:
@@ -146,7 +180,9 @@ def format_points(report: dict) -> str:
         if not p["carried"]:
             lines.append(f"{head}  not carried")
             continue
-        lines.append(f"{head}{p['repeats']:>5}{p['bit_agreement']:>8.3f}{p['bit_agreement_theory']:>8.3f}"
+        repeats = "-" if p["repeats"] is None else p["repeats"]
+        theory = "-" if p["bit_agreement_theory"] is None else f"{p['bit_agreement_theory']:.3f}"
+        lines.append(f"{head}{repeats:>5}{p['bit_agreement']:>8.3f}{theory:>8}"
                      f"{p['map_all']:>8.4f}{p['map_ratio']:>8.3f}{p['map_all_soft']:>8.4f}")
     return "\n".join(lines)
 
@@ -167,11 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="complex channel uses per code (default: %(default)s)")
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES),
                         help="modulations, each with repetition (default: %(default)s)")
+    parser.add_argument("--learned", help="a folder of learned codecs (python -m training.code_link --out) to "
+                        "measure beside repetition")
     parser.add_argument("--seed", type=int, default=0, help="seed of the channel noise (default: %(default)s)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     report = evaluate_code_link(args.model, args.data, args.variant, args.seed, args.hops, args.snr, args.uses,
-                                args.schemes)
+                                args.schemes, args.learned)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(format_points(report))

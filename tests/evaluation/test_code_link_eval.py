@@ -42,6 +42,33 @@ def test_link_points_on_class_structured_codes():
     assert again == report
 
 
+def test_learned_codecs_are_measured_beside_repetition(tmp_path):
+    import torch
+
+    from evaluation.code_link_eval import format_points, learned_codecs, link_points
+    from training.code_link import CodeLink, CodeLinkConfig, export_codec
+
+    torch.manual_seed(0)
+    for n in (16, 64):
+        export_codec(CodeLink(64, n, hidden=16).eval(), CodeLinkConfig(uses=(16, 64)), tmp_path / f"n{n}")
+    codecs = learned_codecs(tmp_path)
+    assert [c.uses for c in codecs] == [16, 64]
+    rng = np.random.default_rng(0)
+    centres = np.where(rng.random((3, 64)) < 0.5, -1.0, 1.0)
+    q_labels, db_labels = np.repeat(np.arange(3), 4), np.repeat(np.arange(3), 10)
+    queries, database = class_codes(rng, q_labels, centres), class_codes(rng, db_labels, centres)
+    report = link_points(queries, q_labels, database, db_labels, hops=(1, 3), snrs_db=(-5.0,), uses=(64,),
+                         schemes=("bpsk",), learned=codecs)
+    learned = [p for p in report["points"] if p["scheme"] == "learned"]
+    assert [(p["hops"], p["uses"]) for p in learned] == [(1, 16), (3, 16), (1, 64), (3, 64)]
+    assert all(0 <= p["bit_agreement"] <= 1 and p["bit_agreement_theory"] is None for p in learned)
+    assert "learned" in format_points({**report, "queries": 12, "database": {"images": 30},
+                                       "student": {"quantization": "none"}})
+    again = link_points(queries, q_labels, database, db_labels, hops=(1, 3), snrs_db=(-5.0,), uses=(64,),
+                        schemes=("bpsk",), learned=codecs)
+    assert again == report  # seeded per point
+
+
 def test_command_on_exported_students(tmp_path_factory, tiny_text_encoder, subset, tmp_path, capsys):
     from evaluation.code_link_eval import main
     from tests.training.test_export import exported_students

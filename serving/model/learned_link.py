@@ -1,0 +1,87 @@
+"""The learned code link at run time: the exported codec of training/code_link.py with onnxruntime and numpy.
+
+A field unit, every relay and the service load the same folder (``code_link.spec.json``, the encoder and
+the decoder). The channel is serving/model/code_link.py's: ``n`` complex channel uses per code per hop,
+mean power 1 per complex symbol, complex AWGN at the per-hop SNR. The field unit sends
+encoder(tanh(c / code_scale)); a relay decodes its received symbols to a soft code and re-encodes that
+(or its signs, as the spec's ``relay`` says); the service's received code is the signs of its soft code.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .code_link import _codes, awgn, noise_variance, signs
+
+SPEC_FILE = "code_link.spec.json"
+
+
+class Received(NamedTuple):
+    soft: np.ndarray  # (B, bits) float32 in (-1, 1): the service's decoded soft code
+    signs: np.ndarray  # (B, bits) int8 +-1 (sign(0) = +1)
+
+
+class LearnedLink:
+    """One exported codec (a folder holding ``code_link.spec.json``)."""
+
+    def __init__(self, folder: str | Path):
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.spec = json.loads((self.folder / SPEC_FILE).read_text())
+        if self.spec.get("kind") != "code_link":
+            raise ValueError(f"{self.folder / SPEC_FILE}: not a code link spec (kind {self.spec.get('kind')!r})")
+        self.bits, self.uses = int(self.spec["bits"]), int(self.spec["uses"])
+        self.code_scale, self.relay = float(self.spec["code_scale"]), self.spec["relay"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self._encoder, self._decoder = (
+            ort.InferenceSession(str(self.folder / self.spec[part]["file"]), options,
+                                 providers=["CPUExecutionProvider"]) for part in ("encoder", "decoder"))
+
+    def _snr(self, snr_db: float, batch: int) -> np.ndarray:
+        noise_variance(snr_db)  # finite, or ValueError
+        return np.full(batch, snr_db, dtype=np.float32)
+
+    def field_input(self, code) -> np.ndarray:
+        """(B, bits) float32 soft code tanh(c / code_scale) of pre-sign codes."""
+        codes, _ = _codes(code)
+        if codes.shape[1] != self.bits:
+            raise ValueError(f"codes of {codes.shape[1]} bits, the link sends {self.bits}")
+        return np.tanh(codes / self.code_scale).astype(np.float32)
+
+    def encode(self, soft, snr_db: float) -> np.ndarray:
+        """(B, n) complex128 channel symbols of (B, bits) soft codes in [-1, 1]."""
+        u = np.asarray(soft, dtype=np.float32)
+        if u.ndim != 2 or u.shape[1] != self.bits or not np.isfinite(u).all():
+            raise ValueError(f"a (B, {self.bits}) finite soft code is needed, got shape {u.shape}")
+        x = self._encoder.run(["out"], {"x": u, "snr_db": self._snr(snr_db, len(u))})[0].astype(np.float64)
+        return x[:, 0::2] + 1j * x[:, 1::2]  # (B, n): symbol j = real values (2j, 2j+1)
+
+    def decode(self, received, snr_db: float) -> np.ndarray:
+        """(B, bits) float32 soft code of (B, n) received complex symbols."""
+        y = np.asarray(received, dtype=np.complex128)
+        if y.ndim != 2 or y.shape[1] != self.uses:
+            raise ValueError(f"received symbols of shape {y.shape}; the link sends {self.uses} per code")
+        if not np.isfinite(y.view(np.float64)).all():
+            raise ValueError("received symbols hold NaN or infinite values")
+        flat = np.stack([y.real, y.imag], axis=-1).reshape(len(y), -1).astype(np.float32)  # (B, 2n)
+        return self._decoder.run(["out"], {"x": flat, "snr_db": self._snr(snr_db, len(y))})[0]
+
+    def send_over_hops(self, code, hops: int, snr_db: float, rng: np.random.Generator) -> Received:
+        """Pre-sign codes (B, bits) over ``hops`` decode-and-forward hops at ``snr_db`` each; noise from ``rng``."""
+        if isinstance(hops, (bool, np.bool_)) or not isinstance(hops, (int, np.integer)) or hops < 1:
+            raise ValueError(f"a link has at least one hop, got {hops!r}")
+        u = self.field_input(code)
+        noise_variance(snr_db)
+        for hop in range(hops):
+            u = self.decode(awgn(self.encode(u, snr_db), snr_db, rng), snr_db)
+            if hop < hops - 1 and self.relay == "hard":
+                u = signs(u).astype(np.float32)
+        return Received(u, signs(u))
+
+
+__all__ = ["LearnedLink", "Received", "SPEC_FILE"]
