@@ -44,41 +44,19 @@ import numpy as np
 HOPS = (1, 2, 3, 4)
 SNRS_DB = (-5.0, -10.0, -15.0)
 USES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-SCHEMES = ("bpsk", "qpsk")
-LEARNED = "learned"  # the scheme name of a learned codec's points (seeded after the repetition schemes)
-BATCH = 32  # images per ONNX call
-
-
-def student_spec(model_dir: str | Path, variant: str = "auto") -> Path:
-    """The image student's spec in an exported students folder (or a run's ``students/onnx``): ``int8``,
-    ``fp32``, or ``auto`` (int8 when there is one)."""
-    from serving.model.versions import find_spec, resolve_model
-
-    folder = resolve_model(model_dir)
-    if variant != "auto":
-        return find_spec(folder, "image", variant)
-    try:
-        return find_spec(folder, "image", "int8")
-    except FileNotFoundError:
-        return find_spec(folder, "image", "fp32")
-
-
-def encode_images(spec: Path, paths: Sequence[str | Path]) -> np.ndarray:
-    """(N, bits) continuous codes of image files by the ONNX image student of ``spec``."""
-    from serving.model.encoders import ImageEncoder
-
-    encoder = ImageEncoder(spec)
-    return np.concatenate([encoder.encode(list(paths[i:i + BATCH])) for i in range(0, len(paths), BATCH)])
+MODULATIONS = ("bpsk", "qpsk")  # of the repetition scheme
+LEARNED = "learned"  # the scheme name of a learned codec's points (seeded after the repetition modulations)
 
 
 def _seed(seed: int, scheme: str, hops: int, snr_db: float, n: int) -> tuple[int, ...]:
-    """One point's noise entropy (numpy's SeedSequence takes non-negative integers, so the SNR is offset)."""
-    return seed, (*SCHEMES, LEARNED).index(scheme), hops, int(round(snr_db * 100)) + 100_000, n
+    """One point's noise entropy (numpy's SeedSequence takes non-negative integers, so the SNR is offset);
+    ``scheme``: a repetition modulation or ``learned``."""
+    return seed, (*MODULATIONS, LEARNED).index(scheme), hops, int(round(snr_db * 100)) + 100_000, n
 
 
 def link_points(q_codes: np.ndarray, q_labels: np.ndarray, db_codes: np.ndarray, db_labels: np.ndarray,
                 hops: Sequence[int] = HOPS, snrs_db: Sequence[float] = SNRS_DB, uses: Sequence[int] = USES,
-                schemes: Sequence[str] = SCHEMES, seed: int = 0, learned: Sequence = ()) -> dict:
+                modulations: Sequence[str] = MODULATIONS, seed: int = 0, learned: Sequence = ()) -> dict:
     """The grid's points for query codes (Q, bits) against database codes (N, bits), both continuous or +-1;
     ``learned``: serving.model.learned_link.LearnedLink codecs, sent the queries' pre-sign codes."""
     from serving.model.code_link import Repetition, bit_error_rate, carries, send_over_hops
@@ -92,23 +70,24 @@ def link_points(q_codes: np.ndarray, q_labels: np.ndarray, db_codes: np.ndarray,
     clean = hamming_map(sent, q_labels, database, db_labels)
     relevance = relevance_from_labels(q_labels, db_labels)
     points = []
-    for scheme in schemes:
+    for modulation in modulations:
         for hop_count in hops:
             for snr in snrs_db:
                 for n in uses:
-                    point = {"scheme": scheme, "hops": int(hop_count), "snr_db": float(snr), "uses": int(n)}
-                    if not carries(scheme, bits, n):
+                    point = {"protocol": "code", "scheme": "repetition", "modulation": modulation,
+                             "hops": int(hop_count), "snr_db": float(snr), "channel_uses": int(n)}
+                    if not carries(modulation, bits, n):
                         points.append({**point, "carried": False})
                         continue
-                    rng = np.random.default_rng(_seed(seed, scheme, hop_count, snr, n))
-                    received = send_over_hops(sent, hop_count, snr, n, rng, scheme=scheme)
+                    rng = np.random.default_rng(_seed(seed, modulation, hop_count, snr, n))
+                    received = send_over_hops(sent, hop_count, snr, n, rng, scheme=modulation)
                     got = hamming_map(received.signs, q_labels, database, db_labels)
                     scores = asymmetric_scores(received.soft, database)  # (Q, N), higher is closer
                     soft = mean_average_precision(scores, relevance, descending=True)
-                    points.append({**point, "carried": True, "repeats": Repetition(scheme, bits, n).repeats,
+                    points.append({**point, "carried": True, "repeats": Repetition(modulation, bits, n).repeats,
                                    "map_all": got, "map_ratio": got / clean if clean else None,
                                    "map_all_soft": soft, "bit_agreement": float((received.signs == sent).mean()),
-                                   "bit_agreement_theory": 1.0 - bit_error_rate(snr, n, bits, scheme, hop_count)})
+                                   "bit_agreement_theory": 1.0 - bit_error_rate(snr, n, bits, modulation, hop_count)})
     for codec in learned:
         if codec.bits != bits:
             raise ValueError(f"{codec.folder}: a codec for {codec.bits}-bit codes, the student's have {bits}")
@@ -118,8 +97,8 @@ def link_points(q_codes: np.ndarray, q_labels: np.ndarray, db_codes: np.ndarray,
                 received = codec.send_over_hops(q_codes, int(hop_count), snr, rng)
                 got = hamming_map(received.signs, q_labels, database, db_labels)
                 soft = mean_average_precision(asymmetric_scores(received.soft, database), relevance, descending=True)
-                points.append({"scheme": LEARNED, "hops": int(hop_count), "snr_db": float(snr),
-                               "uses": int(codec.uses), "carried": True, "repeats": None, "map_all": got,
+                points.append({"protocol": "code", "scheme": LEARNED, "modulation": None, "hops": int(hop_count),
+                               "snr_db": float(snr), "channel_uses": int(codec.uses), "carried": True, "repeats": None, "map_all": got,
                                "map_ratio": got / clean if clean else None, "map_all_soft": soft,
                                "bit_agreement": float((received.signs == sent).mean()),
                                "bit_agreement_theory": None, "codec": str(codec.folder)})
@@ -128,10 +107,14 @@ def link_points(q_codes: np.ndarray, q_labels: np.ndarray, db_codes: np.ndarray,
 
 def evaluate_code_link(model_dir: str | Path, data_dir: str | Path, variant: str = "auto", seed: int = 0,
                        hops: Sequence[int] = HOPS, snrs_db: Sequence[float] = SNRS_DB, uses: Sequence[int] = USES,
-                       schemes: Sequence[str] = SCHEMES, learned: str | Path | None = None) -> dict:
-    """The table: the test split's images as queries (``retrieval.choose_rows``), train + val as the database;
-    ``learned``: a folder of learned codecs (``n<uses>/code_link.spec.json``) to measure beside repetition."""
+                       modulations: Sequence[str] = MODULATIONS, learned: str | Path | None = None,
+                       split: str = "test") -> dict:
+    """The table: the images of ``split`` as queries (``retrieval.choose_rows``; ``test`` against train + val,
+    ``val`` against train, where choices are made); ``learned``: a folder of learned codecs
+    (``n<uses>/code_link.spec.json``) to measure beside repetition."""
     from serving.ingest.dataset import load_dataset
+    from serving.model.field import encode_images, student_spec
+    from serving.model.learned_link import load_codecs
     from serving.model.spec import load_spec
 
     from .retrieval import choose_rows, database_splits
@@ -143,40 +126,34 @@ def evaluate_code_link(model_dir: str | Path, data_dir: str | Path, variant: str
     def rows(*splits: str) -> np.ndarray:
         return np.asarray([r.index for r in dataset.split(*splits)], dtype=np.int64)
 
-    q_rows, db_rows, database = choose_rows(rows("test"), rows(*database_splits("test")), len(records), "test")
+    if split not in ("test", "val"):
+        raise ValueError(f"the queries are the test or the val split, not {split!r}")
+    q_rows, db_rows, database = choose_rows(rows(split), rows(*database_splits(split)), len(records), split)
     if database["rule"] != "splits":
-        raise ValueError(f"{data_dir}: needs a test split and a train + val database ({database['why']})")
-    codecs = learned_codecs(learned) if learned is not None else []
+        raise ValueError(f"{data_dir}: needs a {split} split and its database splits ({database['why']})")
+    codecs = load_codecs(learned) if learned is not None else []
     spec = student_spec(model_dir, variant)
     started = time.perf_counter()
     codes = encode_images(spec, [str(records[r].path) for r in np.concatenate([q_rows, db_rows])])  # (Q + N, bits)
     encoded_s = time.perf_counter() - started
     report = link_points(codes[:len(q_rows)], labels[q_rows], codes[len(q_rows):], labels[db_rows],
-                         hops, snrs_db, uses, schemes, seed, codecs)
+                         hops, snrs_db, uses, modulations, seed, codecs)
     quantization = str(load_spec(spec).data.get("quantization", "none"))
-    return {"student": {"spec": str(spec), "quantization": quantization}, "data": str(data_dir),
+    return {"student": {"spec": str(spec), "quantization": quantization}, "data": str(data_dir), "split": split,
             "queries": int(len(q_rows)), "database": database, "seed": seed, "encode_s": round(encoded_s, 1),
             **report}
 
 
-def learned_codecs(folder: str | Path) -> list:
-    """The learned codecs under ``folder`` (each a subfolder with ``code_link.spec.json``), by ``n``."""
-    from serving.model.learned_link import SPEC_FILE, LearnedLink
-
-    specs = sorted(Path(folder).glob(f"*/{SPEC_FILE}"))
-    if not specs:
-        raise FileNotFoundError(f"{folder}: no learned codec (*/{SPEC_FILE})")
-    return sorted((LearnedLink(spec.parent) for spec in specs), key=lambda codec: codec.uses)
-
-
 def format_points(report: dict) -> str:
-    lines = [f"{report['queries']} test queries against {report['database']['images']} train+val images, "
+    against = "train+val" if report.get("split", "test") == "test" else "train"
+    lines = [f"{report['queries']} {report.get('split', 'test')} queries against {report['database']['images']} "
+             f"{against} images, "
              f"{report['bits']}-bit codes ({report['student']['quantization']} student); clean mAP@all "
              f"{report['map_all_clean']:.4f}",
-             f"{'scheme':<7}{'hops':>5}{'SNR':>6}{'uses':>6}{'r':>5}{'bits':>8}{'theory':>8}{'mAP':>8}{'ratio':>8}"
+             f"{'scheme':<11}{'hops':>5}{'SNR':>6}{'uses':>6}{'r':>5}{'bits':>8}{'theory':>8}{'mAP':>8}{'ratio':>8}"
              f"{'soft':>8}"]
     for p in report["points"]:
-        head = f"{p['scheme']:<7}{p['hops']:>5}{p['snr_db']:>6g}{p['uses']:>6}"
+        head = f"{p['modulation'] or p['scheme']:<11}{p['hops']:>5}{p['snr_db']:>6g}{p['channel_uses']:>6}"
         if not p["carried"]:
             lines.append(f"{head}  not carried")
             continue
@@ -201,15 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="per-hop SNRs, dB (default: %(default)s)")
     parser.add_argument("--uses", type=int, nargs="+", default=list(USES),
                         help="complex channel uses per code (default: %(default)s)")
-    parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES),
+    parser.add_argument("--modulations", nargs="+", choices=MODULATIONS, default=list(MODULATIONS),
                         help="modulations, each with repetition (default: %(default)s)")
     parser.add_argument("--learned", help="a folder of learned codecs (python -m training.code_link --out) to "
                         "measure beside repetition")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="queries: the test split against train+val, or val against train (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the channel noise (default: %(default)s)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     report = evaluate_code_link(args.model, args.data, args.variant, args.seed, args.hops, args.snr, args.uses,
-                                args.schemes, args.learned)
+                                args.modulations, args.learned, args.split)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(format_points(report))

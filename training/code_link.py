@@ -262,8 +262,7 @@ def student_codes(students: str | Path, data_dir: str | Path, out: str | Path, v
     (``codes`` (N, bits) float32, ``labels``, ``splits``, ``rows``); read back when the cache names the
     same student and dataset."""
     from serving.ingest.dataset import load_dataset
-
-    from evaluation.code_link_eval import encode_images, student_spec
+    from serving.model.field import encode_images, student_spec
 
     spec = student_spec(students, variant)
     dataset = load_dataset(data_dir)
@@ -433,8 +432,11 @@ def export_codec(link: CodeLink, config: CodeLinkConfig, out_dir: str | Path, ex
 def train_code_links(config: CodeLinkConfig, students: str | Path, data_dir: str | Path, out: str | Path) -> dict:
     """Every codec of the config, on the cached student codes of the train split, chosen on val; writes
     ``OUT/n<uses>/`` (ONNX and spec), ``OUT/n<uses>.pt`` and ``OUT/code_link.json``."""
+    from serving.model.field import student_code_space, student_spec
+
     out = Path(out)
     data = student_codes(students, data_dir, out, config.student)
+    code_space = student_code_space(student_spec(students, config.student))
     train, val = split_codes(data, "train"), split_codes(data, "val")
     if not len(train[0]) or not len(val[0]):
         raise ValueError(f"{data_dir}: needs train and val images ({len(train[0])} and {len(val[0])})")
@@ -445,10 +447,11 @@ def train_code_links(config: CodeLinkConfig, students: str | Path, data_dir: str
         seconds = round(time.perf_counter() - started, 1)
         torch.save({"state_dict": link.state_dict(), "uses": uses, "bits": link.encoder.bits,
                     "config": asdict(config)}, out / f"n{uses}.pt")
-        export_codec(link, config, out / f"n{uses}", {"train_seconds": seconds, "best_step": history["best_step"]})
+        export_codec(link, config, out / f"n{uses}", {"code_space": code_space, "train_seconds": seconds,
+                                                      "best_step": history["best_step"]})
         codecs.append({"uses": uses, "seconds": seconds, "best_step": history["best_step"],
                        "best_val_score": history["best_val_score"], "history": history})
-    manifest = {"config": asdict(config), "students": str(students), "data": str(data_dir),
+    manifest = {"config": asdict(config), "students": str(students), "code_space": code_space, "data": str(data_dir),
                 "train_codes": int(len(train[0])), "val_codes": int(len(val[0])), "codecs": codecs}
     (out / "code_link.json").write_text(json.dumps(manifest, indent=1))
     return manifest

@@ -84,4 +84,12 @@ class LearnedLink:
         return Received(u, signs(u))
 
 
-__all__ = ["LearnedLink", "Received", "SPEC_FILE"]
+def load_codecs(folder: str | Path) -> list[LearnedLink]:
+    """The learned codecs under ``folder`` (each a subfolder with ``code_link.spec.json``), by ``n``."""
+    specs = sorted(Path(folder).glob(f"*/{SPEC_FILE}"))
+    if not specs:
+        raise FileNotFoundError(f"{folder}: no learned codec (*/{SPEC_FILE})")
+    return sorted((LearnedLink(spec.parent) for spec in specs), key=lambda codec: codec.uses)
+
+
+__all__ = ["LearnedLink", "Received", "SPEC_FILE", "load_codecs"]
