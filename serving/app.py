@@ -123,7 +123,8 @@ def _router_app(args: dict, router_config: dict | None = None, canary_config: di
     ).bind(canary, {"encoder_threads": settings.encoder_threads, "decode_threads": settings.decode_threads,
                     "router_encodes_text": settings.router_encodes_text, "tracking_uri": settings.tracking_uri,
                     "model_cache_dir": settings.model_cache_dir, "app_name": settings.app_name,
-                    "jscc_model": settings.jscc_model, "layout": settings.layout,
+                    "jscc_model": settings.jscc_model, "code_link_model": settings.code_link_model,
+                    "layout": settings.layout,
                     "encoder_variant": settings.encoder_variant, "router_threads": settings.router_threads},
            limiter, audit)
 

@@ -83,15 +83,19 @@ class CodeLinkConfig:
     seed: NonNegativeInt = 0
 
 
-def code_link_config_from_dict(data: dict | None) -> CodeLinkConfig:
+def check_code_link_config(config: CodeLinkConfig, where: str = "code_link") -> CodeLinkConfig:
+    """The checks across fields that the types cannot say; raises ConfigError naming the field."""
     from .config import ConfigError
 
-    config = build(CodeLinkConfig, data or {}, "code_link")
     if config.snr_train_db[0] > config.snr_train_db[1]:
-        raise ConfigError(f"code_link.snr_train_db: {list(config.snr_train_db)} must be [low, high]")
+        raise ConfigError(f"{where}.snr_train_db: {list(config.snr_train_db)} must be [low, high]")
     if len(set(config.uses)) != len(config.uses):
-        raise ConfigError(f"code_link.uses: {list(config.uses)} lists a value twice")
+        raise ConfigError(f"{where}.uses: {list(config.uses)} lists a value twice")
     return config
+
+
+def code_link_config_from_dict(data: dict | None) -> CodeLinkConfig:
+    return check_code_link_config(build(CodeLinkConfig, data or {}, "code_link"))
 
 
 def load_code_link_config(path_or_name: str | Path) -> CodeLinkConfig:
@@ -457,7 +461,7 @@ def train_code_links(config: CodeLinkConfig, students: str | Path, data_dir: str
     return manifest
 
 
-__all__ = ["BitBCELoss", "CodeDecoder", "CodeEncoder", "CodeLink", "CodeLinkConfig", "CodeLinkLoss",
+__all__ = ["BitBCELoss", "check_code_link_config", "CodeDecoder", "CodeEncoder", "CodeLink", "CodeLinkConfig", "CodeLinkLoss",
            "DatabaseContrastiveLoss", "build_link", "export_codec", "load_code_link_config", "soft_code",
            "split_codes", "student_codes", "train_code_links", "train_codec"]
 

@@ -4,6 +4,10 @@ Shipped: ``training/configs/jscc/cpu.yaml`` (128 px crops, one SNR-conditioned m
 trained across the SNR range, 32 hidden channels, 10 epochs for the 1-hop pairs and 3 for the
 multi-hop links started from them: sized for a 2-core CPU) and ``gpu.yaml`` (256 px, the paper's 12
 decode-and-forward models, one per hop count and SNR).
+
+``protocols`` says what a config trains: ``pixel``, the DeepJSCC links above, and ``code``, the learned
+links that send the image student's hash code instead (training/code_link.py, its settings under
+``code_link``).
 """
 from __future__ import annotations
 
@@ -11,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+from .code_link import CodeLinkConfig, check_code_link_config
 from .config import (BatchSize, Count, Device, Name, NonEmpty, NonNegative, NonNegativeInt, OneOf, Positive, Range,
                      TrackingConfig, build, read_config_file)
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "jscc"
 MODELS = ("baseline", "aligned")  # MSE only; MSE + lambda * L_SdH through the frozen hasher
+PROTOCOLS = ("pixel", "code")  # DeepJSCC of the image; the hash code's learned link
 PAPER_QF_GRID = ((4, 0.75), (2, 1.0), (4, 1.25), (2, 1.5), (2, 2.0))  # (N_Q, b)
 
 Hops = Annotated[int, Range(ge=1, le=8)]
@@ -25,6 +31,9 @@ Snr = Annotated[float, Range(ge=-30, le=30)]
 @dataclass
 class JsccConfig:
     name: Name = "jscc-cpu"
+    # What to train: "pixel" (the DeepJSCC links) and/or "code" (code links on the hasher run's exported
+    # image student, RUN/students/onnx); cpu.yaml asks for both.
+    protocols: Annotated[tuple[Annotated[str, OneOf(PROTOCOLS)], ...], NonEmpty()] = ("pixel",)
     image_size: Annotated[int, Range(ge=16)] = 128  # side of the training crops and of the evaluated images
     c_out: Annotated[int, Range(ge=2)] = 32  # channels of the channel input: rho = c_out / 96 (1/3 at 32)
     width: Count = 64  # channels of the codec's hidden layers
@@ -56,6 +65,7 @@ class JsccConfig:
     seed: NonNegativeInt = 0
     device: Device = "auto"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    code_link: CodeLinkConfig = field(default_factory=CodeLinkConfig)  # the code links (protocol ``code``)
 
 
 def jscc_config_from_dict(data: dict | None) -> JsccConfig:
@@ -67,6 +77,7 @@ def jscc_config_from_dict(data: dict | None) -> JsccConfig:
     if config.aligned_from_baseline and (1 not in config.hops or set(config.models) != set(MODELS)):
         raise ConfigError(f"jscc.aligned_from_baseline: the aligned 1-hop pair starts from the baseline's, but hops "
                           f"are {list(config.hops)} and models {list(config.models)}")
+    check_code_link_config(config.code_link, "jscc.code_link")
     if config.warm_start and 1 not in config.hops:
         raise ConfigError(f"jscc.warm_start: multi-hop links start from the 1-hop link, but hops are "
                           f"{list(config.hops)}")

@@ -4,6 +4,9 @@ The frozen hasher h is the project's image tower: the image student of a distill
 (``RUN/students``, config ``hasher: student``, cheap on a CPU) or the run's teacher (``hasher:
 teacher``). It sees received images as serving would: resized to its input size and standardised.
 
+The code links (protocol ``code``) are training/code_link.py's, trained on the codes of the hasher
+run's exported image student and written to ``OUT/code/``.
+
 Data: the train split's images, decoded once at 256 px (UCM's own size; ``image_size`` when larger)
 and cut into one random ``image_size`` crop per image and epoch (seeded: epoch e of the run with seed s draws from
 ``default_rng((s, e))``). Each link writes ``OUT/<link>.pt`` (its weights and what it was trained
@@ -171,17 +174,46 @@ def train_link(config: JsccConfig, hops: int, snr_db: float | None, model: str, 
 
 def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path, out: str | Path,
                progress: bool = True) -> dict:
-    """Every link of the config's grid; writes ``OUT/<link>.pt`` and ``OUT/jscc.json``."""
+    """Every link of the config's grid: the pixel links (``OUT/<link>.pt``, ``OUT/onnx/<link>/``) and the
+    code links (``OUT/code/``) its ``protocols`` ask for; writes ``OUT/jscc.json``."""
     from serving.ingest.dataset import load_dataset
-    from .features import default_device
 
-    device = default_device(config.device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(data_dir)
     train = [r.path for r in dataset.split("train")]
     if not train:
         raise ValueError(f"{data_dir}: no train images to train the links on")
+    links = _train_pixel_links(config, hasher_dir, train, out, progress) if "pixel" in config.protocols else []
+    manifest = {"config": asdict(config), "hasher": {"model_dir": str(hasher_dir), "kind": config.hasher},
+                "dataset": dataset.name, "train_images": len(train), "links": links}
+    if "code" in config.protocols:
+        manifest["code"] = _train_code_links(config, hasher_dir, data_dir, out)
+    (out / "jscc.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def hasher_students(hasher_dir: str | Path) -> Path:
+    """The exported students of a ``terrahash train`` folder (``RUN/students/onnx``), or the folder itself
+    when it holds them."""
+    folder = Path(hasher_dir)
+    return folder / "students" / "onnx" if (folder / "students" / "onnx").is_dir() else folder
+
+
+def _train_code_links(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path, out: Path) -> dict:
+    """The learned code links (training/code_link.py) in ``OUT/code``; their manifest without histories."""
+    from .code_link import train_code_links
+
+    manifest = train_code_links(config.code_link, hasher_students(hasher_dir), data_dir, out / "code")
+    return {"folder": "code", "code_space": manifest["code_space"], "students": manifest["students"],
+            "codecs": [{k: v for k, v in codec.items() if k != "history"} for codec in manifest["codecs"]]}
+
+
+def _train_pixel_links(config: JsccConfig, hasher_dir: str | Path, train: list, out: Path, progress: bool) -> list:
+    """Every DeepJSCC link of the grid: ``OUT/<link>.pt`` and ``OUT/onnx/<link>/``; their manifest entries."""
+    from .features import default_device
+
+    device = default_device(config.device)
     images = load_images(train, max(256, config.image_size))
     hasher = load_hasher(hasher_dir, config.hasher, device) if "aligned" in config.models else None
     links, one_hop = [], {}
@@ -203,10 +235,7 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
                       "seconds": round(time.perf_counter() - start, 1)})
         log.info("%s: loss %.4f after %d epochs (%.0f s)", name, history["loss"][-1], len(history["loss"]),
                  links[-1]["seconds"])
-    manifest = {"config": asdict(config), "hasher": {"model_dir": str(hasher_dir), "kind": config.hasher},
-                "dataset": dataset.name, "train_images": len(train), "links": links}
-    (out / "jscc.json").write_text(json.dumps(manifest, indent=1))
-    return manifest
+    return links
 
 
 def load_link(path: str | Path, device: torch.device | None = None) -> tuple[DecodeForward, dict]:

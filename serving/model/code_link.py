@@ -191,17 +191,24 @@ def send_over_hops(code, hops: int, snr_db: float, n: int, rng: np.random.Genera
     """``code`` (bits,) or (B, bits), real or +-1 (its signs are sent) over ``hops`` hops of ``n`` uses of
     ``scheme`` each at ``snr_db`` per hop, relays deciding and re-encoding; noise from ``rng`` (seeded:
     the same seed gives the same result)."""
-    if isinstance(hops, (bool, np.bool_)) or not isinstance(hops, (int, np.integer)) or hops < 1:
-        raise ValueError(f"a link has at least one hop, got {hops!r}")
     codes, single = _codes(code)
     link = Repetition(scheme, codes.shape[1], n)
+    soft = combine(received_symbols(codes, hops, snr_db, link, rng), link)
+    out = Received(soft, signs(soft))
+    return Received(out.soft[0], out.signs[0]) if single else out
+
+
+def received_symbols(codes: np.ndarray, hops: int, snr_db: float, link: Repetition,
+                     rng: np.random.Generator) -> np.ndarray:
+    """(B, n) complex symbols that reach the service: (B, bits) codes sent over ``hops`` hops of ``link``
+    at ``snr_db`` each, relays deciding and re-encoding (``send_over_hops`` combines them)."""
+    if isinstance(hops, (bool, np.bool_)) or not isinstance(hops, (int, np.integer)) or hops < 1:
+        raise ValueError(f"a link has at least one hop, got {hops!r}")
     noise_variance(snr_db)  # a bad SNR fails before any noise is drawn
     symbols = encode(codes, link)
     for _ in range(hops - 1):
         symbols = relay(awgn(symbols, snr_db, rng), link)
-    soft = combine(awgn(symbols, snr_db, rng), link)
-    out = Received(soft, signs(soft))
-    return Received(out.soft[0], out.signs[0]) if single else out
+    return awgn(symbols, snr_db, rng)
 
 
 def q_function(x: float) -> float:
@@ -217,4 +224,4 @@ def bit_error_rate(snr_db: float, n: int, bits: int, scheme: str = "bpsk", hops:
 
 
 __all__ = ["Received", "Repetition", "SCHEMES", "awgn", "bit_error_rate", "carries", "combine", "encode", "llr",
-           "noise_variance", "power_normalize", "q_function", "relay", "send_over_hops", "signs"]
+           "noise_variance", "power_normalize", "q_function", "received_symbols", "relay", "send_over_hops", "signs"]

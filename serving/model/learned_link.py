@@ -71,17 +71,27 @@ class LearnedLink:
         flat = np.stack([y.real, y.imag], axis=-1).reshape(len(y), -1).astype(np.float32)  # (B, 2n)
         return self._decoder.run(["out"], {"x": flat, "snr_db": self._snr(snr_db, len(y))})[0]
 
-    def send_over_hops(self, code, hops: int, snr_db: float, rng: np.random.Generator) -> Received:
-        """Pre-sign codes (B, bits) over ``hops`` decode-and-forward hops at ``snr_db`` each; noise from ``rng``."""
+    def received_symbols(self, code, hops: int, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+        """(B, n) complex symbols that reach the service: pre-sign codes (B, bits) sent by the field unit over
+        ``hops`` decode-and-forward hops at ``snr_db`` each, relays decoding and re-encoding; noise from ``rng``."""
         if isinstance(hops, (bool, np.bool_)) or not isinstance(hops, (int, np.integer)) or hops < 1:
             raise ValueError(f"a link has at least one hop, got {hops!r}")
         u = self.field_input(code)
         noise_variance(snr_db)
-        for hop in range(hops):
+        for _ in range(hops - 1):
             u = self.decode(awgn(self.encode(u, snr_db), snr_db, rng), snr_db)
-            if hop < hops - 1 and self.relay == "hard":
+            if self.relay == "hard":
                 u = signs(u).astype(np.float32)
+        return awgn(self.encode(u, snr_db), snr_db, rng)
+
+    def receive(self, received, snr_db: float) -> Received:
+        """The service's soft code and its signs of (B, n) received symbols."""
+        u = self.decode(received, snr_db)
         return Received(u, signs(u))
+
+    def send_over_hops(self, code, hops: int, snr_db: float, rng: np.random.Generator) -> Received:
+        """Pre-sign codes (B, bits) over ``hops`` decode-and-forward hops at ``snr_db`` each; noise from ``rng``."""
+        return self.receive(self.received_symbols(code, hops, snr_db, rng), snr_db)
 
 
 def load_codecs(folder: str | Path) -> list[LearnedLink]:

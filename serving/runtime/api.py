@@ -96,14 +96,39 @@ class ItemsSearch(_Filters):
     format: Literal["json", "stac"] | None = FORMAT
 
 
+class CodeLinkSpec(BaseModel):
+    """The link a hash code came over (serving/model/field.py): what decodes its symbols into a code."""
+
+    model_config = _BODY
+    protocol: Literal["code"] = Field(description="'code': the symbols carry the image student's hash code")
+    scheme: Literal["repetition", "learned"] = Field(
+        description="'repetition': the code's signs, repeated, on `modulation`; 'learned': the deployment's learned "
+                    "codec for `channel_uses` (`terrahash jscc train`, protocol code)")
+    modulation: Literal["bpsk", "qpsk"] | None = Field(None, description="repetition: the modulation (default bpsk)")
+    channel_uses: StrictInt = Field(ge=1, le=65536, description="n: complex channel uses (symbols) per code")
+    code_space: str = Field(description="the code space of the sender's image student; the served arm's must match")
+    model_version: str | None = Field(None, description="learned: the codec's model_version (its spec's)")
+
+
 class ReceivedSearch(BaseModel):
-    """POST /v1/search/received: an image sent over a radio link, as the last hop's DeepJSCC symbols."""
+    """POST /v1/search/received: a field query sent over a radio link: the last hop's DeepJSCC symbols of an
+    image (``model_version`` names the decoder), or of its hash code (``link`` names the code link)."""
 
     model_config = _BODY
     symbols: str = Field(description="the received channel symbols: complex64 little-endian, base64-encoded (k "
-                                     "symbols of the deployment's link; `terrahash jscc send` writes them)")
-    snr_db: float = Field(ge=-30, le=30, description="the link's SNR in dB (a conditioned decoder is told it)")
-    model_version: str = Field(description="the decoder the sender's link was trained with (its spec's model_version)")
+                                     "symbols of the deployment's pixel link, or the code link's channel_uses; "
+                                     "`terrahash jscc send` writes them)")
+    snr_db: float = Field(ge=-30, le=30, description="the link's per-hop SNR in dB (a conditioned decoder is told it)")
+    model_version: str | None = Field(None, description="pixel link: the decoder the sender's link was trained with "
+                                                        "(its spec's model_version); required without `link`")
+    link: CodeLinkSpec | None = Field(
+        None, description="code link: the spec of the link the hash code came over: {\"protocol\": \"code\", "
+                          "\"scheme\": \"repetition\" or \"learned\", \"modulation\": \"bpsk\" or \"qpsk\" "
+                          "(repetition), \"channel_uses\": n, \"code_space\": the sender's student's, "
+                          "\"model_version\": the learned codec's}")
+    rerank: Literal["none", "asymmetric"] | None = Field(
+        None, description="code link: 'asymmetric' re-ranks the top candidates by the decoded soft code's inner "
+                          "product with their codes (default 'none': Hamming distance of its signs)")
     hops: StrictInt | None = Field(None, ge=1, le=8, description="hops the image travelled (reported back)")
     source_hash: str | None = Field(None, description="the sender's hash of its image, hex (as many bits as the "
                                                       "served codes): the answer gives the received image's bit "
@@ -136,9 +161,24 @@ _OPTIONS = {"k": {"type": "string", "pattern": "^[0-9]+$"},
             "format": {"type": "string", "enum": ["json", "stac"]}}
 
 
+def _inlined(schema: dict) -> dict:
+    """A JSON schema with its nested models (``$defs``) written in place of their ``$ref``s, so that it stands
+    alone inside an OpenAPI document (whose ``#/`` is the document, not the schema)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk({**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+    return walk(schema)
+
+
 def openapi_body(model: type[BaseModel], form_fields: dict | None = None) -> dict:
     """``openapi_extra`` declaring a JSON body of ``model`` (and, with ``form_fields``, an image upload)."""
-    content = {"application/json": {"schema": model.model_json_schema()}}
+    content = {"application/json": {"schema": _inlined(model.model_json_schema())}}
     if form_fields is not None:
         content["multipart/form-data"] = {"schema": _form_schema(form_fields)}
         content["image/*"] = {"schema": {"type": "string", "format": "binary"}}
@@ -157,7 +197,8 @@ _FIELD_CODES = {"k": "k_out_of_range", "query": "invalid_query", "rerank": "inva
                 "bbox": "invalid_bbox", "datetime": "invalid_datetime", "format": "invalid_format",
                 "limit": "limit_out_of_range", "token": "invalid_token", "result_id": "invalid_result_id",
                 "grid": "invalid_grid", "symbols": "invalid_symbols", "snr_db": "invalid_snr",
-                "model_version": "unknown_model_version", "hops": "invalid_hops", "source_hash": "invalid_source_hash"}
+                "model_version": "invalid_model_version", "hops": "invalid_hops", "source_hash": "invalid_source_hash",
+                "link": "invalid_link"}
 
 
 def parse_body(model: type[BaseModel], payload) -> BaseModel:

@@ -67,18 +67,7 @@ class ReceivedDecoder:
         if model_version != self.model_version:
             raise ReceivedError("unknown_model_version", f"symbols of model version {model_version!r}; this "
                                 f"deployment decodes {self.model_version!r}", status=409)
-        try:
-            raw = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise ReceivedError("invalid_symbols", "symbols: not valid base64") from None
-        k = self.spec["symbols"]
-        if len(raw) != 8 * k:
-            raise ReceivedError("invalid_symbols", f"symbols: {len(raw)} bytes; this link sends {k} complex64 symbols "
-                                f"({8 * k} bytes)")
-        values = np.frombuffer(raw, dtype="<c8")
-        if not np.isfinite(values.view(np.float32)).all():
-            raise ReceivedError("invalid_symbols", "symbols: NaN or infinite values")
-        return values
+        return parse_symbols(encoded, self.spec["symbols"])
 
     def image(self, symbols: np.ndarray, snr_db: float) -> np.ndarray:
         """The decoded image, RGB uint8 (H, W, 3)."""
@@ -90,6 +79,21 @@ class ReceivedDecoder:
             feeds["snr_db"] = np.array([snr_db], dtype=np.float32)
         decoded = self.session.run(["out"], feeds)[0][0]  # (3, H, W) in [0, 1]
         return np.round(np.clip(decoded, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def parse_symbols(encoded: str, count: int) -> np.ndarray:
+    """(count,) complex64 of base64 little-endian complex64 values, checked: the length and finite."""
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ReceivedError("invalid_symbols", "symbols: not valid base64") from None
+    if len(raw) != 8 * count:
+        raise ReceivedError("invalid_symbols", f"symbols: {len(raw)} bytes; the link sends {count} complex64 symbols "
+                            f"({8 * count} bytes)")
+    values = np.frombuffer(raw, dtype="<c8")
+    if not np.isfinite(values.view(np.float32)).all():
+        raise ReceivedError("invalid_symbols", "symbols: NaN or infinite values")
+    return values
 
 
 def source_bits(hex_hash: str | None, bits: int) -> np.ndarray | None:

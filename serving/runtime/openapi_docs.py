@@ -78,14 +78,19 @@ ERRORS: dict[str, tuple[int, str]] = {
     "invalid_result_id": (422, "result_id is not a string"),
     "invalid_grid": (422, "grid is not an integer from 2 to 8"),
     "source_unreadable": (502, "the image of the item cannot be read from the archive"),
-    "not_configured": (404, "the deployment decodes no radio-link symbols (no jscc_model)"),
+    "not_configured": (404, "the deployment decodes no such radio link (a pixel link: no jscc_model; a learned code "
+                            "link: no code_link_model)"),
+    "invalid_link": (422, "link is not a code link's spec, or its channel uses cannot carry the served code"),
+    "unknown_link": (404, "no learned codec for the link's channel uses, or not of its model_version"),
+    "code_space_mismatch": (409, "the sender's code space (or the codec's) is not the served model's"),
     "missing_symbols": (422, "the body has no symbols"),
     "invalid_symbols": (422, "symbols are not base64 complex64 values of the link's length, or not finite"),
     "missing_snr_db": (422, "the body has no snr_db"),
     "invalid_snr": (422, "snr_db is not a number from -30 to 30"),
     "missing_model_version": (422, "the body has no model_version"),
     "unknown_model_version": (404, "no served model version or arm by this name (received symbols: not of the "
-                                   "served link's version, a 422)"),
+                                   "served link's version, a 409)"),
+    "invalid_model_version": (422, "model_version is not a string"),
     "invalid_hops": (422, "hops is not an integer from 1 to 8"),
     "invalid_source_hash": (422, "source_hash is not hex of the served code length"),
     "no_model_card": (404, "the served model version has no model card"),
@@ -224,9 +229,14 @@ DOCS: dict[str, EndpointDoc] = {
             "model_version": "jscc-2hop-1a2b3c", "snr_db": -5.0, "snr_db_received": -5.0, "hops_received": 2,
             "bit_agreement": 0.94}),
         errors=("not_configured", "k_out_of_range", "missing_symbols", "invalid_symbols", "missing_snr_db",
-                "invalid_snr", "missing_model_version", (422, "unknown_model_version"), "invalid_hops",
-                "invalid_source_hash", "denied_by_policy"),
-        on_arm=True, arm_header=True, json_body=True),
+                "invalid_snr", "missing_model_version", "invalid_model_version",
+                (409, "unknown_model_version"), "invalid_hops", "invalid_source_hash", "invalid_link", "unknown_link", "code_space_mismatch", "invalid_rerank",
+                "denied_by_policy"),
+        on_arm=True, arm_header=True, json_body=True,
+        notes=("A pixel link's symbols (`model_version` names the decoder of `jscc_model`) are decoded to an image "
+               "and searched like an upload; a code link's (`link`: scheme `repetition` on BPSK or QPSK, or "
+               "`learned`, a codec of `code_link_model`) are decoded to the hash code and searched; `received` "
+               "then names the scheme, channel uses and code space.",)),
     "GET /v1/search/similar/{image_id}": EndpointDoc(
         "similar", _search({"image_id": "beach/beach01.tif"}, [_HIT, _HIT2]),
         errors=("unknown_id", "k_out_of_range", "invalid_format", *FILTERS, "denied_by_policy"), on_arm=True,
@@ -291,7 +301,8 @@ DOCS: dict[str, EndpointDoc] = {
         json_body=True),
 }
 
-_STATUS_NAMES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 413: "Payload Too Large",
+_STATUS_NAMES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
+                 413: "Payload Too Large",
                  415: "Unsupported Media Type", 422: "Unprocessable Content", 429: "Too Many Requests",
                  500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 _ROLES_ORDER = list(ROLES)

@@ -123,6 +123,7 @@ class Router(OperatorViews, StacViews):
         self.thumbnails = ThumbnailCache()
         self.stac_extents: dict[tuple, dict] = {}  # (arm, index version) -> its items' extent (STAC collections)
         self.received = None  # serving.runtime.jscc.ReceivedDecoder of options["jscc_model"], loaded at first use
+        self.code_receiver = None  # serving.runtime.code_received.CodeReceiver of options["code_link_model"]
         self.inflight = 0  # requests this replica is answering now
 
     @property
@@ -423,12 +424,17 @@ class Router(OperatorViews, StacViews):
     async def _search_received(self, request: Request, call: Call) -> dict:
         from serving.runtime.jscc import ReceivedDecoder, source_bits
 
+        body = parse_body(ReceivedSearch, await read_json(request, base64_limit(self.config["max_upload_bytes"])))
+        if body.link is not None:
+            return await self._search_code_received(request, call, body)
         if not self.options.get("jscc_model"):
-            raise ApiError(404, "not_configured", "this deployment decodes no radio-link symbols (serve it with "
+            raise ApiError(404, "not_configured", "this deployment decodes no radio-link images (serve it with "
                                                   "jscc_model: an exported link of `terrahash jscc train`)")
+        if body.model_version is None:
+            raise ApiError(422, "missing_model_version", "the body needs 'model_version' (the pixel link's decoder) "
+                                                         "or 'link' (a code link)")
         if self.received is None:
             self.received = await asyncio.to_thread(ReceivedDecoder, self.options["jscc_model"])
-        body = parse_body(ReceivedSearch, await read_json(request, base64_limit(self.config["max_upload_bytes"])))
         symbols = self.received.symbols(body.symbols, body.model_version)
         k = parse_k(body.k, self.config)
         call.query_sha256 = sha256_of(body.symbols)
@@ -446,6 +452,31 @@ class Router(OperatorViews, StacViews):
             answer = await self.pipeline.rank(arm, code, k, "none", self.config["fusion"], call)
             answer["received"] = {**link, "bit_agreement": None if source is None else
                                   float(((code >= 0).astype(np.uint8) == source).mean())}
+            return answer
+        return await self._dispatch(request, call, run)
+
+    async def _search_code_received(self, request: Request, call: Call, body: ReceivedSearch) -> dict:
+        """A hash code received over a code link: decoded (serving/runtime/code_received.py), then ranked."""
+        from serving.runtime.code_received import CodeReceiver
+        from serving.runtime.jscc import source_bits
+
+        if self.code_receiver is None:
+            self.code_receiver = CodeReceiver(self.options.get("code_link_model"))
+        k = parse_k(body.k, self.config)
+        call.query_sha256 = sha256_of(body.symbols)
+        k = self._admit(call, "received", k)
+
+        async def run(arm: Arm, call: Call) -> dict:
+            bits = arm.backend.index["bits"]
+            source = source_bits(body.source_hash, bits)
+            with call.timer("link_decode"):
+                soft, link = await asyncio.get_running_loop().run_in_executor(
+                    self.decoder, self.code_receiver.decode, body.link, body.symbols, body.snr_db, bits,
+                    arm.backend.model.get("code_space"))
+            answer = await self.pipeline.rank(arm, soft, k, body.rerank or "none", self.config["fusion"], call)
+            answer["received"] = {**link, "code_space": body.link.code_space, "snr_db_received": body.snr_db,
+                                  "hops_received": body.hops, "bit_agreement": None if source is None else
+                                  float(((soft >= 0).astype(np.uint8) == source).mean())}
             return answer
         return await self._dispatch(request, call, run)
 

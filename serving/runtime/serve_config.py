@@ -22,7 +22,8 @@ MODEL_FIELDS = ("model", "index", "release", "encoder_variant", "encoder_replica
                 "model_cache_dir")
 ROUTER_FIELDS = ("router_replicas", "router_num_cpus", "router_resources", "decode_threads", "encoder_threads",
                  "router_encodes_text", "runtime_env", "tracking_uri", "model_cache_dir", "app_name", "audit",
-                 "jscc_model", "layout", "encoder_variant", "router_threads", "rate_limit", "auth", "router_access_log")
+                 "jscc_model", "code_link_model", "layout", "encoder_variant", "router_threads", "rate_limit", "auth",
+                 "router_access_log")
 
 
 def _key(*parts) -> str:

@@ -183,6 +183,9 @@ class ServeSettings(RouterConfig, EncoderConfig):
     # An exported DeepJSCC link (`terrahash jscc train`'s OUT/onnx/<link>) whose decoder turns the symbols of
     # POST /v1/search/received into an image; None: the endpoint answers 404.
     jscc_model: str | None = None
+    # Learned code links (`terrahash jscc train`'s OUT/code: one codec per number of channel uses) that
+    # decode the hash codes of POST /v1/search/received; repetition-coded links need none.
+    code_link_model: str | None = None
     release: str | None = None  # the index release served (e.g. r0003); default the latest
     image_version: str | None = None  # override the release's image index version
     caption_version: str | None = None  # override the release's caption index version

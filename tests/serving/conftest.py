@@ -2,6 +2,7 @@
 The tiny exported students and the real-image index are the whole run's (tests/conftest.py)."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -88,10 +89,10 @@ def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> None:
         time.sleep(0.2)
 
 
-def running_app(index_root, cache_dir, jscc_model=None):
+def running_app(index_root, cache_dir, jscc_model=None, code_link_model=None):
     """Start the app over ``index_root`` on the session's local Ray, over HTTP on a free loopback port
-    (decoding radio-link symbols with the exported link ``jscc_model`` when given); yields its base URL,
-    then shuts Serve down."""
+    (decoding radio-link symbols with the exported pixel link ``jscc_model`` and the learned code links
+    ``code_link_model`` when given); yields its base URL, then shuts Serve down."""
     from ray import serve
 
     from serving.app import ServeSettings, run_apps
@@ -101,7 +102,8 @@ def running_app(index_root, cache_dir, jscc_model=None):
     settings = ServeSettings(index=str(index_root), shard_replicas=1, spread_shards=False, shards_per_replica=3,
                              shard_num_cpus=0.05, encoder_num_cpus=0.1, router_num_cpus=0.05,
                              max_upload_bytes=200_000, max_image_pixels=1_000_000, max_query_chars=200, max_k=50,
-                             shard_cache_dir=str(cache_dir), jscc_model=str(jscc_model) if jscc_model else None)
+                             shard_cache_dir=str(cache_dir), jscc_model=str(jscc_model) if jscc_model else None,
+                             code_link_model=str(code_link_model) if code_link_model else None)
     run_apps(settings)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/v1/readyz")
@@ -126,7 +128,28 @@ def jscc_link(tmp_path_factory):
     return {"folder": folder, "link": link}
 
 
+@pytest.fixture(scope="session")
+def code_links(model_dir, tmp_path_factory):
+    """Tiny random learned code links (8 and 32 channel uses) for ``model_dir``'s codes, exported as
+    `terrahash jscc train` writes them (OUT/code/n<uses>/), with that student's code space."""
+    import torch
+
+    from serving.model.field import student_code_space, student_spec
+    from training.code_link import CodeLink, CodeLinkConfig, export_codec
+
+    spec = student_spec(model_dir)
+    bits = json.loads(spec.read_text())["bits"]
+    folder = tmp_path_factory.mktemp("code_links")
+    torch.manual_seed(0)
+    for n in (8, 32):
+        export_codec(CodeLink(bits, n, hidden=16).eval(), CodeLinkConfig(uses=(8, 32)), folder / f"n{n}",
+                     {"code_space": student_code_space(spec)})
+    return folder
+
+
 @pytest.fixture(scope="module")
-def serve_app(local_ray, built_index, jscc_link, tmp_path_factory):
-    """The app over ``built_index``, decoding radio-link symbols with ``jscc_link``; yields its base URL."""
-    yield from running_app(built_index["root"], tmp_path_factory.mktemp("shard_cache"), jscc_link["folder"])
+def serve_app(local_ray, built_index, jscc_link, code_links, tmp_path_factory):
+    """The app over ``built_index``, decoding radio-link symbols with ``jscc_link`` and ``code_links``;
+    yields its base URL."""
+    yield from running_app(built_index["root"], tmp_path_factory.mktemp("shard_cache"), jscc_link["folder"],
+                           code_links)

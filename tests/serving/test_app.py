@@ -489,5 +489,62 @@ def test_symbols_received_over_a_radio_link_are_decoded_and_searched(serve_app, 
     assert bad({"source_hash": "ab"}) == (422, "invalid_source_hash")
     assert bad({"snr_db": 99}) == (422, "invalid_snr")
     assert bad({"extra": 1})[0] == 422
+    assert bad({"model_version": None}) == (422, "missing_model_version")
     assert call(f"{serve_app}/v1/healthz") == (200, {"status": "ok"})  # nothing of that hurt the replica
+
+
+def test_hash_codes_received_over_a_code_link_are_decoded_and_searched(serve_app, reference, code_links, model_dir):
+    """POST /v1/search/received with a code link: repetition-coded symbols at a high SNR give back the
+    sender's code and its ranking; a learned codec's symbols rank as its decoded code; bad symbols, links
+    and code spaces get JSON 4xx."""
+    from serving.model import code_link
+    from serving.model.codes import pack_signs
+    from serving.model.field import code_message, student_code_space, student_spec
+    from serving.model.learned_link import load_codecs
+
+    path = reference["items"].image_paths[7]
+    code = reference["image"].encode([Path(path).read_bytes()])  # (1, bits): the field unit's code
+    bits, space = code.shape[1], student_code_space(student_spec(model_dir))
+    source = np.packbits(code[0] >= 0).tobytes()
+    rng = np.random.default_rng(3)
+    repetition = code_link.Repetition("bpsk", bits, 4 * bits)
+    symbols = code_link.received_symbols(code, 3, 25.0, repetition, rng)[0]
+    body = code_message(symbols, scheme="repetition", modulation="bpsk", snr_db=25.0, hops=3, code_space=space,
+                        source_hash=source, k=8)
+    status, answer = post_json(f"{serve_app}/v1/search/received", body)
+    assert status == 200, answer
+    assert got(answer) == expected(reference, pack_signs(code), 8)
+    assert answer["received"]["bit_agreement"] == 1.0 and answer["received"]["repeats"] == 4
+    assert answer["received"]["scheme"] == "repetition" and answer["received"]["hops_received"] == 3
+    assert "link_decode" in answer["timings_ms"]
+
+    codec = load_codecs(code_links)[0]  # 8 channel uses: fewer than the code's bits
+    sent = codec.received_symbols(code, 2, -5.0, rng)[0].astype(np.complex64)
+    decoded = codec.receive(sent[None], -5.0).soft
+    learned = code_message(sent, scheme="learned", snr_db=-5.0, hops=2, code_space=space,
+                           model_version=codec.spec["model_version"], source_hash=source, k=8)
+    status, answer = post_json(f"{serve_app}/v1/search/received", learned)
+    assert status == 200, answer
+    assert got(answer) == expected(reference, pack_signs(decoded), 8)
+    assert answer["received"]["bit_agreement"] == pytest.approx(float(((decoded[0] >= 0) == (code[0] >= 0)).mean()))
+    status, answer = post_json(f"{serve_app}/v1/search/received", {**learned, "rerank": "asymmetric"})
+    assert status == 200 and answer["rerank"] == "asymmetric"
+
+    def bad(body: dict, change: dict, link: dict | None = None) -> tuple[int, str]:
+        changed = {**body, **change, "link": {**body["link"], **(link or {})}}
+        status, answer = post_json(f"{serve_app}/v1/search/received", changed)
+        return status, answer["error"]["code"]
+
+    nan = symbols.astype(np.complex64)
+    nan[2] = np.nan
+    assert bad(body, {"symbols": base64.b64encode(nan[:-1].tobytes()).decode()}) == (422, "invalid_symbols")
+    assert bad(body, {"symbols": base64.b64encode(nan.tobytes()).decode()}) == (422, "invalid_symbols")
+    assert bad(body, {}, {"channel_uses": bits // 2}) == (422, "invalid_symbols")  # the symbols are not n long
+    short = code_message(symbols[:bits // 2], scheme="repetition", snr_db=25.0, hops=3, code_space=space)
+    assert bad(short, {}) == (422, "invalid_link")  # BPSK: n/2 uses cannot carry the code
+    assert bad(body, {}, {"code_space": "sha256:" + "0" * 64}) == (409, "code_space_mismatch")
+    assert bad(body, {}, {"protocol": "pixels"}) == (422, "invalid_link")
+    assert bad(learned, {"symbols": body["symbols"]}, {"channel_uses": 4 * bits}) == (404, "unknown_link")
+    assert bad(learned, {}, {"model_version": "0" * 16}) == (404, "unknown_link")
+    assert call(f"{serve_app}/v1/healthz") == (200, {"status": "ok"})
 

@@ -137,3 +137,60 @@ def test_uses_outside_the_config_and_nan_inputs_raise(tmp_path):
         served.send_over_hops(np.zeros((2, BITS)), 1, float("nan"), np.random.default_rng(0))
     with pytest.raises(ValueError, match="per code"):
         served.decode(np.zeros((2, 9), dtype=np.complex128), -5.0)
+
+
+def test_jscc_commands_train_evaluate_and_send_code_links(model_dir, subset, tmp_path):
+    """`terrahash jscc train` with protocol code, `jscc eval --json` (entries with protocol, scheme and
+    channel_uses) and `jscc send --link code`, the field unit's side in a process that never imports torch."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from cluster.cli.main import main
+
+    config = tmp_path / "code.yaml"
+    config.write_text(yaml.safe_dump({"name": "jscc-code-tiny", "protocols": ["code"], "hops": [1, 3],
+                                      "snr_eval_db": [-5.0], "code_link": {"uses": [8, 32], "hidden": 16,
+                                                                           "steps": 12, "eval_every": 6,
+                                                                           "batch_size": 8}}))
+    out = tmp_path / "links"
+    assert main(["jscc", "train", "--config", str(config), "--hasher", str(model_dir), "--data", str(subset),
+                 "--out", str(out), "--no-track"]) == 0
+    manifest = json.loads((out / "jscc.json").read_text())
+    assert manifest["links"] == [] and [c["uses"] for c in manifest["code"]["codecs"]] == [8, 32]
+    assert (out / "code" / "n8" / "code_link.spec.json").is_file()
+    report_file = tmp_path / "eval.json"
+    assert main(["jscc", "eval", "--model", str(out), "--data", str(subset), "--json", str(report_file),
+                 "--no-track"]) == 0
+    report = json.loads(report_file.read_text())
+    points = report["points"]
+    assert {p["protocol"] for p in points} == {"code"} and 0 < report["code"]["map_all_clean"] <= 1
+    learned = {(p["hops"], p["channel_uses"]) for p in points if p["scheme"] == "learned"}
+    assert learned == {(h, n) for h in (1, 2, 3, 4) for n in (8, 32)}
+    carried = [p for p in points if p["scheme"] == "repetition" and p["carried"]]
+    assert {p["modulation"] for p in carried} == {"bpsk", "qpsk"} and {p["channel_uses"] for p in carried} >= {32, 4096}
+    assert all(0 <= p["bit_agreement"] <= 1 and 0 <= p["map_all"] <= 1 for p in carried)
+
+    from serving.ingest.dataset import load_dataset
+
+    image = str(load_dataset(subset).split("test")[0].path)
+    body = tmp_path / "received.json"
+    code = ("import sys; from cluster.cli.main import main; code = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'the field unit imported torch'; raise SystemExit(code)")
+    sent = subprocess.run([sys.executable, "-c", code, "jscc", "send", image, "--model", str(out), "--link", "code",
+                           "--uses", "8", "--snr", "-5", "--hops", "3", "--out", str(body)],
+                          capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr
+    message = json.loads(body.read_text())
+    spec = json.loads((out / "code" / "n8" / "code_link.spec.json").read_text())
+    assert message["link"] == {"protocol": "code", "scheme": "learned", "modulation": None, "channel_uses": 8,
+                               "code_space": spec["code_space"], "model_version": spec["model_version"]}
+    assert message["hops"] == 3 and len(message["symbols"]) == 4 * -(-8 * 8 // 3)  # base64 of 8 complex64
+    assert main(["jscc", "send", image, "--model", str(out), "--link", "code", "--scheme", "repetition",
+                 "--modulation", "qpsk", "--uses", "32", "--snr", "-5", "--hops", "2", "--out", str(body)]) == 0
+    message = json.loads(body.read_text())
+    assert message["link"]["scheme"] == "repetition" and message["link"]["modulation"] == "qpsk"
+    assert main(["jscc", "send", image, "--model", str(out), "--link", "code", "--uses", "64", "--snr", "-5",
+                 "--out", str(body)]) == 2  # no learned codec for 64 uses
