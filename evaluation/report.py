@@ -166,8 +166,10 @@ def own_fusion(models: list[Model], index, q_rows, db_rows) -> dict:
 
 def build(runs, data_dir, peers: str | Path | None = None, cache_dir=None, device: str = "auto", seed: int = 0,
           pareto_database: int = PARETO_DATABASE, pareto_queries: int = PARETO_QUERIES,
-          robustness_per_class: int = ROBUSTNESS_PER_CLASS, peer_codes: int = 100_000) -> tuple[dict, list]:
-    """The report's JSON and the models (for the page's thumbnails)."""
+          robustness_per_class: int = ROBUSTNESS_PER_CLASS, peer_codes: int = 100_000,
+          links: str | Path | None = None) -> tuple[dict, list]:
+    """The report's JSON and the models (for the page's thumbnails); ``links``: a ``terrahash jscc eval
+    --json`` file whose code links get a section (evaluation/field_links.py)."""
     from serving.ingest.dataset import load_dataset
     from training.features import default_device, load_image
     from training.train import DatasetIndex
@@ -212,6 +214,10 @@ def build(runs, data_dir, peers: str | Path | None = None, cache_dir=None, devic
         "corruptions": {k: {s: v["alarm_rate"] for s, v in by.items()} for k, by in found["corruptions"].items()}})
     report["examples"] = examples(models, index, q_rows, db_rows)
     report["peers"] = peers_section(peers, models[0], db_rows, peer_codes, seed)
+    if links is not None:
+        from .field_links import summary
+
+        report["field_links"] = summary(json.loads(Path(links).read_text()), str(links))
     return report, models
 
 

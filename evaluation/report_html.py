@@ -297,6 +297,46 @@ def peers_html(report: dict) -> str:
     return "".join(parts)
 
 
+def field_links_html(report: dict, plots: dict) -> str:
+    from .field_links import figure_at, plot
+
+    section = report["field_links"]
+    plots["field_links"] = plot(section)
+    hops = max(section["hops"])
+    schemes = [s for s in ("learned", "bpsk", "qpsk") if s in section["grid"]]
+    rows = []
+    for n in section["uses"]:
+        cells = []
+        for snr in section["snrs_db"]:
+            for scheme in schemes:
+                path = f"field_links.grid.{scheme}.h{hops}.{snr:g}dB.n{n}"
+                cells += ([cell(report, f"{path}.map_ratio", 3), cell(report, f"{path}.bit_agreement", 3)]
+                          if figure_at(section, scheme, hops, snr, n) is not None else ["<td>-</td>", "<td>-</td>"])
+        rows.append(f"<tr><th>{number(n)}</th>{''.join(cells)}</tr>")
+    head = "".join(f'<th colspan="2">{snr:g} dB, {html.escape(scheme)}</th>' for snr in section["snrs_db"]
+                   for scheme in schemes)
+    pixel = []
+    for model in ("aligned", "baseline"):
+        grid = section["grid"].get(f"pixel-{model}", {}).get(f"h{hops}", {})
+        for n in sorted({int(key[1:]) for by in grid.values() for key in by}):
+            cells = [cell(report, f"field_links.grid.pixel-{model}.h{hops}.{snr:g}dB.n{n}.{name}", 3)
+                     if f"n{n}" in grid.get(f"{snr:g}dB", {}) else "<td>-</td>"
+                     for snr in section["snrs_db"] for name in ("map_ratio", "bit_agreement")]
+            pixel.append(f"<tr><th>pixels, {html.escape(model)}, {number(n)} uses</th>{''.join(cells)}</tr>")
+    pixel_head = "".join(f'<th colspan="2">{snr:g} dB</th>' for snr in section["snrs_db"])
+    return "".join([
+        f'<p class="note">{number(section["queries"])} {html.escape(section["split"])} images sent as their int8 image '
+        f"student's {number(section['bits'])}-bit code over {hops} decode-and-forward hops: received-query mAP@all as "
+        f"a ratio to clean queries ({cell_span(report, 'field_links.map_all_clean', 4)}) and, second, the bit "
+        f"agreement with the clean code. From {html.escape(section['source'])}.</p>",
+        f"<table><thead><tr><th>channel uses</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>",
+        (f"<table><thead><tr><th>pixel links (DeepJSCC of the image), {hops} hops</th>{pixel_head}</tr>"
+         f"</thead><tbody>{''.join(pixel)}</tbody></table>" if pixel else ""),
+        image(plots["field_links"], "field queries over radio links",
+              "mAP ratio against channel uses per hop, per SNR: learned codec (solid), repetition-coded BPSK (dashed), "
+              "1 hop (faint) and more; pixel links as points; dotted: Shannon's minimum for the code's exact bits.")])
+
+
 EXTRA_STYLE = """<style>
 .example { display: flex; gap: 1rem; align-items: center; margin: .5rem 0; }
 .example .query { width: 14rem; font-size: .9rem; }
@@ -316,6 +356,8 @@ def render(report: dict) -> tuple[str, dict[str, bytes]]:
                 ("drift", "Drift detector", drift_html(report)),
                 ("examples", "Examples", examples_html(report)),
                 ("peers", "Peer indexes", peers_html(report))]
+    if "field_links" in report:
+        sections.append(("field-links", "Field queries over radio links", field_links_html(report, plots)))
     database = report["database"]
     intro = (f'<p class="note">{html.escape(report["dataset"])}: {number(database["queries"])} test queries against '
              f"a database of {html.escape(' + '.join(database.get('splits') or ['every other image']))}; relevance by class "

@@ -184,11 +184,20 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
     train = [r.path for r in dataset.split("train")]
     if not train:
         raise ValueError(f"{data_dir}: no train images to train the links on")
-    links = _train_pixel_links(config, hasher_dir, train, out, progress) if "pixel" in config.protocols else []
+    # Links of a protocol not trained now are kept from an earlier run into the same folder, so that the
+    # long pixel grid and the code links can be trained (and retrained) one at a time.
+    previous = json.loads((out / "jscc.json").read_text()) if (out / "jscc.json").is_file() else {}
+    links = (_train_pixel_links(config, hasher_dir, train, out, progress) if "pixel" in config.protocols
+             else previous.get("links", []))
     manifest = {"config": asdict(config), "hasher": {"model_dir": str(hasher_dir), "kind": config.hasher},
                 "dataset": dataset.name, "train_images": len(train), "links": links}
     if "code" in config.protocols:
-        manifest["code"] = _train_code_links(config, hasher_dir, data_dir, out)
+        from .code_link import train_code_links
+
+        manifest["code"] = _code_summary(train_code_links(config.code_link, hasher_students(hasher_dir), data_dir,
+                                                          out / "code"))
+    elif (out / "code" / "code_link.json").is_file():
+        manifest["code"] = _code_summary(json.loads((out / "code" / "code_link.json").read_text()))
     (out / "jscc.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -200,12 +209,10 @@ def hasher_students(hasher_dir: str | Path) -> Path:
     return folder / "students" / "onnx" if (folder / "students" / "onnx").is_dir() else folder
 
 
-def _train_code_links(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path, out: Path) -> dict:
-    """The learned code links (training/code_link.py) in ``OUT/code``; their manifest without histories."""
-    from .code_link import train_code_links
-
-    manifest = train_code_links(config.code_link, hasher_students(hasher_dir), data_dir, out / "code")
+def _code_summary(manifest: dict) -> dict:
+    """jscc.json's entry for the code links in ``OUT/code`` (their ``code_link.json`` without histories)."""
     return {"folder": "code", "code_space": manifest["code_space"], "students": manifest["students"],
+            "config": manifest["config"],
             "codecs": [{k: v for k, v in codec.items() if k != "history"} for codec in manifest["codecs"]]}
 
 

@@ -115,7 +115,7 @@ def _report(args: argparse.Namespace) -> int:
 
     report = write_report(args.models, args.data, args.out, peers=args.peers,
                           cache_dir=None if args.no_cache else args.cache_dir, device=args.device or "auto",
-                          peer_codes=args.peer_codes)
+                          peer_codes=args.peer_codes, links=args.links)
     front = ", ".join(report["pareto"]["front"])
     print(f"wrote {Path(args.out) / 'report.html'} and report.json ({len(report['code_length']['order'])} models); "
           f"Pareto front: {front}")
@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "without it the peer benchmark runs here at --peer-codes codes")
     report.add_argument("--peer-codes", type=int, default=100_000,
                         help="codes per set of the peer benchmark run without --peers (default: %(default)s)")
+    report.add_argument("--links", metavar="FILE",
+                        help="the JSON of `terrahash jscc eval --json FILE` with code links: adds the section on "
+                             "field queries over radio links (mAP ratio against channel uses, pixel links beside)")
     report.set_defaults(handler=_report)
 
     summary = sub.add_parser("summarize", help="a Markdown table over several eval JSON reports",

@@ -161,6 +161,14 @@ def test_jscc_commands_train_evaluate_and_send_code_links(model_dir, subset, tmp
     manifest = json.loads((out / "jscc.json").read_text())
     assert manifest["links"] == [] and [c["uses"] for c in manifest["code"]["codecs"]] == [8, 32]
     assert (out / "code" / "n8" / "code_link.spec.json").is_file()
+    from training.jscc_config import jscc_config_from_dict
+    from training.jscc_train import train_grid
+
+    pixel = jscc_config_from_dict({"protocols": ["pixel"], "models": ["baseline"], "hops": [1], "image_size": 32,
+                                   "c_out": 4, "width": 8, "epochs": 1, "batch_size": 4, "device": "cpu"})
+    both = train_grid(pixel, model_dir, subset, out, progress=False)  # the code links trained before are kept
+    assert [link["name"] for link in both["links"]] == ["df-h1-baseline"] and both["code"] == manifest["code"]
+    (out / "jscc.json").write_text(json.dumps(manifest))  # back to the code links alone, for eval below
     report_file = tmp_path / "eval.json"
     assert main(["jscc", "eval", "--model", str(out), "--data", str(subset), "--json", str(report_file),
                  "--no-track"]) == 0
