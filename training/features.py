@@ -155,7 +155,8 @@ def image_features(encoder: nn.Module, paths: list[Path], image_size: int, mean,
     found = {v: cache.get(keys[v]) for v in views}
     missing = tuple(v for v in views if found[v] is None)
     if missing:
-        computed = _compute_image_features(encoder, paths, image_size, mean, std, missing, batch_size, device, desc)
+        computed = _compute_image_features(encoder, paths, image_size, mean, std, missing, batch_size, device, desc,
+                                           (fingerprint, cache.root))
         for v, array in zip(missing, computed):
             cache.put(keys[v], array)
             found[v] = array
@@ -164,10 +165,18 @@ def image_features(encoder: nn.Module, paths: list[Path], image_size: int, mean,
     return np.stack([found[v] for v in views])  # (V, N, D)
 
 
-def _compute_image_features(encoder, paths, image_size, mean, std, views, batch_size, device, desc) -> np.ndarray:
+def _compute_image_features(encoder, paths, image_size, mean, std, views, batch_size, device, desc,
+                            exported: tuple[str, Path | None]) -> np.ndarray:
+    """(V, N, D) features; on a CPU, a large set runs through onnxruntime (training/onnx_features.py),
+    the encoder exported once under ``exported`` = (its fingerprint, the cache root)."""
+    from . import onnx_features
+
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
+    forward = encoder
+    if onnx_features.wanted(device, len(paths) * len(views)):
+        forward = onnx_features.OnnxFeatures(encoder, exported[0], image_size, exported[1])
     chunks = []
     for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
         batch = torch.from_numpy(np.stack([load_image(p, image_size) for p in paths[start:start + batch_size]]))
@@ -181,7 +190,7 @@ def _compute_image_features(encoder, paths, image_size, mean, std, views, batch_
             return dihedral(x, v)
         # Rotate first, then lay out channels-last: a rotated channels-last tensor is strided
         # oddly and convolutions on it run at half speed.
-        chunks.append(torch.stack([encoder(view_of(v).contiguous(memory_format=torch.channels_last)).float().cpu()
+        chunks.append(torch.stack([forward(view_of(v).contiguous(memory_format=torch.channels_last)).float().cpu()
                                    for v in views]))  # (V, b, D)
     encoder.train(was_training)
     return torch.cat(chunks, dim=1).numpy()  # (V, N, D)

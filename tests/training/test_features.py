@@ -80,3 +80,36 @@ def test_sensor_views_are_the_same_per_view_and_row_and_show_no_fill(ucm_dir):
         out = sensor_view(image, view, 0)
         corners = out[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # (3, 4)
         assert (corners.sum(dim=0) > 0).all(), f"view {view} shows fill in a corner"
+
+
+def test_onnxruntime_features_match_torch_and_export_once(ucm_dir, tmp_path, monkeypatch):
+    """A large set on a CPU runs through onnxruntime (training/onnx_features.py): the same features as torch
+    to 1e-4, the encoder exported once into the cache and checked against torch each time it loads."""
+    from training import onnx_features
+
+    paths = sorted(p for p in (ucm_dir / "images").rglob("*") if p.is_file())[:6]
+    torch.manual_seed(0)
+    encoder = ImageEncoder(ImageTowerConfig(backbone="test_efficientnet", weights="none", image_size=64,
+                                            pool_levels=(1,)))
+    args = (encoder, paths, 64, (0.5,) * 3, (0.5,) * 3)
+    monkeypatch.setenv("TERRAHASH_FEATURES", "torch")
+    want = image_features(*args, views=(0, 5, 1), sensor_views=1)
+    monkeypatch.setenv("TERRAHASH_FEATURES", "onnxruntime")
+    cache = FeatureCache(tmp_path / "cache")
+    got = image_features(*args, views=(0, 5, 1), sensor_views=1, cache=cache)
+    np.testing.assert_allclose(got, want, atol=onnx_features.VERIFY_ATOL)
+    exported = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    assert len(exported) == 1 and "levels1-64px" in exported[0].name
+    stamp = exported[0].stat().st_mtime_ns
+    again = image_features(*args, views=(2,), cache=cache)  # a view not cached yet: the export is reused
+    assert exported[0].stat().st_mtime_ns == stamp and again.shape == (1, 6, got.shape[2])
+    monkeypatch.setenv("TERRAHASH_FEATURES", "auto")
+    assert onnx_features.wanted(torch.device("cpu"), onnx_features.MIN_IMAGES)
+    assert not onnx_features.wanted(torch.device("cpu"), 10) and not onnx_features.wanted(torch.device("cuda"), 10 ** 6)
+    monkeypatch.setenv("TERRAHASH_FEATURES", "fast")
+    with pytest.raises(ValueError, match="TERRAHASH_FEATURES"):
+        onnx_features.wanted(torch.device("cpu"), 10)
+    with torch.no_grad():  # other weights under the old file's name are refused, not silently used
+        next(encoder.parameters()).add_(1.0)
+    with pytest.raises(RuntimeError, match="differ from torch"):
+        onnx_features.OnnxFeatures(encoder, exported[0].name.split("-")[0], 64, tmp_path / "cache")
