@@ -13,12 +13,21 @@ DATA=${TERRAHASH_DATA:-../shared/data/ucm_captions}
 RUN="runs/fast_split-$BITS"
 QUERY=${DEMO_QUERY:-"many planes parked next to a long building"}
 QUERY2=${DEMO_QUERY2:-"several planes are parked at the airport"}
-bash cluster/setup.sh
+# Each phase's wall time goes to $RUN/demo_phases.tsv (and is printed when it ends).
+PHASES=$(mktemp)
+phase() {  # phase NAME COMMAND...: run it and record how long it took
+  local name=$1 began=$SECONDS
+  shift
+  "$@"
+  printf '%s\t%d\n' "$name" $((SECONDS - began)) | tee -a "$PHASES"
+}
+phase setup bash cluster/setup.sh
 # checkpoint.pt, config.yaml, metrics.json and eval_test.json in $RUN
-.venv/bin/terrahash train --config fast_split --bits "$BITS" --data "$DATA" --out "$RUN" --eval-split test
+phase train .venv/bin/terrahash train --config fast_split --bits "$BITS" --data "$DATA" --out "$RUN" --eval-split test
 # $RUN/students: student checkpoints, onnx/ (models + specs), metrics.json with the parity report
-.venv/bin/terrahash distill --teacher "$RUN" --data "$DATA" --out "$RUN/students"
+phase distill .venv/bin/terrahash distill --teacher "$RUN" --data "$DATA" --out "$RUN/students"
 rm -rf "$RUN/index"
-.venv/bin/terrahash index build --model "$RUN/students/onnx" --data "$DATA" --shards 4 --out "$RUN/index"
-.venv/bin/terrahash index verify "$RUN/index"
+phase index .venv/bin/terrahash index build --model "$RUN/students/onnx" --data "$DATA" --shards 4 --out "$RUN/index"
+phase verify .venv/bin/terrahash index verify "$RUN/index"
+cp "$PHASES" "$RUN/demo_phases.tsv"
 .venv/bin/terrahash serve --index "$RUN/index" --data "$DATA" --query "$QUERY" --query "$QUERY2" ${DEMO_EXIT:+--exit}

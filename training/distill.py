@@ -367,6 +367,7 @@ def distill(teacher_dir: str | Path, config: DistillConfig, data_dir: str | Path
     seed_everything(config.seed)
     device = default_device(config.device)
     targets = teacher_targets(teacher_dir, data_dir, cache_dir, device)
+    targets_s = round(time.time() - started, 1)
     index = targets.index
     train_images, val_images = index.rows("train"), index.rows("val")
     if len(train_images) == 0 or len(val_images) == 0:
@@ -394,9 +395,12 @@ def distill(teacher_dir: str | Path, config: DistillConfig, data_dir: str | Path
             rows, val = _unique_caption_rows(index, train_images), _unique_caption_rows(index, val_images)
             rows = task.with_variants(rows, targets, config.seed)  # val stays the captions as written
         mine = (shared, own) if resumed and shared["student"] == kind else None
+        began = time.time()
         results[kind] = _fit_student(task, config, rows, val, out, context, progress and context.is_chief, extra,
                                      done=dict(results), resumed=mine)
+        results[kind]["seconds"] = round(time.time() - began, 1)  # its features (image) and its epochs
     metrics = {**extra, "config": config.name, "students": results, "seconds": round(time.time() - started, 1),
+               "teacher_targets_s": targets_s,
                "device": str(device), "world_size": context.world_size}
     if context.is_chief:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,13 +137,22 @@ def run_distillation(teacher: str | Path, config: DistillConfig, data_dir, out_d
         if tracker.run_id:
             tracker.client.set_tag(tracker.run_id, "teacher.run_id", teacher_run or "unknown")
             tracker.client.set_tag(tracker.run_id, "teacher.source", str(teacher))
+        phases, clock = {}, time.perf_counter()
+
+        def phase(name: str) -> None:  # seconds since the previous phase ended
+            nonlocal clock
+            phases[name], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
+
         metrics = train_students(teacher_dir, config, data_dir, out, cache_dir, teacher)
+        phase("students")
         calibration, held_out = _export_sets(dataset)
         exported = export_students(out, calibration_images=calibration, held_out_images=held_out)
+        phase("export")
         reports = parity_reports(teacher_dir, out, data_dir, cache_dir, splits=tuple(dict.fromkeys(("val", parity_split))))
+        phase("parity")
         report, val = reports[parity_split], reports["val"]
         metrics.update(teacher_run_id=teacher_run, parity=report, val_parity=val, sizes=file_sizes(out / ONNX_DIR),
-                       int8_image_choice=exported.get("image", {}).get("int8_agreement"))
+                       int8_image_choice=exported.get("image", {}).get("int8_agreement"), phases_s=phases)
         version_tags = version_figures(val, "val")  # what the model version carries for the promotion gates
         figures = {**flatten({"parity": {"bit_agreement": report["bit_agreement_with_torch"],
                                          "map_ratio": report["map_ratio"]}}, sep="/"), **metrics["sizes"],
