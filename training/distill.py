@@ -29,7 +29,7 @@ from .losses import BCEQuantizationLoss, total_loss
 from .models import HashingModel
 from .students import (DISTILL_CONFIG, IMAGE_CHECKPOINT, TEXT_CHECKPOINT, TOKENIZER_DIR, DistillConfig,
                        DistillLossConfig, ImageStudent, build_text_student, save_distill_config, save_image_student,
-                       save_text_student)
+                       save_text_student, student_source)
 from .train import DatasetIndex, Encoders, LoopContext, copy_outputs, dataset_codes, load_trained, seed_everything
 
 log = logging.getLogger(__name__)
@@ -205,8 +205,9 @@ class _TextTask:
     def __init__(self, config: DistillConfig, targets: TeacherTargets, device: torch.device):
         self.c, self.device = config.text, device
         teacher = targets.model
-        self.student = build_text_student(self.c, teacher.text_encoder, teacher.text_head).to(device)
-        self.tokenizer = teacher.text_encoder.tokenizer
+        source = student_source(self.c, teacher.text_encoder)
+        self.student = build_text_student(self.c, teacher.text_encoder, teacher.text_head, source).to(device)
+        self.tokenizer = source.tokenizer
         self.module = self.student
         self.captions = targets.index.captions
         self.targets = torch.as_tensor(targets.captions, device=device)  # (M, bits)

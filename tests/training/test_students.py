@@ -13,7 +13,7 @@ from training.distill import (CosineAgreementLoss, DistillObjective, SimilarityS
                               distill)
 from training.models import HashHead, TextEncoder
 from training.students import (DistillLossConfig, ImageStudent, ImageStudentConfig, TextStudentConfig,
-                               build_text_student, distill_config_from_dict, evenly_spaced_layers,
+                               build_text_student, distill_config_from_dict, evenly_spaced_layers, student_source,
                                load_image_student, load_text_student)
 from serving.ingest.dataset import load_dataset
 from training.train import DatasetIndex, LoopContext, fit
@@ -92,6 +92,35 @@ def test_text_student_copies_the_chosen_teacher_layers(tiny_text_encoder):
     assert codes.shape == (2, 8) and codes.abs().max() < 1
     with pytest.raises(ConfigError, match="layers"):
         build_text_student(TextStudentConfig(num_layers=1, layers=(2,)), teacher, head)
+
+
+def test_a_text_student_copies_a_small_bert_when_the_teacher_is_wider_and_not_bert(tiny_text_encoder, tmp_path):
+    """An MPNet-like teacher (not BERT, twice as wide): the student copies the named BERT encoder's layers
+    and tokenizer, and its head starts fresh at that width with the teacher's hidden widths and bits."""
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_encoder)
+    small = TextEncoder(TextTowerConfig(encoder=str(tiny_text_encoder), max_length=16))
+    hidden = 2 * small.feature_dim
+    folder = tmp_path / "wide_mpnet"
+    MPNetModel(MPNetConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=2 * hidden, max_position_embeddings=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    teacher = TextEncoder(TextTowerConfig(encoder=str(folder), max_length=16))
+    head = HashHead(teacher.feature_dim, 8, (24,))
+    with pytest.raises(ConfigError, match="BERT"):
+        build_text_student(TextStudentConfig(num_layers=1), teacher, head)
+    config = TextStudentConfig(num_layers=1, encoder=str(tiny_text_encoder))
+    source = student_source(config, teacher)
+    student = build_text_student(config, teacher, head, source)
+    theirs = small.model.encoder.layer[-1].state_dict()
+    assert all(torch.equal(student.model.encoder.layer[0].state_dict()[k], theirs[k]) for k in theirs)
+    linear = [m for m in student.head.mlp if isinstance(m, torch.nn.Linear)]
+    assert linear[0].in_features == small.feature_dim and student.head.nbits == 8
+    assert [m.out_features for m in linear] == [24, 8]
+    assert source.tokenizer.vocab == tokenizer.vocab and student.max_length == 16
+    tokens = source.tokenize(["a plane on the runway"])
+    assert student.eval()(tokens["input_ids"], tokens["attention_mask"]).shape == (1, 8)
 
 
 def test_image_student_maps_pixels_to_codes():
