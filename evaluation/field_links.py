@@ -30,8 +30,9 @@ def shannon_uses(bits: int, snr_db: float) -> float:
     return bits / math.log2(1.0 + 10.0 ** (snr_db / 10.0))
 
 
-def _snr_key(snr_db: float) -> str:
-    return f"{snr_db:g}dB"
+def snr_key(snr_db: float) -> str:
+    """``-5dB``, ``-12p5dB``: no dot, so that the report's dotted JSON paths can name it."""
+    return f"{snr_db:g}dB".replace(".", "p")
 
 
 def summary(report: dict, source: str = "") -> dict:
@@ -55,20 +56,26 @@ def summary(report: dict, source: str = "") -> dict:
             continue
         entry = {"map_ratio": p["map_ratio"], "bit_agreement": p["bit_agreement"]}
         grid.setdefault(scheme, {}).setdefault(f"h{p['hops']}", {}).setdefault(
-            _snr_key(p["snr_db"]), {})[f"n{p['channel_uses']}"] = entry
+            snr_key(p["snr_db"]), {})[f"n{p['channel_uses']}"] = entry
     code = [p for p in report["points"] if p["protocol"] == "code"]
     bits = report["code"]["bits"]
     snrs = sorted({p["snr_db"] for p in code}, reverse=True)
     return {"source": source, "bits": bits, "map_all_clean": report["code"]["map_all_clean"],
+            "student": report["code"].get("student", {}).get("quantization", "unknown"),
             "pixel_map_all_clean": report.get("map_all_clean"), "split": report["code"].get("split", "test"),
             "queries": report["code"]["queries"], "snrs_db": snrs, "hops": sorted({p["hops"] for p in code}),
             "uses": sorted({p["channel_uses"] for p in code}),
-            "shannon_uses": {_snr_key(s): round(shannon_uses(bits, s), 1) for s in snrs}, "grid": grid}
+            "shannon_uses": {snr_key(s): round(shannon_uses(bits, s), 1) for s in snrs}, "grid": grid}
+
+
+def table_hops(section: dict) -> int:
+    """The hop count a table shows: 3 (the issue's and the plot's) when measured, else the most."""
+    return 3 if 3 in section["hops"] else max(section["hops"])
 
 
 def figure_at(section: dict, scheme: str, hops: int, snr_db: float, uses: int, name: str = "map_ratio"):
     """One figure of the summary's grid, or None where the grid has no such point."""
-    point = section["grid"].get(scheme, {}).get(f"h{hops}", {}).get(_snr_key(snr_db), {}).get(f"n{uses}")
+    point = section["grid"].get(scheme, {}).get(f"h{hops}", {}).get(snr_key(snr_db), {}).get(f"n{uses}")
     return None if point is None else point[name]
 
 
@@ -89,17 +96,17 @@ def plot(section: dict, hops: Sequence[int] = (1, 3)) -> bytes:
         for scheme, (line, color, label) in styles.items():
             for h in hops:
                 points = sorted((int(n[1:]), v["map_ratio"]) for n, v in section["grid"].get(scheme, {}).get(
-                    f"h{h}", {}).get(_snr_key(snr), {}).items())
+                    f"h{h}", {}).get(snr_key(snr), {}).items())
                 if points:
                     ax.plot(*zip(*points), line, color=color, marker="o", markersize=3, linewidth=widths[h],
                             alpha=0.45 if widths[h] < 2 else 1.0, label=f"{label}, {h} hop{'s' * (h > 1)}")
         for model, marker in zip(PIXEL_MODELS, ("s", "^")):
             for h in hops:
-                grid = section["grid"].get(f"pixel-{model}", {}).get(f"h{h}", {}).get(_snr_key(snr), {})
+                grid = section["grid"].get(f"pixel-{model}", {}).get(f"h{h}", {}).get(snr_key(snr), {})
                 for n, v in grid.items():
                     ax.plot(int(n[1:]), v["map_ratio"], marker, color="C3" if model == "aligned" else "C7",
                             alpha=0.45 if widths[h] < 2 else 1.0, label=f"pixels, {model}, {h} hop{'s' * (h > 1)}")
-        ax.axvline(section["shannon_uses"][_snr_key(snr)], color="k", linewidth=0.8, linestyle=":",
+        ax.axvline(section["shannon_uses"][snr_key(snr)], color="k", linewidth=0.8, linestyle=":",
                    label=f"Shannon minimum, {section['bits']} exact bits")
         ax.axhline(0.95, color="0.6", linewidth=0.6)
         ax.set_xscale("log", base=2)

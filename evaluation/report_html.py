@@ -298,18 +298,18 @@ def peers_html(report: dict) -> str:
 
 
 def field_links_html(report: dict, plots: dict) -> str:
-    from .field_links import figure_at, plot
+    from .field_links import snr_key, figure_at, plot, table_hops
 
     section = report["field_links"]
-    plots["field_links"] = plot(section)
-    hops = max(section["hops"])
+    hops = table_hops(section)
+    plots["field_links"] = plot(section, hops=sorted({1, hops}))
     schemes = [s for s in ("learned", "bpsk", "qpsk") if s in section["grid"]]
     rows = []
     for n in section["uses"]:
         cells = []
         for snr in section["snrs_db"]:
             for scheme in schemes:
-                path = f"field_links.grid.{scheme}.h{hops}.{snr:g}dB.n{n}"
+                path = f"field_links.grid.{scheme}.h{hops}.{snr_key(snr)}.n{n}"
                 cells += ([cell(report, f"{path}.map_ratio", 3), cell(report, f"{path}.bit_agreement", 3)]
                           if figure_at(section, scheme, hops, snr, n) is not None else ["<td>-</td>", "<td>-</td>"])
         rows.append(f"<tr><th>{number(n)}</th>{''.join(cells)}</tr>")
@@ -319,14 +319,14 @@ def field_links_html(report: dict, plots: dict) -> str:
     for model in ("aligned", "baseline"):
         grid = section["grid"].get(f"pixel-{model}", {}).get(f"h{hops}", {})
         for n in sorted({int(key[1:]) for by in grid.values() for key in by}):
-            cells = [cell(report, f"field_links.grid.pixel-{model}.h{hops}.{snr:g}dB.n{n}.{name}", 3)
-                     if f"n{n}" in grid.get(f"{snr:g}dB", {}) else "<td>-</td>"
+            cells = [cell(report, f"field_links.grid.pixel-{model}.h{hops}.{snr_key(snr)}.n{n}.{name}", 3)
+                     if f"n{n}" in grid.get(snr_key(snr), {}) else "<td>-</td>"
                      for snr in section["snrs_db"] for name in ("map_ratio", "bit_agreement")]
             pixel.append(f"<tr><th>pixels, {html.escape(model)}, {number(n)} uses</th>{''.join(cells)}</tr>")
     pixel_head = "".join(f'<th colspan="2">{snr:g} dB</th>' for snr in section["snrs_db"])
     return "".join([
-        f'<p class="note">{number(section["queries"])} {html.escape(section["split"])} images sent as their int8 image '
-        f"student's {number(section['bits'])}-bit code over {hops} decode-and-forward hops: received-query mAP@all as "
+        f'<p class="note">{number(section["queries"])} {html.escape(section["split"])} images sent as their image '
+        f"student's ({html.escape(section.get('student', 'unknown'))}) {number(section['bits'])}-bit code over {hops} decode-and-forward hops: received-query mAP@all as "
         f"a ratio to clean queries ({cell_span(report, 'field_links.map_all_clean', 4)}) and, second, the bit "
         f"agreement with the clean code. From {html.escape(section['source'])}.</p>",
         f"<table><thead><tr><th>channel uses</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>",

@@ -176,7 +176,7 @@ def _compute_image_features(encoder, paths, image_size, mean, std, views, batch_
     encoder.eval()
     forward = encoder
     if onnx_features.wanted(device, len(paths) * len(views)):
-        forward = onnx_features.OnnxFeatures(encoder, exported[0], image_size, exported[1])
+        forward = onnx_features.load(encoder, exported[0], image_size, exported[1])
     chunks = []
     for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
         batch = torch.from_numpy(np.stack([load_image(p, image_size) for p in paths[start:start + batch_size]]))

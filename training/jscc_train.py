@@ -187,10 +187,15 @@ def train_grid(config: JsccConfig, hasher_dir: str | Path, data_dir: str | Path,
     # Links of a protocol not trained now are kept from an earlier run into the same folder, so that the
     # long pixel grid and the code links can be trained (and retrained) one at a time.
     previous = json.loads((out / "jscc.json").read_text()) if (out / "jscc.json").is_file() else {}
-    links = (_train_pixel_links(config, hasher_dir, train, out, progress) if "pixel" in config.protocols
-             else previous.get("links", []))
     manifest = {"config": asdict(config), "hasher": {"model_dir": str(hasher_dir), "kind": config.hasher},
-                "dataset": dataset.name, "train_images": len(train), "links": links}
+                "dataset": dataset.name, "train_images": len(train), "links": []}
+    if "pixel" in config.protocols:
+        manifest["links"] = _train_pixel_links(config, hasher_dir, train, out, progress)
+    elif previous.get("links"):  # kept with the config and hasher they were trained with, which eval reads
+        kept = previous["config"]
+        manifest.update(config={**kept, "protocols": ["pixel", *config.protocols],
+                                "code_link": asdict(config.code_link)},
+                        hasher=previous["hasher"], links=previous["links"])
     if "code" in config.protocols:
         from .code_link import train_code_links
 
@@ -212,7 +217,7 @@ def hasher_students(hasher_dir: str | Path) -> Path:
 def _code_summary(manifest: dict) -> dict:
     """jscc.json's entry for the code links in ``OUT/code`` (their ``code_link.json`` without histories)."""
     return {"folder": "code", "code_space": manifest["code_space"], "students": manifest["students"],
-            "config": manifest["config"],
+            "student": manifest["config"]["student"], "config": manifest["config"],
             "codecs": [{k: v for k, v in codec.items() if k != "history"} for codec in manifest["codecs"]]}
 
 

@@ -6,7 +6,8 @@ under 4 views of UCM's 2,100 images took 8 of the main job's 9 training minutes 
 against 1.05 s for 16 images; ``python -m evaluation.bench_features``). ``OnnxFeatures`` exports the
 frozen encoder (training/models.py's ``ImageEncoder``: backbone and pooled stages) once per weights,
 pooled stages and input size into ``<cache>/onnx/``, checks onnxruntime against torch on every load
-(``VERIFY_ATOL`` on two random images) and then stands in for the encoder: normalised images (B, 3, H, W)
+(``VERIFY_ATOL`` on two random images; ``load`` exports a failing file again once, then falls back to
+torch) and then stands in for the encoder: normalised images (B, 3, H, W)
 in, features (B, D) out. training/features.py uses it on a CPU for sets large enough to repay the
 export (``MIN_IMAGES`` image-views; about 20 s for Lite1).
 """
@@ -46,21 +47,25 @@ class OnnxFeatures:
     """The encoder's features (module docstring); ``fingerprint`` names its weights (features.module_fingerprint)."""
 
     def __init__(self, encoder: nn.Module, fingerprint: str, image_size: int, cache_root: Path | None,
-                 threads: int = 0):
-        import onnxruntime as ort
-
+                 threads: int | None = None):
         levels = "-".join(str(level) for level in getattr(encoder, "pool_levels", [])) or "none"
-        folder = Path(cache_root) / "onnx" if cache_root is not None else Path(tempfile.gettempdir()) / "terrahash-onnx"
+        folder = export_folder(cache_root)
         self.path = folder / f"{fingerprint}-levels{levels}-{image_size}px.onnx"
+        self.threads = torch.get_num_threads() if threads is None else threads  # as many as torch would use
         encoder = encoder.eval()
         if not self.path.is_file():
             folder.mkdir(parents=True, exist_ok=True)
             log.info("exporting the frozen image encoder to %s (once)", self.path)
             self._export(encoder, image_size)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self._open()
         self.error = self._verify(encoder, image_size)
+
+    def _open(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
 
     def _export(self, encoder: nn.Module, image_size: int) -> None:
         from .export import _export
@@ -85,4 +90,24 @@ class OnnxFeatures:
         return torch.from_numpy(self.session.run(["features"], {"images": x})[0])
 
 
-__all__ = ["MIN_IMAGES", "OnnxFeatures", "VERIFY_ATOL", "wanted"]
+def load(encoder: nn.Module, fingerprint: str, image_size: int, cache_root: Path | None):
+    """``OnnxFeatures`` of the encoder, or the encoder itself (torch) when its export cannot be used: an
+    exported file that fails to load or to match torch is exported again once (a stale file from another
+    exporter version), and if that fails too the features come from torch, with a warning."""
+    for attempt in range(2):
+        try:
+            return OnnxFeatures(encoder, fingerprint, image_size, cache_root)
+        except Exception as err:  # noqa: BLE001 - onnxruntime's and the exporter's errors have no common base
+            log.warning("onnxruntime features unavailable (%s: %s)%s", type(err).__name__, err,
+                        "; exporting again" if attempt == 0 else "; computing them with torch")
+            for path in export_folder(cache_root).glob(f"{fingerprint}-*.onnx"):
+                path.unlink(missing_ok=True)
+    return encoder
+
+
+def export_folder(cache_root: Path | None) -> Path:
+    """Where exported encoders are kept: ``<cache>/onnx``, or a temporary folder without a cache."""
+    return Path(cache_root) / "onnx" if cache_root is not None else Path(tempfile.gettempdir()) / "terrahash-onnx"
+
+
+__all__ = ["MIN_IMAGES", "OnnxFeatures", "VERIFY_ATOL", "load", "wanted"]

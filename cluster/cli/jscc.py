@@ -81,7 +81,8 @@ def _eval(args: argparse.Namespace) -> int:
         for point in report["points"]:  # pixel links: every hop carries the image's k complex symbols
             point["channel_uses"] = report["symbols"]
         if manifest.get("code"):
-            code = evaluate_code_link(manifest["code"]["students"], args.data, hops=sorted({*HOPS, *config.hops}),
+            code = evaluate_code_link(manifest["code"]["students"], args.data, variant=manifest["code"]["student"],
+                                      hops=sorted({*HOPS, *config.hops}),
                                       snrs_db=config.snr_eval_db, uses=sorted({*USES, *config.code_link.uses}),
                                       learned=folder / manifest["code"]["folder"], split=args.split)
             report["points"] += code.pop("points")
@@ -118,7 +119,7 @@ def _send_code(args: argparse.Namespace, folder: Path, manifest: dict) -> dict:
     if not manifest.get("code"):
         raise ValueError(f"{folder}: no code links trained (the config's protocols: "
                          f"{manifest['config'].get('protocols')})")
-    spec = student_spec(manifest["code"]["students"])
+    spec = student_spec(manifest["code"]["students"], manifest["code"]["student"])  # the codes the codecs learnt
     code = encode_images(spec, [args.image])  # (1, bits)
     rng = np.random.default_rng(args.seed)
     version = modulation = None

@@ -61,7 +61,11 @@ def code_message(symbols: np.ndarray, *, scheme: str, snr_db: float, hops: int, 
     """The JSON body of ``POST /v1/search/received`` for the last hop's (n,) complex symbols of a code link."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; known: {list(SCHEMES)}")
-    values = np.asarray(symbols, dtype=np.complex64).reshape(-1)
+    values = np.asarray(symbols, dtype=np.complex64)
+    if values.ndim == 2 and values.shape[0] == 1:
+        values = values[0]
+    if values.ndim != 1 or not len(values):
+        raise ValueError(f"one code's symbols are (n,) or (1, n), got shape {values.shape}")
     body = {"link": {"protocol": "code", "scheme": scheme, "modulation": modulation, "channel_uses": int(len(values)),
                      "code_space": code_space, "model_version": model_version},
             "symbols": base64.b64encode(values.astype("<c8").tobytes()).decode("ascii"),

@@ -14,9 +14,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from serving.storage import sha256_file
+
 from .code_link import _codes, awgn, noise_variance, signs
 
 SPEC_FILE = "code_link.spec.json"
+MANIFEST = "code_link.json"  # training/code_link.py's list of the codecs it trained
 
 
 class Received(NamedTuple):
@@ -36,6 +39,10 @@ class LearnedLink:
             raise ValueError(f"{self.folder / SPEC_FILE}: not a code link spec (kind {self.spec.get('kind')!r})")
         self.bits, self.uses = int(self.spec["bits"]), int(self.spec["uses"])
         self.code_scale, self.relay = float(self.spec["code_scale"]), self.spec["relay"]
+        for part in ("encoder", "decoder"):  # the files are the ones the spec's model_version names
+            path = self.folder / self.spec[part]["file"]
+            if sha256_file(path) != self.spec[part]["sha256"]:
+                raise ValueError(f"{path}: its sha256 is not the one {SPEC_FILE} records")
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         self._encoder, self._decoder = (
@@ -95,11 +102,20 @@ class LearnedLink:
 
 
 def load_codecs(folder: str | Path) -> list[LearnedLink]:
-    """The learned codecs under ``folder`` (each a subfolder with ``code_link.spec.json``), by ``n``."""
-    specs = sorted(Path(folder).glob(f"*/{SPEC_FILE}"))
+    """The learned codecs under ``folder``, by ``n``: those its ``code_link.json`` lists (``n<uses>/``, what
+    training/code_link.py wrote last), else every subfolder with ``code_link.spec.json``."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        specs = [folder / f"n{codec['uses']}" / SPEC_FILE for codec in json.loads((folder / MANIFEST).read_text())["codecs"]]
+    else:
+        specs = sorted(folder.glob(f"*/{SPEC_FILE}"))
     if not specs:
         raise FileNotFoundError(f"{folder}: no learned codec (*/{SPEC_FILE})")
-    return sorted((LearnedLink(spec.parent) for spec in specs), key=lambda codec: codec.uses)
+    codecs = sorted((LearnedLink(spec.parent) for spec in specs), key=lambda codec: codec.uses)
+    uses = [codec.uses for codec in codecs]
+    if len(set(uses)) != len(uses):
+        raise ValueError(f"{folder}: two codecs for the same number of channel uses ({uses})")
+    return codecs
 
 
 __all__ = ["LearnedLink", "Received", "SPEC_FILE", "load_codecs"]

@@ -27,6 +27,10 @@ class ApiError(Exception):
     """An answer other than 200: HTTP status, a stable machine code and a message for people; ``headers``
     to send with it (``Retry-After``, ``WWW-Authenticate``) and the audit trail's ``decision`` about it."""
 
+    # ``arm_specific``: a refusal by this arm's model alone (a code of another code space): the dispatcher
+    # answers from the primary instead, and counts it against neither arm (serving/runtime/dispatch.py).
+    arm_specific = False
+
     def __init__(self, status: int, code: str, message: str, headers: dict | None = None,
                  decision: str | None = None):
         super().__init__(message)
@@ -199,6 +203,7 @@ _FIELD_CODES = {"k": "k_out_of_range", "query": "invalid_query", "rerank": "inva
                 "grid": "invalid_grid", "symbols": "invalid_symbols", "snr_db": "invalid_snr",
                 "model_version": "invalid_model_version", "hops": "invalid_hops", "source_hash": "invalid_source_hash",
                 "link": "invalid_link"}
+_NESTED_CODES = {"link": "invalid_link"}  # a nested object's own errors (missing or unknown keys too)
 
 
 def parse_body(model: type[BaseModel], payload) -> BaseModel:
@@ -210,6 +215,9 @@ def parse_body(model: type[BaseModel], payload) -> BaseModel:
     except ValidationError as err:
         first = err.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else ""
+        if field in _NESTED_CODES and len(first["loc"]) > 1:  # inside a nested object: name the path
+            path = ".".join(str(part) for part in first["loc"])
+            raise ApiError(422, _NESTED_CODES[field], f"{path}: {first['msg']}") from None
         if first["type"] == "extra_forbidden":
             raise ApiError(422, "unknown_field", f"unknown field {field!r}; known: {sorted(model.model_fields)}") from None
         if first["type"] == "missing":

@@ -11,7 +11,10 @@ served arm's), and returns the decoded soft code (bits,), whose signs the router
 Client errors are JSON 4xx: ``invalid_symbols`` (422: not base64, not n values, not finite),
 ``invalid_link`` (422: n uses of the modulation cannot carry the served code), ``not_configured`` (404:
 a learned link and no ``code_link_model``), ``unknown_link`` (404: no learned codec for n uses, or of that
-model version), ``code_space_mismatch`` (409: the sender's code space is not the served arm's).
+model version), ``code_space_mismatch`` (409: the sender's code space is not the served arm's). A refusal
+that only the arm's own model makes (its code space or code length) is ``arm_specific``: a challenger or a
+shadow that refuses leaves the request to the primary and is not counted as failing. A ``code_link_model``
+that cannot be loaded answers 503 ``code_link_unavailable``.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 from serving.model import code_link
 from serving.model.learned_link import LearnedLink, load_codecs
 
+from .api import ApiError
 from .jscc import ReceivedError, parse_symbols
 
 
@@ -32,6 +36,7 @@ class CodeReceiver:
     def __init__(self, folder: str | Path | None = None):
         self.folder = Path(folder) if folder else None
         self._codecs: dict[int, LearnedLink] | None = None
+        self._broken: str | None = None  # why the codecs could not be loaded (kept: a restart retries)
         self._lock = threading.Lock()
 
     def codecs(self) -> dict[int, LearnedLink]:
@@ -40,8 +45,14 @@ class CodeReceiver:
             raise ReceivedError("not_configured", "this deployment decodes no learned code link (serve it with "
                                 "code_link_model: the OUT/code folder of `terrahash jscc train`)", status=404)
         with self._lock:
-            if self._codecs is None:
-                self._codecs = {codec.uses: codec for codec in load_codecs(self.folder)}
+            if self._codecs is None and self._broken is None:
+                try:
+                    self._codecs = {codec.uses: codec for codec in load_codecs(self.folder)}
+                except (OSError, ValueError, KeyError, RuntimeError) as err:  # onnxruntime's errors are RuntimeErrors
+                    self._broken = f"{type(err).__name__}: {err}"
+        if self._broken is not None:
+            raise ApiError(503, "code_link_unavailable", f"code_link_model {self.folder} cannot be loaded "
+                                                         f"({self._broken})")
         return self._codecs
 
     def decode(self, link, encoded: str, snr_db: float, bits: int, code_space: str | None) -> tuple[np.ndarray, dict]:
@@ -50,17 +61,18 @@ class CodeReceiver:
         n = link.channel_uses
         if code_space is not None and link.code_space != code_space:
             raise ReceivedError("code_space_mismatch", f"link.code_space {link.code_space[:19]}... is not the served "
-                                f"model's {code_space[:19]}...: its codes would not be comparable", status=409)
+                                f"model's {code_space[:19]}...: its codes would not be comparable", status=409,
+                                arm_specific=True)
         symbols = parse_symbols(encoded, n)
         described = {"protocol": "code", "scheme": link.scheme, "channel_uses": n}
         if link.scheme == "repetition":
             modulation = link.modulation or "bpsk"
             try:
                 repetition = code_link.Repetition(modulation, bits, n)
-            except ValueError as err:
-                raise ReceivedError("invalid_link", f"link: {err}") from None
-            soft = code_link.combine(symbols[None], repetition)[0].astype(np.float32)
-            return soft, {**described, "modulation": modulation, "repeats": repetition.repeats}
+            except ValueError as err:  # n uses cannot carry this arm's code length
+                raise ReceivedError("invalid_link", f"link: {err}", arm_specific=True) from None
+            soft = code_link.combine(symbols[None], repetition)[0]
+            return _bounded(soft), {**described, "modulation": modulation, "repeats": repetition.repeats}
         codecs = self.codecs()
         codec = codecs.get(n)
         if codec is None:
@@ -72,9 +84,21 @@ class CodeReceiver:
                                 f"not {link.model_version!r}", status=404)
         if codec.bits != bits or codec.spec.get("code_space") not in (None, link.code_space):
             raise ReceivedError("code_space_mismatch", f"the learned codec for {n} channel uses decodes "
-                                f"{codec.bits}-bit codes of another student than the served model's", status=409)
+                                f"{codec.bits}-bit codes of another student than the served model's", status=409,
+                                arm_specific=True)
         soft = codec.decode(symbols[None].astype(np.complex128), snr_db)[0]
-        return soft, {**described, "model_version": version}
+        return _bounded(soft), {**described, "model_version": version}
+
+
+def _bounded(soft: np.ndarray) -> np.ndarray:
+    """The soft code as float32 in [-1, 1]: scaled down by its peak when that is over 1 (the same ranking, signs
+    and inner-product order), so that symbols near complex64's range cannot overflow the ranking; 422 when
+    the decoded values are not finite."""
+    soft = np.asarray(soft, dtype=np.float64)
+    if not np.isfinite(soft).all():
+        raise ReceivedError("invalid_symbols", "symbols: they decode to values that are not finite (out of range)")
+    peak = float(np.abs(soft).max(initial=0.0))
+    return (soft / peak if peak > 1.0 else soft).astype(np.float32)
 
 
 __all__ = ["CodeReceiver"]

@@ -54,6 +54,11 @@ class ArmDispatcher:
                     answer = await asyncio.wait_for(self.on_arm(arm, run, call),
                                                     max(min(traffic.arm_timeout_s, call.remaining()), 0.001))
                 except ApiError as err:
+                    if err.arm_specific:  # only this arm's model refuses it: the primary answers, nobody failed
+                        self.metrics.fallbacks.inc(1, tags={"arm": arm.name, "reason": err.code})
+                        answer = await self.counted(primary, run, call)
+                        answer["fallback_from"] = arm.name
+                        return answer
                     if err.status < 500:
                         raise  # the client's mistake: the primary would refuse it too
                     reason = err.code
@@ -114,8 +119,9 @@ class ArmDispatcher:
         except asyncio.CancelledError:
             raise
         except BaseException as err:  # noqa: BLE001 - a shadow's failure is only counted
-            self.stats.record(arm.name, False, time.perf_counter() - start, shadow=True)
-            self.metrics.arm_requests.inc(1, tags={"arm": arm.name, "outcome": f"shadow_{type(err).__name__}"})
+            if not getattr(err, "arm_specific", False):  # a refusal by the shadow's model alone is not a failure
+                self.stats.record(arm.name, False, time.perf_counter() - start, shadow=True)
+                self.metrics.arm_requests.inc(1, tags={"arm": arm.name, "outcome": f"shadow_{type(err).__name__}"})
             return
         mine = [h["id"] for h in client_answer.get("results", [])]
         theirs = [h["id"] for h in answer.get("results", [])]

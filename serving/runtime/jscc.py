@@ -24,8 +24,9 @@ SPEC_FILE = "jscc.spec.json"
 class ReceivedError(ApiError):
     """Symbols that cannot be decoded by this deployment's link (a client error: 4xx)."""
 
-    def __init__(self, code: str, message: str, status: int = 422):
+    def __init__(self, code: str, message: str, status: int = 422, arm_specific: bool = False):
         super().__init__(status, code, message)
+        self.arm_specific = arm_specific
 
 
 class ReceivedDecoder:

@@ -83,6 +83,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "invalid_link": (422, "link is not a code link's spec, or its channel uses cannot carry the served code"),
     "unknown_link": (404, "no learned codec for the link's channel uses, or not of its model_version"),
     "code_space_mismatch": (409, "the sender's code space (or the codec's) is not the served model's"),
+    "code_link_unavailable": (503, "the deployment's code_link_model cannot be loaded"),
     "missing_symbols": (422, "the body has no symbols"),
     "invalid_symbols": (422, "symbols are not base64 complex64 values of the link's length, or not finite"),
     "missing_snr_db": (422, "the body has no snr_db"),
@@ -230,7 +231,7 @@ DOCS: dict[str, EndpointDoc] = {
             "bit_agreement": 0.94}),
         errors=("not_configured", "k_out_of_range", "missing_symbols", "invalid_symbols", "missing_snr_db",
                 "invalid_snr", "missing_model_version", "invalid_model_version",
-                (409, "unknown_model_version"), "invalid_hops", "invalid_source_hash", "invalid_link", "unknown_link", "code_space_mismatch", "invalid_rerank",
+                (409, "unknown_model_version"), "invalid_hops", "invalid_source_hash", "invalid_link", "unknown_link", "code_space_mismatch", "code_link_unavailable", "invalid_rerank",
                 "denied_by_policy"),
         on_arm=True, arm_header=True, json_body=True,
         notes=("A pixel link's symbols (`model_version` names the decoder of `jscc_model`) are decoded to an image "

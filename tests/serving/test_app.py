@@ -546,5 +546,13 @@ def test_hash_codes_received_over_a_code_link_are_decoded_and_searched(serve_app
     assert bad(body, {}, {"protocol": "pixels"}) == (422, "invalid_link")
     assert bad(learned, {"symbols": body["symbols"]}, {"channel_uses": 4 * bits}) == (404, "unknown_link")
     assert bad(learned, {}, {"model_version": "0" * 16}) == (404, "unknown_link")
+    no_space = {**body, "link": {k: v for k, v in body["link"].items() if k != "code_space"}}
+    status, answer = post_json(f"{serve_app}/v1/search/received", no_space)
+    assert (status, answer["error"]["code"]) == (422, "invalid_link") and "link.code_space" in answer["error"]["message"]
+    assert bad(body, {}, {"extra": 1}) == (422, "invalid_link")
+    huge = np.full(8, 3e38 + 3e38j, np.complex64)  # finite, but no decoder's arithmetic survives it
+    status, answer = post_json(f"{serve_app}/v1/search/received",
+                               {**learned, "symbols": base64.b64encode(huge.tobytes()).decode(), "rerank": "asymmetric"})
+    assert status in (200, 422) and ("results" in answer or answer["error"]["code"] == "invalid_symbols"), answer
     assert call(f"{serve_app}/v1/healthz") == (200, {"status": "ok"})
 

@@ -111,5 +111,10 @@ def test_onnxruntime_features_match_torch_and_export_once(ucm_dir, tmp_path, mon
         onnx_features.wanted(torch.device("cpu"), 10)
     with torch.no_grad():  # other weights under the old file's name are refused, not silently used
         next(encoder.parameters()).add_(1.0)
+    fingerprint = exported[0].name.split("-")[0]
     with pytest.raises(RuntimeError, match="differ from torch"):
-        onnx_features.OnnxFeatures(encoder, exported[0].name.split("-")[0], 64, tmp_path / "cache")
+        onnx_features.OnnxFeatures(encoder, fingerprint, 64, tmp_path / "cache")
+    again = onnx_features.load(encoder, fingerprint, 64, tmp_path / "cache")  # the stale file exported again
+    assert isinstance(again, onnx_features.OnnxFeatures) and again.error <= onnx_features.VERIFY_ATOL
+    exported[0].write_bytes(b"not onnx")
+    assert isinstance(onnx_features.load(encoder, fingerprint, 64, tmp_path / "cache"), onnx_features.OnnxFeatures)

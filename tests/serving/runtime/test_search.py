@@ -227,6 +227,40 @@ def test_a_failing_challenger_is_answered_by_the_primary_and_counted():
     assert [s[0] for s in stats["live"]["new"]] == [False] and [s[0] for s in stats["live"]["main"]] == [True]
 
 
+def test_a_refusal_by_an_arms_own_model_goes_to_the_primary_and_counts_against_no_arm():
+    """A code of another code space refused by the challenger and by a shadow (``arm_specific``): the primary
+    answers, and neither arm is recorded as failing (the canary must not roll back a model for it)."""
+    from serving.runtime.jscc import ReceivedError
+
+    async def scenario():
+        metrics = Metrics()
+        dispatcher = ArmDispatcher(metrics)
+        traffic = check_traffic({"arms": [{"name": "main", "weight": 0, "model_app": "m", "index_app": "i"},
+                                          {"name": "new", "weight": 100, "model_app": "m", "index_app": "i"},
+                                          {"name": "shadow", "weight": 100, "shadow": True, "model_app": "m",
+                                           "index_app": "i"}], "primary": "main"})
+        dispatcher.traffic = traffic
+        dispatcher.arms = {route.name: Arm(route, Backend("m", "i")) for route in traffic.arms}
+        for a in dispatcher.arms.values():
+            a.backend.ready = True
+
+        async def work(arm: Arm, call: Call) -> dict:
+            if arm.name != "main":
+                raise ReceivedError("code_space_mismatch", "not this arm's space", status=409, arm_specific=True)
+            return {"results": [{"id": "img1"}]}
+
+        answer = await dispatcher.dispatch(Call(5.0), work, client="someone")
+        shadow = await dispatcher.shadow(dispatcher.arms["shadow"], work, answer)
+        with pytest.raises(ApiError) as forced:  # asked for by name, the arm's own answer stands
+            await dispatcher.dispatch(Call(5.0), work, forced="new")
+        return answer, shadow, forced.value, dispatcher.stats.drain()
+
+    answer, shadow, forced, stats = run(scenario())
+    assert answer["arm"] == "main" and answer["fallback_from"] == "new" and shadow is None
+    assert "new" not in stats["live"] and not stats["shadow"] and [s[0] for s in stats["live"]["main"]] == [True]
+    assert (forced.status, forced.code) == (409, "code_space_mismatch")
+
+
 def test_a_shadow_copy_is_compared_with_the_client_answer_and_never_changes_it():
     async def scenario():
         metrics = Metrics()
