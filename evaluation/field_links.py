@@ -117,8 +117,9 @@ def plot(section: dict, hops: Sequence[int] = (1, 3)) -> bytes:
     axes[0][0].set_ylim(0, 1.05)
     handles, labels = axes[0][-1].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    figure.legend(unique.values(), unique.keys(), loc="lower center", ncol=4, fontsize=7, frameon=False,
-                  bbox_to_anchor=(0.5, -0.12))
+    figure.tight_layout()
+    figure.legend(unique.values(), unique.keys(), loc="upper center", ncol=4, fontsize=7, frameon=False,
+                  bbox_to_anchor=(0.5, 0.0))  # below the axes' labels
     return png_of(figure)
 
 
