@@ -285,13 +285,14 @@ def test_the_api_reference_is_the_live_openapi_document(serve_app):
         f"docs/api.md is not the live /openapi.json rendered: run `{REGENERATE}` and commit docs/api.md"
 
 
-def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index, jscc_link):
+def test_reconfigure_changes_limits_without_a_restart(serve_app, built_index, jscc_link, code_links):
     from serving.app import run_apps
 
     # The fixture's settings but for the limits changed here, so the app is left as the later tests expect it.
     settings = dict(index=str(built_index["root"]), shard_replicas=1, spread_shards=False, shard_num_cpus=0.05,
                     encoder_num_cpus=0.1, router_num_cpus=0.05, max_upload_bytes=200_000,
-                    max_image_pixels=1_000_000, max_query_chars=200, jscc_model=str(jscc_link["folder"]))
+                    max_image_pixels=1_000_000, max_query_chars=200, jscc_model=str(jscc_link["folder"]),
+                    code_link_model=str(code_links))
     status, in_router = post_json(f"{serve_app}/v1/search/text", {"query": "a river", "k": 5})
     assert status == 200
     try:
