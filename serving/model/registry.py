@@ -210,7 +210,7 @@ def fetch_model(uri, cache_dir: str | Path = DEFAULT_CACHE, tracking_uri: str | 
     parent = Path(cache_dir).expanduser() / ref.name
     target = parent / ref.version
     parent.mkdir(parents=True, exist_ok=True)
-    with _locked(parent / f".{ref.version}.lock"):
+    with file_lock(parent / f".{ref.version}.lock"):
         if target.exists():
             problem = cached_problem(target, verify) or _other_source(target, ref)
             if problem is None:
@@ -285,7 +285,7 @@ def cached_problem(folder: Path, verify: str = "size") -> str | None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def file_lock(path: Path):
     """An exclusive flock on ``path``, held for the block (other processes and threads wait)."""
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

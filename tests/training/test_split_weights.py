@@ -96,11 +96,11 @@ def test_mpnet_joins_to_the_published_weights_and_encodes_768_d():
 
     from training.config import TextTowerConfig
     from training.models import TextEncoder
-    from training.split_weights import sha256_of
+    from serving.storage import sha256_file
 
     encoder = TextEncoder(TextTowerConfig(encoder="all-mpnet-base-v2")).eval()
     folder = Path(encoder.model.name_or_path)
-    assert sha256_of(folder / "model.safetensors") == MPNET.sha256
+    assert sha256_file(folder / "model.safetensors") == MPNET.sha256
     with torch.no_grad():
         a, b, c = torch.nn.functional.normalize(encoder.encode(
             ["a harbour with many boats moored at the docks", "lots of ships tied up at a marina",
