@@ -21,7 +21,7 @@ phase() {  # phase NAME COMMAND...: run it and record how long it took
   "$@"
   printf '%s\t%d\n' "$name" $((SECONDS - began)) | tee -a "$PHASES"
 }
-phase setup bash cluster/setup.sh
+phase setup bash cluster/setup.sh main
 # checkpoint.pt, config.yaml, metrics.json and eval_test.json in $RUN
 phase train .venv/bin/terrahash train --config fast_split --bits "$BITS" --data "$DATA" --out "$RUN" --eval-split test
 # $RUN/students: student checkpoints, onnx/ (models + specs), metrics.json with the parity report

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install TerraHash with everything it needs (idempotent; safe to re-run).
+# Create .venv and install TerraHash with the given extras (idempotent; safe to re-run).
+# Usage: bash cluster/setup.sh [EXTRAS]    (default all: everything the tests need; the main job asks for main)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -10,5 +11,5 @@ fi
 python -m pip install -q --upgrade pip
 # torch and torchvision are pinned as a pair: the PyPI torchvision only imports beside its own torch.
 python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -e ".[all]"
+python -m pip install -q -e ".[${1:-all}]"
 python -c "import torch, timm, transformers; print(f'terrahash environment ready: torch {torch.__version__}, timm {timm.__version__}, transformers {transformers.__version__}')"
