@@ -213,7 +213,10 @@ class _TextTask:
         self.targets = torch.as_tensor(targets.captions, device=device)  # (M, bits)
 
     def param_groups(self) -> list[dict]:
-        return [{"params": list(self.student.parameters()), "lr": self.c.lr}]
+        words = self.student.model.get_input_embeddings().weight
+        if not self.c.train_embeddings:
+            words.requires_grad_(False)
+        return [{"params": [p for p in self.student.parameters() if p.requires_grad], "lr": self.c.lr}]
 
     def train_mode(self, on: bool) -> None:
         self.student.train(on)
@@ -310,7 +313,9 @@ def _fit_student(task, config: DistillConfig, train_rows: np.ndarray, val_rows: 
         start, best, history = shared["epoch"], shared["best"], shared["history"]
     module = context.prepare(task.module)
     objective = DistillObjective(config.loss)
-    optimizer = torch.optim.AdamW(task.param_groups(), weight_decay=config.weight_decay)
+    # One fused kernel per step over all parameters (CPU and CUDA): the per-tensor loop was a fifth of a text
+    # student's step on a 2-core CPU.
+    optimizer = torch.optim.AdamW(task.param_groups(), weight_decay=config.weight_decay, fused=True)
     steps = max(len(batch_bounds(len(rows), batch_size)), 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(epochs, config.warmup_epochs, steps))
     if resumed:

@@ -24,7 +24,7 @@ from serving.model.spec import (BINARIZE_RULE, BIT_ORDER, RESIZE_RULE, SPEC_FORM
                           spec_path_for)
 from serving.storage import sha256_file
 
-from .students import ImageStudent, TextStudent, load_image_student, load_text_student
+from .students import INT8_IMAGE_METHODS, ImageStudent, TextStudent, load_image_student, load_text_student
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,7 @@ STATIC_VARIANTS = {
     "static-bc-stem": {"fp32": ("tail", "stem"), "mean_ranges": True, "bias_correction": True},
 }
 FP32_PARTS = {"tail": tail_nodes, "stem": stem_nodes}
+assert set(INT8_IMAGE_METHODS) == {*STATIC_VARIANTS, "dynamic"}, "students.INT8_IMAGE_METHODS names these variants"
 
 
 def quantize_static_int8(model_path: Path, out_path: Path, calibration: np.ndarray, fp32: tuple[str, ...] = (),
@@ -355,10 +356,12 @@ def _channel_means(model, convs: list[str], images: np.ndarray, batch: int = 8) 
     import onnx
     import onnxruntime as ort
 
+    if not convs:
+        return {}
     model = onnx.ModelProto.FromString(model.SerializeToString())
     wanted = [node for node in model.graph.node if node.name in set(convs)]
-    outputs, known = [node.output[0] for node in wanted], {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in outputs if o not in known)
+    outputs = [node.output[0] for node in wanted]
+    _prune_to(model.graph, outputs)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -367,6 +370,27 @@ def _channel_means(model, convs: list[str], images: np.ndarray, batch: int = 8) 
         values = session.run(outputs, {IMAGE_INPUT: images[i:i + batch]})  # each (B, C, ...)
         sums = [s + v.reshape(v.shape[0], v.shape[1], -1).mean(axis=2).sum(axis=0) for s, v in zip(sums, values)]
     return {node.name: s / len(images) for node, s in zip(wanted, sums)}
+
+
+def _prune_to(graph, outputs: list[str]) -> None:
+    """Keep only what computes ``outputs`` (now the graph's only outputs): the nodes they depend on and
+    the initializers those read. Bias correction asks for one convolution at a time, mostly early ones."""
+    import onnx
+
+    producer = {out: node for node in graph.node for out in node.output}
+    needed, todo = set(), list(outputs)
+    while todo:
+        node = producer.get(todo.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            todo.extend(node.input)
+    kept = [node for node in graph.node if id(node) in needed]
+    used = {name for node in kept for name in node.input}
+    initializers = [i for i in graph.initializer if i.name in used]
+    del graph.node[:], graph.output[:], graph.initializer[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(initializers)
+    graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in outputs)
 
 
 def _run(model_path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -379,18 +403,25 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a >= 0) == (b >= 0)))
 
 
-def quantize_image_student(spec_path: Path, calibration: np.ndarray, held_out: np.ndarray) -> tuple[Path, dict]:
-    """Int8 image student: the STATIC_VARIANTS (calibrated on ``calibration``) and dynamic are all made,
-    and the one whose bits agree most with the fp32 model on ``held_out`` images is kept (the others
-    deleted; ties go to the earlier, simpler one, dynamic last as the slowest on CPU). Images are
-    preprocessed float32 (N, 3, S, S). Returns (int8 spec path, agreement per method)."""
+def quantize_image_student(spec_path: Path, calibration: np.ndarray, held_out: np.ndarray,
+                           method: str = "search") -> tuple[Path, dict]:
+    """Int8 image student made by ``method`` (one of INT8_IMAGE_METHODS), or by each of them for "search":
+    the one whose bits agree most with the fp32 model on ``held_out`` images is kept (the others deleted; ties
+    go to the earlier, simpler one, dynamic last as the slowest on CPU). Static variants are calibrated on
+    ``calibration``. Images are preprocessed float32 (N, 3, S, S). Returns (int8 spec path, agreement per
+    method made)."""
+    if method not in (*INT8_IMAGE_METHODS, "search"):
+        raise ValueError(f"int8 method {method!r}: expected one of {[*INT8_IMAGE_METHODS, 'search']}")
     spec = json.loads(Path(spec_path).read_text())
     model = Path(spec_path).parent / spec["model_file"]
     reference = _run(model, {IMAGE_INPUT: held_out})
-    candidates = {method: model.with_name(f"{model.stem}.{method}.onnx") for method in [*STATIC_VARIANTS, "dynamic"]}
-    for method, options in STATIC_VARIANTS.items():
-        quantize_static_int8(model, candidates[method], calibration, **options)
-    quantize_dynamic_int8(model, candidates["dynamic"])
+    methods = INT8_IMAGE_METHODS if method == "search" else (method,)
+    candidates = {m: model.with_name(f"{model.stem}.{m}.onnx") for m in methods}
+    for m, path in candidates.items():
+        if m == "dynamic":
+            quantize_dynamic_int8(model, path)
+        else:
+            quantize_static_int8(model, path, calibration, **STATIC_VARIANTS[m])
     scores = {m: _agreement(_run(p, {IMAGE_INPUT: held_out}), reference) for m, p in candidates.items()}
     method = max(scores, key=scores.get)
     log.info("image int8 bit agreement with fp32 on %d held-out images: %s; keeping %s", len(held_out), scores, method)
@@ -420,14 +451,16 @@ def _int8_spec(spec: dict, spec_path: Path, model: Path, quantization: str) -> P
 
 
 def export_students(students_dir: str | Path, out_dir: str | Path | None = None, calibration_images: list[Path] | None = None,
-                    held_out_images: list[Path] | None = None, check_texts: list[str] | None = None) -> dict:
+                    held_out_images: list[Path] | None = None, check_texts: list[str] | None = None,
+                    int8_image: str | None = None) -> dict:
     """Export every student checkpoint in ``students_dir`` to ``out_dir`` (default ``students_dir/onnx``),
     fp32 and int8, each with its spec.
 
     ``calibration_images`` (e.g. train-split files) calibrate the static int8 image models;
     ``held_out_images`` (e.g. val-split files) pick among the int8 variants and check the
-    fp32 export. Both are needed when an image student is present. Returns the spec paths and the
-    quantization scores.
+    fp32 export. Both are needed when an image student is present. ``int8_image``: how the int8 image student
+    is made (quantize_image_student's ``method``; default: the student's config ``int8``). Returns the spec
+    paths and the quantization scores.
     """
     from serving.model.encoders import preprocess_images  # calibration sees exactly what serving will send
 
@@ -444,7 +477,7 @@ def export_students(students_dir: str | Path, out_dir: str | Path | None = None,
             return preprocess_images(paths, c.image_size, c.mean, c.std)
         held_out = preprocess(held_out_images)
         spec = export_image_student(student, out, held_out[:8])
-        int8, scores = quantize_image_student(spec, preprocess(calibration_images), held_out)
+        int8, scores = quantize_image_student(spec, preprocess(calibration_images), held_out, int8_image or c.int8)
         result["image"] = {"spec": spec, "int8_spec": int8, "int8_agreement": scores}
     if (students_dir / "text_student.pt").exists():
         student, tokenizer, _ = load_text_student(students_dir)

@@ -24,6 +24,10 @@ from .config import (BatchSize, Channels, ConfigError, Count, Device, Distribute
 from .models import HashHead, ImageEncoder, TextEncoder, mean_pool
 
 STUDENT_KINDS = ("image", "text")
+# How the int8 image student is made (training/export.py): static QDQ variants (plain min/max; with bias correction
+# and the tail kept fp32; with the stem fp32 too and mean ranges) or dynamic. "search" makes every one and keeps
+# the one whose bits agree most with fp32 on held-out val images.
+INT8_IMAGE_METHODS = ("static", "static-bc", "static-bc-stem", "dynamic")
 IMAGE_CHECKPOINT = "image_student.pt"
 TEXT_CHECKPOINT = "text_student.pt"
 TOKENIZER_DIR = "tokenizer"  # the text student's tokenizer files, beside its checkpoint
@@ -50,6 +54,9 @@ class ImageStudentConfig:
     batch_size: BatchSize = 128
     lr: Positive = 1e-3  # head
     backbone_lr: Positive = 1e-4  # only when the backbone is trained
+    # The int8 variant: one of INT8_IMAGE_METHODS, or "search" (all of them, chosen on val; about 3 times the
+    # export time of one on a CPU). A named one is still scored on val, and the score is logged.
+    int8: Annotated[str, OneOf((*INT8_IMAGE_METHODS, "search"))] = "search"
 
 
 @dataclass
@@ -68,6 +75,9 @@ class TextStudentConfig:
     epochs: Count = 20
     batch_size: BatchSize = 64
     lr: Positive = 1e-4  # the whole student (encoder and head)
+    # Whether the word embeddings (copied from the encoder, three quarters of a MiniLM student's weights) train
+    # too; kept as copied, each step skips their gradient and optimizer update.
+    train_embeddings: bool = True
     # Reworded copies of each distinct training caption (training/captions.py, at the teacher's
     # train.captions rates), coded by the teacher and learnt beside the captions as written: the
     # student follows the teacher on wordings the dataset does not use. 0: the captions only.

@@ -202,3 +202,48 @@ def test_verify_catches_a_model_that_differs_from_torch(exported, torch_students
     assert _verify(load_spec(exported["image"]).model_path, image, {"images": pixels}) < 1e-4
     with pytest.raises(ExportError, match="differ from torch"):
         _verify(load_spec(exported["image"]).model_path, other, {"images": pixels})
+
+
+def test_a_named_int8_method_makes_only_that_variant(exported, real, tmp_path):
+    spec = load_spec(exported["image"])
+    for path in (exported["image"], spec.model_path):
+        shutil.copy(path, tmp_path / path.name)
+    pixels = preprocess_images(real[0], IMAGE_CONFIG.image_size, IMAGE_CONFIG.mean, IMAGE_CONFIG.std)
+    int8, scores = quantize_image_student(tmp_path / exported["image"].name, pixels[:12], pixels[12:], "static-bc-stem")
+    assert list(scores) == ["static-bc-stem"] and 0.9 <= scores["static-bc-stem"] <= 1.0
+    assert load_spec(int8).data["quantization"] == "static-bc-stem int8"
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == sorted([spec.model_path.name,
+                                                                      load_spec(int8).model_path.name])
+    # The search made this variant too, from the same images: the same bits on the held-out ones.
+    assert scores["static-bc-stem"] == exported["scores"]["static-bc-stem"]
+    with pytest.raises(ValueError, match="int8 method 'fp16'"):
+        quantize_image_student(tmp_path / exported["image"].name, pixels[:12], pixels[12:], "fp16")
+
+
+def test_int8_method_is_checked_in_the_config():
+    from training.config import ConfigError
+    from training.students import distill_config_from_dict
+
+    assert distill_config_from_dict({"image": {"int8": "static-bc"}}).image.int8 == "static-bc"
+    assert distill_config_from_dict({}).image.int8 == "search"
+    with pytest.raises(ConfigError, match="int8"):
+        distill_config_from_dict({"image": {"int8": "fp16"}})
+
+
+def test_channel_means_of_a_pruned_graph_equal_the_whole_graph_s(exported, real):
+    """Bias correction reads one convolution's output at a time from a graph cut down to what computes it."""
+    import onnx
+    import onnxruntime as ort
+
+    from training.export import _channel_means
+
+    model = onnx.load(str(load_spec(exported["image"]).model_path))
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    pixels = preprocess_images(real[0][:6], IMAGE_CONFIG.image_size, IMAGE_CONFIG.mean, IMAGE_CONFIG.std)
+    whole = onnx.ModelProto.FromString(model.SerializeToString())
+    whole.graph.output.extend(onnx.helper.make_empty_tensor_value_info(c.output[0]) for c in convs)
+    session = ort.InferenceSession(whole.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run([c.output[0] for c in convs], {"images": pixels})
+    for conv, value in zip([convs[0], convs[len(convs) // 2], convs[-1]], [values[0], values[len(convs) // 2], values[-1]]):
+        got = _channel_means(model, [conv.name], pixels)[conv.name]
+        np.testing.assert_allclose(got, value.mean(axis=(2, 3)).mean(axis=0), rtol=1e-4, atol=1e-5)

@@ -237,3 +237,23 @@ def test_the_text_student_also_learns_reworded_captions_with_the_teachers_codes(
     distill(tiny_teacher, config, subset, tmp_path / "students", cache_dir=tmp_path / "cache", progress=False,
             context=context)
     assert context.shards == [len(grown)]
+
+
+def test_a_text_student_can_keep_its_word_embeddings_as_copied(tiny_teacher, subset, tmp_path):
+    """train_embeddings false: the word embeddings stay the encoder's, the layers and head still learn."""
+    from training.distill import teacher_targets
+
+    students = {}
+    for train in (True, False):
+        config = distill_config_from_dict({"students": ["text"], "device": "cpu", "eval_every": 1,
+                                           "text": {"num_layers": 1, "epochs": 1, "batch_size": 16, "lr": 1e-3,
+                                                    "train_embeddings": train}})
+        distill(tiny_teacher, config, subset, tmp_path / str(train), progress=False)
+        students[train] = load_text_student(tmp_path / str(train))[0].model
+    source = teacher_targets(tiny_teacher, subset).model.text_encoder.model
+    copied = source.get_input_embeddings().weight
+    assert torch.equal(students[False].get_input_embeddings().weight, copied)
+    assert not torch.equal(students[True].get_input_embeddings().weight, copied)
+    last = source.config.num_hidden_layers - 1  # the one layer a 1-layer student copies
+    copied_layer = source.state_dict()[f"encoder.layer.{last}.attention.self.query.weight"]
+    assert not torch.equal(students[False].state_dict()["encoder.layer.0.attention.self.query.weight"], copied_layer)
