@@ -211,6 +211,7 @@ class _TextTask:
         self.module = self.student
         self.captions = targets.index.captions
         self.targets = torch.as_tensor(targets.captions, device=device)  # (M, bits)
+        self._token_lengths = np.zeros(0, dtype=np.int64)  # of every caption, once asked (batch_order)
 
     def param_groups(self) -> list[dict]:
         words = self.student.model.get_input_embeddings().weight
@@ -237,6 +238,24 @@ class _TextTask:
         self.targets = torch.cat([self.targets, torch.as_tensor(codes, device=self.device, dtype=self.targets.dtype)])
         return np.concatenate([rows, np.arange(first, first + len(texts), dtype=np.int64)])
 
+    def batch_order(self, order: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+        """``order`` (a random permutation) in batches of similar token lengths when ``group_by_length``:
+        each window of LENGTH_WINDOW batches sorted by length, cut into batches, and the batches shuffled."""
+        if not self.c.group_by_length:
+            return order
+        lengths = self._lengths(order)
+        window = LENGTH_WINDOW * batch_size
+        grouped = np.concatenate([chunk[np.argsort(lengths[i:i + window], kind="stable")]
+                                  for i, chunk in ((i, order[i:i + window]) for i in range(0, len(order), window))])
+        batches = [grouped[start:stop] for start, stop in batch_bounds(len(grouped), batch_size)]
+        return np.concatenate([batches[b] for b in rng.permutation(len(batches))])
+
+    def _lengths(self, rows: np.ndarray) -> np.ndarray:
+        if len(self._token_lengths) != len(self.captions):  # the captions grow with their variants
+            self._token_lengths = np.asarray([len(ids) for ids in self.tokenizer(
+                list(self.captions), truncation=True, max_length=self.student.max_length)["input_ids"]])
+        return self._token_lengths[rows]
+
     def _tokens(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
         tokens = self.tokenizer([self.captions[r] for r in rows], padding=True, truncation=True,
                                 max_length=self.student.max_length, return_tensors="pt")
@@ -253,6 +272,9 @@ class _TextTask:
 
     def save(self, path: Path, extra: dict) -> None:
         save_text_student(path, self.student, self.tokenizer, extra)
+
+
+LENGTH_WINDOW = 50  # batches whose rows are grouped by token length together (_TextTask.batch_order)
 
 
 def _schedule(epochs: int, warmup_epochs: int, steps_per_epoch: int):
@@ -272,6 +294,8 @@ def _train_epoch(task, module: nn.Module, objective: DistillObjective, optimizer
     task.train_mode(True)
     sums: dict[str, float] = {}
     order = rng.permutation(rows)
+    if hasattr(task, "batch_order"):
+        order = task.batch_order(order, batch_size, rng)
     bounds = batch_bounds(len(order), batch_size)
     for start, stop in tqdm(bounds, desc=desc, unit="batch", leave=False, disable=not progress):
         batch = order[start:stop]

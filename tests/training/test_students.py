@@ -257,3 +257,25 @@ def test_a_text_student_can_keep_its_word_embeddings_as_copied(tiny_teacher, sub
     last = source.config.num_hidden_layers - 1  # the one layer a 1-layer student copies
     copied_layer = source.state_dict()[f"encoder.layer.{last}.attention.self.query.weight"]
     assert not torch.equal(students[False].state_dict()["encoder.layer.0.attention.self.query.weight"], copied_layer)
+
+
+def test_text_batches_grouped_by_length_hold_every_row_once_and_pad_less(tiny_teacher, subset, tmp_path):
+    from training.distill import _TextTask, _unique_caption_rows, teacher_targets
+
+    targets = teacher_targets(tiny_teacher, subset, tmp_path / "cache", torch.device("cpu"))
+    config = distill_config_from_dict({"students": ["text"], "device": "cpu",
+                                       "text": {"num_layers": 1, "group_by_length": True, "caption_variants": 1}})
+    task = _TextTask(config, targets, torch.device("cpu"))
+    rows = task.with_variants(_unique_caption_rows(targets.index, targets.index.rows("train")), targets, seed=0)
+    order = np.random.default_rng(0).permutation(rows)
+    grouped = task.batch_order(order, 4, np.random.default_rng(1))
+    assert sorted(grouped) == sorted(rows)
+    lengths = task._lengths(np.arange(len(task.captions)))
+
+    def padded(o):
+        return sum(len(o[i:i + 4]) * lengths[o[i:i + 4]].max() for i in range(0, len(o), 4))
+    assert padded(grouped) < padded(order)
+    assert list(task.batch_order(order, 4, np.random.default_rng(1))) == list(grouped)  # seeded
+    plain = _TextTask(distill_config_from_dict({"students": ["text"], "text": {"num_layers": 1}}), targets,
+                      torch.device("cpu"))
+    assert plain.batch_order(order, 4, np.random.default_rng(1)) is order  # off: as drawn
