@@ -171,6 +171,9 @@ class _ImageTask:
         if self.c.freeze_backbone:
             self.student.encoder.eval()  # frozen batch-norm statistics must not drift
 
+    def batch_order(self, order: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+        return order  # images: batches as drawn
+
     def train_inputs(self, rows: np.ndarray, rng: np.random.Generator) -> tuple[Tensor]:
         picks = rng.integers(len(self.c.views), size=len(rows))  # one random view per image
         if self.features is not None:
@@ -245,8 +248,8 @@ class _TextTask:
             return order
         lengths = self._lengths(order)
         window = LENGTH_WINDOW * batch_size
-        grouped = np.concatenate([chunk[np.argsort(lengths[i:i + window], kind="stable")]
-                                  for i, chunk in ((i, order[i:i + window]) for i in range(0, len(order), window))])
+        grouped = np.concatenate([order[i:i + window][np.argsort(lengths[i:i + window], kind="stable")]
+                                  for i in range(0, len(order), window)])
         batches = [grouped[start:stop] for start, stop in batch_bounds(len(grouped), batch_size)]
         return np.concatenate([batches[b] for b in rng.permutation(len(batches))])
 
@@ -293,9 +296,7 @@ def _train_epoch(task, module: nn.Module, objective: DistillObjective, optimizer
     """One pass over ``rows`` in random order; returns the mean of each loss term."""
     task.train_mode(True)
     sums: dict[str, float] = {}
-    order = rng.permutation(rows)
-    if hasattr(task, "batch_order"):
-        order = task.batch_order(order, batch_size, rng)
+    order = task.batch_order(rng.permutation(rows), batch_size, rng)
     bounds = batch_bounds(len(order), batch_size)
     for start, stop in tqdm(bounds, desc=desc, unit="batch", leave=False, disable=not progress):
         batch = order[start:stop]
