@@ -215,11 +215,9 @@ class _TextTask:
         self.captions = targets.index.captions
         self.targets = torch.as_tensor(targets.captions, device=device)  # (M, bits)
         self._token_lengths = np.zeros(0, dtype=np.int64)  # of every caption, once asked (batch_order)
+        self.student.model.get_input_embeddings().weight.requires_grad_(self.c.train_embeddings)
 
     def param_groups(self) -> list[dict]:
-        words = self.student.model.get_input_embeddings().weight
-        if not self.c.train_embeddings:
-            words.requires_grad_(False)
         return [{"params": [p for p in self.student.parameters() if p.requires_grad], "lr": self.c.lr}]
 
     def train_mode(self, on: bool) -> None:

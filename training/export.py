@@ -451,16 +451,14 @@ def _int8_spec(spec: dict, spec_path: Path, model: Path, quantization: str) -> P
 
 
 def export_students(students_dir: str | Path, out_dir: str | Path | None = None, calibration_images: list[Path] | None = None,
-                    held_out_images: list[Path] | None = None, check_texts: list[str] | None = None,
-                    int8_image: str | None = None) -> dict:
+                    held_out_images: list[Path] | None = None, check_texts: list[str] | None = None) -> dict:
     """Export every student checkpoint in ``students_dir`` to ``out_dir`` (default ``students_dir/onnx``),
     fp32 and int8, each with its spec.
 
     ``calibration_images`` (e.g. train-split files) calibrate the static int8 image models;
     ``held_out_images`` (e.g. val-split files) pick among the int8 variants and check the
-    fp32 export. Both are needed when an image student is present. ``int8_image``: how the int8 image student
-    is made (quantize_image_student's ``method``; default: the student's config ``int8``). Returns the spec
-    paths and the quantization scores.
+    fp32 export. Both are needed when an image student is present; the int8 image student is made as its
+    config's ``int8`` says. Returns the spec paths and the quantization scores.
     """
     from serving.model.encoders import preprocess_images  # calibration sees exactly what serving will send
 
@@ -477,7 +475,7 @@ def export_students(students_dir: str | Path, out_dir: str | Path | None = None,
             return preprocess_images(paths, c.image_size, c.mean, c.std)
         held_out = preprocess(held_out_images)
         spec = export_image_student(student, out, held_out[:8])
-        int8, scores = quantize_image_student(spec, preprocess(calibration_images), held_out, int8_image or c.int8)
+        int8, scores = quantize_image_student(spec, preprocess(calibration_images), held_out, c.int8)
         result["image"] = {"spec": spec, "int8_spec": int8, "int8_agreement": scores}
     if (students_dir / "text_student.pt").exists():
         student, tokenizer, _ = load_text_student(students_dir)
