@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 from cluster.cli.cluster import add_cluster_commands
+from cluster.cli.edge import add_edge_commands
 from cluster.cli.governance import add_governance_commands
 from cluster.cli.jobs import add_job_commands
 from cluster.cli.jscc import add_jscc_commands
@@ -303,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("reports", nargs="+", help="JSON files written by `terrahash eval --json`")
     summary.set_defaults(handler=_summarize)
     add_serving_commands(sub, common)
+    add_edge_commands(sub)
     add_lifecycle_commands(sub)
     add_governance_commands(sub)
     add_cluster_commands(sub)

@@ -16,11 +16,10 @@ import numpy as np
 
 from serving.index.items import META_FIELDS, ItemFilter
 from serving.index.kinds import build_faiss_index, parse_factory
+from serving.index.topk import MISSING_DISTANCE, MISSING_ROW, merge_topk, pad, sorted_cut
 from serving.model.codes import check_packed, validate_bits
 
 
-MISSING_DISTANCE = int(np.iinfo(np.int32).max)  # padding when fewer than k results (faiss's own value)
-MISSING_ROW = -1
 SHARDING_RULE = "int.from_bytes(sha256(id.encode('utf-8'))[:8], 'big') % n_shards"
 
 
@@ -98,14 +97,14 @@ class Shard:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         k = int(k)
         if self.index is None or len(queries) == 0:
-            return _pad(np.empty((len(queries), 0), np.int32), np.empty((len(queries), 0), np.int64), k)
+            return pad(np.empty((len(queries), 0), np.int32), np.empty((len(queries), 0), np.int64), k)
         if where is not None:
-            return _pad(*self._search_where(queries, k, where), k)
+            return pad(*self._search_where(queries, k, where), k)
         if self.kind.exact:
             distances, rows = self._search_exact(queries, min(k, len(self)))
         else:
             distances, rows = self._search_approximate(queries, k)
-        return _pad(distances, rows, k)
+        return pad(distances, rows, k)
 
     def matching(self, where: ItemFilter) -> np.ndarray:
         """Positions (ascending) of the items that pass ``where``."""
@@ -156,11 +155,11 @@ class Shard:
         distances, positions = index.search(queries, probe, **restrict)  # (Q, probe)
         kth = distances[:, k - 1]
         incomplete = (distances[:, probe - 1] == kth) if probe < size else np.zeros(len(queries), bool)
-        out_d, out_r = _sorted_cut(distances, rows[positions], k)
+        out_d, out_r = sorted_cut(distances, rows[positions], k)
         for q in np.flatnonzero(incomplete):
             # Ties run past the probe: collect every item within the k-th distance (radius is strict).
             lims, d, p = index.range_search(queries[q:q + 1], int(kth[q]) + 1, **restrict)
-            d_q, r_q = _sorted_cut(d.astype(np.int32)[None], rows[p][None], k)
+            d_q, r_q = sorted_cut(d.astype(np.int32)[None], rows[p][None], k)
             out_d[q], out_r[q] = d_q[0], r_q[0]
         return out_d, out_r
 
@@ -171,37 +170,7 @@ class Shard:
         found = positions >= 0
         rows = np.where(found, self.rows[np.where(found, positions, 0)], MISSING_ROW)
         distances = np.where(found, distances, MISSING_DISTANCE).astype(np.int32)
-        return _sorted_cut(distances, rows, k)
-
-
-def _sorted_cut(distances, rows, k):
-    """Sort every row of candidates by (distance, row) and keep the first k: (Q, <=k) each."""
-    order = np.lexsort((rows, distances), axis=1)[:, :k]  # lexsort: the last key is the primary one
-    return (np.take_along_axis(distances, order, axis=1).astype(np.int32),
-            np.take_along_axis(rows, order, axis=1).astype(np.int64))
-
-
-def _pad(distances, rows, k):
-    """Pad (Q, m) results to (Q, k) with the missing markers."""
-    missing = k - distances.shape[1]
-    if missing <= 0:
-        return distances, rows
-    q = distances.shape[0]
-    return (np.hstack([distances, np.full((q, missing), MISSING_DISTANCE, np.int32)]),
-            np.hstack([rows, np.full((q, missing), MISSING_ROW, np.int64)]))
-
-
-def merge_topk(per_shard_results: Sequence[tuple[np.ndarray, np.ndarray]], k: int):
-    """Global top-k from every shard's (distances (Q, k_i), rows (Q, k_i)), ordered by (distance, row).
-
-    Exact when each shard's list is its own exact top-k under the same order: the global top-k is
-    then contained in their union. Missing places sort last and pad the result to (Q, k).
-    """
-    if not per_shard_results:
-        raise ValueError("merge_topk needs the results of at least one shard")
-    distances = np.concatenate([np.asarray(d, np.int32) for d, _ in per_shard_results], axis=1)
-    rows = np.concatenate([np.asarray(r, np.int64) for _, r in per_shard_results], axis=1)
-    return _pad(*_sorted_cut(distances, rows, k), k)
+        return sorted_cut(distances, rows, k)
 
 
 class ShardedIndex:

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .codes import pack_signs
-from .spec import ModelSpec, SpecError, open_model
+from .spec import ModelSpec, SpecError, open_model, open_model_bytes
 
 
 class InputError(ValueError):
@@ -32,9 +32,21 @@ class _Encoder:
     kind = ""
 
     def __init__(self, spec_path: str | Path, threads: int = 0):
-        self.spec, self.session = open_model(spec_path, threads)
-        if self.spec.kind != self.kind:
-            raise SpecError(f"{self.spec.path}: a {self.spec.kind} model spec, not a {self.kind} one")
+        self._start(*open_model(spec_path, threads))
+
+    @classmethod
+    def from_memory(cls, spec: ModelSpec, model: bytes, files: dict[str, bytes], threads: int = 0):
+        """The encoder of a parsed spec whose files are held in memory (an edge bundle's members): ``model``
+        the ONNX file's bytes, ``files`` the spec's other files by the names it gives (the tokenizer)."""
+        encoder = cls.__new__(cls)
+        encoder._start(*open_model_bytes(spec, model, threads), files=files)
+        return encoder
+
+    def _start(self, spec: ModelSpec, session, files: dict[str, bytes] | None = None) -> None:
+        """Keep the checked spec and session; ``files``: the spec's other files in memory (None: beside it)."""
+        if spec.kind != self.kind:
+            raise SpecError(f"{spec.path}: a {spec.kind} model spec, not a {self.kind} one")
+        self.spec, self.session = spec, session
 
     @property
     def bits(self) -> int:
@@ -101,15 +113,18 @@ class TextEncoder(_Encoder):
 
     kind = "text"
 
-    def __init__(self, spec_path: str | Path, threads: int = 0):
-        super().__init__(spec_path, threads)
+    def _start(self, spec: ModelSpec, session, files: dict[str, bytes] | None = None) -> None:
+        super()._start(spec, session)
         from tokenizers import Tokenizer
 
         text = self.spec.text
         file = self.spec.path.parent / text["tokenizer_file"]
-        if not file.is_file():
+        if files is not None and text["tokenizer_file"] in files:
+            self.tokenizer = Tokenizer.from_str(files[text["tokenizer_file"]].decode("utf-8"))
+        elif files is None and file.is_file():
+            self.tokenizer = Tokenizer.from_file(str(file))
+        else:
             raise SpecError(f"{self.spec.path}: its tokenizer file {text['tokenizer_file']} is missing")
-        self.tokenizer = Tokenizer.from_file(str(file))
         self.tokenizer.enable_truncation(max_length=text["max_length"])
         # Pad to the longest text of the batch: padded positions are masked, so codes do not
         # depend on the padding, and short queries stay cheap.

@@ -110,6 +110,14 @@ def load_spec(path: str | Path) -> ModelSpec:
         raise SpecError(f"{path}: no such spec file") from None
     except json.JSONDecodeError as err:
         raise SpecError(f"{path}: not valid JSON: {err}") from None
+    return parse_spec(data, path)
+
+
+def parse_spec(data, path: str | Path) -> ModelSpec:
+    """Validate a spec's JSON value; ``path`` is where it came from (its model file is beside it)."""
+    path = Path(path)
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a spec is a JSON object, got {type(data).__name__}")
     _check_fields(path, data, _REQUIRED, "")
     if data["format_version"] != SPEC_FORMAT_VERSION:
         raise SpecError(f"{path}: format_version {data['format_version']} is not supported "
@@ -234,18 +242,32 @@ def check_spec_against_model(spec: ModelSpec, session) -> None:
 
 def open_model(spec_path: str | Path, threads: int = 0):
     """(spec, onnxruntime session) for a spec file: checksum and graph checked against the spec."""
-    import onnxruntime as ort
-
     spec = load_spec(spec_path)
     model = spec.model_path
     if not model.is_file():
         raise SpecError(f"{spec.path}: its model file {model.name} is missing from {model.parent}")
-    actual = sha256_file(model)
+    _check_model_sha256(spec, sha256_file(model))
+    return spec, _session(spec, str(model), threads)
+
+
+def open_model_bytes(spec: ModelSpec, model: bytes, threads: int = 0):
+    """(spec, onnxruntime session) for a parsed spec and its ONNX file's bytes (held in memory, as an edge
+    bundle's member): checksum and graph checked against the spec."""
+    _check_model_sha256(spec, hashlib.sha256(model).hexdigest())
+    return spec, _session(spec, model, threads)
+
+
+def _check_model_sha256(spec: ModelSpec, actual: str) -> None:
     if actual != spec.data["model_sha256"]:
-        raise SpecError(f"{spec.path}: model {model.name} has sha256 {actual[:12]}..., the spec says "
+        raise SpecError(f"{spec.path}: model {spec.model_path.name} has sha256 {actual[:12]}..., the spec says "
                         f"{spec.data['model_sha256'][:12]}... (the model was replaced without its spec)")
+
+
+def _session(spec: ModelSpec, model: str | bytes, threads: int):
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per core
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     check_spec_against_model(spec, session)
-    return spec, session
+    return session

@@ -21,7 +21,8 @@ from serving.governance.keys import Identity, KeyFile, KeyRing
 from serving.governance.policy import Policy, check_policy
 from serving.governance.ratelimit import Leases, lease_size
 from serving.governance.roles import ANONYMOUS, ENDPOINTS, FULL, OPEN, allows
-from serving.runtime.api import ApiError, error_response
+from serving.runtime.api import error_response
+from serving.runtime.checks import ApiError
 from serving.runtime.calls import Call, awaited
 
 log = logging.getLogger("ray.serve")

@@ -26,7 +26,7 @@ import numpy as np
 from serving.model import code_link
 from serving.model.learned_link import LearnedLink, load_codecs
 
-from .api import ApiError
+from .checks import ApiError
 from .jscc import ReceivedError, parse_symbols
 
 

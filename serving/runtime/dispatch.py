@@ -10,7 +10,7 @@ import logging
 import random
 import time
 
-from serving.runtime.api import ApiError
+from serving.runtime.checks import ApiError
 from serving.runtime.arms import Arm, ArmStats
 from serving.runtime.calls import Call, awaited
 from serving.runtime.traffic import Traffic, assign, mirrored, overlap_at_k, rank_correlation

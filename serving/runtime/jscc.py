@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import ApiError
+from .checks import ApiError
 
 SPEC_FILE = "jscc.spec.json"
 

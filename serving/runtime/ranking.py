@@ -5,7 +5,7 @@ break ties by row (asymmetric) or by image id (fusion).
 """
 import numpy as np
 
-from serving.index.shards import MISSING_ROW, merge_topk
+from serving.index.topk import MISSING_ROW, merge_topk
 from serving.model.codes import unpack_signs
 from serving.runtime.thumbnails import thumbnail_path
 

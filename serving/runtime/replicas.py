@@ -29,7 +29,7 @@ from ray import serve
 
 from serving.index.items import describe, extent
 from serving.index.files import ShardIntegrityError
-from serving.index.shards import merge_topk
+from serving.index.topk import merge_topk
 from serving.index.versions import load_shard, read_manifest
 from serving.runtime.calls import awaited
 from serving.storage import LocalRoot, sha256_file

@@ -33,10 +33,10 @@ from serving.governance.query_log import AuditBuffer, audit_entry, sha256_of
 from serving.governance.roles import ARM_OVERRIDE
 from serving.model.codes import pack_signs
 from serving.runtime.access import Gate
-from serving.runtime.api import (CAPTION_BODY, EXPLAIN_BODY, IMAGE_BODY, ITEMS_BODY, RECEIVED_BODY, TEXT_BODY, ApiError,
-                                 CaptionSearch, ImageSearch, ReceivedSearch, TextSearch, base64_limit, check_query,
-                                 error_response, image_upload, parse_body, parse_choice, parse_filter, parse_k,
-                                 read_json, wants_stac)
+from serving.runtime.api import (CAPTION_BODY, EXPLAIN_BODY, IMAGE_BODY, ITEMS_BODY, RECEIVED_BODY, TEXT_BODY,
+                                 CaptionSearch, ImageSearch, ReceivedSearch, TextSearch, error_response, image_upload,
+                                 parse_body, read_json, wants_stac)
+from serving.runtime.checks import ApiError, base64_limit, check_query, parse_choice, parse_filter, parse_k
 from serving.runtime.arms import Arm, Backends
 from serving.runtime.calls import Call, finite
 from serving.runtime.dispatch import ArmDispatcher

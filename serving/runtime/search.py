@@ -22,7 +22,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from serving.index.drift import QueryWindow
 from serving.index.shards import stable_shard
 from serving.model.codes import pack_signs
-from serving.runtime.api import ApiError, check_filterable, decode_in_pool
+from serving.runtime.api import decode_in_pool
+from serving.runtime.checks import ApiError, check_filterable
 from serving.runtime.arms import Arm, garbage_code
 from serving.runtime.calls import Call, all_or_none, awaited, finite
 from serving.runtime.ranking import asymmetric_rerank, fuse, merge_hits, public_hit

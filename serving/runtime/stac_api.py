@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 from serving.index.items import FilterError, ItemFilter, rfc3339
-from serving.runtime.api import ApiError
+from serving.runtime.checks import ApiError
 from serving.runtime.stac import STAC_VERSION, item_collection, stac_item
 
 COLLECTION = "images"  # the image index's collection name (index/images/vNNNN): the STAC collection id

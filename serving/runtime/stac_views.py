@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse
 
 from serving.governance.query_log import sha256_of
 from serving.index.items import metadata_columns
-from serving.runtime.api import ApiError, read_json
+from serving.runtime.api import read_json
+from serving.runtime.checks import ApiError
 from serving.runtime.arms import Arm
 from serving.runtime.calls import Call, all_or_none
 from serving.runtime.stac_api import (COLLECTION, GEOJSON, ITEMS_FIELDS, StacSearch, check_collection, collection_document,

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse, Response
 from serving.governance.query_log import sha256_of
 from serving.governance.roles import READY_DETAILS, allows
 from serving.model.codes import unpack_signs
-from serving.runtime.api import (ApiError, Explain, ItemsSearch, base64_limit, check_filterable, check_query,
-                                 decode_base64, parse_body, parse_filter, read_json)
+from serving.runtime.api import Explain, ItemsSearch, parse_body, read_json
+from serving.runtime.checks import ApiError, base64_limit, check_filterable, check_query, decode_base64, parse_filter
 from serving.runtime.arms import Arm
 from serving.runtime.calls import Call, all_or_none
 from serving.runtime.ranking import item_image, public_hit

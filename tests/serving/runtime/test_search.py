@@ -14,7 +14,7 @@ import pytest
 
 from serving.index.refs import ImageRefs
 from serving.model.codes import pack_signs, unpack_signs
-from serving.runtime.api import ApiError
+from serving.runtime.checks import ApiError
 from serving.runtime.arms import Arm, Backend
 from serving.runtime.calls import Call
 from serving.runtime.dispatch import ArmDispatcher

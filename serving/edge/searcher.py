@@ -1,0 +1,226 @@
+"""``EdgeSearcher``: the service's text and image searches over one bundle, in this process, with the same
+answers (serving.runtime.search): the same encoders, the same exact top-k (distance, then row), the same
+re-ranking (asymmetric, fusion), filters, drift check and hit fields. Requests are checked by the same
+rules (serving.runtime.checks), so a bad one fails here with the status and code the service would give.
+
+What the service adds and a bundle has no use for (keys and roles, traffic arms, audit, STAC pages,
+lookups by indexed id) is not here. A bundle answers as arm ``"edge"``.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.index.drift import QueryWindow
+from serving.model.codes import pack_signs
+from serving.model.encoders import ImageEncoder, TextEncoder
+from serving.model.spec import CodeSpaceError, SpecError, check_code_space, parse_spec
+from serving.runtime.checks import (ApiError, check_filterable, check_query, check_size, decode_image, parse_choice,
+                                    parse_filter, parse_k)
+from serving.runtime.ranking import asymmetric_rerank, fuse, merge_hits, public_hit
+
+from .collection import Collection
+from .container import MANIFEST, BundleError, Container
+
+RERANK_MODES = ("none", "asymmetric", "fusion")  # serving.runtime.settings (a test pins the two together)
+FUSION_RULES = ("average", "max")
+ARM = "edge"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The service's request limits and defaults (serving.runtime.settings.RouterConfig's defaults)."""
+
+    default_k: int = 10
+    max_k: int = 100
+    max_query_chars: int = 512
+    max_upload_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    rerank_depth: int = 100
+    rerank: str = "none"
+    fusion: str = "average"
+    drift_fallback: str = "asymmetric"
+
+    def as_config(self) -> dict:
+        return dict(self.__dict__)
+
+
+class EdgeSearcher:
+    """An opened bundle, ready to answer. ``threads``: onnxruntime threads per query (1 suits a small machine);
+    ``code_space``: refuse a bundle whose codes are not of this code space (an id, ``sha256:...``)."""
+
+    def __init__(self, path: str | Path, key_file: str | Path | None = None, threads: int = 1,
+                 code_space: str | None = None, limits: Limits | None = None):
+        self.container = Container(path, key_file)
+        self.manifest = manifest = self.container.manifest
+        self.config = (limits or Limits()).as_config()
+        self.bits = int(manifest["bits"])
+        if code_space is not None and manifest.get("code_space") != code_space:
+            raise BundleError(f"{self.container.path} holds codes of code space {manifest.get('code_space')}, not "
+                              f"{code_space}: they cannot be compared with that model's codes")
+        self.collections = {}
+        for name, entry in manifest["collections"].items():
+            if entry.get("code_space") != manifest.get("code_space"):
+                raise BundleError(f"{self.container.path}: its {name} codes are of code space {entry.get('code_space')}"
+                                  f", the bundle's of {manifest.get('code_space')}")
+            try:
+                self.collections[name] = Collection(self.container, name, entry, self.bits)
+            except ValueError as err:
+                raise BundleError(str(err)) from None
+        self.images = self.collections["images"]
+        self.encoders = {kind: self._encoder(kind, threads) for kind in manifest["encoders"]}
+        drift = self.images.entry.get("drift")
+        self._drift = QueryWindow(drift) if drift else None
+        self._drift_lock = threading.Lock()
+
+    def _encoder(self, kind: str, threads: int):
+        entry = self.manifest["encoders"][kind]
+        where = self.container.path / entry["spec"]
+        try:
+            spec = parse_spec(json.loads(self.container.read(entry["spec"])), where)
+            check_code_space(spec, self.manifest, manifest_file=f"{self.container.path} ({MANIFEST})", require=True)
+            files = {name: self.container.read(member) for name, member in entry.get("files", {}).items()}
+            cls = TextEncoder if kind == "text" else ImageEncoder
+            return cls.from_memory(spec, self.container.read(entry["model"]), files, threads)
+        except (SpecError, CodeSpaceError, ValueError) as err:
+            raise BundleError(f"{where}: {err}") from None
+
+    # --- what the bundle is ---
+
+    def describe(self) -> dict:
+        """What ``terrahash-edge FILE --info`` prints: release, model, code space, collections, encoders."""
+        m = self.manifest
+        return {"bundle": str(self.container.path), "release": m.get("release"), "model_version": m.get("model_version"),
+                "code_space": m.get("code_space"), "bits": self.bits, "encrypted": bool(m.get("encryption")),
+                "collections": {name: c.size for name, c in self.collections.items()},
+                "encoders": {kind: e.spec.data.get("quantization", "none") for kind, e in self.encoders.items()},
+                "thumbnails": bool(m.get("thumbnails"))}
+
+    # --- searching ---
+
+    def search_text(self, params: dict) -> dict:
+        """/v1/search/text: ``params`` holds ``query`` and optionally k, rerank, fusion, bbox, datetime."""
+        start, timings = time.perf_counter(), {}
+        query = check_query(params["query"], self.config)
+        k, rerank, fusion = self._options(params)
+        where = parse_filter(params)
+        with _timer(timings, "encode"):
+            code = self.encoders["text"].encode([query])[0]
+        return self._envelope(self._rank(code, k, rerank, fusion, where, timings), start, timings)
+
+    def search_image(self, data: bytes, params: dict) -> dict:
+        """/v1/search/image: ``data`` an image file's bytes; ``params`` as for text, without ``query``."""
+        start, timings = time.perf_counter(), {}
+        encoder = self.encoders.get("image")
+        if encoder is None:
+            raise ApiError(422, "no_image_encoder", f"bundle {self.container.path.name} has no image encoder (write "
+                                                    f"it with `terrahash bundle --with-image-encoder`)")
+        k, rerank, fusion = self._options(params)
+        where = parse_filter(params)
+        check_size(len(data), self.config["max_upload_bytes"])
+        with _timer(timings, "decode"):
+            pixels = decode_image(data, encoder.spec.image["size"], self.config["max_image_pixels"])
+        with _timer(timings, "encode"):
+            code = encoder.encode([pixels])[0]
+        drift = self._observe_drift(code)
+        mode = rerank
+        if drift is not None and drift["alarm"] and rerank == "none" and self.config["drift_fallback"] == "asymmetric":
+            mode = "asymmetric"
+        answer = self._rank(code, k, mode, fusion, where, timings)
+        if drift is not None:
+            answer["drift"] = {**drift, "fallback": mode if mode != rerank else None}
+        return self._envelope(answer, start, timings)
+
+    def _options(self, params: dict) -> tuple[int, str, str]:
+        k = parse_k(params.get("k"), self.config)
+        rerank = parse_choice(params.get("rerank"), RERANK_MODES, self.config["rerank"], "rerank")
+        fusion = parse_choice(params.get("fusion"), FUSION_RULES, self.config["fusion"], "fusion")
+        return k, rerank, fusion
+
+    def _observe_drift(self, code: np.ndarray) -> dict | None:
+        if self._drift is None:
+            return None
+        with self._drift_lock:
+            return self._drift.observe(code)
+
+    def _rank(self, code: np.ndarray, k: int, rerank: str, fusion: str, where, timings: dict) -> dict:
+        """serving.runtime.search.SearchPipeline.rank over the bundle's collections."""
+        packed = pack_signs(code[None])[0]
+        if rerank == "none":
+            results = self._search("images", packed, k, timings, where=where)
+        elif rerank == "asymmetric":
+            hits = self._search("images", packed, max(k, self.config["rerank_depth"]), timings, True, where)
+            with _timer(timings, "rerank"):
+                results = asymmetric_rerank(code, hits, self.bits)[:k]
+        else:
+            if "captions" not in self.collections:
+                raise ApiError(422, "invalid_rerank", "fusion needs a caption index, and this bundle has none")
+            depth = max(k, self.config["rerank_depth"])
+            images = self._search("images", packed, depth, timings, where=where)
+            captions = self._search("captions", packed, depth, timings, where=where)
+            with _timer(timings, "rerank"):
+                results = fuse(images, captions, self.bits, fusion)[:k]
+        return {"k": k, "rerank": rerank, "fusion": fusion if rerank == "fusion" else None, "results": results}
+
+    def _search(self, name: str, packed: np.ndarray, k: int, timings: dict, with_codes: bool = False,
+                where=None) -> list[dict]:
+        collection = self.collections[name]
+        check_filterable(self.images.entry, where)  # as the service: what the image index can filter by
+        with _timer(timings, "search"):
+            answer = collection.answer(packed, k, with_codes, where)
+        with _timer(timings, "merge"):
+            hits = merge_hits([answer], k, self.bits, collection.refs, with_codes)
+        return [public_hit(hit) for hit in hits]
+
+    def _envelope(self, answer: dict, start: float, timings: dict) -> dict:
+        m = self.manifest
+        answer.update({"arm": ARM, "model_version": m.get("model_version"), "model": m.get("model"),
+                       "index_version": {name: c.entry.get("version") for name, c in self.collections.items()},
+                       "release": m.get("release"), "latency_ms": round((time.perf_counter() - start) * 1000, 3),
+                       "timings_ms": {key: round(value, 3) for key, value in timings.items()}})
+        return answer
+
+    # --- thumbnails ---
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The stored thumbnail (JPEG) of an image id, None when the bundle has none for it."""
+        thumbnails = self.manifest.get("thumbnails")
+        if not thumbnails:
+            return None
+        position = self._thumbnail_position(image_id)
+        if position is None:
+            return None
+        offsets = self.container.array(thumbnails["members"]["offsets"])
+        start, end = int(offsets[position]), int(offsets[position + 1])
+        return bytes(self.container.bytes_view(thumbnails["members"]["data"])[start:end]) or None
+
+    def _thumbnail_position(self, image_id: str) -> int | None:
+        """The position of ``image_id`` among the images: a binary search through the stored id order."""
+        order = self.container.array(self.manifest["thumbnails"]["members"]["order"])  # positions sorted by id
+        ids = self.images.strings.get("image_ids", self.images.strings["ids"])
+        low, high = 0, len(order)
+        while low < high:
+            middle = (low + high) // 2
+            if ids[int(order[middle])] < image_id:
+                low = middle + 1
+            else:
+                high = middle
+        return int(order[low]) if low < len(order) and ids[int(order[low])] == image_id else None
+
+
+class _timer:
+    """Add the seconds a block takes, in milliseconds, to ``timings[key]``."""
+
+    def __init__(self, timings: dict, key: str):
+        self.timings, self.key = timings, key
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.key] = self.timings.get(self.key, 0.0) + (time.perf_counter() - self.start) * 1000
