@@ -3,7 +3,7 @@ function) goes down a floor or stays on its own, no import closes a cycle, and s
 
 Floors, bottom to top (a module belongs to the floor of the longest prefix that names it):
 storage and the contracts; the model versions and the index; governance; ingest; the Serve runtime;
-the lifecycle; the Serve app; the retrieval metrics that training uses; training; the evaluation
+the lifecycle; the Serve app; the offline edge bundle; the retrieval metrics that training uses; training; the evaluation
 report and benchmarks; the CLI, which imports everything and is imported by nothing.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ FLOORS = (
     ("Serve runtime", ("serving.runtime",)),
     ("lifecycle", ("serving.lifecycle",)),
     ("Serve app", ("serving.app",)),
+    ("edge bundle", ("serving.edge",)),  # offline search: the runtime's checks and ranking, none of its Ray
     ("retrieval metrics", ("evaluation", "evaluation.metrics", "evaluation.retrieval", "evaluation.ceiling",
                            "evaluation.corruptions", "evaluation.robustness", "evaluation.model_card")),
     ("training", ("training",)),
