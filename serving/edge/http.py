@@ -135,14 +135,27 @@ class _Handler(BaseHTTPRequestHandler):
         if not declared.isascii() or not declared.isdigit():
             raise ApiError(411, "length_required", "the request needs a Content-Length")
         if int(declared) > limit:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
+            self._discard(int(declared), limit)
             raise ApiError(413, "payload_too_large", f"the body is {declared} bytes; the limit is {limit}")
         return self.rfile.read(int(declared))
+
+    def _discard(self, size: int, limit: int) -> None:
+        """Read and drop a refused body (kept nowhere), so that the client reads the answer rather than a
+        broken pipe; one far over the limit is not read, and the connection is closed instead."""
+        if size > 4 * limit:
+            self.close_connection = True
+            return
+        while size > 0:
+            chunk = self.rfile.read(min(size, 1 << 16))
+            if not chunk:  # the client went away
+                break
+            size -= len(chunk)
 
     def _json(self, limit: int):
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
-            self.close_connection = True
+            declared = self.headers.get("Content-Length", "")
+            self._discard(int(declared) if declared.isascii() and declared.isdigit() else 1 << 62, 1 << 20)
             raise ApiError(415, "unsupported_media_type", f"content type {content_type or 'none'!r} is not accepted "
                                                           f"here; use one of ['application/json']")
         body = self._body(limit)
