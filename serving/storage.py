@@ -221,7 +221,10 @@ class S3Root(ArtifactRoot):
     written with the server-side encryption of ``sse_options`` (the bucket's default without)."""
 
     def __init__(self, uri: str, endpoint_url: str | None = None, client=None):
-        import boto3
+        try:
+            import boto3
+        except ImportError:
+            raise ImportError(f"{uri}: s3:// roots need boto3: pip install 'terrahash[s3]'") from None
 
         parsed = urlparse(uri)
         if parsed.scheme != "s3" or not parsed.netloc:

@@ -24,10 +24,13 @@ NUMBER_FIELDS = (*BBOX_FIELDS, *TIME_FIELDS)
 
 
 def string_members(prefix: str, values) -> dict[str, np.ndarray | bytes]:
-    """``<prefix>.utf8`` (the strings joined) and ``<prefix>.offsets.npy`` (uint64, n + 1): a string column."""
+    """``<prefix>.utf8`` (the strings joined) and ``<prefix>.offsets.npy`` (n + 1 offsets, uint32 while the blob
+    is under 4 GiB, else uint64): a string column."""
     encoded = [str(v).encode("utf-8") for v in values]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.uint64)
-    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    ends = np.cumsum([len(e) for e in encoded], dtype=np.uint64)
+    small = len(ends) == 0 or int(ends[-1]) < 2**32
+    offsets = np.zeros(len(encoded) + 1, dtype=np.uint32 if small else np.uint64)
+    offsets[1:] = ends
     return {f"{prefix}.utf8": b"".join(encoded), f"{prefix}.offsets.npy": offsets}
 
 
