@@ -13,7 +13,7 @@ pinned to one core (onnxruntime with one thread):
 - peak memory (VmHWM, the peak resident set) of that process after the queries.
 
 Baseline in the same run: faiss' flat binary index (what a service shard runs) on the same codes, one thread,
-per query; the ratio is the edge's search step over it.
+per query; the ratio is the edge's top-k alone (no hit building) over it.
 
     python -m evaluation.bench_edge --bundle ucm.thb
     python -m evaluation.bench_edge --bundle ucm.thb --sizes 100000 --queries 100 --out bench_edge.json
@@ -97,6 +97,13 @@ def child(bundle: Path, n_queries: int) -> dict:
     searcher.search_text({"query": texts[0]})
     first = time.perf_counter()
     out = {"import_s": imported - start, "open_s": opened - imported, "first_query_s": first - opened}
+    packed = searcher.encoders["text"].encode_packed(texts[:1])[0]
+    topk = []
+    for _ in range(len(texts)):  # the top-k alone: XOR, popcount and the count of distances, no hit building
+        t = time.perf_counter()
+        searcher.images.top_positions(packed, 10)
+        topk.append(time.perf_counter() - t)
+    out["topk_p50_ms"] = 1000 * float(np.median(topk))
     for name, extra in (("unfiltered", {}), ("bbox", {"bbox": FILTER})):
         total, search = [], []
         for text in texts:
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"items": n, "bundle_mb": path.stat().st_size / 1e6, "bytes_per_item": (path.stat().st_size - model) / n,
                    "code_bytes_per_item": codes / n, "edge": measure(path, args.queries),
                    "faiss_flat": faiss_baseline(path, min(args.queries, 100))}
-            row["search_vs_faiss"] = row["edge"]["unfiltered"]["search_p50_ms"] / row["faiss_flat"]["search_p50_ms"]
+            row["topk_vs_faiss"] = row["edge"]["topk_p50_ms"] / row["faiss_flat"]["search_p50_ms"]
             rows.append(row)
             print(_line(row), flush=True)
     if args.out:
@@ -201,8 +208,9 @@ def _line(row: dict) -> str:
     return (f"{row['items']:>9,} items: bundle {row['bundle_mb']:.1f} MB ({row['bytes_per_item']:.1f} B/item, codes "
             f"{row['code_bytes_per_item']:.0f}); cold start {e['cold_start_s']:.2f} s (open {e['open_s']:.2f} s); text "
             f"query p50 {e['unfiltered']['p50_ms']:.1f} ms (p95 {e['unfiltered']['p95_ms']:.1f}), with bbox "
-            f"{e['bbox']['p50_ms']:.1f} ms; search step {e['unfiltered']['search_p50_ms']:.2f} ms vs faiss flat "
-            f"{row['faiss_flat']['search_p50_ms']:.2f} ms ({row['search_vs_faiss']:.2f}x); peak RSS "
+            f"{e['bbox']['p50_ms']:.1f} ms; search step {e['unfiltered']['search_p50_ms']:.2f} ms, its top-k "
+            f"{e['topk_p50_ms']:.2f} ms vs faiss flat {row['faiss_flat']['search_p50_ms']:.2f} ms "
+            f"({row['topk_vs_faiss']:.2f}x); peak RSS "
             f"{e['peak_rss_mb']:.0f} MB")
 
 

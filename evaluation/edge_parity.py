@@ -2,7 +2,7 @@
 the release it serves, hit by hit.
 
 Text queries: the free-text query set, then the split's distinct captions; image queries: the split's images,
-in order (the drift check of both sees the same sequence). A bundle answers as the service when both use
+in order (the drift check of both sees the same sequence: start the app fresh, or the drift reports differ). A bundle answers as the service when both use
 the same student variant: a default service serves fp32 (serving: ``encoder_variant``), a default bundle
 int8 (``terrahash bundle --variant``).
 
@@ -33,10 +33,10 @@ def post(url: str, data: bytes, content_type: str) -> dict:
 
 
 def compare(edge: dict, served: dict, k: int) -> tuple[bool, bool]:
-    """(same top-k ids and distances, same hits in every field)."""
+    """(same top-k ids and distances, same hits in every field and the same drift report)."""
     def top(answer):
         return [(h["id"], h["distance"]) for h in answer["results"][:k]]
-    return top(edge) == top(served), edge["results"] == served["results"]
+    return top(edge) == top(served), edge["results"] == served["results"] and edge.get("drift") == served.get("drift")
 
 
 def run(url: str, bundle: Path, data: str, split: str, n: int, k: int, query_set: str) -> dict:
@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("text", "image"):
         n, top, whole = out[kind]
         print(f"{kind}: {top}/{n} queries with the same top-{args.k} ids and distances, {whole}/{n} with every hit "
-              f"field equal")
+              f"field (and the drift report) equal")
     if out["first_difference"]:
         print(f"first difference: {out['first_difference']}")
-    return 0 if all(out[kind][1] == out[kind][0] for kind in ("text", "image")) else 1
+    return 0 if all(out[kind][2] == out[kind][0] for kind in ("text", "image")) else 1
 
 
 if __name__ == "__main__":

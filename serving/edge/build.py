@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from serving.index.crypto import Cipher, IndexKeyError, load_key
-from serving.index.items import BBOX_FIELDS, TIME_FIELDS
+from serving.index.items import BBOX_FIELDS, TIME_FIELDS, empty_columns
 from serving.index.refs import ImageRefs
 from serving.index.releases import load_index, resolve_release
 from serving.model.codes import BIT_ORDER, SIGN_RULE
@@ -98,31 +98,41 @@ def _encoder(spec_path: Path, manifest: dict, members: dict) -> dict:
 def _collection(index: str, name: str, manifest: dict, members: dict, key_file: str | None) -> tuple[dict, dict]:
     """Add a collection's codes and columns, in row order, to ``members``: (its manifest entry, its rows,
     image ids and properties for the thumbnails)."""
-    shards = load_index(index, manifest["version"], name, key_file=key_file).shards
-    rows = np.concatenate([s.rows for s in shards]) if shards else np.empty(0, np.int64)
+    shards = [s for s in load_index(index, manifest["version"], name, key_file=key_file).shards if len(s.rows)]
+    rows = np.concatenate([s.rows for s in shards] or [np.empty(0, np.int64)])
     order = np.argsort(rows, kind="stable")
     rows = rows[order]
-    codes = np.concatenate([s.codes for s in shards])[order] if shards else np.empty((0, manifest["bits"] // 8), np.uint8)
-    ids = np.concatenate([s.ids for s in shards])[order]
-    image_ids = np.concatenate([s.image_ids for s in shards])[order]
+
+    def joined(values) -> np.ndarray:
+        return np.concatenate(values)[order] if values else np.empty(0, dtype=str)
+
+    codes = (np.concatenate([s.codes for s in shards])[order] if shards
+             else np.empty((0, manifest["bits"] // 8), np.uint8))
+    ids, image_ids = joined([s.ids for s in shards]), joined([s.image_ids for s in shards])
     prefix = f"{name}/"
     entry_members = {"codes": prefix + "codes.npy"}
     members[prefix + "codes.npy"] = npy_bytes(codes)
     if not np.array_equal(rows, np.arange(len(rows))):  # after adds and removals: keep the rows themselves
         entry_members["rows"] = prefix + "rows.npy"
         members[prefix + "rows.npy"] = npy_bytes(rows)
-    props = np.full(len(rows), "", dtype=object)
     strings = {"ids": ids}
     if not np.array_equal(image_ids, ids):
         strings["image_ids"] = image_ids
-    if shards and shards[0].texts is not None:
-        strings["texts"] = np.concatenate([s.texts for s in shards])[order]
-    if shards and shards[0].meta is not None:
-        strings["props"] = props = np.concatenate([s.meta["props"] for s in shards])[order]
+    if any(s.texts is not None for s in shards):
+        strings["texts"] = joined([s.texts if s.texts is not None else np.full(len(s.rows), "") for s in shards])
+    props = np.full(len(rows), "", dtype=object)
+    if any(s.meta is not None for s in shards):
+        # a release whose first items were indexed without metadata and later ones with it: those items' hits
+        # carry no bbox, datetime or properties in the service's answers, and are flagged so here
+        metas = [s.meta if s.meta is not None else empty_columns(len(s.rows)) for s in shards]
+        strings["props"] = props = joined([m["props"] for m in metas])
         for field in (*BBOX_FIELDS, *TIME_FIELDS):
             entry_members[field] = f"{prefix}{field}.npy"
-            members[entry_members[field]] = npy_bytes(np.concatenate([s.meta[field] for s in shards])[order]
-                                                      .astype(np.float64))
+            members[entry_members[field]] = npy_bytes(joined([m[field] for m in metas]).astype(np.float64))
+        described = joined([np.full(len(s.rows), s.meta is not None) for s in shards])
+        if not described.all():
+            entry_members["described"] = prefix + "described.npy"
+            members[prefix + "described.npy"] = npy_bytes(described)
     for field, values in strings.items():
         for member, data in string_members(prefix + field, values).items():
             members[member] = data if isinstance(data, bytes) else npy_bytes(data)

@@ -101,7 +101,11 @@ def _table(answer: dict) -> str:
 def _serve(searcher: EdgeSearcher, host: str, port: int) -> int:
     from .http import make_server
 
-    server = make_server(searcher, host, port)
+    try:
+        server = make_server(searcher, host, port)
+    except OSError as err:
+        print(f"terrahash-edge: cannot listen on {host}:{port}: {err.strerror}", file=sys.stderr)
+        return 2
     address, bound = server.server_address[:2]
     print(f"terrahash-edge: serving {searcher.container.path.name} on http://{address}:{bound} (Ctrl-C stops)",
           flush=True)

@@ -45,7 +45,7 @@ class Strings:
 
     def __getitem__(self, i: int) -> str:
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return bytes(self.blob[start:end]).decode("utf-8")
+        return bytes(self.blob[start:end]).decode("utf-8", errors="replace")
 
 
 class Collection:
@@ -59,17 +59,26 @@ class Collection:
             raise ValueError(f"{container.path}: {members['codes']} holds {self.codes.dtype} {self.codes.shape}, "
                              f"not {bits}-bit packed codes")
         self.size = len(self.codes)
+        where = f"{container.path}: {name}"
         self.rows = container.array(members["rows"]) if "rows" in members else None  # None: row == position
-        self.strings = {field: Strings(container.bytes_view(members[field + ".utf8"]),
-                                       container.array(members[field + ".offsets.npy"]))
+        if self.rows is not None and (self.rows.shape != (self.size,) or self.rows.dtype.kind not in "iu"
+                                      or (self.size > 1 and not np.all(self.rows[1:] > self.rows[:-1]))):
+            raise ValueError(f"{where}: its rows are not {self.size} increasing integers")
+        if "ids.utf8" not in members:
+            raise ValueError(f"{where}: no ids")
+        self.strings = {field: _strings(container, members, field, self.size, where)
                         for field in STRING_FIELDS if field + ".utf8" in members}
-        for field, strings in self.strings.items():
-            if len(strings) != self.size:
-                raise ValueError(f"{container.path}: {name} has {self.size} codes and {len(strings)} {field}")
-        self.columns = None
+        self.columns = self.described = None
         if "props" in self.strings:
             self.columns = {field: container.array(members[field]) for field in NUMBER_FIELDS}
+            for field, column in self.columns.items():
+                if column.shape != (self.size,) or column.dtype != np.float64:
+                    raise ValueError(f"{where}: its {field} column is not {self.size} float64 values")
             self.columns["props"] = _LazyStrings(self.strings["props"])
+            if "described" in members:  # a release whose older items have no metadata (serving.index.versions)
+                self.described = container.array(members["described"])
+                if self.described.shape != (self.size,) or self.described.dtype != np.bool_:
+                    raise ValueError(f"{where}: its described flags are not {self.size} booleans")
         self.refs = ImageRefs(entry["refs"])
         self._words = _as_words(self.codes)
         self._lock = threading.Lock()  # the scratch buffers below are shared by the HTTP server's threads
@@ -129,11 +138,21 @@ class Collection:
             out["ids"][0, j], out["image_ids"][0, j] = ids[p], image_ids[p]
             if "texts" in out:
                 out["texts"][0, j] = self.strings["texts"][p]
-            if "meta" in out:
+            if "meta" in out and (self.described is None or self.described[p]):
                 out["meta"][0, j] = describe(self.columns, p)
             if with_codes:
                 out["codes"][0, j] = self.codes[p]
         return out
+
+
+def _strings(container, members: dict, field: str, size: int, where: str) -> Strings:
+    """A stored string column, checked: ``size`` + 1 offsets from 0 that never decrease, ending at the blob's end."""
+    blob = container.bytes_view(members[field + ".utf8"])
+    offsets = container.array(members[field + ".offsets.npy"])
+    if (offsets.shape != (size + 1,) or offsets.dtype.kind != "u" or int(offsets[0]) != 0
+            or int(offsets[-1]) != len(blob) or np.any(offsets[1:] < offsets[:-1])):
+        raise ValueError(f"{where}: its {field} offsets do not cut its {len(blob)}-byte blob into {size} strings")
+    return Strings(blob, offsets)
 
 
 class _LazyStrings:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
+import secrets
 import struct
 import tempfile
 import zipfile
@@ -36,6 +38,8 @@ _LOCAL_SIGNATURE = 0x04034B50
 _PAD_RECORD = 0xD935  # the extra-field id Android's zipalign pads with: readers skip it
 _EPOCH = (2020, 1, 1, 0, 0, 0)  # every member's time, so that the same inputs give the same file
 _HASH_CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_NPY_HEADER = 4096
 
 
 class BundleError(ValueError):
@@ -54,8 +58,10 @@ def write_container(path: str | Path, manifest: dict, members: dict[str, bytes],
     manifest as written. ``cipher`` (serving.index.crypto.Cipher) seals every member but the manifest."""
     if MANIFEST in members:
         raise ValueError(f"{MANIFEST} is the manifest's own name")
-    stored = {name: cipher.seal(data, name) if cipher is not None else bytes(data) for name, data in members.items()}
-    manifest = {**manifest, "format": FORMAT, "encryption": cipher.describe() if cipher is not None else None,
+    manifest = {**manifest, "format": FORMAT, "bundle_id": secrets.token_hex(8) if cipher is not None else None}
+    stored = {name: cipher.seal(data, sealed_name(manifest, name)) if cipher is not None else bytes(data)
+              for name, data in members.items()}
+    manifest = {**manifest, "encryption": cipher.describe() if cipher is not None else None,
                 "members": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
                             for name, data in sorted(stored.items())}}
     path = Path(path)
@@ -84,7 +90,8 @@ def _add(archive: zipfile.ZipFile, f, name: str, data: bytes) -> None:
     info = zipfile.ZipInfo(name, date_time=_EPOCH)
     info.compress_type = zipfile.ZIP_STORED
     info.external_attr = 0o644 << 16
-    header_end = f.tell() + _LOCAL_HEADER.size + len(name.encode()) + 4
+    zip64 = len(data) * 1.05 > zipfile.ZIP64_LIMIT  # zipfile then adds a 20-byte zip64 record after ours
+    header_end = f.tell() + _LOCAL_HEADER.size + len(name.encode()) + 4 + (20 if zip64 else 0)
     pad = (-header_end) % ALIGN
     info.extra = struct.pack("<HH", _PAD_RECORD, pad) + b"\0" * pad
     archive.writestr(info, data)
@@ -92,38 +99,61 @@ def _add(archive: zipfile.ZipFile, f, name: str, data: bytes) -> None:
 
 class Container:
     """An open bundle: ``manifest``, and each member's bytes (``read``) or array (``array``, memory-mapped
-    unless the bundle is encrypted). Every member is checked against the manifest when it is opened."""
+    unless the bundle is encrypted). Every member is checked against the manifest when it is opened.
+
+    The file is opened and mapped once: a bundle replaced on disk while open (``terrahash bundle --out`` the
+    same name) is not seen, and the one checked at open is the one answered from."""
 
     def __init__(self, path: str | Path, key_file: str | Path | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise BundleError(f"{self.path}: no such bundle file")
+        self._file = open(self.path, "rb")
         try:
-            with zipfile.ZipFile(self.path) as archive:
-                infos = archive.infolist()
-                names = [i.filename for i in infos]
-                if MANIFEST not in names:
-                    raise BundleError(f"{self.path}: not a TerraHash bundle (no {MANIFEST})")
-                manifest_bytes = archive.read(MANIFEST)  # CRC-checked by zipfile
-        except (zipfile.BadZipFile, OSError) as err:
+            self._open(key_file)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, key_file) -> None:
+        try:
+            infos = zipfile.ZipFile(self._file).infolist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
             raise BundleError(f"{self.path}: not a readable bundle: {err}") from None
+        by_name = {i.filename: i for i in infos}
+        if MANIFEST not in by_name:
+            raise BundleError(f"{self.path}: not a TerraHash bundle (no {MANIFEST})")
+        size = os.fstat(self._file.fileno()).st_size
+        info = by_name[MANIFEST]
+        start = self._data_offset(info, size)
+        if info.file_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{self.path}: its {MANIFEST} is {info.file_size} bytes, more than a bundle's manifest "
+                              f"can be ({MAX_MANIFEST_BYTES})")
+        self._file.seek(start)
         try:
-            self.manifest = json.loads(manifest_bytes)
-        except ValueError as err:
+            self.manifest = json.loads(self._file.read(info.file_size))
+        except (ValueError, RecursionError) as err:
             raise BundleError(f"{self.path}: {MANIFEST} is not valid JSON: {err}") from None
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
-            raise BundleError(f"{self.path}: format {self.manifest.get('format') if isinstance(self.manifest, dict) else None!r}"
-                              f" is not {FORMAT!r}, which this version reads")
-        self._spans = self._check_members(infos)
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            raise BundleError(f"{self.path}: format {found!r} is not {FORMAT!r}, which this version reads")
+        self._spans = self._check_members(infos, size)
         self._cipher = self._cipher_for(key_file)
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         self._plain: dict[str, bytes] = {}
 
-    def _check_members(self, infos) -> dict[str, tuple[int, int]]:
+    def close(self) -> None:
+        """Let go of the file (arrays already handed out keep their mapping alive)."""
+        self._file.close()
+
+    def _check_members(self, infos, size: int) -> dict[str, tuple[int, int]]:
         """Each listed member's (data offset, size), after checking the archive holds exactly the listed
         members, stored, each with its recorded sha256."""
         listed = self.manifest.get("members")
-        if not isinstance(listed, dict):
-            raise BundleError(f"{self.path}: {MANIFEST} lists no members")
+        if not isinstance(listed, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+                for v in listed.values()):
+            raise BundleError(f"{self.path}: {MANIFEST} lists no members, or not as {{name: {{sha256, bytes}}}}")
         seen: set[str] = set()
         for info in infos:
             if info.filename in seen:
@@ -136,36 +166,43 @@ class Container:
         if missing:
             raise BundleError(f"{self.path}: member {missing[0]} is missing (the bundle is incomplete)")
         spans = {}
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            for info in infos:
-                if info.filename == MANIFEST:
-                    continue
-                start = self._data_offset(f, info)
-                expected = listed[info.filename]
-                if info.file_size != expected.get("bytes") or start + info.file_size > size:
-                    raise BundleError(f"{self.path}: member {info.filename} has {info.file_size} bytes, "
-                                      f"{MANIFEST} says {expected.get('bytes')} (the bundle was altered or cut)")
-                if _sha256_range(f, start, info.file_size) != expected.get("sha256"):
-                    raise BundleError(f"{self.path}: member {info.filename} does not match its sha256 in "
-                                      f"{MANIFEST} (the bundle was altered or damaged)")
-                spans[info.filename] = (start, info.file_size)
+        for info in infos:
+            if info.filename == MANIFEST:
+                continue
+            start = self._data_offset(info, size)
+            expected = listed[info.filename]
+            if info.file_size != expected["bytes"]:
+                raise BundleError(f"{self.path}: member {info.filename} has {info.file_size} bytes, {MANIFEST} says "
+                                  f"{expected['bytes']} (the bundle was altered)")
+            if _sha256_range(self._file, start, info.file_size) != expected["sha256"]:
+                raise BundleError(f"{self.path}: member {info.filename} does not match its sha256 in {MANIFEST} "
+                                  f"(the bundle was altered or damaged)")
+            spans[info.filename] = (start, info.file_size)
         return spans
 
-    def _data_offset(self, f, info: zipfile.ZipInfo) -> int:
-        f.seek(info.header_offset)
-        header = f.read(_LOCAL_HEADER.size)
-        if len(header) != _LOCAL_HEADER.size:
-            raise BundleError(f"{self.path}: member {info.filename}: its header is cut off")
-        signature, _, flags, method, *_, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-        if signature != _LOCAL_SIGNATURE or method != zipfile.ZIP_STORED or flags & 1:
-            raise BundleError(f"{self.path}: member {info.filename} is compressed or zip-encrypted; a bundle "
-                              f"stores its members as they are")
-        return info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    def _data_offset(self, info: zipfile.ZipInfo, size: int) -> int:
+        """Where a member's data starts, from its local header; it must be stored and lie inside the file."""
+        where = f"{self.path}: member {info.filename}"
+        if not 0 <= info.header_offset <= size - _LOCAL_HEADER.size:
+            raise BundleError(f"{where}: its header lies outside the file (the bundle is cut or damaged)")
+        self._file.seek(info.header_offset)
+        signature, _, flags, method, *_, name_length, extra_length = _LOCAL_HEADER.unpack(
+            self._file.read(_LOCAL_HEADER.size))
+        if signature != _LOCAL_SIGNATURE:
+            raise BundleError(f"{where}: no zip header where the directory says (the bundle is damaged)")
+        if method != zipfile.ZIP_STORED or flags & 1 or info.compress_type != zipfile.ZIP_STORED:
+            raise BundleError(f"{where} is compressed or zip-encrypted; a bundle stores its members as they are")
+        start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        if start + info.file_size > size:
+            raise BundleError(f"{where}: its data runs past the end of the file (the bundle is cut)")
+        return start
 
     def _cipher_for(self, key_file):
         encryption = self.manifest.get("encryption")
         if not encryption:
+            if key_file is not None:
+                raise BundleError(f"{self.path} is not encrypted, and a key was given: refusing a bundle that "
+                                  f"should have been sealed")
             return None
         from serving.index.crypto import IndexKeyError, cipher_for
 
@@ -185,50 +222,53 @@ class Container:
         if name in self._plain:
             return self._plain[name]
         start, size = self._span(name)
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            data = f.read(size)
+        data = self._map[start:start + size] if size else b""
         if self._cipher is not None:
             from serving.index.crypto import IndexKeyError
 
             try:
-                data = self._plain[name] = self._cipher.open(data, name)
+                data = self._plain[name] = self._cipher.open(data, sealed_name(self.manifest, name))
             except IndexKeyError as err:
                 raise BundleError(f"{self.path}: {err}") from None
         return data
 
     def bytes_view(self, name: str):
-        """A member's bytes without reading them: a mapped uint8 array (or the decrypted bytes)."""
+        """A member's bytes without reading them: a uint8 array over the map (or the decrypted bytes)."""
         if self._cipher is not None:
             return self.read(name)
         start, size = self._span(name)
-        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=start, shape=(size,)) if size else b""
+        return np.frombuffer(self._map, np.uint8, count=size, offset=start) if size else b""
 
     def array(self, name: str) -> np.ndarray:
-        """A ``.npy`` member: read-only, memory-mapped in place (or decrypted into memory)."""
-        if self._cipher is not None:
-            return np.load(io.BytesIO(self.read(name)), allow_pickle=False)
-        start, size = self._span(name)
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            try:
-                version = np.lib.format.read_magic(f)
-                shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                         else np.lib.format.read_array_header_2_0(f))
-            except ValueError as err:
-                raise BundleError(f"{self.path}: member {name} is not an array: {err}") from None
-            offset = f.tell()
-        if dtype.hasobject or fortran or offset - start + dtype.itemsize * int(np.prod(shape)) != size:
+        """A ``.npy`` member: read-only, over the map in place (or decrypted into memory)."""
+        data = self.read(name) if self._cipher is not None else self.bytes_view(name)
+        stream = io.BytesIO(bytes(data[:MAX_NPY_HEADER]))
+        try:
+            version = np.lib.format.read_magic(stream)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(stream) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(stream))
+        except (ValueError, EOFError) as err:
+            raise BundleError(f"{self.path}: member {name} is not an array: {err}") from None
+        offset = stream.tell()
+        count = int(np.prod(shape))
+        if dtype.hasobject or fortran or offset + dtype.itemsize * count != len(data):
             raise BundleError(f"{self.path}: member {name} is not a plain array of the size it claims")
-        if 0 in shape:
-            return np.zeros(shape, dtype)
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        if isinstance(data, bytes):
+            return np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape)
+        start, _ = self._span(name)
+        return np.frombuffer(self._map, dtype, count=count, offset=start + offset).reshape(shape)
 
     def _span(self, name: str) -> tuple[int, int]:
         try:
             return self._spans[name]
         except KeyError:
             raise BundleError(f"{self.path}: no member {name}") from None
+
+
+def sealed_name(manifest: dict, name: str) -> str:
+    """What a member is sealed with as associated data: the bundle's id and the member's name, so that a member
+    of another bundle sealed with the same key does not open in this one."""
+    return f"{manifest.get('bundle_id', '')}/{name}"
 
 
 def _sha256_range(f, start: int, size: int) -> str:

@@ -57,9 +57,9 @@ class EdgeSearcher:
     def __init__(self, path: str | Path, key_file: str | Path | None = None, threads: int = 1,
                  code_space: str | None = None, limits: Limits | None = None):
         self.container = Container(path, key_file)
-        self.manifest = manifest = self.container.manifest
+        self.manifest = manifest = check_manifest(self.container.manifest, self.container.path)
         self.config = (limits or Limits()).as_config()
-        self.bits = int(manifest["bits"])
+        self.bits = manifest["bits"]
         if code_space is not None and manifest.get("code_space") != code_space:
             raise BundleError(f"{self.container.path} holds codes of code space {manifest.get('code_space')}, not "
                               f"{code_space}: they cannot be compared with that model's codes")
@@ -74,6 +74,7 @@ class EdgeSearcher:
                 raise BundleError(str(err)) from None
         self.images = self.collections["images"]
         self.encoders = {kind: self._encoder(kind, threads) for kind in manifest["encoders"]}
+        self._thumbnails = self._check_thumbnails()
         drift = self.images.entry.get("drift")
         self._drift = QueryWindow(drift) if drift else None
         self._drift_lock = threading.Lock()
@@ -87,8 +88,10 @@ class EdgeSearcher:
             files = {name: self.container.read(member) for name, member in entry.get("files", {}).items()}
             cls = TextEncoder if kind == "text" else ImageEncoder
             return cls.from_memory(spec, self.container.read(entry["model"]), files, threads)
-        except (SpecError, CodeSpaceError, ValueError) as err:
-            raise BundleError(f"{where}: {err}") from None
+        except (BundleError, SpecError, CodeSpaceError) as err:
+            raise BundleError(str(err) if isinstance(err, BundleError) else f"{where}: {err}") from None
+        except Exception as err:  # a bad spec, ONNX graph or tokenizer: onnxruntime and tokenizers raise their own kinds
+            raise BundleError(f"{where}: cannot load the {kind} encoder: {err}") from None
 
     # --- what the bundle is ---
 
@@ -150,6 +153,8 @@ class EdgeSearcher:
 
     def _rank(self, code: np.ndarray, k: int, rerank: str, fusion: str, where, timings: dict) -> dict:
         """serving.runtime.search.SearchPipeline.rank over the bundle's collections."""
+        if not np.all(np.isfinite(code)):  # as the service's calls.finite: a broken encoder is the server's fault
+            raise ApiError(500, "non_finite_code", "the encoder returned a code that is not finite")
         packed = pack_signs(code[None])[0]
         if rerank == "none":
             results = self._search("images", packed, k, timings, where=where)
@@ -187,30 +192,71 @@ class EdgeSearcher:
 
     # --- thumbnails ---
 
-    def thumbnail(self, image_id: str) -> bytes | None:
-        """The stored thumbnail (JPEG) of an image id, None when the bundle has none for it."""
+    def _check_thumbnails(self) -> tuple | None:
+        """(JPEG blob, offsets, positions in id order) of the bundle's thumbnails, checked; None without."""
         thumbnails = self.manifest.get("thumbnails")
         if not thumbnails:
             return None
-        position = self._thumbnail_position(image_id)
-        if position is None:
-            return None
-        offsets = self.container.array(thumbnails["members"]["offsets"])
-        start, end = int(offsets[position]), int(offsets[position + 1])
-        return bytes(self.container.bytes_view(thumbnails["members"]["data"])[start:end]) or None
+        members, size = thumbnails["members"], self.images.size
+        blob = self.container.bytes_view(members["data"])
+        offsets, order = self.container.array(members["offsets"]), self.container.array(members["order"])
+        if (offsets.shape != (size + 1,) or order.shape != (size,) or offsets.dtype.kind != "u" or order.dtype.kind != "u"
+                or (size and (int(order.max()) >= size or int(offsets[-1]) != len(blob)))
+                or np.any(offsets[1:] < offsets[:-1])):
+            raise BundleError(f"{self.container.path}: its thumbnails do not fit its {size} images")
+        return blob, offsets, order
 
-    def _thumbnail_position(self, image_id: str) -> int | None:
-        """The position of ``image_id`` among the images: a binary search through the stored id order."""
-        order = self.container.array(self.manifest["thumbnails"]["members"]["order"])  # positions sorted by id
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The stored thumbnail (JPEG) of an image id, None when the bundle has none for it."""
+        if self._thumbnails is None:
+            return None
+        blob, offsets, order = self._thumbnails
         ids = self.images.strings.get("image_ids", self.images.strings["ids"])
-        low, high = 0, len(order)
+        low, high = 0, len(order)  # a binary search through the ids in sorted order
         while low < high:
             middle = (low + high) // 2
             if ids[int(order[middle])] < image_id:
                 low = middle + 1
             else:
                 high = middle
-        return int(order[low]) if low < len(order) and ids[int(order[low])] == image_id else None
+        if low == len(order) or ids[int(order[low])] != image_id:
+            return None
+        position = int(order[low])
+        return bytes(blob[int(offsets[position]):int(offsets[position + 1])]) or None
+
+
+def check_manifest(manifest: dict, path: Path) -> dict:
+    """``bundle.json``'s fields a searcher relies on, checked: BundleError naming the first one missing or wrong."""
+    def need(value, kind, what):
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BundleError(f"{path}: {MANIFEST} is malformed: {what} should be {kind.__name__}, got {value!r}")
+        return value
+
+    need(manifest.get("bits"), int, "bits")
+    need(manifest.get("code_space"), str, "code_space")
+    collections = need(manifest.get("collections"), dict, "collections")
+    need(collections.get("images"), dict, "collections.images")
+    for name, entry in collections.items():
+        need(entry, dict, f"collections.{name}")
+        members = need(entry.get("members"), dict, f"collections.{name}.members")
+        need(members.get("codes"), str, f"collections.{name}.members.codes")
+        need(entry.get("refs"), dict, f"collections.{name}.refs")
+        need(entry.get("filterable", {}), dict, f"collections.{name}.filterable")
+    encoders = need(manifest.get("encoders"), dict, "encoders")
+    need(encoders.get("text"), dict, "encoders.text")
+    for kind, entry in encoders.items():
+        if kind not in ("text", "image"):
+            raise BundleError(f"{path}: {MANIFEST} is malformed: unknown encoder {kind!r}")
+        need(entry, dict, f"encoders.{kind}")
+        for field in ("spec", "model"):
+            need(entry.get(field), str, f"encoders.{kind}.{field}")
+        need(entry.get("files", {}), dict, f"encoders.{kind}.files")
+    thumbnails = manifest.get("thumbnails")
+    if thumbnails is not None:
+        members = need(need(thumbnails, dict, "thumbnails").get("members"), dict, "thumbnails.members")
+        for field in ("data", "offsets", "order"):
+            need(members.get(field), str, f"thumbnails.members.{field}")
+    return manifest
 
 
 class _timer:

@@ -30,7 +30,8 @@ def test_members_are_aligned_and_mapped_in_place(bundle):
     opened = Container(bundle)
     assert opened.manifest["what"] == "test" and set(opened.manifest["members"]) == set(_members())
     codes = opened.array("a/codes.npy")
-    assert isinstance(codes, np.memmap) and codes.offset % ALIGN == 0
+    # a read-only view of the file's map, 64-byte aligned in memory: nothing was copied
+    assert not codes.flags.owndata and not codes.flags.writeable and codes.ctypes.data % ALIGN == 0
     assert np.array_equal(codes, np.load(io.BytesIO(_members()["a/codes.npy"])))
     assert opened.read("a/ids.utf8").decode() == "é-1 ß-2" and bytes(opened.bytes_view("model/x.onnx")) == bytes(range(256)) * 3
     with zipfile.ZipFile(bundle) as archive:  # an ordinary zip: any tool lists and extracts it
@@ -112,3 +113,62 @@ def test_a_sealed_bundle_opens_only_with_its_key(tmp_path, monkeypatch):
     opened = Container(path, key_file)
     assert opened.read("a/ids.utf8") == _members()["a/ids.utf8"]
     assert np.array_equal(opened.array("a/west.npy"), np.load(io.BytesIO(_members()["a/west.npy"])))
+
+
+def _with_manifest(bundle, path, change):
+    """``bundle`` with its manifest replaced by ``change(manifest)`` (stored, as a bundle's)."""
+    with zipfile.ZipFile(bundle) as source, zipfile.ZipFile(path, "w") as out:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename == MANIFEST:
+                data = json.dumps(change(json.loads(data))).encode()
+            out.writestr(info.filename, data)
+    return path
+
+
+def test_a_malformed_or_cut_bundle_is_a_clear_error(bundle, tmp_path):
+    broken = _with_manifest(bundle, tmp_path / "members.thb", lambda m: {**m, "members": {"a/west.npy": 5}})
+    with pytest.raises(BundleError, match="lists no members, or not as"):
+        Container(broken)
+    whole = bundle.read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 30, 100):
+        (tmp_path / "cut.thb").write_bytes(whole[:cut])
+        with pytest.raises(BundleError):
+            Container(tmp_path / "cut.thb")
+    with zipfile.ZipFile(bundle) as source, zipfile.ZipFile(tmp_path / "deflated.thb", "w") as out:
+        for info in source.infolist():
+            out.writestr(info.filename, source.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(BundleError, match="bundle.json is compressed"):
+        Container(tmp_path / "deflated.thb")
+    with pytest.raises(BundleError, match="member a/ids.utf8 is not an array"):
+        Container(bundle).array("a/ids.utf8")
+
+
+def test_sealed_members_do_not_move_between_bundles(tmp_path, monkeypatch):
+    pytest.importorskip("cryptography")
+    from serving.index.crypto import Cipher, KEY_ENV, KEY_FILE_ENV, load_key, write_key_file
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+    key_file = tmp_path / "key"
+    write_key_file(key_file)
+    cipher = Cipher(load_key(key_file))
+    one, two = tmp_path / "one.thb", tmp_path / "two.thb"
+    write_container(one, {"what": "one"}, _members(), cipher)
+    other = {**_members(), "a/ids.utf8": b"another bundle's ids"}
+    write_container(two, {"what": "two"}, other, cipher)
+    # one's manifest, with two's sealed ids (and their checksum): the checksums pass, the seal does not
+    with zipfile.ZipFile(two) as archive:
+        swapped_ids = archive.read("a/ids.utf8")
+    with zipfile.ZipFile(one) as source, zipfile.ZipFile(tmp_path / "swapped.thb", "w") as out:
+        manifest = json.loads(source.read(MANIFEST))
+        manifest["members"]["a/ids.utf8"] = json.loads(zipfile.ZipFile(two).read(MANIFEST))["members"]["a/ids.utf8"]
+        for info in source.infolist():
+            data = {MANIFEST: json.dumps(manifest).encode(), "a/ids.utf8": swapped_ids}.get(info.filename)
+            out.writestr(info.filename, data if data is not None else source.read(info.filename))
+    with pytest.raises(BundleError, match="does not decrypt"):
+        Container(tmp_path / "swapped.thb", key_file).read("a/ids.utf8")
+    plain = tmp_path / "plain.thb"
+    write_container(plain, {"what": "plain"}, _members())
+    with pytest.raises(BundleError, match="is not encrypted, and a key was given"):
+        Container(plain, key_file)

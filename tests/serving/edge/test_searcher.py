@@ -172,3 +172,43 @@ def test_limits_match_the_services_defaults():
     defaults = settings.RouterConfig().model_dump()
     assert {k: defaults[k] for k in Limits().as_config()} == Limits().as_config()
     assert (RERANK_MODES, FUSION_RULES) == (settings.RERANK_MODES, settings.FUSION_RULES)
+
+
+def test_a_release_after_adds_keeps_its_rows_and_which_items_have_metadata(model_dir, tmp_path):
+    """Rows after an add are not in id order, and only the added items have footprints: the bundle's top-k is
+    the index's (distance, then row), and only the added items' hits carry bbox and properties."""
+    from serving.edge.build import write_bundle
+    from serving.index.releases import load_index, publish_release
+    from serving.index.versions import add_to_index, build_index
+    from serving.model.spec import load_spec
+    from serving.model.versions import model_code_space
+
+    spec = find_spec(model_dir, "image")
+    bits, space = load_spec(spec).bits, model_code_space(model_dir, spec)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 2, (60, bits // 8), dtype=np.uint8)  # one bit per byte in use: many ties
+    root = str(tmp_path / "index")
+    first = build_index(codes[:56], [f"z/old-{i:02d}" for i in range(56)], bits, 8, root, model_version="m",
+                        code_space=space)
+    added = add_to_index(root, first["version"], codes[56:], [f"a/new-{i:02d}" for i in range(4)], code_space=space,
+                         new_metadata=[{"bbox": [i, 0, i + 1, 1], "class": "new"} for i in range(4)])
+    publish_release(root, {"images": added})
+    write_bundle(root, tmp_path / "added.thb", model=str(model_dir), cache_dir=str(tmp_path / "models"))
+    searcher = EdgeSearcher(tmp_path / "added.thb")
+    index = load_index(root)
+    # the service describes a hit when its shard holds metadata: an add rewrites the shards it adds to with
+    # empty metadata for their old items, and reuses the others as they were, without
+    described = {int(r): shard.meta is not None for shard in index.shards for r in shard.rows}
+    assert len(set(described.values())) == 2  # both kinds are in this release
+    for q in range(10):
+        distances, rows = index.search(codes[q:q + 1], 30)
+        answer = searcher.images.answer(codes[q], 30)
+        assert answer["rows"][0].tolist() == rows[0].tolist() and answer["distances"][0].tolist() == distances[0].tolist()
+        for row, meta, item in zip(answer["rows"][0], answer["meta"][0], answer["ids"][0]):
+            assert (meta is not None) == described[int(row)], (row, item)
+            if item.startswith("a/new-"):
+                assert meta["properties"] == {"class": "new"} and "bbox" in meta
+            elif meta is not None:
+                assert meta == {"properties": {}}
+    hits = searcher.search_text({"query": "fields", "k": 20, "bbox": [0, 0, 5, 1]})["results"]
+    assert hits and all(h["id"].startswith("a/new-") and h["bbox"][0] <= 5 for h in hits)
