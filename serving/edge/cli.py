@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except ApiError as err:
         print(f"terrahash-edge: {err.message} ({err.code})", file=sys.stderr)
         return 2
-    print(json.dumps(answer, indent=2) if args.json else _table(answer))
+    try:
+        print(json.dumps(answer, indent=2) if args.json else _table(answer), flush=True)
+    except BrokenPipeError:  # piped into head, which has read enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

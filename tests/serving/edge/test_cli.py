@@ -36,6 +36,9 @@ def test_a_query_from_the_command_line(bundles):
                                                                             "k": 4})["results"]
     table = edge(str(bundles["int8"]), "--query", "a river through fields", "--k", "4")
     assert table.returncode == 0 and answer["results"][0]["id"] in table.stdout and "4 results in" in table.stdout
+    piped = subprocess.run(f"{sys.executable} -m serving.edge {bundles['int8']} --query fields --json | head -c 11",
+                           shell=True, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert piped.stdout == '{\n  "k": 10' and "Traceback" not in piped.stderr, piped.stderr  # a closed pipe is no error
     info = json.loads(edge(str(bundles["int8"]), "--info").stdout)
     assert info["encoders"] == {"text": "dynamic int8", "image": info["encoders"]["image"]} and info["thumbnails"]
 
