@@ -40,7 +40,7 @@ FILTER = [-2.0, 45.0, 2.0, 48.0]
 
 def synthetic_bundle(source: Path, n: int, out: Path, seed: int = 0) -> dict:
     """A bundle of ``n`` items from ``source``'s text student and image codes (see the module docstring)."""
-    from serving.edge.collection import string_members
+    from serving.edge.collection import add_strings
     from serving.edge.container import Container, npy_bytes, write_container
 
     opened = Container(source)
@@ -69,9 +69,7 @@ def synthetic_bundle(source: Path, n: int, out: Path, seed: int = 0) -> dict:
     strings = {"ids": [f"scenes/{classes[c]}/{i:07d}.tif" for i, c in enumerate(label)],
                "props": [f'{{"class": "{classes[c]}"}}' for c in label]}
     for field, values in strings.items():
-        for member, data in string_members(f"images/{field}", values).items():
-            members[member] = data if isinstance(data, bytes) else npy_bytes(data)
-            entry["members"][member.removeprefix("images/")] = member
+        add_strings(members, entry["members"], "images/", field, values)
     kept = {k: manifest[k] for k in ("release", "model_version", "model", "variant", "code_space", "bits",
                                      "bit_order", "sign_rule")}
     return write_container(out, {**kept, "encoders": {"text": text}, "collections": {"images": entry},

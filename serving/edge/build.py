@@ -25,7 +25,7 @@ from serving.runtime.query_encoder import DEFAULT_MODEL_CACHE, load_model
 from serving.runtime.ranking import item_image
 from serving.runtime.thumbnails import make_thumbnail
 
-from .collection import string_members
+from .collection import add_strings, joined
 from .container import npy_bytes, write_container
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,7 @@ def _collection(index: str, name: str, manifest: dict, members: dict, key_file: 
             entry_members["described"] = prefix + "described.npy"
             members[prefix + "described.npy"] = npy_bytes(described)
     for field, values in strings.items():
-        for member, data in string_members(prefix + field, values).items():
-            members[member] = data if isinstance(data, bytes) else npy_bytes(data)
-            entry_members[member.removeprefix(prefix)] = member
+        add_strings(members, entry_members, prefix, field, values)
     refs = {key: manifest[key] for key in ("image_roots", "next_row") if key in manifest}
     refs["extra"] = {"image_root": manifest.get("extra", {}).get("image_root")}
     return {"version": manifest["version"], "code_space": manifest.get("code_space"), "rows": int(len(rows)),
@@ -159,9 +157,8 @@ def _thumbnails(images: dict, items: dict, members: dict, side: int) -> dict:
             missing += 1
             log.warning("no thumbnail for %s: %s", image_id, err)
             blobs.append(b"")
-    offsets = np.zeros(len(blobs) + 1, np.uint64)
-    np.cumsum([len(b) for b in blobs], out=offsets[1:])
+    blob, offsets = joined(blobs)
     names = {"data": "thumbnails/jpeg.bin", "offsets": "thumbnails/offsets.npy", "order": "thumbnails/order.npy"}
-    members[names["data"]], members[names["offsets"]] = b"".join(blobs), npy_bytes(offsets)
+    members[names["data"]], members[names["offsets"]] = blob, npy_bytes(offsets)
     members[names["order"]] = npy_bytes(np.argsort(items["image_ids"], kind="stable").astype(np.uint32))
     return {"side": side, "format": "JPEG", "missing": missing, "members": names}

@@ -17,10 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-from serving.runtime.checks import ApiError
+from serving.runtime.checks import FUSION_RULES, RERANK_MODES, ApiError
 
 from .container import BundleError
-from .searcher import FUSION_RULES, RERANK_MODES, EdgeSearcher
+from .searcher import EdgeSearcher
 
 
 def parser() -> argparse.ArgumentParser:

@@ -19,19 +19,36 @@ from serving.index.items import BBOX_FIELDS, TIME_FIELDS, describe
 from serving.index.refs import ImageRefs
 from serving.index.topk import MISSING_DISTANCE, MISSING_ROW
 
+from .container import npy_bytes
+
 STRING_FIELDS = ("ids", "image_ids", "texts", "props")
 NUMBER_FIELDS = (*BBOX_FIELDS, *TIME_FIELDS)
 
 
-def string_members(prefix: str, values) -> dict[str, np.ndarray | bytes]:
-    """``<prefix>.utf8`` (the strings joined) and ``<prefix>.offsets.npy`` (n + 1 offsets, uint32 while the blob
-    is under 4 GiB, else uint64): a string column."""
-    encoded = [str(v).encode("utf-8") for v in values]
-    ends = np.cumsum([len(e) for e in encoded], dtype=np.uint64)
+def joined(items: list[bytes]) -> tuple[bytes, np.ndarray]:
+    """Byte strings joined into one blob, and the n + 1 offsets that cut it apart (uint32 while the blob is under
+    4 GiB, else uint64): how a bundle stores strings and thumbnails."""
+    ends = np.cumsum([len(item) for item in items], dtype=np.uint64)
     small = len(ends) == 0 or int(ends[-1]) < 2**32
-    offsets = np.zeros(len(encoded) + 1, dtype=np.uint32 if small else np.uint64)
+    offsets = np.zeros(len(items) + 1, dtype=np.uint32 if small else np.uint64)
     offsets[1:] = ends
-    return {f"{prefix}.utf8": b"".join(encoded), f"{prefix}.offsets.npy": offsets}
+    return b"".join(items), offsets
+
+
+def add_strings(members: dict, entry_members: dict, prefix: str, field: str, values) -> None:
+    """A string column ``<prefix><field>.utf8`` and ``.offsets.npy`` into ``members`` (their bytes) and a collection
+    entry's ``members`` (their names, as ``<field>.utf8`` and ``<field>.offsets.npy``)."""
+    blob, offsets = joined([str(v).encode("utf-8") for v in values])
+    for suffix, data in ((".utf8", blob), (".offsets.npy", npy_bytes(offsets))):
+        members[prefix + field + suffix] = data
+        entry_members[field + suffix] = prefix + field + suffix
+
+
+def offsets_fit(offsets: np.ndarray, size: int, length: int) -> bool:
+    """Whether ``offsets`` cut a ``length``-byte blob into ``size`` pieces: size + 1 unsigned offsets from 0 to
+    ``length`` that never decrease."""
+    return (offsets.shape == (size + 1,) and offsets.dtype.kind == "u" and int(offsets[0]) == 0
+            and int(offsets[-1]) == length and not np.any(offsets[1:] < offsets[:-1]))
 
 
 class Strings:
@@ -149,8 +166,7 @@ def _strings(container, members: dict, field: str, size: int, where: str) -> Str
     """A stored string column, checked: ``size`` + 1 offsets from 0 that never decrease, ending at the blob's end."""
     blob = container.bytes_view(members[field + ".utf8"])
     offsets = container.array(members[field + ".offsets.npy"])
-    if (offsets.shape != (size + 1,) or offsets.dtype.kind != "u" or int(offsets[0]) != 0
-            or int(offsets[-1]) != len(blob) or np.any(offsets[1:] < offsets[:-1])):
+    if not offsets_fit(offsets, size, len(blob)):
         raise ValueError(f"{where}: its {field} offsets do not cut its {len(blob)}-byte blob into {size} strings")
     return Strings(blob, offsets)
 

@@ -19,9 +19,10 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from serving.runtime.checks import ApiError, base64_limit, check_size, decode_base64
+from serving.runtime.checks import (FUSION_RULES, RERANK_MODES, ApiError, base64_limit, check_size, decode_base64,
+                                    parse_json)
 
-from .searcher import FUSION_RULES, RERANK_MODES, EdgeSearcher
+from .searcher import EdgeSearcher
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
         if kind != "application/json":
             raise ApiError(415, "unsupported_media_type", f"content type {kind or 'none'!r} is not accepted here; "
                                                           f"use one of ['application/json']")
-        body = self._body(limit)
-        try:
-            return json.loads(body)
-        except RecursionError:
-            raise ApiError(400, "invalid_json", "the JSON body is nested too deeply") from None
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from None
+        return parse_json(self._body(limit))
 
 
 def _form_image(content_type: str, body: bytes, limit: int) -> tuple[bytes, dict]:

@@ -20,15 +20,14 @@ from serving.index.drift import QueryWindow
 from serving.model.codes import pack_signs
 from serving.model.encoders import ImageEncoder, TextEncoder
 from serving.model.spec import CodeSpaceError, SpecError, check_code_space, parse_spec
-from serving.runtime.checks import (ApiError, check_filterable, check_query, check_size, decode_image, parse_choice,
-                                    parse_filter, parse_k)
+from serving.runtime.calls import Timer
+from serving.runtime.checks import (ApiError, check_filterable, check_query, check_size, decode_image, parse_filter,
+                                    parse_options)
 from serving.runtime.ranking import asymmetric_rerank, fuse, merge_hits, public_hit
 
-from .collection import Collection
+from .collection import Collection, offsets_fit
 from .container import MANIFEST, BundleError, Container
 
-RERANK_MODES = ("none", "asymmetric", "fusion")  # serving.runtime.settings (a test pins the two together)
-FUSION_RULES = ("average", "max")
 ARM = "edge"
 
 
@@ -110,9 +109,9 @@ class EdgeSearcher:
         """/v1/search/text: ``params`` holds ``query`` and optionally k, rerank, fusion, bbox, datetime."""
         start, timings = time.perf_counter(), {}
         query = check_query(params["query"], self.config)
-        k, rerank, fusion = self._options(params)
+        k, rerank, fusion = parse_options(params, self.config)
         where = parse_filter(params)
-        with _timer(timings, "encode"):
+        with Timer(timings, "encode"):
             code = self.encoders["text"].encode([query])[0]
         return self._envelope(self._rank(code, k, rerank, fusion, where, timings), start, timings)
 
@@ -123,12 +122,12 @@ class EdgeSearcher:
         if encoder is None:
             raise ApiError(422, "no_image_encoder", f"bundle {self.container.path.name} has no image encoder (write "
                                                     f"it with `terrahash bundle --with-image-encoder`)")
-        k, rerank, fusion = self._options(params)
+        k, rerank, fusion = parse_options(params, self.config)
         where = parse_filter(params)
         check_size(len(data), self.config["max_upload_bytes"])
-        with _timer(timings, "decode"):
+        with Timer(timings, "decode"):
             pixels = decode_image(data, encoder.spec.image["size"], self.config["max_image_pixels"])
-        with _timer(timings, "encode"):
+        with Timer(timings, "encode"):
             code = encoder.encode([pixels])[0]
         drift = self._observe_drift(code)
         mode = rerank
@@ -138,12 +137,6 @@ class EdgeSearcher:
         if drift is not None:
             answer["drift"] = {**drift, "fallback": mode if mode != rerank else None}
         return self._envelope(answer, start, timings)
-
-    def _options(self, params: dict) -> tuple[int, str, str]:
-        k = parse_k(params.get("k"), self.config)
-        rerank = parse_choice(params.get("rerank"), RERANK_MODES, self.config["rerank"], "rerank")
-        fusion = parse_choice(params.get("fusion"), FUSION_RULES, self.config["fusion"], "fusion")
-        return k, rerank, fusion
 
     def _observe_drift(self, code: np.ndarray) -> dict | None:
         if self._drift is None:
@@ -160,7 +153,7 @@ class EdgeSearcher:
             results = self._search("images", packed, k, timings, where=where)
         elif rerank == "asymmetric":
             hits = self._search("images", packed, max(k, self.config["rerank_depth"]), timings, True, where)
-            with _timer(timings, "rerank"):
+            with Timer(timings, "rerank"):
                 results = asymmetric_rerank(code, hits, self.bits)[:k]
         else:
             if "captions" not in self.collections:
@@ -168,7 +161,7 @@ class EdgeSearcher:
             depth = max(k, self.config["rerank_depth"])
             images = self._search("images", packed, depth, timings, where=where)
             captions = self._search("captions", packed, depth, timings, where=where)
-            with _timer(timings, "rerank"):
+            with Timer(timings, "rerank"):
                 results = fuse(images, captions, self.bits, fusion)[:k]
         return {"k": k, "rerank": rerank, "fusion": fusion if rerank == "fusion" else None, "results": results}
 
@@ -176,9 +169,9 @@ class EdgeSearcher:
                 where=None) -> list[dict]:
         collection = self.collections[name]
         check_filterable(self.images.entry, where)  # as the service: what the image index can filter by
-        with _timer(timings, "search"):
+        with Timer(timings, "search"):
             answer = collection.answer(packed, k, with_codes, where)
-        with _timer(timings, "merge"):
+        with Timer(timings, "merge"):
             hits = merge_hits([answer], k, self.bits, collection.refs, with_codes)
         return [public_hit(hit) for hit in hits]
 
@@ -200,9 +193,8 @@ class EdgeSearcher:
         members, size = thumbnails["members"], self.images.size
         blob = self.container.bytes_view(members["data"])
         offsets, order = self.container.array(members["offsets"]), self.container.array(members["order"])
-        if (offsets.shape != (size + 1,) or order.shape != (size,) or offsets.dtype.kind != "u" or order.dtype.kind != "u"
-                or (size and (int(order.max()) >= size or int(offsets[-1]) != len(blob)))
-                or np.any(offsets[1:] < offsets[:-1])):
+        if (not offsets_fit(offsets, size, len(blob)) or order.shape != (size,) or order.dtype.kind != "u"
+                or (size and int(order.max()) >= size)):
             raise BundleError(f"{self.container.path}: its thumbnails do not fit its {size} images")
         return blob, offsets, order
 
@@ -257,16 +249,3 @@ def check_manifest(manifest: dict, path: Path) -> dict:
         for field in ("data", "offsets", "order"):
             need(members.get(field), str, f"thumbnails.members.{field}")
     return manifest
-
-
-class _timer:
-    """Add the seconds a block takes, in milliseconds, to ``timings[key]``."""
-
-    def __init__(self, timings: dict, key: str):
-        self.timings, self.key = timings, key
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timings[self.key] = self.timings.get(self.key, 0.0) + (time.perf_counter() - self.start) * 1000

@@ -6,7 +6,6 @@ pydantic models below, which are also what ``/openapi.json`` declares (``openapi
 """
 from __future__ import annotations
 
-import json
 from concurrent.futures import Executor
 from typing import Literal
 
@@ -15,7 +14,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from serving.runtime.checks import ApiError, base64_limit, check_size, decode_base64, decode_image, parse_choice
+from serving.runtime.checks import (ApiError, base64_limit, check_size, decode_base64, decode_image, parse_choice,
+                                    parse_json)
 
 
 def error_response(status: int, code: str, message: str, request_id: str | None = None,
@@ -247,13 +247,7 @@ async def read_limited(request: Request, limit: int) -> bytes:
 async def read_json(request: Request, limit: int):
     """The JSON value of a size-limited ``application/json`` body; 400 if it does not parse."""
     require_content_type(request, ("application/json",))
-    body = await read_limited(request, limit)
-    try:
-        return json.loads(body)
-    except RecursionError:
-        raise ApiError(400, "invalid_json", "the JSON body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from None
+    return parse_json(await read_limited(request, limit))
 
 
 async def image_upload(request: Request, limit: int, model: type[BaseModel]) -> tuple[bytes | None, dict]:

@@ -9,9 +9,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 
 import numpy as np
 from PIL import Image
+
+RERANK_MODES = ("none", "asymmetric", "fusion")
+FUSION_RULES = ("average", "max")
 
 # Formats an upload may be in. Pillow is never asked to open anything else (EPS, for one, runs Ghostscript).
 IMAGE_FORMATS = ("JPEG", "PNG", "TIFF", "WEBP")
@@ -51,6 +55,24 @@ def parse_choice(value, choices, default, name):
     if value not in choices:
         raise ApiError(422, f"invalid_{name}", f"{name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def parse_options(params: dict, config: dict) -> tuple[int, str, str]:
+    """(k, rerank, fusion) of a search request, each checked; defaults from ``config`` (the hot settings)."""
+    k = parse_k(params.get("k"), config)
+    rerank = parse_choice(params.get("rerank"), RERANK_MODES, config["rerank"], "rerank")
+    fusion = parse_choice(params.get("fusion"), FUSION_RULES, config["fusion"], "fusion")
+    return k, rerank, fusion
+
+
+def parse_json(body: bytes):
+    """The JSON value of a request body; 400 if it does not parse."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the JSON body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from None
 
 
 def parse_filter(params: dict):

@@ -36,14 +36,14 @@ from serving.runtime.access import Gate
 from serving.runtime.api import (CAPTION_BODY, EXPLAIN_BODY, IMAGE_BODY, ITEMS_BODY, RECEIVED_BODY, TEXT_BODY,
                                  CaptionSearch, ImageSearch, ReceivedSearch, TextSearch, error_response, image_upload,
                                  parse_body, read_json, wants_stac)
-from serving.runtime.checks import ApiError, base64_limit, check_query, parse_choice, parse_filter, parse_k
+from serving.runtime.checks import ApiError, base64_limit, check_query, parse_filter, parse_k, parse_options
 from serving.runtime.arms import Arm, Backends
 from serving.runtime.calls import Call, finite
 from serving.runtime.dispatch import ArmDispatcher
 from serving.runtime.metrics import metrics
 from serving.runtime.openapi_docs import install as install_openapi_docs
 from serving.runtime.search import SearchPipeline
-from serving.runtime.settings import FUSION_RULES, RERANK_MODES, check_hot_settings
+from serving.runtime.settings import check_hot_settings
 from serving.runtime.stac import item_collection
 from serving.runtime.stac_api import ITEMS_FIELDS, SEARCH_FIELDS, openapi_body, openapi_query
 from serving.runtime.stac_views import StacViews
@@ -407,7 +407,7 @@ class Router(OperatorViews, StacViews):
     async def _ranked_text(self, request: Request, call: Call, params: dict, sticky: str | None = None) -> dict:
         """The answer of /v1/search/text to ``params`` (TextSearch's fields) on the request's arm."""
         query = check_query(params["query"], self.config)
-        k, rerank, fusion = self._options(params)
+        k, rerank, fusion = parse_options(params, self.config)
         call.query_sha256 = sha256_of(query)
         k = self._admit(call, "text", k, query)
         run = self.pipeline.text_run(query, k, rerank, fusion, parse_filter(params))
@@ -415,7 +415,7 @@ class Router(OperatorViews, StacViews):
 
     async def _search_image(self, request: Request, call: Call) -> dict:
         data, params = await image_upload(request, self.config["max_upload_bytes"], ImageSearch)
-        k, rerank, fusion = self._options(params)
+        k, rerank, fusion = parse_options(params, self.config)
         call.query_sha256 = sha256_of(data)
         k = self._admit(call, "image", k)
         answer = await self._dispatch(request, call, self.pipeline.image_run(data, k, rerank, fusion, parse_filter(params)))
@@ -521,12 +521,6 @@ class Router(OperatorViews, StacViews):
             raise ApiError(403, "forbidden", f"role {call.who.role!r} gets coarsened JSON answers; STAC items, "
                                              f"which link the images, are not available to it", decision="forbidden")
         return item_collection(answer, str(request.base_url), next_body)
-
-    def _options(self, params: dict) -> tuple[int, str, str]:
-        k = parse_k(params.get("k"), self.config)
-        rerank = parse_choice(params.get("rerank"), RERANK_MODES, self.config["rerank"], "rerank")
-        fusion = parse_choice(params.get("fusion"), FUSION_RULES, self.config["fusion"], "fusion")
-        return k, rerank, fusion
 
     # --- searching ---
 

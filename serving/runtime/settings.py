@@ -14,8 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from serving.validation import describe
 
-RERANK_MODES = ("none", "asymmetric", "fusion")
-FUSION_RULES = ("average", "max")
 
 # strict: a YAML "50" or `true` is not taken for a number (ints are still accepted for floats)
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True, strict=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.edge.collection import Collection, Strings, string_members
+from serving.edge.collection import Collection, Strings, add_strings, joined
 from serving.edge.container import Container, npy_bytes, write_container
 from serving.index.items import ItemFilter
 from serving.model.codes import pack_signs
@@ -23,9 +23,7 @@ def _collection(tmp_path, codes: np.ndarray, rows: np.ndarray | None = None, wes
             values = west if name in ("west", "east") else np.zeros(n) if name in ("south", "north") else np.full(n, np.nan)
             members[f"c/{name}.npy"], entry["members"][name] = npy_bytes(values.astype(np.float64)), f"c/{name}.npy"
     for field, values in fields.items():
-        for member, data in string_members(f"c/{field}", values).items():
-            members[member] = data if isinstance(data, bytes) else npy_bytes(data)
-            entry["members"][member.removeprefix("c/")] = member
+        add_strings(members, entry["members"], "c/", field, values)
     path = tmp_path / f"c{codes.shape[1]}.thb"
     write_container(path, {}, members)
     return Collection(Container(path), "c", entry, codes.shape[1] * 8)
@@ -87,6 +85,6 @@ def test_distances_agree_with_packed_signs(tmp_path):
 
 def test_strings_decode_one_item_at_a_time():
     values = ["a", "", "ünïcode", "x" * 300]
-    members = string_members("s", values)
-    strings = Strings(members["s.utf8"], members["s.offsets.npy"])
+    blob, offsets = joined([v.encode() for v in values])
+    strings = Strings(blob, offsets)
     assert len(strings) == 4 and [strings[i] for i in range(4)] == values

@@ -166,12 +166,17 @@ def test_thumbnails_are_found_by_image_id(bundles, ucm_many):
 
 
 def test_limits_match_the_services_defaults():
-    from serving.edge.searcher import FUSION_RULES, RERANK_MODES, Limits
+    import typing
+
+    from serving.edge.searcher import Limits
     from serving.runtime import settings
+    from serving.runtime.checks import FUSION_RULES, RERANK_MODES
 
     defaults = settings.RouterConfig().model_dump()
     assert {k: defaults[k] for k in Limits().as_config()} == Limits().as_config()
-    assert (RERANK_MODES, FUSION_RULES) == (settings.RERANK_MODES, settings.FUSION_RULES)
+    fields = settings.RouterConfig.model_fields  # the modes the settings accept are the ones requests are checked by
+    assert (typing.get_args(fields["rerank"].annotation), typing.get_args(fields["fusion"].annotation)) == \
+        (RERANK_MODES, FUSION_RULES)
 
 
 def test_a_release_after_adds_keeps_its_rows_and_which_items_have_metadata(model_dir, tmp_path):
